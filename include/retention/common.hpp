@@ -1,0 +1,114 @@
+// retention: shared types, error type and scalar checks used by every header.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace retention {
+
+using Index = Eigen::Index;
+
+/// Token-major dense matrix: one row per token, [T, d].
+template <class T>
+using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+/// One row (a token), [1, d].
+template <class T>
+using RowVector = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+/// Column vector, [d, 1].
+template <class T>
+using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+/// Which of the three equivalent computations of retention to run.
+enum class Form { parallel, recurrent, chunkwise };
+
+/// Output-row rescaling of SPEC section 2 ("Normalisation").
+enum class Normalization { none, decay, decay_and_score };
+
+inline const char* to_string(Form f) {
+  switch (f) {
+    case Form::parallel: return "parallel";
+    case Form::recurrent: return "recurrent";
+    case Form::chunkwise: return "chunkwise";
+  }
+  return "?";
+}
+
+inline const char* to_string(Normalization n) {
+  switch (n) {
+    case Normalization::none: return "none";
+    case Normalization::decay: return "decay";
+    case Normalization::decay_and_score: return "decay_and_score";
+  }
+  return "?";
+}
+
+/// Thrown for every mismatched shape or out-of-range argument. The message names the function,
+/// the argument and (for shapes) both the actual and the expected shape.
+class shape_error : public std::invalid_argument {
+ public:
+  explicit shape_error(const std::string& what) : std::invalid_argument(what) {}
+};
+
+namespace detail {
+
+inline std::string shape_string(Index rows, Index cols) {
+  std::ostringstream s;
+  s << '[' << rows << " x " << cols << ']';
+  return s.str();
+}
+
+[[noreturn]] inline void fail(const char* function, const std::string& message) {
+  throw shape_error(std::string(function) + ": " + message);
+}
+
+/// Throws unless `m` is [rows, cols]; a negative expectation means "any".
+template <class Derived>
+void check_shape(const char* function, const char* name, const Eigen::EigenBase<Derived>& m,
+                 Index rows, Index cols) {
+  const bool ok = (rows < 0 || m.rows() == rows) && (cols < 0 || m.cols() == cols);
+  if (!ok) {
+    const std::string expected_rows = rows < 0 ? std::string("*") : std::to_string(rows);
+    const std::string expected_cols = cols < 0 ? std::string("*") : std::to_string(cols);
+    fail(function, std::string(name) + " is " + shape_string(m.rows(), m.cols()) + ", expected [" +
+                       expected_rows + " x " + expected_cols + "]");
+  }
+}
+
+inline void check_positive(const char* function, const char* name, Index value) {
+  if (value < 1) fail(function, std::string(name) + " must be >= 1, got " + std::to_string(value));
+}
+
+/// gamma must lie in (0, 1]; NaN is rejected too.
+inline void check_gamma(const char* function, double gamma) {
+  if (!(gamma > 0.0 && gamma <= 1.0)) {
+    std::ostringstream s;
+    s << "gamma must be in (0, 1], got " << gamma;
+    fail(function, s.str());
+  }
+}
+
+template <class T>
+struct is_supported_scalar
+    : std::integral_constant<bool, std::is_same<T, float>::value || std::is_same<T, double>::value> {
+};
+
+template <class T>
+constexpr void assert_scalar() {
+  static_assert(!std::is_integral<T>::value,
+                "retention: integer scalars are not supported; use float or double");
+  static_assert(is_supported_scalar<T>::value, "retention: scalar type must be float or double");
+}
+
+template <class A, class B>
+constexpr void assert_same_scalar() {
+  static_assert(std::is_same<A, B>::value,
+                "retention: mixed scalar types; cast the inputs to one of float or double");
+}
+
+}  // namespace detail
+}  // namespace retention
