@@ -1,0 +1,121 @@
+// retention: the recurrent form (SPEC 2): S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n.
+// O(1) memory and time per token; the decoding form.
+#pragma once
+
+#include <retention/decay.hpp>
+#include <retention/detail/kernel_common.hpp>
+#include <retention/retention_state.hpp>
+
+namespace retention {
+namespace detail {
+
+/// Work buffers of the recurrent form, allocated once per call.
+template <class Acc>
+struct RecurrentBuffers {
+  RowVector<Acc> v, o;
+  explicit RecurrentBuffers(Index dv) : v(dv), o(dv) {}
+};
+
+/// One token through the state in a single pass over S: each row of S is decayed, updated with
+/// k_i v and immediately accumulated into o = q S. Returns the raw score r = q . z (z updated too).
+template <class Acc, class DQ, class DK, class DV, class DOut>
+Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBase<DQ>& q,
+                    const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+                    const Eigen::MatrixBase<DOut>& out_, RecurrentBuffers<Acc>& buf) {
+  auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
+  using T = typename DOut::Scalar;
+  buf.v = v.template cast<Acc>();
+  buf.o.setZero();
+  const Index dk = S.rows();
+  for (Index i = 0; i < dk; ++i) {
+    const Acc ki = static_cast<Acc>(k(i));
+    const Acc qi = static_cast<Acc>(q(i));
+    S.row(i) = g * S.row(i) + ki * buf.v;
+    buf.o += qi * S.row(i);
+  }
+  out = buf.o.template cast<T>();
+  // z is kept in every form and normalisation so that any later call may use the score norm.
+  Acc r(0);
+  for (Index i = 0; i < dk; ++i) {
+    z(i) = g * z(i) + static_cast<Acc>(k(i));
+    r += static_cast<Acc>(q(i)) * z(i);
+  }
+  return r;
+}
+
+}  // namespace detail
+
+/// Recurrent retention, writing into `out` [T, dv]. See recurrent_retention.
+template <class DQ, class DK, class DV, class DOut, class Mask,
+          class StateScalar = typename DQ::Scalar>
+void recurrent_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                              const Eigen::MatrixBase<DV>& V, const Mask& decay,
+                              const Eigen::MatrixBase<DOut>& out_,
+                              const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+  detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
+  using Acc = StateScalar;
+  const char* fn = "recurrent_retention";
+  detail::check_qkv(fn, Q, K, V);
+  detail::check_shape(fn, "out", out_, Q.rows(), V.cols());
+  auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
+  const Index T = Q.rows(), dk = Q.cols(), dv = V.cols();
+
+  Matrix<Acc> S = Matrix<Acc>::Zero(dk, dv);
+  Vector<Acc> z = Vector<Acc>::Zero(dk);
+  Index p0 = 0;
+  if (options.initial_state) {
+    detail::check_state(fn, *options.initial_state, dk, dv);
+    S = options.initial_state->S;
+    z = options.initial_state->z;
+    p0 = options.initial_state->position;
+  }
+  const Acc g = static_cast<Acc>(decay.step_factor());
+  detail::RecurrentBuffers<Acc> buf(dv);
+  Vector<Acc> r(T);
+  for (Index t = 0; t < T; ++t)
+    r(t) = detail::recurrent_token(S, z, g, Q.row(t), K.row(t), V.row(t), out.row(t), buf);
+  detail::normalize_rows(decay, options.normalization, p0, out, r);
+  if (options.final_state) {
+    options.final_state->S = std::move(S);
+    options.final_state->z = std::move(z);
+    options.final_state->position = p0 + T;
+  }
+}
+
+/// Recurrent retention of one head, SPEC 2: S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n,
+/// then the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv].
+template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
+Matrix<typename DQ::Scalar> recurrent_retention(
+    const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
+    const Mask& decay, const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+  Matrix<typename DQ::Scalar> out(Q.rows(), V.cols());
+  recurrent_retention_into(Q, K, V, decay, out, options);
+  return out;
+}
+
+/// One decoding step: q, k [1, dk], v [1, dv]; updates `state` in place (position + 1) and returns
+/// o [1, dv] = q S (normalised as chosen). Same function as recurrent_retention on one token.
+template <class DQ, class DK, class DV, class Mask, class StateScalar>
+RowVector<typename DQ::Scalar> retention_step(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                              const Eigen::MatrixBase<DV>& v, const Mask& decay,
+                                              RetentionState<StateScalar>& state,
+                                              Normalization normalization = Normalization::none) {
+  detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
+  using T = typename DQ::Scalar;
+  using Acc = StateScalar;
+  const char* fn = "retention_step";
+  detail::check_shape(fn, "q", q, 1, -1);
+  detail::check_shape(fn, "k", k, 1, q.cols());
+  detail::check_shape(fn, "v", v, 1, -1);
+  detail::check_state(fn, state, q.cols(), v.cols(), "state");
+  detail::RecurrentBuffers<Acc> buf(v.cols());
+  RowVector<T> out(v.cols());
+  const Acc r = detail::recurrent_token(state.S, state.z, static_cast<Acc>(decay.step_factor()), q, k, v,
+                                        out, buf);
+  Vector<Acc> rv = Vector<Acc>::Constant(1, r);
+  detail::normalize_rows(decay, normalization, state.position, out, rv);
+  state.position += 1;
+  return out;
+}
+
+}  // namespace retention

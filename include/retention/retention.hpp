@@ -1,0 +1,24 @@
+// retention: umbrella header. Includes every public header of the library.
+#pragma once
+
+#include <retention/common.hpp>
+#include <retention/decay.hpp>
+#include <retention/norms.hpp>
+#include <retention/retention_state.hpp>
+#include <retention/rotation.hpp>
+#include <retention/parallel.hpp>
+#include <retention/recurrent.hpp>
+#include <retention/chunkwise.hpp>
+#include <retention/multihead.hpp>
+#if __has_include(<retention/masa.hpp>)
+#include <retention/masa.hpp>
+#endif
+#if __has_include(<retention/msr.hpp>)
+#include <retention/msr.hpp>
+#endif
+#if __has_include(<retention/rmt.hpp>)
+#include <retention/rmt.hpp>
+#endif
+#if __has_include(<retention/vir.hpp>)
+#include <retention/vir.hpp>
+#endif
