@@ -7,6 +7,7 @@ CMAKE_ARGS ?=
 BENCH_ARGS ?=
 CMAKE ?= cmake
 CTEST ?= ctest
+MAKEFLAGS += --no-print-directory
 
 # The tour once examples/00_tour.cpp exists, the quickstart until then.
 DEMO := $(if $(wildcard examples/00_tour.cpp),00_tour,01_quickstart)
