@@ -4,11 +4,25 @@
 #include <retention/common.hpp>
 
 #include <cmath>
+#include <string>
 
 namespace retention {
 
 /// Which per-head norm follows retention in the MSR layer.
 enum class HeadNorm { rms, layer };
+
+inline const char* to_string(HeadNorm n) { return n == HeadNorm::rms ? "rms" : "layer"; }
+
+namespace detail {
+
+/// group >= 1 dividing the column count, eps >= 0 (a negative eps could take a root of a negative).
+inline void check_groups(const char* fn, Index rows, Index cols, Index group, double eps) {
+  if (group < 1 || cols % group != 0)
+    fail(fn, "x is " + shape_string(rows, cols) + ", columns not a multiple of group " + std::to_string(group));
+  if (!(eps >= 0.0)) fail(fn, "eps must be >= 0, got " + std::to_string(eps));
+}
+
+}  // namespace detail
 
 /// RMSNorm without weight, applied in place to each group of `group` columns of each row:
 /// x * (mean(x^2) + eps)^(-1/2). [T, k*group].
@@ -16,7 +30,7 @@ template <class Derived>
 void rms_norm_groups(const Eigen::MatrixBase<Derived>& x_, Index group, double eps) {
   auto& x = const_cast<Eigen::MatrixBase<Derived>&>(x_);
   using T = typename Derived::Scalar;
-  if (group < 1 || x.cols() % group != 0) detail::fail("rms_norm_groups", "columns not a multiple of group");
+  detail::check_groups("rms_norm_groups", x.rows(), x.cols(), group, eps);
   for (Index t = 0; t < x.rows(); ++t)
     for (Index g = 0; g < x.cols(); g += group) {
       auto seg = x.row(t).segment(g, group);
@@ -31,7 +45,7 @@ template <class Derived>
 void layer_norm_groups(const Eigen::MatrixBase<Derived>& x_, Index group, double eps) {
   auto& x = const_cast<Eigen::MatrixBase<Derived>&>(x_);
   using T = typename Derived::Scalar;
-  if (group < 1 || x.cols() % group != 0) detail::fail("layer_norm_groups", "columns not a multiple of group");
+  detail::check_groups("layer_norm_groups", x.rows(), x.cols(), group, eps);
   for (Index t = 0; t < x.rows(); ++t)
     for (Index g = 0; g < x.cols(); g += group) {
       auto seg = x.row(t).segment(g, group);
