@@ -41,6 +41,10 @@ struct GridHeadsShape {
   Index heads = 1;
   Index key_dim = 0;
   Index value_dim = 0;
+  /// Distance in elements between consecutive tokens' rows of q and k, and of v; 0 means dense
+  /// (heads * key_dim, heads * value_dim). Lets q, k, v be column blocks of one fused [.., q | k | v] buffer.
+  Index qk_row_stride = 0;
+  Index v_row_stride = 0;
 };
 
 namespace detail {
@@ -257,21 +261,29 @@ inline void check_grid_heads(const char* fn, const GridHeadsShape& s, std::size_
   check_positive(fn, "value_dim", s.value_dim);
   if (static_cast<Index>(gammas) != s.heads)
     fail(fn, "gammas has " + std::to_string(gammas) + " entries, expected heads = " + std::to_string(s.heads));
+  if (s.qk_row_stride != 0 && s.qk_row_stride < s.heads * s.key_dim)
+    fail(fn, "qk_row_stride " + std::to_string(s.qk_row_stride) + " is below heads * key_dim");
+  if (s.v_row_stride != 0 && s.v_row_stride < s.heads * s.value_dim)
+    fail(fn, "v_row_stride " + std::to_string(s.v_row_stride) + " is below heads * value_dim");
 }
 
 /// Runs per_head(Q, K, V, out, h) for every (image, head) pair of a [B, H, W, heads * d] buffer,
 /// spread over OpenMP threads.
 template <class T, class PerHead>
 void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHeadsShape& s, int threads,
-                        PerHead per_head) {
+                        double work_per_head, PerHead per_head) {
   const Index N = s.height * s.width, heads = s.heads, dk = s.key_dim, dv = s.value_dim;
+  const Index ldq = s.qk_row_stride > 0 ? s.qk_row_stride : heads * dk;
+  const Index ldv = s.v_row_stride > 0 ? s.v_row_stride : heads * dv;
   const Index pairs = s.batch * heads;
   int team = 1;
 #if defined(_OPENMP)
-  if (!omp_in_parallel() && pairs > 1)
+  // Waking a team costs microseconds (milliseconds on a loaded machine): not worth it for tiny grids.
+  if (!omp_in_parallel() && pairs > 1 && work_per_head * static_cast<double>(pairs) >= 1.0e6)
     team = static_cast<int>(std::min<Index>(threads > 0 ? threads : omp_get_max_threads(), pairs));
 #else
   (void)threads;
+  (void)work_per_head;
 #endif
   (void)team;
 #if defined(_OPENMP)
@@ -279,9 +291,9 @@ void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHe
 #endif
   for (Index pair = 0; pair < pairs; ++pair) {
     const Index b = pair / heads, h = pair % heads;
-    const MasaConstMap<T> Q(q + b * N * heads * dk + h * dk, N, dk, Eigen::OuterStride<>(heads * dk));
-    const MasaConstMap<T> K(k + b * N * heads * dk + h * dk, N, dk, Eigen::OuterStride<>(heads * dk));
-    const MasaConstMap<T> V(v + b * N * heads * dv + h * dv, N, dv, Eigen::OuterStride<>(heads * dv));
+    const MasaConstMap<T> Q(q + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
+    const MasaConstMap<T> K(k + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
+    const MasaConstMap<T> V(v + b * N * ldv + h * dv, N, dv, Eigen::OuterStride<>(ldv));
     MasaMap<T> O(out + b * N * heads * dv + h * dv, N, dv, Eigen::OuterStride<>(heads * dv));
     per_head(Q, K, V, O, h);
   }
@@ -349,7 +361,9 @@ void multi_head_masa(const T* q, const T* k, const T* v, T* out, const GridHeads
   detail::check_grid_heads(fn, shape, gammas.size());
   for (double g : gammas) detail::check_gamma(fn, g);
   detail::check_masa_options<T>(fn, options);
-  detail::masa_for_each_head(q, k, v, out, shape, options.threads,
+  const double n = static_cast<double>(shape.height * shape.width);
+  const double work = 2.0 * n * n * static_cast<double>(shape.key_dim + shape.value_dim);
+  detail::masa_for_each_head(q, k, v, out, shape, options.threads, work,
                              [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
                                  const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h) {
                                const ManhattanDecay decay(gammas[static_cast<std::size_t>(h)], shape.height,
@@ -367,7 +381,10 @@ void multi_head_masad(const T* q, const T* k, const T* v, T* out, const GridHead
   if (!q || !k || !v || !out) detail::fail(fn, "null buffer pointer");
   detail::check_grid_heads(fn, shape, gammas.size());
   for (double g : gammas) detail::check_gamma(fn, g);
-  detail::masa_for_each_head(q, k, v, out, shape, options.threads,
+  const double work = 2.0 * static_cast<double>(shape.height * shape.width) *
+                      static_cast<double>(shape.height + shape.width) *
+                      static_cast<double>(shape.key_dim + shape.value_dim);
+  detail::masa_for_each_head(q, k, v, out, shape, options.threads, work,
                              [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
                                  const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h) {
                                detail::masad_into_impl<T>(Q, K, V, gammas[static_cast<std::size_t>(h)],
@@ -375,7 +392,8 @@ void multi_head_masad(const T* q, const T* k, const T* v, T* out, const GridHead
                              });
 }
 
-/// Matrix overloads: q, k [B*H*W, heads*dk], v [B*H*W, heads*dv] row-major; returns [B*H*W, heads*dv].
+/// Matrix overloads: q, k [B*H*W, heads*dk], v [B*H*W, heads*dv] row-major (dense: the shape's row
+/// strides are ignored); returns [B*H*W, heads*dv].
 template <class T>
 Matrix<T> multi_head_masa(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v, const GridHeadsShape& shape,
                           const std::vector<double>& gammas, const MasaOptions& options = MasaOptions()) {
@@ -384,7 +402,9 @@ Matrix<T> multi_head_masa(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T
   detail::check_shape("multi_head_masa", "k", k, rows, shape.heads * shape.key_dim);
   detail::check_shape("multi_head_masa", "v", v, rows, shape.heads * shape.value_dim);
   Matrix<T> out(rows, shape.heads * shape.value_dim);
-  multi_head_masa(q.data(), k.data(), v.data(), out.data(), shape, gammas, options);
+  GridHeadsShape dense = shape;
+  dense.qk_row_stride = dense.v_row_stride = 0;
+  multi_head_masa(q.data(), k.data(), v.data(), out.data(), dense, gammas, options);
   return out;
 }
 
@@ -397,7 +417,9 @@ Matrix<T> multi_head_masad(const Matrix<T>& q, const Matrix<T>& k, const Matrix<
   detail::check_shape("multi_head_masad", "k", k, rows, shape.heads * shape.key_dim);
   detail::check_shape("multi_head_masad", "v", v, rows, shape.heads * shape.value_dim);
   Matrix<T> out(rows, shape.heads * shape.value_dim);
-  multi_head_masad(q.data(), k.data(), v.data(), out.data(), shape, gammas, options);
+  GridHeadsShape dense = shape;
+  dense.qk_row_stride = dense.v_row_stride = 0;
+  multi_head_masad(q.data(), k.data(), v.data(), out.data(), dense, gammas, options);
   return out;
 }
 
