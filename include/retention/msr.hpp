@@ -239,8 +239,11 @@ class MultiScaleRetention {
     project(x_t, MsrProjection::v_proj, w.v);
     project(x_t, MsrProjection::g_proj, w.g);
     theta_.apply_pair(w.q, w.k, state.position);
+    // One token's heads are small (dk * dv each): waking threads costs more than it saves unless
+    // the heads together are large, and on a busy machine a barrier per layer per token hurts most.
+    const int threads = config_.heads * dk_ * dv_ >= (Index(1) << 20) ? config_.threads : 1;
     multi_head_step(w.q.data(), w.k.data(), w.v.data(), w.o.data(), 1, config_.heads, dk_, dv_, config_.gammas,
-                    state.heads, config_.normalization, config_.threads);
+                    state.heads, config_.normalization, threads);
     norm_and_gate(w.o, w.g);
     y.noalias() = w.o * weights_[index(MsrProjection::out_proj)].transpose();
     if (config_.biases) y += biases_[index(MsrProjection::out_proj)];
