@@ -32,9 +32,10 @@ function(retention_set_native target)
   if(RETENTION_HAS_MARCH_NATIVE)
     target_compile_options(${target} PRIVATE -march=native)
     # GCC < 13 warns inside its own AVX-512 intrinsics (`__m512 __Y = __Y;`, GCC bug 105593)
-    # whenever Eigen vectorises with AVX-512; the warning is about GCC's header, not our code.
+    # whenever Eigen vectorises with AVX-512 (-Wmaybe-uninitialized, and -Wuninitialized in float
+    # GEMMs); the warning is about GCC's header, not our code.
     if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
-      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized)
+      target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized -Wno-uninitialized)
     endif()
   endif()
 endfunction()

@@ -53,10 +53,12 @@ inline std::vector<double> rmt_gammas(Index heads, double initial_value, double 
 
 namespace detail {
 
-/// ln(gamma) in double, exact near 1 (see SPEC 1).
+/// ln(gamma) in double: log1p(gamma - 1) near 1, where it is exact (gamma - 1 is exact by
+/// Sterbenz's lemma for gamma >= 1/2) and log(gamma) would lose the decay (SPEC 1); log(gamma)
+/// below 1/2, where gamma - 1 may round to -1 (gamma = 1e-30) and log1p would give -inf.
 inline double log_gamma_of(const char* function, double gamma) {
   check_gamma(function, gamma);
-  return std::log1p(gamma - 1.0);
+  return gamma >= 0.5 ? std::log1p(gamma - 1.0) : std::log(gamma);
 }
 
 /// Shared machinery of every mask: gamma, ln gamma, powers exp(k ln gamma), and tile filling from
