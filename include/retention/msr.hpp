@@ -9,6 +9,7 @@
 #include <retention/retention_state.hpp>
 #include <retention/rotation.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <string>
@@ -313,15 +314,27 @@ class MultiScaleRetention {
     if (config_.biases) out.rowwise() += biases_[index(which)];
   }
 
-  /// o <- silu(g) (.) headnorm(o), per row and per head group of dv columns.
+  /// o <- silu(g) (.) headnorm(o), per row and per head group of dv columns. Rows are independent,
+  /// so long inputs spread blocks of rows over threads (exp and the norms are not free at T = 8k).
   template <class DO, class DG>
   void norm_and_gate(DO& o, const DG& g) const {
-    if (config_.head_norm == HeadNorm::rms)
-      rms_norm_groups(o, dv_, config_.eps);
-    else
-      layer_norm_groups(o, dv_, config_.eps);
-    // silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); for very negative g, exp(-g) = inf gives -0, not NaN.
-    o.array() *= g.array() / (T(1) + (-g.array()).exp());
+    const Index rows = o.rows(), block = 32;
+    const Index blocks = (rows + block - 1) / block;
+    const int threads = detail::thread_count(config_.threads);
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1)
+#endif
+    for (Index ib = 0; ib < blocks; ++ib) {
+      const Index r0 = ib * block, n = std::min(block, rows - r0);
+      auto ob = o.middleRows(r0, n);
+      if (config_.head_norm == HeadNorm::rms)
+        rms_norm_groups(ob, dv_, config_.eps);
+      else
+        layer_norm_groups(ob, dv_, config_.eps);
+      // silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); for very negative g, exp(-g) = inf gives -0, not NaN.
+      ob.array() *= g.middleRows(r0, n).array() / (T(1) + (-g.middleRows(r0, n).array()).exp());
+    }
   }
 
   template <class D>
