@@ -193,11 +193,19 @@ class VirRng {
   }
   /// Uniform in (0, 1).
   double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
-  /// Normal(0, std^2) truncated to [-2 std, 2 std] (rejection; Box-Muller).
+  /// Normal(0, std^2) truncated to [-2 std, 2 std] (rejection; Box-Muller, both outputs used).
   double trunc_normal(double std_dev) {
     for (;;) {
-      const double u = uniform(), v = uniform();
-      const double n = std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586476925 * v);
+      double n;
+      if (has_spare_) {
+        n = spare_;
+        has_spare_ = false;
+      } else {
+        const double r = std::sqrt(-2.0 * std::log(uniform())), a = 6.283185307179586476925 * uniform();
+        n = r * std::cos(a);
+        spare_ = r * std::sin(a);
+        has_spare_ = true;
+      }
       if (std::abs(n) <= 2.0) return n * std_dev;
     }
   }
@@ -208,6 +216,8 @@ class VirRng {
 
  private:
   std::uint64_t s_;
+  double spare_ = 0.0;
+  bool has_spare_ = false;
 };
 
 }  // namespace detail
