@@ -8,6 +8,7 @@
 
 #include <retention/common.hpp>
 #include <retention/decay.hpp>
+#include <retention/detail/masa_kernels.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -94,151 +95,237 @@ void masa_for_each(int team, Index tasks, Make make, Body body) {
 }
 
 template <class T>
-struct MasaWorkspace {
-  Matrix<T> logits;  // [query_tile, key_tile], then the tile's probabilities
-  Matrix<T> acc;     // [query_tile, dv] unnormalised output
-  Vector<T> row_max, row_sum;
-};
-
-/// One query tile [n0, n0 + rows) of MaSA, written to out.middleRows(n0, rows).
-/// log_y [H, H] and log_x [W, W] are the per-axis log-weights: ln D[n, m] = log_y(y_n, y_m) + log_x(x_n, x_m)
-/// (Manhattan = symmetric_H (x) symmetric_W, SPEC 1), which fills a tile row by contiguous runs of x.
-template <class T>
-void masa_query_tile(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
-                     const Matrix<T>& log_y, const Matrix<T>& log_x, Index width, Index key_tile, Index n0,
-                     Index rows, MasaWorkspace<T>& ws, MasaMap<T>& out) {
-  const Index N = K.rows();
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  ws.row_max.head(rows).setConstant(neg_inf);
-  ws.row_sum.head(rows).setZero();
-  ws.acc.topRows(rows).setZero();
-  const auto q_tile = Q.middleRows(n0, rows);
-  for (Index m0 = 0; m0 < N; m0 += key_tile) {
-    const Index cols = std::min(key_tile, N - m0);
-    auto s = ws.logits.topLeftCorner(rows, cols);
-    s.noalias() = q_tile * K.middleRows(m0, cols).transpose();
-    for (Index i = 0; i < rows; ++i) {
-      const Index n = n0 + i, yn = n / width, xn = n % width;
-      auto s_row = s.row(i);
-      // Add ln D one grid-row run at a time: within a run only x changes.
-      for (Index m = m0; m < m0 + cols;) {
-        const Index ym = m / width, xa = m % width;
-        const Index len = std::min(width - xa, m0 + cols - m);
-        s_row.segment(m - m0, len).array() += log_x.row(xn).segment(xa, len).array() + log_y(yn, ym);
-        m += len;
-      }
-      // Online softmax: rescale what was accumulated under the old max. The max is finite
-      // (ln D is finite for a Manhattan mask), so exp never sees inf - inf.
-      const T m_new = std::max(ws.row_max(i), s_row.maxCoeff());
-      if (m_new == neg_inf) {  // every key so far masked out (ln D = -inf): weights 0, not exp(nan)
-        s_row.setZero();
-        continue;
-      }
-      const T rescale = std::exp(ws.row_max(i) - m_new);  // exp(-inf) = 0 on the first tile
-      s_row.array() = (s_row.array() - m_new).exp();
-      ws.row_sum(i) = ws.row_sum(i) * rescale + s_row.sum();
-      ws.row_max(i) = m_new;
-      if (rescale != T(1)) ws.acc.row(i) *= rescale;
-    }
-    ws.acc.topRows(rows).noalias() += s * V.middleRows(m0, cols);
-  }
-  for (Index i = 0; i < rows; ++i) out.row(n0 + i) = ws.acc.row(i) / ws.row_sum(i);
-}
-
-template <class T>
 void check_masa_options(const char* fn, const MasaOptions& options) {
   check_positive(fn, "query_tile", options.query_tile);
   check_positive(fn, "key_tile", options.key_tile);
 }
 
+/// Aligned view of one packet-padded logit row (the logit buffers' rows start on packet boundaries).
+template <class T>
+using MasaRow = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>, Eigen::AlignedMax>;
+
+/// Pads a logit row from `cols` to `cols_p` entries with -inf, so max, exp and sum run over whole SIMD
+/// packets (Eigen finishes a ragged row with scalar libm exp calls) and the padding weighs exactly 0.
+template <class T>
+void masa_pad_row(T* s, Index cols, Index cols_p) {
+  std::fill(s + cols, s + cols_p, -std::numeric_limits<T>::infinity());
+}
+
+/// Operands of a MaSA call laid out once for the micro-kernels (O(N d) extra, shared by all threads):
+/// Q with zero rows past N (query tiles are computed in whole row blocks), K^T with zero columns past
+/// N (key tiles in whole SIMD packets), and V with its columns padded to a packet multiple when dv needs it.
+template <class T>
+struct MasaOperands {
+  Matrix<T> q, kt, v;
+  const T* v_data = nullptr;
+  Index ldv = 0, dvp = 0;
+};
+
+template <class T>
+struct MasaWorkspace {
+  Matrix<T> logits;          // [query rows, key columns] padded, then the tile's probabilities
+  Matrix<T> acc;             // [query rows, dvp] unnormalised output
+  Vector<T> row_max, row_sum, rescale;
+};
+
+/// One query tile [n0, n0 + rows) of MaSA, written to out.middleRows(n0, rows): for each key tile, logits
+/// by the micro-kernel, + ln D, online softmax (running row max and sum), acc = rescale * acc + P V.
+/// log_y [H, H] and log_x [W, W] are the per-axis log-weights: ln D[n, m] = log_y(y_n, y_m) + log_x(x_n, x_m)
+/// (Manhattan = symmetric_H (x) symmetric_W, SPEC 1), which fills a tile row by contiguous runs of x.
+template <class T>
+void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, const Matrix<T>& log_y,
+                     const Matrix<T>& log_x, Index width, Index key_tile, Index n0, Index rows, MasaWorkspace<T>& ws,
+                     MasaMap<T>& out) {
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  const Index rows_r = masa_round_up(rows, R), lds = ws.logits.cols(), lda = ws.acc.cols();
+  const Index ldk = ops.kt.cols();
+  T* s = ws.logits.data();
+  for (Index m0 = 0; m0 < N; m0 += key_tile) {
+    const Index cols = std::min(key_tile, N - m0);
+    const Index cols_p = masa_round_up(cols, P);
+    masa_logits_kernel<T>(ops.q.data() + n0 * dk, dk, ops.kt.data() + m0, ldk, dk, nullptr, 0, s, lds, rows_r, cols_p);
+    for (Index i = 0; i < rows; ++i) {
+      const Index n = n0 + i, yn = n / width, xn = n % width;
+      T* s_row = s + i * lds;
+      // Add ln D one grid-row run at a time: within a run only x changes.
+      for (Index m = m0; m < m0 + cols;) {
+        const Index ym = m / width, xa = m % width;
+        const Index len = std::min(width - xa, m0 + cols - m);
+        const T ly = log_y(yn, ym);
+        const T* lx = log_x.data() + xn * width + xa;
+        T* dst = s_row + (m - m0);
+        for (Index j = 0; j < len; ++j) dst[j] += lx[j] + ly;
+        m += len;
+      }
+      // Online softmax: rescale what was accumulated under the old max (folded into the attend kernel's
+      // load). The new max is taken first, so exp never overflows; exp(-inf) = 0 on the first tile.
+      masa_pad_row(s_row, cols, cols_p);
+      const T m_new = std::max(ws.row_max(i), masa_row_max(s_row, cols_p));
+      if (m_new == -std::numeric_limits<T>::infinity()) {  // every key so far masked out: weights 0, not NaN
+        std::fill(s_row, s_row + cols_p, T(0));
+        ws.rescale(i) = T(1);
+        continue;
+      }
+      ws.rescale(i) = std::exp(ws.row_max(i) - m_new);
+      ws.row_sum(i) = ws.row_sum(i) * ws.rescale(i) + masa_exp_sum(s_row, cols_p, m_new);
+      ws.row_max(i) = m_new;
+    }
+    // Rows past the tile's end belong to no query (or to the next tile): keep them finite and zero.
+    for (Index i = rows; i < rows_r; ++i) {
+      std::fill(s + i * lds, s + i * lds + cols, T(0));
+      ws.rescale(i) = T(0);
+    }
+    masa_attend_kernel<T>(s, lds, ops.v_data + m0 * ops.ldv, ops.ldv, cols, m0 == 0 ? nullptr : ws.rescale.data(),
+                          ws.acc.data(), lda, rows_r, ops.dvp);
+  }
+  for (Index i = 0; i < rows; ++i)
+    out.row(n0 + i) = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(ws.acc.data() + i * lda, dv) /
+                      ws.row_sum(i);
+}
+
 template <class T>
 void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
                     const ManhattanDecay& decay, MasaMap<T> out, const MasaOptions& options) {
-  const Index N = Q.rows(), dv = V.cols();
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index H = decay.height(), W = decay.width();
   const Matrix<T> log_y = decay.row_axis().template log_weights<T>(0, H, 0, H);
   const Matrix<T> log_x = decay.column_axis().template log_weights<T>(0, W, 0, W);
   const Index bq = std::min(options.query_tile, N), bk = std::min(options.key_tile, N);
+  MasaOperands<T> ops;
+  ops.q.resize(N + R, dk);
+  masa_copy_rows(Q.data(), Q.outerStride(), N, dk, ops.q.data(), dk);
+  ops.q.bottomRows(R).setZero();
+  ops.kt.resize(dk, N + P);
+  masa_transpose_rows(K.data(), K.outerStride(), N, dk, ops.kt.data(), N + P);
+  ops.dvp = masa_round_up(dv, P);
+  if (ops.dvp == dv) {  // V is read in place
+    ops.v_data = V.data();
+    ops.ldv = V.outerStride();
+  } else {
+    ops.v.resize(N, ops.dvp);
+    masa_copy_rows(V.data(), V.outerStride(), N, dv, ops.v.data(), ops.dvp);
+    ops.v_data = ops.v.data();
+    ops.ldv = ops.dvp;
+  }
   const Index tiles = (N + bq - 1) / bq;
-  const double work = 2.0 * static_cast<double>(N) * static_cast<double>(N) *
-                      static_cast<double>(Q.cols() + dv);
+  const double work = 2.0 * static_cast<double>(N) * static_cast<double>(N) * static_cast<double>(dk + dv);
   const int team = masa_team_size(options.threads, tiles, work);
   masa_for_each(
       team, tiles,
       [&]() {
+        const Index bqr = masa_round_up(bq, R);
         MasaWorkspace<T> ws;
-        ws.logits.resize(bq, bk);
-        ws.acc.resize(bq, dv);
-        ws.row_max.resize(bq);
-        ws.row_sum.resize(bq);
+        ws.logits.resize(bqr, masa_round_up(bk, P));
+        ws.acc.resize(bqr, ops.dvp);
+        ws.row_max.resize(bqr);
+        ws.row_sum.resize(bqr);
+        ws.rescale.resize(bqr);
         return ws;
       },
       [&](Index t, MasaWorkspace<T>& ws) {
         const Index n0 = t * bq;
-        masa_query_tile<T>(Q, K, V, log_y, log_x, W, bk, n0, std::min(bq, N - n0), ws, out);
+        ws.row_max.setConstant(-std::numeric_limits<T>::infinity());
+        ws.row_sum.setZero();
+        masa_query_tile<T>(ops, N, dk, dv, log_y, log_x, W, bk, n0, std::min(bq, N - n0), ws, out);
       });
 }
 
-/// dst = a * b. Eigen's GEMM pays a fixed packing cost per call that dominates MaSAD's per-row products
-/// on short axes (measured: 3x slower at 7 x 7 x 32, even at 14); the coefficient-based product wins there.
-template <class Dst, class A, class B>
-void masad_product(Dst&& dst, const A& a, const B& b) {
-  if (a.rows() <= 16)
-    dst.noalias() = a.lazyProduct(b);
-  else
-    dst.noalias() = a * b;
-}
-
-/// In-place row softmax of s + log_w (s [r, c], log_w [r, c]), then out = softmax * values.
-template <class T, class S, class L, class Vals, class Out>
-void masad_softmax_attend(S& s, const L& log_w, const Vals& values, Out&& out) {
-  s += log_w;
-  for (Index i = 0; i < s.rows(); ++i) {
-    auto row = s.row(i);
-    const T mx = row.maxCoeff();
-    row.array() = (row.array() - mx).exp();
-    row /= row.sum();
-  }
-  masad_product(out, s, values);
-}
-
+/// Per-thread buffers of MaSAD's line attentions, sized for the longest line.
 template <class T>
 struct MasadWorkspace {
-  Matrix<T> logits;  // [max(H, W), max(H, W)]
+  Matrix<T> q;        // [L rounded to row blocks, dk] the line's queries, zero rows past L
+  Matrix<T> kt;       // [dk, L rounded to packets] the line's keys transposed, zero past L
+  Matrix<T> v;        // [L, dvp] the line's values when they must be padded
+  Matrix<T> logits;   // [rows, cols] logits, then probabilities
+  Matrix<T> acc;      // [rows, dvp] unnormalised output
+  Vector<T> row_max;  // [rows] logit row maxima
+  Vector<T> inv_sum;  // [L] 1 / softmax row sums
 };
+
+/// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the line is
+/// row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart.
+/// out[j, :out_cols] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's
+/// [L, L] symmetric log-weight tile padded with zeros to the kernels' block sizes.
+template <class T>
+void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v, Index v_step, Index dv,
+                Index L, const Matrix<T>& log_w, T* out, Index out_step, Index out_cols, MasadWorkspace<T>& ws) {
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
+  const Index lds = ws.logits.cols(), lda = ws.acc.cols(), ldk = ws.kt.cols();
+  masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
+  std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
+  masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ldk);
+  T* s = ws.logits.data();
+  // The padded log-weight columns are -inf, so padding logits are -inf: they never win the max and weigh 0.
+  masa_logits_kernel<T>(ws.q.data(), dk, ws.kt.data(), ldk, dk, log_w.data(), log_w.cols(), s, lds, Lr, Lp,
+                        ws.row_max.data());
+  for (Index i = 0; i < L; ++i) {
+    const T sum = masa_exp_sum(s + i * lds, Lp, ws.row_max(i));
+    ws.inv_sum(i) = sum > T(0) ? T(1) / sum : T(0);  // 0 only if every logit were -inf
+  }
+  const T* vv = v;
+  Index ldv = v_step;
+  if (dvp != dv) {
+    masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
+    vv = ws.v.data();
+    ldv = dvp;
+  }
+  // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
+  masa_attend_kernel<T>(s, lds, vv, ldv, L, nullptr, ws.acc.data(), lda, Lr, dvp);
+  for (Index i = 0; i < L; ++i) {
+    const T* a = ws.acc.data() + i * lda;
+    T* o = out + i * out_step;
+    const T f = ws.inv_sum(i);
+    for (Index c = 0; c < out_cols; ++c) o[c] = a[c] * f;
+  }
+}
+
+/// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to packets]:
+/// padding columns -inf (they must weigh 0 and never be a row's max), padding rows 0 (finite, dropped).
+template <class T>
+Matrix<T> masad_log_tile(const SymmetricDecay& axis, Index L) {
+  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaKernelShape<T>::rows), masa_round_up(L, MasaKernelShape<T>::width));
+  w.rightCols(w.cols() - L).setConstant(-std::numeric_limits<T>::infinity());
+  axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
+  return w;
+}
 
 template <class T>
 void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
                      double gamma, Index H, Index W, MasaMap<T> out, int threads) {
-  const Index dk = Q.cols(), dv = V.cols();
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  const Index dk = Q.cols(), dv = V.cols(), dvp = masa_round_up(dv, P);
   const SymmetricDecay axis(gamma);
-  const Matrix<T> log_x = axis.template log_weights<T>(0, W, 0, W);
-  const Matrix<T> log_y = axis.template log_weights<T>(0, H, 0, H);
-  // u: the row pass's output, read by the column pass (the one intermediate MaSAD needs).
-  Matrix<T> u(H * W, dv);
+  const Matrix<T> log_x = masad_log_tile<T>(axis, W), log_y = masad_log_tile<T>(axis, H);
+  // u: the row pass's output, read by the column pass (the one intermediate MaSAD needs). It is stored
+  // column-major over the grid (token (y, x) at row x H + y) and packet-padded, so each grid column is a
+  // contiguous, directly readable block for the column pass.
+  Matrix<T> u(H * W, dvp);
   const Index side = std::max(H, W);
   const auto make = [&]() {
     MasadWorkspace<T> ws;
-    ws.logits.resize(side, side);
+    ws.q.resize(masa_round_up(side, R), dk);
+    ws.kt.resize(dk, masa_round_up(side, P));
+    if (dvp != dv) ws.v.resize(side, dvp);
+    ws.logits.resize(masa_round_up(side, R), masa_round_up(side, P));
+    ws.acc.resize(masa_round_up(side, R), dvp);
+    ws.row_max.resize(masa_round_up(side, R));
+    ws.inv_sum.resize(side);
     return ws;
   };
   const double work = 2.0 * static_cast<double>(H * W) * static_cast<double>(H + W) *
                       static_cast<double>(dk + dv);
-  // Row pass: grid row y holds the contiguous tokens [y W, y W + W).
+  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(), ldo = out.outerStride();
+  // Row pass: grid row y holds the contiguous tokens [y W, y W + W); its output goes to u's column-major slots.
   masa_for_each(masa_team_size(threads, H, work), H, make, [&](Index y, MasadWorkspace<T>& ws) {
-    auto s = ws.logits.topLeftCorner(W, W);
-    masad_product(s, Q.middleRows(y * W, W), K.middleRows(y * W, W).transpose());
-    masad_softmax_attend<T>(s, log_x, V.middleRows(y * W, W), u.middleRows(y * W, W));
+    masad_line<T>(Q.data() + y * W * ldq, ldq, K.data() + y * W * ldk, ldk, dk, V.data() + y * W * ldv, ldv, dv, W,
+                  log_x, u.data() + y * dvp, H * dvp, dvp, ws);
   });
-  // Column pass: grid column x is every W-th token; strided maps avoid gathering it.
+  // Column pass: grid column x is every W-th token of q and k, and rows [x H, x H + H) of u.
   masa_for_each(masa_team_size(threads, W, work), W, make, [&](Index x, MasadWorkspace<T>& ws) {
-    const MasaConstMap<T> qx(Q.data() + x * Q.outerStride(), H, dk, Eigen::OuterStride<>(W * Q.outerStride()));
-    const MasaConstMap<T> kx(K.data() + x * K.outerStride(), H, dk, Eigen::OuterStride<>(W * K.outerStride()));
-    const MasaConstMap<T> ux(u.data() + x * dv, H, dv, Eigen::OuterStride<>(W * dv));
-    MasaMap<T> ox(out.data() + x * out.outerStride(), H, dv, Eigen::OuterStride<>(W * out.outerStride()));
-    auto s = ws.logits.topLeftCorner(H, H);
-    masad_product(s, qx, kx.transpose());
-    masad_softmax_attend<T>(s, log_y, ux, ox);
+    masad_line<T>(Q.data() + x * ldq, W * ldq, K.data() + x * ldk, W * ldk, dk, u.data() + x * H * dvp, dvp, dvp, H,
+                  log_y, out.data() + x * ldo, W * ldo, dv, ws);
   });
 }
 
