@@ -245,20 +245,28 @@ struct MasadWorkspace {
 
 /// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the line is
 /// row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart.
-/// out[j, :out_cols] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's
+/// out[j, :] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's
 /// [L, L] symmetric log-weight tile padded with zeros to the kernels' block sizes.
 template <class T>
 void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v, Index v_step, Index dv,
-                Index L, const Matrix<T>& log_w, T* out, Index out_step, Index out_cols, MasadWorkspace<T>& ws) {
+                Index L, const Matrix<T>& log_w, T* out, Index out_step, MasadWorkspace<T>& ws) {
   constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
   const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
   const Index lds = ws.logits.cols(), lda = ws.acc.cols(), ldk = ws.kt.cols();
-  masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
-  std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
+  // The logit kernel reads whole blocks of rows: a line of whole blocks is read in place, a ragged one
+  // is copied and padded with zero queries.
+  const T* qq = q;
+  Index ldq = q_step;
+  if (Lr != L) {
+    masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
+    std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
+    qq = ws.q.data();
+    ldq = dk;
+  }
   masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ldk);
   T* s = ws.logits.data();
   // The padded log-weight columns are -inf, so padding logits are -inf: they never win the max and weigh 0.
-  masa_logits_kernel<T>(ws.q.data(), dk, ws.kt.data(), ldk, dk, log_w.data(), log_w.cols(), s, lds, Lr, Lp,
+  masa_logits_kernel<T>(qq, ldq, ws.kt.data(), ldk, dk, log_w.data(), log_w.cols(), s, lds, Lr, Lp,
                         ws.row_max.data());
   for (Index i = 0; i < L; ++i) {
     const T sum = masa_exp_sum(s + i * lds, Lp, ws.row_max(i));
@@ -277,7 +285,7 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
     const T* a = ws.acc.data() + i * lda;
     T* o = out + i * out_step;
     const T f = ws.inv_sum(i);
-    for (Index c = 0; c < out_cols; ++c) o[c] = a[c] * f;
+    for (Index c = 0; c < dv; ++c) o[c] = a[c] * f;
   }
 }
 
@@ -298,10 +306,9 @@ void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const M
   const Index dk = Q.cols(), dv = V.cols(), dvp = masa_round_up(dv, P);
   const SymmetricDecay axis(gamma);
   const Matrix<T> log_x = masad_log_tile<T>(axis, W), log_y = masad_log_tile<T>(axis, H);
-  // u: the row pass's output, read by the column pass (the one intermediate MaSAD needs). It is stored
-  // column-major over the grid (token (y, x) at row x H + y) and packet-padded, so each grid column is a
-  // contiguous, directly readable block for the column pass.
-  Matrix<T> u(H * W, dvp);
+  // u, the row pass's output that the column pass reads, lives in `out` itself: each line attention reads
+  // all of its values into its accumulators before it writes its own rows, and lines of one pass touch
+  // disjoint rows. No [N, dv] intermediate is allocated (fresh pages cost more than the copy saved).
   const Index side = std::max(H, W);
   const auto make = [&]() {
     MasadWorkspace<T> ws;
@@ -317,15 +324,15 @@ void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const M
   const double work = 2.0 * static_cast<double>(H * W) * static_cast<double>(H + W) *
                       static_cast<double>(dk + dv);
   const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(), ldo = out.outerStride();
-  // Row pass: grid row y holds the contiguous tokens [y W, y W + W); its output goes to u's column-major slots.
+  // Row pass: grid row y holds the contiguous tokens [y W, y W + W).
   masa_for_each(masa_team_size(threads, H, work), H, make, [&](Index y, MasadWorkspace<T>& ws) {
     masad_line<T>(Q.data() + y * W * ldq, ldq, K.data() + y * W * ldk, ldk, dk, V.data() + y * W * ldv, ldv, dv, W,
-                  log_x, u.data() + y * dvp, H * dvp, dvp, ws);
+                  log_x, out.data() + y * W * ldo, ldo, ws);
   });
-  // Column pass: grid column x is every W-th token of q and k, and rows [x H, x H + H) of u.
+  // Column pass: grid column x is every W-th token of q, k and u (= out), read and written with strides.
   masa_for_each(masa_team_size(threads, W, work), W, make, [&](Index x, MasadWorkspace<T>& ws) {
-    masad_line<T>(Q.data() + x * ldq, W * ldq, K.data() + x * ldk, W * ldk, dk, u.data() + x * H * dvp, dvp, dvp, H,
-                  log_y, out.data() + x * ldo, W * ldo, dv, ws);
+    masad_line<T>(Q.data() + x * ldq, W * ldq, K.data() + x * ldk, W * ldk, dk, out.data() + x * ldo, W * ldo, dv, H,
+                  log_y, out.data() + x * ldo, W * ldo, ws);
   });
 }
 
