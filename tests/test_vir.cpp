@@ -26,7 +26,7 @@ namespace ref = vir_reference;
 
 template <class T>
 class Vir : public ::testing::Test {};
-TYPED_TEST_SUITE(Vir, retention_test::ScalarTypes);
+TYPED_TEST_SUITE(Vir, retention_test::ScalarTypes, );  // empty name generator: clang -Wpedantic
 
 ref::Config small_ref(Index dim = 16, Index heads = 2, Index depth = 2, Index grid = 4) {
   ref::Config c;
