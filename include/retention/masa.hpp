@@ -100,17 +100,6 @@ void check_masa_options(const char* fn, const MasaOptions& options) {
   check_positive(fn, "key_tile", options.key_tile);
 }
 
-/// Aligned view of one packet-padded logit row (the logit buffers' rows start on packet boundaries).
-template <class T>
-using MasaRow = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>, Eigen::AlignedMax>;
-
-/// Pads a logit row from `cols` to `cols_p` entries with -inf, so max, exp and sum run over whole SIMD
-/// packets (Eigen finishes a ragged row with scalar libm exp calls) and the padding weighs exactly 0.
-template <class T>
-void masa_pad_row(T* s, Index cols, Index cols_p) {
-  std::fill(s + cols, s + cols_p, -std::numeric_limits<T>::infinity());
-}
-
 /// Operands of a MaSA call laid out once for the micro-kernels (O(N d) extra, shared by all threads):
 /// Q with zero rows past N (query tiles are computed in whole row blocks), K^T with zero columns past
 /// N (key tiles in whole SIMD packets), and V with its columns padded to a packet multiple when dv needs it.
@@ -119,49 +108,57 @@ struct MasaOperands {
   Matrix<T> q, kt, v;
   const T* v_data = nullptr;
   Index ldv = 0, dvp = 0;
+  // ln D of a key tile starting at m0 = a W + b, as two small periodic tables (Manhattan = symmetric_H (x)
+  // symmetric_W, SPEC 1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n - a + H - 1, b + j), with
+  // log_x[x][c] = |x - c mod W| ln gamma  [W, W + key columns] and
+  // log_y[dy + H - 1][c] = |dy - floor(c / W)| ln gamma  [2H - 1, W + key columns].
+  // O(H (W + key_tile)) values instead of a [query_tile, key_tile] tile rebuilt for every pair of tiles.
+  Matrix<T> log_x, log_y;
 };
 
 template <class T>
 struct MasaWorkspace {
   Matrix<T> logits;          // [query rows, key columns] padded, then the tile's probabilities
   Matrix<T> acc;             // [query rows, dvp] unnormalised output
-  Vector<T> row_max, row_sum, rescale;
+  Vector<T> row_max, row_sum, rescale, tile_max;
+  std::vector<const T*> lx_rows, ly_rows;  // per query row: where its ln D terms start in the tables
 };
 
 /// One query tile [n0, n0 + rows) of MaSA, written to out.middleRows(n0, rows): for each key tile, logits
-/// by the micro-kernel, + ln D, online softmax (running row max and sum), acc = rescale * acc + P V.
-/// log_y [H, H] and log_x [W, W] are the per-axis log-weights: ln D[n, m] = log_y(y_n, y_m) + log_x(x_n, x_m)
-/// (Manhattan = symmetric_H (x) symmetric_W, SPEC 1), which fills a tile row by contiguous runs of x.
+/// + ln D by the micro-kernel (ln D as its initial value, the tile's row max on the way out), online
+/// softmax (running row max and sum), then acc = rescale * acc + P V by the attend kernel.
 template <class T>
-void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, const Matrix<T>& log_y,
-                     const Matrix<T>& log_x, Index width, Index key_tile, Index n0, Index rows, MasaWorkspace<T>& ws,
-                     MasaMap<T>& out) {
+void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, Index height, Index width,
+                     Index key_tile, Index n0, Index rows, MasaWorkspace<T>& ws, MasaMap<T>& out) {
   constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  using Pk = Eigen::Array<T, P, 1>;
   const Index rows_r = masa_round_up(rows, R), lds = ws.logits.cols(), lda = ws.acc.cols();
-  const Index ldk = ops.kt.cols();
+  const Index ldk = ops.kt.cols(), ldx = ops.log_x.cols(), ldy = ops.log_y.cols();
   T* s = ws.logits.data();
+  const T neg_inf = -std::numeric_limits<T>::infinity();
   for (Index m0 = 0; m0 < N; m0 += key_tile) {
-    const Index cols = std::min(key_tile, N - m0);
+    const Index cols = std::min(key_tile, N - m0), a = m0 / width, b = m0 % width;
+    for (Index i = 0; i < rows_r; ++i) {
+      // Rows past the tile's end (the kernel works in whole row blocks) reuse the last row's terms.
+      const Index n = n0 + std::min(i, rows - 1), yn = n / width, xn = n % width;
+      ws.lx_rows[static_cast<std::size_t>(i)] = ops.log_x.data() + xn * ldx + b;
+      ws.ly_rows[static_cast<std::size_t>(i)] = ops.log_y.data() + (yn - a + height - 1) * ldy + b;
+    }
+    const T* const* lx = ws.lx_rows.data();
+    const T* const* ly = ws.ly_rows.data();
+    masa_logits_kernel<T>(
+        ops.q.data() + n0 * dk, dk, ops.kt.data() + m0, ldk, dk,
+        [lx, ly](Index i, Index j0) {
+          return Pk(Eigen::Map<const Pk>(lx[i] + j0) + Eigen::Map<const Pk>(ly[i] + j0));
+        },
+        s, lds, rows_r, cols, ws.tile_max.data());
     const Index cols_p = masa_round_up(cols, P);
-    masa_logits_kernel<T>(ops.q.data() + n0 * dk, dk, ops.kt.data() + m0, ldk, dk, nullptr, 0, s, lds, rows_r, cols_p);
     for (Index i = 0; i < rows; ++i) {
-      const Index n = n0 + i, yn = n / width, xn = n % width;
       T* s_row = s + i * lds;
-      // Add ln D one grid-row run at a time: within a run only x changes.
-      for (Index m = m0; m < m0 + cols;) {
-        const Index ym = m / width, xa = m % width;
-        const Index len = std::min(width - xa, m0 + cols - m);
-        const T ly = log_y(yn, ym);
-        const T* lx = log_x.data() + xn * width + xa;
-        T* dst = s_row + (m - m0);
-        for (Index j = 0; j < len; ++j) dst[j] += lx[j] + ly;
-        m += len;
-      }
       // Online softmax: rescale what was accumulated under the old max (folded into the attend kernel's
       // load). The new max is taken first, so exp never overflows; exp(-inf) = 0 on the first tile.
-      masa_pad_row(s_row, cols, cols_p);
-      const T m_new = std::max(ws.row_max(i), masa_row_max(s_row, cols_p));
-      if (m_new == -std::numeric_limits<T>::infinity()) {  // every key so far masked out: weights 0, not NaN
+      const T m_new = std::max(ws.row_max(i), ws.tile_max(i));
+      if (m_new == neg_inf) {  // every key so far masked out: weights 0, not NaN
         std::fill(s_row, s_row + cols_p, T(0));
         ws.rescale(i) = T(1);
         continue;
@@ -170,7 +167,7 @@ void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, co
       ws.row_sum(i) = ws.row_sum(i) * ws.rescale(i) + masa_exp_sum(s_row, cols_p, m_new);
       ws.row_max(i) = m_new;
     }
-    // Rows past the tile's end belong to no query (or to the next tile): keep them finite and zero.
+    // Rows past the tile's end belong to no query: keep them finite and zero.
     for (Index i = rows; i < rows_r; ++i) {
       std::fill(s + i * lds, s + i * lds + cols, T(0));
       ws.rescale(i) = T(0);
@@ -189,10 +186,26 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
   constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
   const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index H = decay.height(), W = decay.width();
-  const Matrix<T> log_y = decay.row_axis().template log_weights<T>(0, H, 0, H);
-  const Matrix<T> log_x = decay.column_axis().template log_weights<T>(0, W, 0, W);
   const Index bq = std::min(options.query_tile, N), bk = std::min(options.key_tile, N);
   MasaOperands<T> ops;
+  {
+    // Both axes' factors come from the decay's own tiles (no gamma formula here); table column c stands
+    // for key offset c from the start of a grid row.
+    const Index span = W + masa_round_up(bk, P);
+    const Matrix<T> lx = decay.column_axis().template log_weights<T>(0, W, 0, W);
+    const Matrix<T> ly = decay.row_axis().template log_weights<T>(0, H, 0, H);
+    ops.log_x.resize(W, span);
+    for (Index x = 0; x < W; ++x)
+      for (Index c = 0; c < span; ++c) ops.log_x(x, c) = lx(x, c % W);
+    ops.log_y.resize(2 * H - 1, span);
+    for (Index dy = -(H - 1); dy < H; ++dy)
+      for (Index c = 0; c < span; ++c) {
+        // |dy - c / W| read from ly's row |dy|... past the grid (c / W >= H) the value is never used
+        // unmasked; clamp into the table.
+        const Index d = std::min<Index>(std::abs(dy - c / W), H - 1);
+        ops.log_y(dy + H - 1, c) = ly(0, d);
+      }
+  }
   ops.q.resize(N + R, dk);
   masa_copy_rows(Q.data(), Q.outerStride(), N, dk, ops.q.data(), dk);
   ops.q.bottomRows(R).setZero();
@@ -221,13 +234,16 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
         ws.row_max.resize(bqr);
         ws.row_sum.resize(bqr);
         ws.rescale.resize(bqr);
+        ws.tile_max.resize(bqr);
+        ws.lx_rows.resize(static_cast<std::size_t>(bqr));
+        ws.ly_rows.resize(static_cast<std::size_t>(bqr));
         return ws;
       },
       [&](Index t, MasaWorkspace<T>& ws) {
         const Index n0 = t * bq;
         ws.row_max.setConstant(-std::numeric_limits<T>::infinity());
         ws.row_sum.setZero();
-        masa_query_tile<T>(ops, N, dk, dv, log_y, log_x, W, bk, n0, std::min(bq, N - n0), ws, out);
+        masa_query_tile<T>(ops, N, dk, dv, H, W, bk, n0, std::min(bq, N - n0), ws, out);
       });
 }
 
@@ -266,8 +282,12 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
   masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ldk);
   T* s = ws.logits.data();
   // The padded log-weight columns are -inf, so padding logits are -inf: they never win the max and weigh 0.
-  masa_logits_kernel<T>(qq, ldq, ws.kt.data(), ldk, dk, log_w.data(), log_w.cols(), s, lds, Lr, Lp,
-                        ws.row_max.data());
+  using Pk = Eigen::Array<T, P, 1>;
+  const T* lw = log_w.data();
+  const Index ldl = log_w.cols();
+  masa_logits_kernel<T>(
+      qq, ldq, ws.kt.data(), ldk, dk, [lw, ldl](Index i, Index j0) { return Pk(Eigen::Map<const Pk>(lw + i * ldl + j0)); },
+      s, lds, Lr, L, ws.row_max.data());
   for (Index i = 0; i < L; ++i) {
     const T sum = masa_exp_sum(s + i * lds, Lp, ws.row_max(i));
     ws.inv_sum(i) = sum > T(0) ? T(1) / sum : T(0);  // 0 only if every logit were -inf

@@ -29,37 +29,30 @@ struct MasaKernelShape {
 /// Rounds n up to a multiple of m.
 inline Index masa_round_up(Index n, Index m) { return (n + m - 1) / m * m; }
 
-/// S[i, j] = init[i, j] + sum_c q[i, c] kt[c, j] for i < rows, j < cols: the logit tile Q K^T plus the
-/// log-weight tile ln D (init == nullptr: 0). q [rows, dk] (row stride ldq), kt = K^T [dk, cols] (row
-/// stride ldk), init and S likewise; rows must be a multiple of MasaKernelShape<T>::rows and cols of ::width (callers pad).
-/// With row_max != nullptr also writes row_max[i] = max_j S[i, j] (a pass over S saved; callers mark
-/// padding columns -inf through init so that they never win).
-template <class T>
-void masa_logits_kernel(const T* q, Index ldq, const T* kt, Index ldk, Index dk, const T* init, Index ldi, T* s,
-                        Index lds, Index rows, Index cols, T* row_max = nullptr) {
+/// S[i, j] = init(i, j) + sum_c q[i, c] kt[c, j] for i < rows, j < cols_p: the logit tile Q K^T plus the
+/// log-weight tile ln D, which init(i, j0) supplies one packet of columns [j0, j0 + width) at a time.
+/// q [rows, dk] (row stride ldq), kt = K^T [dk, cols_p] (row stride ldk), S [rows, cols_p] (row stride lds);
+/// rows a multiple of MasaKernelShape<T>::rows, cols_p the first multiple of ::width >= cols. Columns
+/// [cols, cols_p) come out -inf (they weigh 0 in a softmax). With row_max != nullptr also writes
+/// row_max[i] = max_j S[i, j], saving a pass over S.
+template <class T, class Init>
+void masa_logits_kernel(const T* q, Index ldq, const T* kt, Index ldk, Index dk, Init init, T* s, Index lds,
+                        Index rows, Index cols, T* row_max = nullptr) {
   constexpr Index P = MasaKernelShape<T>::width, R = MasaKernelShape<T>::rows;
   using Pk = Eigen::Array<T, P, 1>;
   using CMap = Eigen::Map<const Pk>;
+  const Index cols_p = masa_round_up(cols, P);
+  // Added to the last packet: 0 on the valid lanes, -inf on the padding ones.
+  Pk tail_mask = Pk::Zero();
+  for (Index l = cols - (cols_p - P); l < P; ++l) tail_mask(l) = -std::numeric_limits<T>::infinity();
   for (Index i0 = 0; i0 < rows; i0 += R) {
     const T* qb = q + i0 * ldq;
     Pk mx[R];
     if (row_max)
       for (Index r = 0; r < R; ++r) mx[r].setConstant(-std::numeric_limits<T>::infinity());
-    for (Index j0 = 0; j0 < cols; j0 += P) {
-      Pk a0, a1, a2, a3, a4, a5, a6, a7;
-      if (init) {
-        const T* ib = init + i0 * ldi + j0;
-        a0 = CMap(ib + 0 * ldi);
-        a1 = CMap(ib + 1 * ldi);
-        a2 = CMap(ib + 2 * ldi);
-        a3 = CMap(ib + 3 * ldi);
-        a4 = CMap(ib + 4 * ldi);
-        a5 = CMap(ib + 5 * ldi);
-        a6 = CMap(ib + 6 * ldi);
-        a7 = CMap(ib + 7 * ldi);
-      } else {
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = Pk::Zero();
-      }
+    for (Index j0 = 0; j0 < cols_p; j0 += P) {
+      Pk a0 = init(i0 + 0, j0), a1 = init(i0 + 1, j0), a2 = init(i0 + 2, j0), a3 = init(i0 + 3, j0);
+      Pk a4 = init(i0 + 4, j0), a5 = init(i0 + 5, j0), a6 = init(i0 + 6, j0), a7 = init(i0 + 7, j0);
       for (Index c = 0; c < dk; ++c) {
         const Pk k = CMap(kt + c * ldk + j0);
         a0 += qb[0 * ldq + c] * k;
@@ -70,6 +63,16 @@ void masa_logits_kernel(const T* q, Index ldq, const T* kt, Index ldk, Index dk,
         a5 += qb[5 * ldq + c] * k;
         a6 += qb[6 * ldq + c] * k;
         a7 += qb[7 * ldq + c] * k;
+      }
+      if (j0 + P > cols) {
+        a0 += tail_mask;
+        a1 += tail_mask;
+        a2 += tail_mask;
+        a3 += tail_mask;
+        a4 += tail_mask;
+        a5 += tail_mask;
+        a6 += tail_mask;
+        a7 += tail_mask;
       }
       Eigen::Map<Pk>(s + (i0 + 0) * lds + j0) = a0;
       Eigen::Map<Pk>(s + (i0 + 1) * lds + j0) = a1;
@@ -167,12 +170,6 @@ EIGEN_STRONG_INLINE Packet masa_exp_nonpositive(const Packet& x_in) {
   y = pmadd(y, r3, y1);
   y = pmadd(y, r2, y2);
   return pldexp_fast_impl<Packet>::run(y, n);  // n >= -127: biased exponent >= 0, 2^-127 -> 0
-}
-
-/// Largest of s[0, cols_p); cols_p a multiple of MasaKernelShape<T>::width.
-template <class T>
-T masa_row_max(const T* s, Index cols_p) {
-  return Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(s, cols_p).maxCoeff();
 }
 
 /// s[j] = exp(s[j] - m) for j < cols_p in place (m >= every s[j], finite); returns the sum. cols_p is a
