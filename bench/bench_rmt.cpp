@@ -166,9 +166,12 @@ void BM_masa_peak_memory(benchmark::State& state) {
   state.counters["masa_extra_KiB"] = static_cast<double>(masa_kib - base);
   state.counters["masad_extra_KiB"] = static_cast<double>(masad_kib - base);
   state.counters["full_matrix_extra_KiB"] = static_cast<double>(full_kib - base);
-  // What masa allocates: the output [N, dv] plus one [query_tile, key_tile] logit tile and [query_tile, dv].
+  // What masa allocates: the output [N, dv]; Q copied and K transposed for the micro-kernels (O(N dk) each);
+  // the per-axis ln D tables [W + 2H - 1, W + key_tile]; one [query_tile, key_tile] logit tile and [query_tile, dv].
+  const double tables = static_cast<double>((in.side + 2 * in.side - 1) * (in.side + o.key_tile));
   state.counters["masa_expected_KiB"] =
-      static_cast<double>((n * in.d + o.query_tile * o.key_tile + o.query_tile * in.d) * 4) / 1024.0;
+      (static_cast<double>(n * in.d + 2 * n * in.d + o.query_tile * o.key_tile + o.query_tile * in.d) + tables) *
+      4.0 / 1024.0;
   state.counters["NxN_matrix_KiB"] = static_cast<double>(n * n * 4) / 1024.0;
 }
 
