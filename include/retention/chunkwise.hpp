@@ -19,6 +19,160 @@ inline Index recommended_chunk(Index key_dim, Index value_dim) {
   return 64;
 }
 
+namespace detail {
+
+/// Chunkwise retention with the state in the inputs' own type: one fused product per chunk.
+/// The state lives in the bottom dk rows of W = [V_i ; S] ((C + dk) x dv) and the scaled queries in
+/// the right part of X = [A_i | diag(gamma^(j+1)) Q_i] (C x (C + dk)), so that
+/// O_i = X W = (Q_i K_i^T (.) D_L) V_i + diag(gamma^(j+1)) Q_i S_prev is one GEMM whose operands stay
+/// hot in cache from chunk to chunk. Three GEMMs per chunk in all: Q_i K_i^T, X W, K~_i^T V_i.
+template <class DQ, class DK, class DV, class DOut, class Mask, class T>
+void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                         const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk, DOut& out,
+                         Normalization normalization, Index p0, const RetentionState<T>* init,
+                         RetentionState<T>* final_state) {
+  const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
+  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
+  const bool score = normalization == Normalization::decay_and_score;
+
+  Matrix<T> X(C, C + dk);
+  Matrix<T> W(C + dk, dv);
+  Matrix<T> Kw(C, dk);
+  Vector<T> z(dk);
+  Vector<T> r(C);
+  auto S = W.bottomRows(dk);
+  bool state_nonzero = init != nullptr;
+  if (init) {
+    S = init->S;
+    z = init->z;
+  } else {
+    S.setZero();
+    z.setZero();
+  }
+
+  // Everything that depends only on offsets inside a chunk is formed once: the intra-chunk mask
+  // D_C (its top-left L x L corner is D_L), gamma^(j+1) and, for full chunks, gamma^(C-1-l).
+  const Matrix<T> D = decay.template weights<T>(0, C, 0, C);
+  const Vector<T> qf = decay.template query_factors<T>(C);
+  Vector<T> kf = decay.template key_factors<T>(C);
+  const T gC = static_cast<T>(decay.chunk_factor(C));
+
+  for (Index i0 = 0; i0 < T_len; i0 += C) {
+    const Index L = std::min(C, T_len - i0);
+    if (L != C) kf = decay.template key_factors<T>(L);
+    const T gL = L == C ? gC : static_cast<T>(decay.chunk_factor(L));
+    const auto Qi = Q.middleRows(i0, L);
+    const auto Ki = K.middleRows(i0, L);
+    auto Oi = out.middleRows(i0, L);
+    // V_i goes right above S, so that [V_i ; S] is one contiguous operand.
+    auto Wi = W.middleRows(C - L, L + dk);
+    auto Vi = W.middleRows(C - L, L);
+    Vi = V.middleRows(i0, L);
+
+    auto Ai = X.topLeftCorner(L, L);
+    Ai.noalias() = Qi * Ki.transpose();
+    Ai.array() *= D.topLeftCorner(L, L).array();
+    if (score) r.head(L) = Ai.rowwise().sum();
+    if (state_nonzero) {
+      auto Qs = X.block(0, L, L, dk);
+      Qs.noalias() = qf.head(L).asDiagonal() * Qi;
+      if (score) r.head(L).noalias() += Qs * z;
+      Oi.noalias() = X.topLeftCorner(L, L + dk) * Wi;
+    } else {
+      Oi.noalias() = Ai * Vi;
+    }
+    normalize_rows(decay, normalization, p0 + i0, Oi, r.head(L));
+
+    // S_next = gamma^L S_prev + K_i^T diag(gamma^(L-1-l)) V_i; z likewise with V = 1.
+    auto Kwi = Kw.topRows(L);
+    Kwi.noalias() = kf.head(L).asDiagonal() * Ki;
+    if (state_nonzero) {
+      S *= gL;
+      z *= gL;
+      S.noalias() += Kwi.transpose() * Vi;
+    } else {
+      S.noalias() = Kwi.transpose() * Vi;
+    }
+    z.noalias() += Kwi.colwise().sum().transpose();
+    state_nonzero = true;
+  }
+
+  if (final_state) {
+    final_state->S = S;
+    final_state->z = z;
+    final_state->position = p0 + T_len;
+  }
+}
+
+/// Chunkwise retention with a wider state than the inputs (e.g. double state, float inputs): the
+/// state products run in the state's type.
+template <class DQ, class DK, class DV, class DOut, class Mask, class Acc>
+void chunkwise_wide_state(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                          const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk, DOut& out,
+                          Normalization normalization, Index p0, const RetentionState<Acc>* init,
+                          RetentionState<Acc>* final_state) {
+  using T = typename DQ::Scalar;
+  const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
+  Matrix<Acc> S = Matrix<Acc>::Zero(dk, dv);
+  Vector<Acc> z = Vector<Acc>::Zero(dk);
+  bool state_nonzero = false;
+  if (init) {
+    S = init->S;
+    z = init->z;
+    state_nonzero = true;
+  }
+  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
+  const Matrix<T> D = decay.template weights<T>(0, C, 0, C);
+  const Vector<Acc> qf = decay.template query_factors<Acc>(C);
+  Vector<Acc> kf = decay.template key_factors<Acc>(C);
+  const Acc gC = static_cast<Acc>(decay.chunk_factor(C));
+
+  Matrix<T> A(C, C);
+  Matrix<Acc> Qa(C, dk), Ka(C, dk), Va(C, dv), inter(C, dv);
+  Vector<T> r(C);
+  for (Index i0 = 0; i0 < T_len; i0 += C) {
+    const Index L = std::min(C, T_len - i0);
+    if (L != C) kf = decay.template key_factors<Acc>(L);
+    const Acc gL = L == C ? gC : static_cast<Acc>(decay.chunk_factor(L));
+    const auto Qi = Q.middleRows(i0, L);
+    const auto Ki = K.middleRows(i0, L);
+    const auto Vi = V.middleRows(i0, L);
+    auto Oi = out.middleRows(i0, L);
+    auto Ai = A.topLeftCorner(L, L);
+    Ai.noalias() = Qi * Ki.transpose();
+    Ai.array() *= D.topLeftCorner(L, L).array();
+    Oi.noalias() = Ai * Vi;
+    r.head(L) = Ai.rowwise().sum();
+    if (state_nonzero) {
+      auto Qs = Qa.topRows(L);
+      Qs.noalias() = qf.head(L).asDiagonal() * Qi.template cast<Acc>();
+      auto In = inter.topRows(L);
+      In.noalias() = Qs * S;
+      Oi += In.template cast<T>();
+      r.head(L) += (Qs * z).template cast<T>();
+    }
+    normalize_rows(decay, normalization, p0 + i0, Oi, r.head(L));
+    auto Kwi = Ka.topRows(L);
+    Kwi.noalias() = kf.head(L).asDiagonal() * Ki.template cast<Acc>();
+    auto Vai = Va.topRows(L);
+    Vai = Vi.template cast<Acc>();
+    if (state_nonzero) {
+      S *= gL;
+      z *= gL;
+    }
+    S.noalias() += Kwi.transpose() * Vai;
+    z.noalias() += Kwi.colwise().sum().transpose();
+    state_nonzero = true;
+  }
+  if (final_state) {
+    final_state->S = std::move(S);
+    final_state->z = std::move(z);
+    final_state->position = p0 + T_len;
+  }
+}
+
+}  // namespace detail
+
 /// Chunkwise retention, writing into `out` [T, dv]. See chunkwise_retention.
 template <class DQ, class DK, class DV, class DOut, class Mask,
           class StateScalar = typename DQ::Scalar>
@@ -28,94 +182,21 @@ void chunkwise_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matri
                               const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
   detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
   using T = typename DQ::Scalar;
-  using Acc = StateScalar;
   const char* fn = "chunkwise_retention";
   detail::check_qkv(fn, Q, K, V);
   detail::check_positive(fn, "chunk", chunk);
   detail::check_shape(fn, "out", out_, Q.rows(), V.cols());
   auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
-  const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
-
-  Matrix<Acc> S = Matrix<Acc>::Zero(dk, dv);
-  Vector<Acc> z = Vector<Acc>::Zero(dk);
-  Index p0 = 0;
-  bool state_nonzero = false;
-  if (options.initial_state) {
-    detail::check_state(fn, *options.initial_state, dk, dv);
-    S = options.initial_state->S;
-    z = options.initial_state->z;
-    p0 = options.initial_state->position;
-    state_nonzero = true;
-  }
-
-  // Everything that depends only on offsets inside a chunk is formed once: the intra-chunk mask
-  // D_C (its top-left L x L corner is D_L), the query factors gamma^(j+1) and, for full chunks,
-  // the key factors gamma^(C-1-l). The last, shorter chunk forms its own key factors.
-  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
-  const Matrix<T> D = decay.template weights<T>(0, C, 0, C);
-  const Vector<T> qf = decay.template query_factors<T>(C);
-  const Vector<T> kf_full = decay.template key_factors<T>(C);
-  const Acc gC = static_cast<Acc>(decay.chunk_factor(C));
-
-  Matrix<T> A(C, C);
-  Matrix<T> inter(C, dv);
-  Matrix<T> KtV(dk, dv);
-  Matrix<T> Kw(C, dk);
-  Vector<T> Qz(C);
-  Vector<T> r(C);
-  Vector<T> kf_last;
-
-  for (Index i0 = 0; i0 < T_len; i0 += C) {
-    const Index L = std::min(C, T_len - i0);
-    const auto Qi = Q.middleRows(i0, L);
-    const auto Ki = K.middleRows(i0, L);
-    const auto Vi = V.middleRows(i0, L);
-    auto Oi = out.middleRows(i0, L);
-    auto Ai = A.topLeftCorner(L, L);
-
-    // Intra-chunk: (Q_i K_i^T (.) D_L) V_i.
-    Ai.noalias() = Qi * Ki.transpose();
-    Ai.array() *= D.topLeftCorner(L, L).array();
-    Oi.noalias() = Ai * Vi;
-    r.head(L) = Ai.rowwise().sum();
-
-    // Inter-chunk: diag(gamma^(j+1)) Q_i S_prev, and the matching score term q_j . z_prev.
-    if (state_nonzero) {
-      if (std::is_same<T, Acc>::value) {
-        inter.topRows(L).noalias() = Qi * S.template cast<T>();
-      } else {
-        inter.topRows(L) = (Qi.template cast<Acc>() * S).template cast<T>();
-      }
-      Oi.noalias() += qf.head(L).asDiagonal() * inter.topRows(L);
-      Qz.head(L).noalias() = Qi * z.template cast<T>();
-      r.head(L).array() += qf.head(L).array() * Qz.head(L).array();
-    }
-    detail::normalize_rows(decay, options.normalization, p0 + i0, Oi, r.head(L));
-
-    // State: S_next = gamma^L S_prev + K_i^T diag(gamma^(L-1-l)) V_i; z likewise with V = 1.
-    const Vector<T>* kf = &kf_full;
-    Acc gL = gC;
-    if (L != C) {
-      kf_last = decay.template key_factors<T>(L);
-      kf = &kf_last;
-      gL = static_cast<Acc>(decay.chunk_factor(L));
-    }
-    auto Kwi = Kw.topRows(L);
-    Kwi.noalias() = kf->asDiagonal() * Ki;
-    KtV.noalias() = Kwi.transpose() * Vi;
-    if (state_nonzero) {
-      S *= gL;
-      z *= gL;
-    }
-    S += KtV.template cast<Acc>();
-    z += (Kwi.transpose() * Vector<T>::Ones(L)).template cast<Acc>();
-    state_nonzero = true;
-  }
-
-  if (options.final_state) {
-    options.final_state->S = std::move(S);
-    options.final_state->z = std::move(z);
-    options.final_state->position = p0 + T_len;
+  const RetentionState<StateScalar>* init = options.initial_state;
+  if (init) detail::check_state(fn, *init, Q.cols(), V.cols());
+  const Index p0 = init ? init->position : 0;
+  // Both paths read the initial state before writing the final one, so they may alias.
+  if constexpr (std::is_same<T, StateScalar>::value) {
+    detail::chunkwise_same_type(Q, K, V, decay, chunk, out, options.normalization, p0, init,
+                                options.final_state);
+  } else {
+    detail::chunkwise_wide_state(Q, K, V, decay, chunk, out, options.normalization, p0, init,
+                                 options.final_state);
   }
 }
 

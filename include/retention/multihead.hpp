@@ -137,17 +137,29 @@ void multi_head_step(const T* q, const T* k, const T* v, T* out, Index batch, In
   const Index pairs = batch * heads;
   const int threads = detail::thread_count(thread_request);
   (void)threads;
+  std::vector<CausalDecay> decays;
+  decays.reserve(gammas.size());
+  for (double g : gammas) decays.emplace_back(g);
+  // One pass over each state per step: the step is bound by moving the states, so the work per
+  // pair must not allocate; each thread owns one set of buffers and a static, contiguous share of
+  // the (batch, head) pairs.
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel num_threads(threads)
 #endif
-  for (Index pair = 0; pair < pairs; ++pair) {
-    const Index h = pair % heads;
-    const Eigen::Map<const RowVector<T>> qv(q + pair * key_dim, key_dim);
-    const Eigen::Map<const RowVector<T>> kv(k + pair * key_dim, key_dim);
-    const Eigen::Map<const RowVector<T>> vv(v + pair * value_dim, value_dim);
-    Eigen::Map<RowVector<T>> ov(out + pair * value_dim, value_dim);
-    const CausalDecay decay(gammas[static_cast<std::size_t>(h)]);
-    ov = retention_step(qv, kv, vv, decay, states[static_cast<std::size_t>(pair)], normalization);
+  {
+    detail::RecurrentBuffers<T> buf(value_dim);
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (Index pair = 0; pair < pairs; ++pair) {
+      const Index h = pair % heads;
+      const Eigen::Map<const RowVector<T>> qv(q + pair * key_dim, key_dim);
+      const Eigen::Map<const RowVector<T>> kv(k + pair * key_dim, key_dim);
+      const Eigen::Map<const RowVector<T>> vv(v + pair * value_dim, value_dim);
+      Eigen::Map<RowVector<T>> ov(out + pair * value_dim, value_dim);
+      detail::step_into(qv, kv, vv, decays[static_cast<std::size_t>(h)], states[static_cast<std::size_t>(pair)],
+                        normalization, ov, buf);
+    }
   }
 }
 

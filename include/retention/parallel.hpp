@@ -35,15 +35,23 @@ void parallel_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   if (init) detail::check_state(fn, *init, dk, dv);
   const Index p0 = init ? init->position : 0;
 
-  // Blocks of B queries against blocks of B keys on one grid: the diagonal block always has the
-  // same mask D_B (top-left corner for the last block); an earlier key block m0 < n0 factors as
-  // gamma^(n-m) = gamma^(n-n0) * gamma^(n0-m), both <= 1, so no factor can overflow.
+  // Query blocks of B rows against all earlier keys at once: one wide GEMM for the scores and one
+  // for the output per block (large products run near the machine's GEMM rate; extra memory
+  // B x T). An earlier key m < n0 factors as gamma^(n-m) = gamma^(n-n0) * gamma^(n0-m), both <= 1,
+  // so no factor can overflow; the diagonal block always has the same mask D_B. Keys whose largest
+  // weight gamma^(n0-m) is 0 in T add exactly nothing and are skipped.
   const Index B = std::min(options.tile > 0 ? options.tile : default_parallel_tile, std::max<Index>(T_len, 1));
   const Matrix<T> D = decay.template weights<T>(0, B, 0, B);
-  Vector<T> qf(B);  // gamma^j: the query side of an off-diagonal block
-  for (Index j = 0; j < B; ++j) qf(j) = static_cast<T>(decay.factor(j));
-  Vector<T> kf(B);
-  Matrix<T> A(B, B);
+  // pw[d] = gamma^d for d = 0..T (the largest distance any factor needs), each formed as exp(d ln gamma);
+  // the key factors of block n0 are pw[n0 - m], read backwards.
+  Vector<T> pw(T_len + 1);
+  Index horizon = T_len + 1;  // first distance whose factor is 0 in T
+  for (Index d = 0; d <= T_len; ++d) {
+    pw(d) = static_cast<T>(decay.factor(d));
+    if (pw(d) == T(0) && horizon > T_len) horizon = d;
+  }
+  RowVector<T> kf(T_len);
+  Matrix<T> A(B, std::min(T_len, horizon + B));
   Vector<T> r(B);
   Matrix<T> inter;
   Vector<T> Qz;
@@ -51,41 +59,37 @@ void parallel_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
     inter.resize(B, dv);
     Qz.resize(B);
   }
+  const bool score = options.normalization == Normalization::decay_and_score;
 
   for (Index n0 = 0; n0 < T_len; n0 += B) {
     const Index Ln = std::min(B, T_len - n0);
     const auto Qn = Q.middleRows(n0, Ln);
     auto On = out.middleRows(n0, Ln);
-    On.setZero();
-    r.head(Ln).setZero();
-    for (Index m0 = 0; m0 <= n0; m0 += B) {
-      const Index Lm = std::min(B, T_len - m0);
-      auto Am = A.topLeftCorner(Ln, Lm);
-      if (m0 == n0) {
-        Am.noalias() = Qn * K.middleRows(m0, Lm).transpose();
-        Am.array() *= D.topLeftCorner(Ln, Lm).array();
-      } else {
-        // Largest weight of the block is gamma^(n0 - (m0 + Lm - 1)); if it is 0 in T, so is
-        // every weight of the block, and the block adds exactly nothing.
-        if (static_cast<T>(decay.factor(n0 - m0 - Lm + 1)) == T(0)) continue;
-        for (Index l = 0; l < Lm; ++l) kf(l) = static_cast<T>(decay.factor(n0 - m0 - l));
-        Am.noalias() = Qn * K.middleRows(m0, Lm).transpose();
-        Am = qf.head(Ln).asDiagonal() * Am * kf.head(Lm).asDiagonal();
-      }
-      r.head(Ln) += Am.rowwise().sum();
-      On.noalias() += Am * V.middleRows(m0, Lm);
+    // Keys [m_start, n0) are those with a nonzero factor gamma^(n0 - m) (distance < horizon).
+    const Index m_start = std::max<Index>(0, n0 - horizon + 1);
+    const Index M = n0 + Ln - m_start, Moff = n0 - m_start;
+    auto Am = A.topLeftCorner(Ln, M);
+    Am.noalias() = Qn * K.middleRows(m_start, M).transpose();
+    if (Moff > 0) {
+      for (Index l = 0; l < Moff; ++l) kf(l) = pw(n0 - m_start - l);
+      for (Index j = 0; j < Ln; ++j) Am.row(j).head(Moff).array() *= pw(j) * kf.head(Moff).array();
     }
+    Am.rightCols(Ln).array() *= D.topLeftCorner(Ln, Ln).array();
+    if (score) r.head(Ln) = Am.rowwise().sum();
+    On.noalias() = Am * V.middleRows(m_start, M);
     if (init) {
       // diag(gamma^(n+1)) Q S_init with n = n0 + j, and the score term gamma^(n+1) q . z_init.
-      for (Index j = 0; j < Ln; ++j) kf(j) = static_cast<T>(decay.factor(n0 + j + 1));
+      const auto gq = pw.segment(n0 + 1, Ln);
       if (std::is_same<T, Acc>::value) {
         inter.topRows(Ln).noalias() = Qn * init->S.template cast<T>();
       } else {
         inter.topRows(Ln) = (Qn.template cast<Acc>() * init->S).template cast<T>();
       }
-      On.noalias() += kf.head(Ln).asDiagonal() * inter.topRows(Ln);
-      Qz.head(Ln).noalias() = Qn * init->z.template cast<T>();
-      r.head(Ln).array() += kf.head(Ln).array() * Qz.head(Ln).array();
+      On.noalias() += gq.asDiagonal() * inter.topRows(Ln);
+      if (score) {
+        Qz.head(Ln).noalias() = Qn * init->z.template cast<T>();
+        r.head(Ln).array() += gq.array() * Qz.head(Ln).array();
+      }
     }
     detail::normalize_rows(decay, options.normalization, p0 + n0, On, r.head(Ln));
   }
@@ -100,11 +104,12 @@ void parallel_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
       z = gT * init->z;
     }
     Matrix<T> Kw(B, dk);
+    Vector<T> wf(B);
     for (Index m0 = 0; m0 < T_len; m0 += B) {
       const Index Lm = std::min(B, T_len - m0);
-      for (Index l = 0; l < Lm; ++l) kf(l) = static_cast<T>(decay.factor(T_len - 1 - m0 - l));
+      for (Index l = 0; l < Lm; ++l) wf(l) = pw(T_len - 1 - m0 - l);
       auto Kwm = Kw.topRows(Lm);
-      Kwm.noalias() = kf.head(Lm).asDiagonal() * K.middleRows(m0, Lm);
+      Kwm.noalias() = wf.head(Lm).asDiagonal() * K.middleRows(m0, Lm);
       S += (Kwm.transpose() * V.middleRows(m0, Lm)).template cast<Acc>();
       z += (Kwm.transpose() * Vector<T>::Ones(Lm)).template cast<Acc>();
     }

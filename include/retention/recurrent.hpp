@@ -9,38 +9,67 @@
 namespace retention {
 namespace detail {
 
-/// Work buffers of the recurrent form, allocated once per call.
+/// Work buffers of the recurrent form, allocated once per call (or once per thread for
+/// multi_head_step): the token's v and the output row in the state's type.
 template <class Acc>
 struct RecurrentBuffers {
   RowVector<Acc> v, o;
   explicit RecurrentBuffers(Index dv) : v(dv), o(dv) {}
 };
 
-/// One token through the state in a single pass over S: each row of S is decayed, updated with
-/// k_i v and immediately accumulated into o = q S. Returns the raw score r = q . z (z updated too).
+/// One token through the state in a single pass over S: each row i of S is decayed, updated with
+/// k_i v and immediately accumulated into o = q S while it is still in registers, so S is read and
+/// written exactly once (the step is bound by moving S, SPEC 2 recurrence S_n = gamma S_{n-1} + k_n^T v_n).
+/// Returns the raw score r = q . z (z updated too).
 template <class Acc, class DQ, class DK, class DV, class DOut>
 Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBase<DQ>& q,
                     const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
                     const Eigen::MatrixBase<DOut>& out_, RecurrentBuffers<Acc>& buf) {
   auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
   using T = typename DOut::Scalar;
+  const Index dk = S.rows(), dv = S.cols();
   buf.v = v.template cast<Acc>();
   buf.o.setZero();
-  const Index dk = S.rows();
+  Acc* __restrict o = buf.o.data();
+  const Acc* __restrict vp = buf.v.data();
+  Acc* const s0 = S.data();  // row-major: row i is s0 + i dv
   for (Index i = 0; i < dk; ++i) {
     const Acc ki = static_cast<Acc>(k(i));
     const Acc qi = static_cast<Acc>(q(i));
-    S.row(i) = g * S.row(i) + ki * buf.v;
-    buf.o += qi * S.row(i);
+    Acc* __restrict row = s0 + i * dv;
+#if defined(_OPENMP)
+#pragma omp simd
+#endif
+    for (Index j = 0; j < dv; ++j) {
+      const Acc x = g * row[j] + ki * vp[j];
+      row[j] = x;
+      o[j] += qi * x;
+    }
   }
   out = buf.o.template cast<T>();
   // z is kept in every form and normalisation so that any later call may use the score norm.
   Acc r(0);
+  Acc* __restrict zp = z.data();
   for (Index i = 0; i < dk; ++i) {
-    z(i) = g * z(i) + static_cast<Acc>(k(i));
-    r += static_cast<Acc>(q(i)) * z(i);
+    const Acc zi = g * zp[i] + static_cast<Acc>(k(i));
+    zp[i] = zi;
+    r += static_cast<Acc>(q(i)) * zi;
   }
   return r;
+}
+
+/// retention_step without checks or allocation: `out` [1, dv] receives the normalised output.
+template <class DQ, class DK, class DV, class DOut, class Mask, class Acc>
+void step_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+               const Mask& decay, RetentionState<Acc>& state, Normalization normalization,
+               const Eigen::MatrixBase<DOut>& out_, RecurrentBuffers<Acc>& buf) {
+  auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
+  const Acc r = recurrent_token(state.S, state.z, static_cast<Acc>(decay.step_factor()), q, k, v, out, buf);
+  if (normalization != Normalization::none) {
+    const Eigen::Matrix<Acc, 1, 1> rv(r);
+    normalize_rows(decay, normalization, state.position, out, rv);
+  }
+  state.position += 1;
 }
 
 }  // namespace detail
@@ -110,11 +139,7 @@ RowVector<typename DQ::Scalar> retention_step(const Eigen::MatrixBase<DQ>& q, co
   detail::check_state(fn, state, q.cols(), v.cols(), "state");
   detail::RecurrentBuffers<Acc> buf(v.cols());
   RowVector<T> out(v.cols());
-  const Acc r = detail::recurrent_token(state.S, state.z, static_cast<Acc>(decay.step_factor()), q, k, v,
-                                        out, buf);
-  Vector<Acc> rv = Vector<Acc>::Constant(1, r);
-  detail::normalize_rows(decay, normalization, state.position, out, rv);
-  state.position += 1;
+  detail::step_into(q, k, v, decay, state, normalization, out, buf);
   return out;
 }
 
