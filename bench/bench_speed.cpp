@@ -1,0 +1,543 @@
+// Speed harness (issue 6): measures the machine (Eigen fp32 GEMM rate, read+write streaming
+// bandwidth) and the kernels in the same run, so that every kernel can be reported as a fraction of
+// the machine's own limits and against the PyTorch peer (bench/compare runs both).
+//
+//   bench_speed [google-benchmark flags]         time everything (JSON via --benchmark_out=...)
+//   bench_speed --dump_dir=DIR                   write inputs and our outputs as raw float32 files
+//                                                for bench/peers/torch_retention.py to verify against
+//
+// Counters: GFLOPS (rate by the FLOP counts below), GBps (bytes moved per second), extra_MiB.
+// FLOPs per token per head: parallel T(dk+dv) [the average causal cost: 2 T/2 (dk+dv)],
+// chunkwise 2C(dk+dv) + 4 dk dv; decode moves 2 * (dk dv + dk) * sizeof(T) state bytes per head.
+#include <retention/chunkwise.hpp>
+#include <retention/multihead.hpp>
+#include <retention/parallel.hpp>
+#include <retention/recurrent.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <malloc.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+// Operators written in other headers join the comparison once those headers exist.
+#if __has_include(<retention/masa.hpp>) && !defined(RETENTION_BENCH_NO_MASA)
+#include <retention/masa.hpp>
+#define RETENTION_BENCH_HAS_MASA 1
+#endif
+#if __has_include(<retention/msr.hpp>) && !defined(RETENTION_BENCH_NO_MSR)
+#include <retention/msr.hpp>
+#define RETENTION_BENCH_HAS_MSR 1
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Heap accounting: malloc/free are interposed so that the parallel form's extra memory (its work
+// buffers, not its inputs or output) can be measured as a peak of live heap bytes.
+// ---------------------------------------------------------------------------------------------
+extern "C" void* __libc_malloc(std::size_t);
+extern "C" void* __libc_calloc(std::size_t, std::size_t);
+extern "C" void* __libc_realloc(void*, std::size_t);
+extern "C" void __libc_free(void*);
+
+namespace heap {
+std::atomic<long long> live{0};
+std::atomic<long long> peak{0};
+inline void add(long long n) {
+  const long long now = live.fetch_add(n, std::memory_order_relaxed) + n;
+  long long p = peak.load(std::memory_order_relaxed);
+  while (now > p && !peak.compare_exchange_weak(p, now, std::memory_order_relaxed)) {
+  }
+}
+}  // namespace heap
+
+extern "C" void* malloc(std::size_t n) {
+  void* p = __libc_malloc(n);
+  if (p) heap::add(static_cast<long long>(malloc_usable_size(p)));
+  return p;
+}
+extern "C" void* calloc(std::size_t a, std::size_t b) {
+  void* p = __libc_calloc(a, b);
+  if (p) heap::add(static_cast<long long>(malloc_usable_size(p)));
+  return p;
+}
+extern "C" void* realloc(void* old, std::size_t n) {
+  const long long before = old ? static_cast<long long>(malloc_usable_size(old)) : 0;
+  void* p = __libc_realloc(old, n);
+  if (p) heap::add(static_cast<long long>(malloc_usable_size(p)) - before);
+  else if (n == 0) heap::add(-before);
+  return p;
+}
+extern "C" void free(void* p) {
+  if (p) heap::add(-static_cast<long long>(malloc_usable_size(p)));
+  __libc_free(p);
+}
+
+namespace {
+
+using retention::Index;
+using Mat = retention::Matrix<float>;
+constexpr Index kHeads = 8, kDim = 128;
+
+std::vector<float> random_buffer(std::size_t n, std::uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  std::vector<float> x(n);
+  for (auto& e : x) e = dist(rng);
+  return x;
+}
+
+int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+/// Runs body(thread_index) on `threads` threads at once (OpenMP) or serially.
+template <class Body>
+void on_threads(int threads, Body body) {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+  body(omp_get_thread_num());
+#else
+  for (int t = 0; t < threads; ++t) body(t);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine: GEMM rate, run the way the kernels run their GEMMs (independent single-threaded
+// products, one per thread).
+// ---------------------------------------------------------------------------------------------
+void BM_machine_gemm(benchmark::State& state) {
+  const Index m = state.range(0), k = state.range(1), n = state.range(2);
+  const int threads = static_cast<int>(state.range(3));
+  Eigen::setNbThreads(1);
+  std::vector<Mat> A(static_cast<std::size_t>(threads)), B(A.size()), C(A.size());
+  for (std::size_t t = 0; t < A.size(); ++t) {
+    A[t] = Mat::Random(m, k);
+    B[t] = Mat::Random(k, n);
+    C[t] = Mat::Zero(m, n);
+  }
+  // Small shapes repeat so that one timed iteration is long enough to be measured.
+  const Index reps = std::max<Index>(1, (1 << 27) / std::max<Index>(1, m * k * n));
+  for (auto _ : state) {
+    on_threads(threads, [&](int t) {
+      const auto ti = static_cast<std::size_t>(t);
+      for (Index r = 0; r < reps; ++r) C[ti].noalias() += A[ti] * B[ti];
+    });
+    benchmark::ClobberMemory();
+  }
+  const double flops = 2.0 * static_cast<double>(m * k * n) * static_cast<double>(reps) * threads;
+  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// The GEMM sequence of one chunk of the chunkwise kernel at chunk C, dk = dv = 128, repeated over
+/// independent data per thread: S = Q K^T [C x dk x C], A V [C x C x dv], Q S [C x dk x dv],
+/// K^T V [dk x C x dv]. Its rate is the best a chunk-by-chunk kernel built on Eigen's GEMM can reach.
+void BM_machine_chunk_gemms(benchmark::State& state) {
+  const Index c = state.range(0), d = kDim;
+  const int threads = static_cast<int>(state.range(1));
+  Eigen::setNbThreads(1);
+  struct Work {
+    Mat q, k, v, s, a, o, kv;
+  };
+  std::vector<Work> w(static_cast<std::size_t>(threads));
+  for (auto& x : w) {
+    x.q = Mat::Random(c, d);
+    x.k = Mat::Random(c, d);
+    x.v = Mat::Random(c, d);
+    x.s = Mat::Random(d, d);
+    x.a = Mat::Zero(c, c);
+    x.o = Mat::Zero(c, d);
+    x.kv = Mat::Zero(d, d);
+  }
+  const Index reps = 64;
+  for (auto _ : state) {
+    on_threads(threads, [&](int t) {
+      Work& x = w[static_cast<std::size_t>(t)];
+      for (Index r = 0; r < reps; ++r) {
+        x.a.noalias() = x.q * x.k.transpose();
+        x.o.noalias() = x.a * x.v;
+        x.o.noalias() += x.q * x.s;
+        x.kv.noalias() = x.k.transpose() * x.v;
+      }
+    });
+    benchmark::ClobberMemory();
+  }
+  const double flops = static_cast<double>(2 * c * (2 * c * d + 2 * d * d)) * static_cast<double>(reps) * threads;
+  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// Read+write streaming pass (x = a x + b) over `bytes` in total, split over the threads.
+void BM_machine_stream(benchmark::State& state) {
+  const auto bytes = static_cast<std::size_t>(state.range(0));
+  const int threads = static_cast<int>(state.range(1));
+  const std::size_t n = bytes / sizeof(float);
+  std::vector<float> x = random_buffer(n, 7);
+  const std::size_t per = (n + static_cast<std::size_t>(threads) - 1) / static_cast<std::size_t>(threads);
+  for (auto _ : state) {
+    on_threads(threads, [&](int t) {
+      const std::size_t lo = std::min(n, per * static_cast<std::size_t>(t)), hi = std::min(n, lo + per);
+      Eigen::Map<Eigen::ArrayXf> a(x.data() + lo, static_cast<Index>(hi - lo));
+      a = a * 0.999f + 1e-3f;
+    });
+    benchmark::ClobberMemory();
+  }
+  state.counters["GBps"] = benchmark::Counter(2.0 * static_cast<double>(n * sizeof(float)) * 1e-9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels, through the multi-head entry point over [B, T, H, D] like a model calls them.
+// ---------------------------------------------------------------------------------------------
+struct Heads {
+  Index batch, time, heads, dk, dv;
+  std::vector<float> q, k, v, out;
+  std::vector<double> gammas;
+  Heads(Index b, Index t, Index h, Index dk_, Index dv_, std::uint64_t seed)
+      : batch(b), time(t), heads(h), dk(dk_), dv(dv_) {
+    const auto nk = static_cast<std::size_t>(b * t * h * dk), nv = static_cast<std::size_t>(b * t * h * dv);
+    // k scaled by dk^-1/2 as in the MSR layer, so outputs stay O(1).
+    q = random_buffer(nk, seed);
+    k = random_buffer(nk, seed + 1, 1.0f / std::sqrt(static_cast<float>(dk)));
+    v = random_buffer(nv, seed + 2);
+    out.assign(nv, 0.0f);
+    gammas = retention::retnet_gammas(h);
+  }
+  retention::MultiHeadShape shape() const { return {batch, time, heads, dk, dv}; }
+  void run(retention::Form form, Index chunk, int threads,
+           retention::Normalization norm = retention::Normalization::none) {
+    retention::MultiHeadOptions<float> opt;
+    opt.form = form;
+    opt.chunk = chunk;
+    opt.threads = threads;
+    opt.normalization = norm;
+    retention::multi_head_retention(q.data(), k.data(), v.data(), out.data(), shape(), gammas, opt);
+  }
+};
+
+void BM_chunkwise(benchmark::State& state) {
+  const Index T = state.range(0), chunk = state.range(1);
+  const int threads = static_cast<int>(state.range(2));
+  Heads x(1, T, kHeads, kDim, kDim, 11);
+  const Index C = chunk > 0 ? chunk : retention::recommended_chunk(kDim, kDim);
+  for (auto _ : state) {
+    x.run(retention::Form::chunkwise, chunk, threads);
+    benchmark::DoNotOptimize(x.out.data());
+  }
+  const double flops = static_cast<double>(T * kHeads) * static_cast<double>(2 * C * (2 * kDim) + 4 * kDim * kDim);
+  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["chunk"] = static_cast<double>(C);
+}
+
+void BM_parallel(benchmark::State& state) {
+  const Index T = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  Heads x(1, T, kHeads, kDim, kDim, 12);
+  for (auto _ : state) {
+    x.run(retention::Form::parallel, 0, threads);
+    benchmark::DoNotOptimize(x.out.data());
+  }
+  const double flops = static_cast<double>(T * kHeads) * static_cast<double>(T * 2 * kDim);
+  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_recurrent(benchmark::State& state) {
+  const Index T = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  Heads x(1, T, kHeads, kDim, kDim, 13);
+  for (auto _ : state) {
+    x.run(retention::Form::recurrent, 0, threads);
+    benchmark::DoNotOptimize(x.out.data());
+  }
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// Extra heap bytes of one parallel_retention call of one head (inputs and output excluded).
+void BM_parallel_memory(benchmark::State& state) {
+  const Index T = state.range(0);
+  const std::vector<float> q = random_buffer(static_cast<std::size_t>(T * kDim), 21);
+  const std::vector<float> k = random_buffer(static_cast<std::size_t>(T * kDim), 22, 0.1f);
+  const std::vector<float> v = random_buffer(static_cast<std::size_t>(T * kDim), 23);
+  Mat out(T, kDim);
+  const Eigen::Map<const Mat> Q(q.data(), T, kDim), K(k.data(), T, kDim), V(v.data(), T, kDim);
+  const retention::CausalDecay decay(retention::retnet_gammas(kHeads).back());
+  double extra = 0;
+  for (auto _ : state) {
+    const long long base = heap::live.load();
+    heap::peak.store(base);
+    retention::parallel_retention_into(Q, K, V, decay, out);
+    extra = static_cast<double>(heap::peak.load() - base);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["extra_MiB"] = extra / (1024.0 * 1024.0);
+}
+
+/// One decoding step of B x H heads at absolute position `position` (the states carry it; their
+/// content is a seeded random state of realistic size, the same at every position).
+void BM_decode(benchmark::State& state) {
+  const Index B = state.range(0), H = state.range(1), position = state.range(2);
+  const int threads = static_cast<int>(state.range(3));
+  const Index dk = kDim, dv = kDim;
+  const auto nk = static_cast<std::size_t>(B * H * dk), nv = static_cast<std::size_t>(B * H * dv);
+  const std::vector<float> q = random_buffer(nk, 31), k = random_buffer(nk, 32, 0.05f), v = random_buffer(nv, 33);
+  std::vector<float> out(nv);
+  const std::vector<double> gammas = retention::retnet_gammas(H);
+  std::vector<retention::RetentionState<float>> states(static_cast<std::size_t>(B * H),
+                                                       retention::RetentionState<float>(dk, dv));
+  std::mt19937_64 rng(34);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (auto& s : states) {
+    for (Index i = 0; i < s.S.size(); ++i) s.S.data()[i] = dist(rng);
+    for (Index i = 0; i < s.z.size(); ++i) s.z(i) = dist(rng);
+    s.position = position;
+  }
+  for (auto _ : state) {
+    retention::multi_head_step(q.data(), k.data(), v.data(), out.data(), B, H, dk, dv, gammas, states,
+                               retention::Normalization::decay_and_score, threads);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double bytes = 2.0 * static_cast<double>(B * H * (dk * dv + dk)) * sizeof(float);
+  state.counters["GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["state_bytes"] = bytes / 2.0;
+}
+
+#if defined(RETENTION_BENCH_HAS_MASA)
+constexpr Index kMasaHeads = 8, kMasaDim = 64;
+
+struct Grid {
+  retention::GridHeadsShape shape;
+  std::vector<float> q, k, v, out;
+  std::vector<double> gammas;
+  Grid(Index side, std::uint64_t seed) {
+    shape = retention::GridHeadsShape{1, side, side, kMasaHeads, kMasaDim, kMasaDim};
+    const auto n = static_cast<std::size_t>(side * side * kMasaHeads * kMasaDim);
+    q = random_buffer(n, seed);
+    k = random_buffer(n, seed + 1, 1.0f / std::sqrt(static_cast<float>(kMasaDim)));
+    v = random_buffer(n, seed + 2);
+    out.assign(n, 0.0f);
+    gammas = retention::rmt_gammas(kMasaHeads, 2.0, 4.0);
+  }
+};
+
+void BM_masa(benchmark::State& state) {
+  Grid g(state.range(0), 41);
+  retention::MasaOptions opt;
+  opt.threads = static_cast<int>(state.range(1));
+  for (auto _ : state) {
+    retention::multi_head_masa(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas, opt);
+    benchmark::DoNotOptimize(g.out.data());
+  }
+}
+
+void BM_masad(benchmark::State& state) {
+  Grid g(state.range(0), 41);
+  retention::MasaOptions opt;
+  opt.threads = static_cast<int>(state.range(1));
+  for (auto _ : state) {
+    retention::multi_head_masad(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas, opt);
+    benchmark::DoNotOptimize(g.out.data());
+  }
+}
+
+/// The plain dense MaSA per head with Eigen GEMMs: S = Q K^T + L as an [N, N] matrix, row softmax,
+/// S V. The yardstick the streaming masa kernel is compared with.
+void BM_masa_dense_reference(benchmark::State& state) {
+  Grid g(state.range(0), 41);
+  const int threads = static_cast<int>(state.range(1));
+  const Index side = state.range(0), N = side * side, d = kMasaDim, stride = kMasaHeads * kMasaDim;
+  Eigen::setNbThreads(1);
+  std::vector<Mat> L(static_cast<std::size_t>(kMasaHeads));
+  for (Index h = 0; h < kMasaHeads; ++h)
+    L[static_cast<std::size_t>(h)] =
+        retention::ManhattanDecay(g.gammas[static_cast<std::size_t>(h)], side, side).log_weights<float>(0, N, 0, N);
+  using CMap = Eigen::Map<const Mat, 0, Eigen::OuterStride<>>;
+  using OMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
+  std::vector<Mat> S(static_cast<std::size_t>(threads), Mat(N, N));
+  for (auto _ : state) {
+    on_threads(threads, [&](int t) {
+      Mat& s = S[static_cast<std::size_t>(t)];
+      for (Index h = t; h < kMasaHeads; h += threads) {
+        const CMap Q(g.q.data() + h * d, N, d, Eigen::OuterStride<>(stride));
+        const CMap K(g.k.data() + h * d, N, d, Eigen::OuterStride<>(stride));
+        const CMap V(g.v.data() + h * d, N, d, Eigen::OuterStride<>(stride));
+        OMap O(g.out.data() + h * d, N, d, Eigen::OuterStride<>(stride));
+        s.noalias() = Q * K.transpose();
+        s += L[static_cast<std::size_t>(h)];
+        for (Index i = 0; i < N; ++i) {
+          auto row = s.row(i).array();
+          row = (row - row.maxCoeff()).exp();
+          row /= row.sum();
+        }
+        O.noalias() = s * V;
+      }
+    });
+    benchmark::DoNotOptimize(g.out.data());
+  }
+}
+#endif
+
+#if defined(RETENTION_BENCH_HAS_MSR)
+/// A MultiScaleRetention layer with seeded random weights (scale in^-1/2, as at initialisation).
+retention::MultiScaleRetention<float> make_msr(Index d, Index value_dim, Index heads, int threads, std::uint64_t seed) {
+  retention::MsrConfig cfg;
+  cfg.embed_dim = d;
+  cfg.value_dim = value_dim;
+  cfg.heads = heads;
+  cfg.threads = threads;
+  retention::MultiScaleRetention<float> layer(cfg);
+  using P = retention::MsrProjection;
+  const P all[] = {P::q_proj, P::k_proj, P::v_proj, P::g_proj, P::out_proj};
+  for (P p : all) {
+    const Index rows = p == P::out_proj ? d : (p == P::q_proj || p == P::k_proj ? d : value_dim);
+    const Index cols = p == P::out_proj ? value_dim : d;
+    const std::vector<float> w = random_buffer(static_cast<std::size_t>(rows * cols), seed++,
+                                               1.0f / std::sqrt(static_cast<float>(cols)));
+    layer.load(p, w.data(), w.size());
+  }
+  return layer;
+}
+
+/// The MSR layer end to end (projections, rotation, retention, norm, gate, output projection).
+void BM_msr(benchmark::State& state) {
+  const Index T = state.range(0), d = state.range(1), heads = state.range(2);
+  const int threads = static_cast<int>(state.range(3));
+  Eigen::setNbThreads(threads);  // the projections are single GEMMs over all tokens
+  const retention::MultiScaleRetention<float> layer = make_msr(d, d, heads, threads, 51);
+  const std::vector<float> xs = random_buffer(static_cast<std::size_t>(T * d), 50);
+  const Eigen::Map<const Mat> x(xs.data(), T, d);
+  for (auto _ : state) {
+    Mat y = layer.forward(x, retention::Form::chunkwise, 0);
+    benchmark::DoNotOptimize(y.data());
+  }
+  Eigen::setNbThreads(1);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Verification dump: small shapes, inputs and our outputs as raw little-endian float32 files.
+// ---------------------------------------------------------------------------------------------
+void write_raw(const std::string& path, const float* data, std::size_t n) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(n * sizeof(float)));
+  if (!f) {
+    std::fprintf(stderr, "bench_speed: cannot write %s\n", path.c_str());
+    std::exit(1);
+  }
+}
+
+int dump(const std::string& dir) {
+  // Retention: B = 2, T = 300 (not a multiple of the chunk), H = 4, dk = 32, dv = 48.
+  Heads x(2, 300, 4, 32, 48, 101);
+  write_raw(dir + "/ret_q.f32", x.q.data(), x.q.size());
+  write_raw(dir + "/ret_k.f32", x.k.data(), x.k.size());
+  write_raw(dir + "/ret_v.f32", x.v.data(), x.v.size());
+  const retention::Form forms[] = {retention::Form::parallel, retention::Form::chunkwise, retention::Form::recurrent};
+  for (auto form : forms) {
+    x.run(form, 64, 2);
+    write_raw(dir + "/ret_out_" + retention::to_string(form) + ".f32", x.out.data(), x.out.size());
+  }
+  std::ofstream meta(dir + "/meta.txt");
+  meta << "ret 2 300 4 32 48 64\n";
+#if defined(RETENTION_BENCH_HAS_MASA)
+  {
+    Grid g(12, 201);
+    g.shape.height = 12;
+    g.shape.width = 12;
+    write_raw(dir + "/masa_q.f32", g.q.data(), g.q.size());
+    write_raw(dir + "/masa_k.f32", g.k.data(), g.k.size());
+    write_raw(dir + "/masa_v.f32", g.v.data(), g.v.size());
+    retention::multi_head_masa(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas);
+    write_raw(dir + "/masa_out_masa.f32", g.out.data(), g.out.size());
+    retention::multi_head_masad(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas);
+    write_raw(dir + "/masa_out_masad.f32", g.out.data(), g.out.size());
+    meta << "masa 12 " << kMasaHeads << ' ' << kMasaDim << "\n";
+  }
+#endif
+#if defined(RETENTION_BENCH_HAS_MSR)
+  {
+    const Index T = 100, d = 64, heads = 4;
+    const retention::MultiScaleRetention<float> layer = make_msr(d, d, heads, 2, 301);
+    const std::vector<float> xs = random_buffer(static_cast<std::size_t>(T * d), 300);
+    const Eigen::Map<const Mat> xm(xs.data(), T, d);
+    const Mat y = layer.forward(xm, retention::Form::chunkwise, 0);
+    write_raw(dir + "/msr_x.f32", xs.data(), xs.size());
+    write_raw(dir + "/msr_y.f32", y.data(), static_cast<std::size_t>(y.size()));
+    using P = retention::MsrProjection;
+    const std::pair<P, const char*> names[] = {{P::q_proj, "q"}, {P::k_proj, "k"}, {P::v_proj, "v"}, {P::g_proj, "g"}, {P::out_proj, "o"}};
+    for (const auto& pn : names) {
+      const Mat w = layer.weight(pn.first);
+      write_raw(dir + "/msr_w" + pn.second + ".f32", w.data(), static_cast<std::size_t>(w.size()));
+    }
+    meta << "msr " << T << ' ' << d << ' ' << d << ' ' << heads << " 32\n";
+  }
+#endif
+  return 0;
+}
+
+void register_all() {
+  const int tmax = std::max(1, std::min(2, max_threads()));
+  std::vector<int> thread_counts = {1};
+  if (tmax > 1) thread_counts.push_back(tmax);
+  for (int t : thread_counts) {
+    benchmark::RegisterBenchmark("machine/gemm", BM_machine_gemm)->Args({1024, 1024, 1024, t})->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (Index c : {32, 64, 128, 256})
+      benchmark::RegisterBenchmark("machine/chunk_gemms", BM_machine_chunk_gemms)->Args({c, t})->UseRealTime();
+    // Stream sizes: the decode state (B=8, H=16: 8 MiB + z) and the chunkwise T=8192 data (q, k, v, o: 32 MiB).
+    for (Index bytes : {Index(8) << 20, Index(32) << 20})
+      benchmark::RegisterBenchmark("machine/stream", BM_machine_stream)->Args({bytes, t})->UseRealTime();
+  }
+  for (int t : thread_counts) {
+    benchmark::RegisterBenchmark("chunkwise", BM_chunkwise)->Args({8192, 0, t})->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("parallel", BM_parallel)->Args({4096, t})->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("recurrent", BM_recurrent)->Args({1024, t})->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (Index pos : {100, 100000})
+      benchmark::RegisterBenchmark("decode", BM_decode)->Args({8, 16, pos, t})->UseRealTime();
+  }
+  for (Index c : {32, 64, 128, 256})
+    benchmark::RegisterBenchmark("chunkwise", BM_chunkwise)->Args({8192, c, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("parallel_memory", BM_parallel_memory)->Args({16384})->Iterations(1)->Unit(benchmark::kMillisecond);
+#if defined(RETENTION_BENCH_HAS_MASA)
+  for (Index side : {28, 56}) {
+    benchmark::RegisterBenchmark("masa", BM_masa)->Args({side, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("masad", BM_masad)->Args({side, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("masa_dense_reference", BM_masa_dense_reference)->Args({side, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
+#endif
+#if defined(RETENTION_BENCH_HAS_MSR)
+  benchmark::RegisterBenchmark("msr", BM_msr)->Args({8192, 1024, 8, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--dump_dir=", 0) == 0) return dump(a.substr(11));
+  }
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,400 @@
+#!/usr/bin/python3
+"""PyTorch peer of bench/bench_speed.cpp (issue 6): the same operators, batched over heads, on the CPU.
+
+    torch_retention.py verify DIR            compare with the raw float32 files bench_speed --dump_dir wrote
+    torch_retention.py bench --threads N     time every operator at the benchmark shapes, print JSON
+
+Forms follow the usual PyTorch implementations (torchscale's RetNet, RMT's released code):
+  parallel   O = ((Q K^T) * D) V with the full [T, T] decay mask per head
+  chunkwise  per chunk (Q K^T * D_C) V batched over all chunks, per-chunk K^T diag(gamma^(C-1-l)) V batched,
+             a scan over chunks for the state, then (Q * gamma^(j+1)) S_prev batched
+  recurrent  S = gamma S + k^T v (in place, batched rank-1 update), o = q S; the decode step also keeps
+             z = gamma z + k and applies the decay_and_score normalisation, like the C++ benchmark
+  masa       softmax(Q K^T + L) V with L[n, m] = (|dy| + |dx|) ln gamma, masad rows then columns.
+Masks and decay factors are built once outside the timed region (as torchscale caches them).
+Run with Debian's python3-torch (/usr/bin/python3) and OPENBLAS_NUM_THREADS = N.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+torch.set_grad_enabled(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decay helpers (SPEC 1): ln gamma in double via log1p, factors as exp(k ln gamma).
+# ------------------------------------------------------------------------------------------------
+def retnet_gammas(heads):
+    return [1.0 - 2.0 ** (-5 - h) for h in range(heads)]
+
+
+def rmt_gammas(heads, initial_value=2.0, heads_range=4.0):
+    return [1.0 - 2.0 ** (-(initial_value + heads_range * h / heads)) for h in range(heads)]
+
+
+def log_gammas(gammas):
+    return torch.tensor([math.log1p(g - 1.0) for g in gammas], dtype=torch.float64)
+
+
+def causal_mask(lg, t):
+    """D [H, T, T] = gamma^(n-m) for m <= n, else 0."""
+    idx = torch.arange(t, dtype=torch.float64)
+    diff = idx[:, None] - idx[None, :]
+    d = torch.exp(diff[None] * lg[:, None, None])
+    return d.masked_fill(diff[None] < 0, 0.0).float()
+
+
+class ChunkFactors:
+    def __init__(self, lg, c):
+        j = torch.arange(c, dtype=torch.float64)
+        self.c = c
+        self.mask = causal_mask(lg, c)[:, None]  # [H, 1, C, C]
+        self.qf = torch.exp((j[None] + 1) * lg[:, None]).float()[:, None, :, None]  # [H, 1, C, 1]
+        self.kf = torch.exp((c - 1 - j)[None] * lg[:, None]).float()[:, None, :, None]
+        self.gc = torch.exp(c * lg).float()[:, None, None]  # [H, 1, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Retention, inputs [B, H, T, D].
+# ------------------------------------------------------------------------------------------------
+def parallel(q, k, v, mask):
+    return ((q @ k.transpose(-1, -2)) * mask) @ v
+
+
+def chunkwise(q, k, v, f):
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    c = f.c
+    pad = (-t) % c  # zero rows at the end change nothing before them
+    if pad:
+        z = lambda x: torch.cat([x, x.new_zeros(b, h, pad, x.shape[-1])], dim=2)
+        q, k, v = z(q), z(k), z(v)
+    n = (t + pad) // c
+    qc, kc, vc = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))
+    inner = ((qc @ kc.transpose(-1, -2)) * f.mask) @ vc
+    kv = (kc * f.kf).transpose(-1, -2) @ vc  # [B, H, n, dk, dv]
+    states = torch.empty(b, h, n, dk, dv)
+    s = torch.zeros(b, h, dk, dv)
+    for i in range(n):
+        states[:, :, i] = s
+        s = s * f.gc + kv[:, :, i]
+    out = inner + (qc * f.qf) @ states
+    return out.reshape(b, h, n * c, dv)[:, :, :t]
+
+
+def recurrent(q, k, v, g):
+    """g [H, 1, 1]; plain loop over tokens with the state [B, H, dk, dv]."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    s = torch.zeros(b * h, dk, dv)
+    gb = g.expand(h, 1, 1).repeat(b, 1, 1)
+    out = torch.empty(b * h, t, dv)
+    q3, k3, v3 = (x.reshape(b * h, t, x.shape[-1]) for x in (q, k, v))
+    for i in range(t):
+        s.mul_(gb).baddbmm_(k3[:, i, :, None], v3[:, i, None, :])
+        out[:, i] = torch.bmm(q3[:, i, None, :], s)[:, 0]
+    return out.reshape(b, h, t, dv)
+
+
+class Decoder:
+    """Batched decode step with the decay_and_score normalisation, states [B*H, dk, dv]."""
+
+    def __init__(self, batch, heads, dk, dv, gammas, position, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.s = torch.rand(batch * heads, dk, dv, generator=gen) * 2 - 1
+        self.z = torch.rand(batch * heads, dk, generator=gen) * 2 - 1
+        g = torch.tensor(gammas, dtype=torch.float64).repeat(batch)
+        self.g3 = g.float()[:, None, None]
+        self.g2 = g.float()[:, None]
+        lg = torch.log1p(g - 1.0)
+        self.lg, self.position = lg, position
+
+    def step(self, q, k, v):  # q, k [B*H, dk], v [B*H, dv]
+        self.s.mul_(self.g3).baddbmm_(k[:, :, None], v[:, None, :])
+        o = torch.bmm(q[:, None, :], self.s)[:, 0]
+        self.z.mul_(self.g2).add_(k)
+        p = self.position
+        dsum = torch.where(self.lg == 0, torch.full_like(self.lg, p + 1.0),
+                           torch.expm1((p + 1) * self.lg) / torch.expm1(self.lg)).sqrt().float()
+        r = (q * self.z).sum(-1) / dsum
+        o = o / (dsum * torch.clamp(r.abs(), min=1.0))[:, None]
+        self.position += 1
+        return o
+
+
+# ------------------------------------------------------------------------------------------------
+# MaSA / MaSAD, inputs [B, heads, Hh, W, d].
+# ------------------------------------------------------------------------------------------------
+def manhattan_logits(lg, side):
+    y = torch.arange(side, dtype=torch.float64).repeat_interleave(side)
+    x = torch.arange(side, dtype=torch.float64).repeat(side)
+    dist = (y[:, None] - y[None]).abs() + (x[:, None] - x[None]).abs()
+    return (dist[None] * lg[:, None, None]).float()  # [heads, N, N]
+
+
+def axis_logits(lg, n):
+    i = torch.arange(n, dtype=torch.float64)
+    return ((i[:, None] - i[None]).abs()[None] * lg[:, None, None]).float()  # [heads, n, n]
+
+
+def masa(q, k, v, logits):
+    b, h, hh, w, d = q.shape
+    qf, kf, vf = (x.reshape(b, h, hh * w, x.shape[-1]) for x in (q, k, v))
+    a = torch.softmax(qf @ kf.transpose(-1, -2) + logits, dim=-1)
+    return (a @ vf).reshape(b, h, hh, w, -1)
+
+
+def masad(q, k, v, lx, ly):
+    a = torch.softmax(q @ k.transpose(-1, -2) + lx[:, None], dim=-1)  # along x, [B, h, Hh, W, W]
+    u = a @ v
+    qt, kt, ut = (x.transpose(2, 3) for x in (q, k, u))  # [B, h, W, Hh, d]
+    a = torch.softmax(qt @ kt.transpose(-1, -2) + ly[:, None], dim=-1)
+    return (a @ ut).transpose(2, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout helpers: the C++ side uses [B, T, H, D] (and [B, Hh, W, heads * d] for grids).
+# ------------------------------------------------------------------------------------------------
+def to_heads(x, b, t, h):
+    return x.reshape(b, t, h, -1).permute(0, 2, 1, 3).contiguous()
+
+
+def from_heads(x):
+    b, h, t, d = x.shape
+    return x.permute(0, 2, 1, 3).reshape(b, t, h * d)
+
+
+def load(path, shape):
+    data = bytearray(open(path, "rb").read())
+    return torch.frombuffer(data, dtype=torch.float32).reshape(shape).clone()
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm()).item()
+
+
+def verify(directory):
+    worst = 0.0
+    lines = open(os.path.join(directory, "meta.txt")).read().split("\n")
+    for line in lines:
+        f = line.split()
+        if not f:
+            continue
+        if f[0] == "ret":
+            b, t, h, dk, dv, c = map(int, f[1:])
+            q = to_heads(load(f"{directory}/ret_q.f32", (b, t, h * dk)), b, t, h)
+            k = to_heads(load(f"{directory}/ret_k.f32", (b, t, h * dk)), b, t, h)
+            v = to_heads(load(f"{directory}/ret_v.f32", (b, t, h * dv)), b, t, h)
+            lg = log_gammas(retnet_gammas(h))
+            g = torch.exp(lg).float()[:, None, None]
+            ours = {name: load(f"{directory}/ret_out_{name}.f32", (b, t, h * dv))
+                    for name in ("parallel", "chunkwise", "recurrent")}
+            peer = {"parallel": parallel(q, k, v, causal_mask(lg, t)),
+                    "chunkwise": chunkwise(q, k, v, ChunkFactors(lg, c)),
+                    "recurrent": recurrent(q, k, v, g)}
+            for name in ours:
+                e = rel_err(from_heads(peer[name]), ours[name])
+                worst = max(worst, e)
+                print(f"verify {name:10s} B={b} T={t} H={h} dk={dk} dv={dv}: rel err {e:.2e}")
+        elif f[0] == "masa":
+            side, h, d = map(int, f[1:])
+            shape = (1, side, side, h, d)
+            q, k, v = (load(f"{directory}/masa_{x}.f32", shape).permute(0, 3, 1, 2, 4).contiguous()
+                       for x in "qkv")
+            lg = log_gammas(rmt_gammas(h))
+            peer = {"masa": masa(q, k, v, manhattan_logits(lg, side)),
+                    "masad": masad(q, k, v, axis_logits(lg, side), axis_logits(lg, side))}
+            for name in peer:
+                ours = load(f"{directory}/masa_out_{name}.f32", shape).permute(0, 3, 1, 2, 4)
+                e = rel_err(peer[name], ours)
+                worst = max(worst, e)
+                print(f"verify {name:10s} grid {side}x{side} heads={h} d={d}: rel err {e:.2e}")
+        elif f[0] == "msr" and len(f) > 1:
+            worst = max(worst, verify_msr(directory, f[1:]))
+    ok = worst <= 1e-4
+    print(f"verify: worst rel err {worst:.2e} -> {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# MSR layer (SPEC 3, torchscale's MultiScaleRetention): projections, theta shift, retention with
+# decay_and_score normalisation, per-head RMSNorm, swish gate, output projection.
+# ------------------------------------------------------------------------------------------------
+class MSR:
+    def __init__(self, d, value_dim, heads, wq, wk, wv, wg, wo, eps=1e-6):
+        self.d, self.dv_total, self.h = d, value_dim, heads
+        self.dk, self.dv = d // heads, value_dim // heads
+        self.w = [wq, wk, wv, wg, wo]
+        self.eps = eps
+        self.lg = log_gammas(retnet_gammas(heads))
+        self.cache = {}
+
+    def factors(self, t, c):
+        key = (t, c)
+        if key not in self.cache:
+            dk = self.dk
+            j = torch.arange(dk // 2, dtype=torch.float64)
+            theta = 10000.0 ** (-j / max(dk // 2 - 1, 1)) if dk > 2 else torch.ones(1, dtype=torch.float64)
+            ang = torch.arange(t, dtype=torch.float64)[:, None] * theta[None]
+            sin, cos = ang.sin().float(), ang.cos().float()
+            # decay normalisation sqrt(sum_{i<=p} gamma^i) per head and position
+            p = torch.arange(t, dtype=torch.float64)
+            lg = self.lg[:, None]
+            dsum = torch.where(lg == 0, p[None] + 1.0, torch.expm1((p[None] + 1) * lg) / torch.expm1(lg))
+            self.cache[key] = (sin, cos, dsum.sqrt().float()[None, :, :, None], ChunkFactors(self.lg, c),
+                               (torch.exp(self.lg) if c == 0 else None))
+        return self.cache[key]
+
+    @staticmethod
+    def rotate(x, sin, cos):  # x [B, H, T, dk], interleaved pairs
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+    def forward(self, x, form="chunkwise", chunk=64):  # x [B, T, d]
+        b, t, _ = x.shape
+        wq, wk, wv, wg, wo = self.w
+        sin, cos, dsq, cf, _ = self.factors(t, chunk)
+        q = (x @ wq.T).view(b, t, self.h, self.dk).transpose(1, 2)
+        k = (x @ wk.T).view(b, t, self.h, self.dk).transpose(1, 2) * (self.dk ** -0.5)
+        v = (x @ wv.T).view(b, t, self.h, self.dv).transpose(1, 2)
+        g = x @ wg.T
+        q, k = self.rotate(q, sin, cos), self.rotate(k, sin, cos)
+        if form == "parallel":
+            mask = causal_mask(self.lg, t)
+            a = (q @ k.transpose(-1, -2)) * mask
+            r = a.sum(-1, keepdim=True)
+            o = a @ v
+        else:
+            o = chunkwise(q, k, v.contiguous(), cf)
+            # score row sums through z: chunkwise on V = 1
+            r = chunkwise(q, k, torch.ones(b, self.h, t, 1), cf)
+        o = o / dsq
+        r = r / dsq
+        o = o / torch.clamp(r.abs(), min=1.0)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)
+        o = o.transpose(1, 2).reshape(b, t, self.dv_total)
+        return (torch.nn.functional.silu(g) * o) @ wo.T
+
+
+def verify_msr(directory, fields):
+    t, d, vd, h, c = map(int, fields)
+    x = load(f"{directory}/msr_x.f32", (1, t, d))
+    w = [load(f"{directory}/msr_w{n}.f32", shape) for n, shape in
+         (("q", (d, d)), ("k", (d, d)), ("v", (vd, d)), ("g", (vd, d)), ("o", (d, vd)))]
+    layer = MSR(d, vd, h, *w)
+    ours = load(f"{directory}/msr_y.f32", (1, t, d))
+    e = rel_err(layer.forward(x, "chunkwise", c), ours)
+    print(f"verify msr        T={t} d={d} value_dim={vd} heads={h}: rel err {e:.2e}")
+    return e
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing: median of repetitions after a warm-up, like the C++ side.
+# ------------------------------------------------------------------------------------------------
+def median_seconds(fn, min_reps=3, max_reps=15, budget=2.0):
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(threads, which):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(1)
+    rnd = lambda *s, scale=1.0: (torch.rand(*s, generator=gen) * 2 - 1) * scale
+    res = {}
+    h, d = 8, 128
+    lg = log_gammas(retnet_gammas(h))
+
+    def want(name):
+        return not which or name in which
+
+    if want("gemm"):
+        a, b2 = rnd(1024, 1024), rnd(1024, 1024)
+        res["gemm_1024"] = {"seconds": median_seconds(lambda: a @ b2)}
+        res["gemm_1024"]["GFLOPS"] = 2 * 1024 ** 3 / res["gemm_1024"]["seconds"] * 1e-9
+    if want("chunkwise"):
+        t = 8192
+        q, k, v = rnd(1, h, t, d), rnd(1, h, t, d, scale=d ** -0.5), rnd(1, h, t, d)
+        best = None
+        for c in (64, 128, 256, 512):
+            f = ChunkFactors(lg, c)
+            s = median_seconds(lambda: chunkwise(q, k, v, f))
+            res[f"chunkwise_T8192_C{c}"] = {"seconds": s}
+            if best is None or s < best[0]:
+                best = (s, c)
+        res["chunkwise_T8192"] = {"seconds": best[0], "chunk": best[1]}
+    if want("parallel"):
+        t = 4096
+        q, k, v = rnd(1, h, t, d), rnd(1, h, t, d, scale=d ** -0.5), rnd(1, h, t, d)
+        mask = causal_mask(lg, t)
+        res["parallel_T4096"] = {"seconds": median_seconds(lambda: parallel(q, k, v, mask))}
+    if want("recurrent"):
+        t = 1024
+        q, k, v = rnd(1, h, t, d), rnd(1, h, t, d, scale=d ** -0.5), rnd(1, h, t, d)
+        g = torch.exp(lg).float()[:, None, None]
+        res["recurrent_T1024"] = {"seconds": median_seconds(lambda: recurrent(q, k, v, g))}
+    if want("decode"):
+        b, hh = 8, 16
+        for pos in (100, 100000):
+            dec = Decoder(b, hh, d, d, retnet_gammas(hh), pos)
+            q, k, v = rnd(b * hh, d), rnd(b * hh, d, scale=0.05), rnd(b * hh, d)
+            res[f"decode_B8_H16_pos{pos}"] = {"seconds": median_seconds(lambda: dec.step(q, k, v), 20, 200, 1.0)}
+    if want("masa"):
+        hm, dm = 8, 64
+        glg = log_gammas(rmt_gammas(hm))
+        for side in (28, 56):
+            q, k, v = rnd(1, hm, side, side, dm), rnd(1, hm, side, side, dm, scale=dm ** -0.5), rnd(1, hm, side, side, dm)
+            logits = manhattan_logits(glg, side)
+            ax = axis_logits(glg, side)
+            res[f"masa_{side}"] = {"seconds": median_seconds(lambda: masa(q, k, v, logits))}
+            res[f"masad_{side}"] = {"seconds": median_seconds(lambda: masad(q, k, v, ax, ax))}
+    if want("msr"):
+        t, dm, hm = 8192, 1024, 8
+        vd = int(os.environ.get("RETENTION_MSR_VALUE_DIM", str(dm)))
+        w = [rnd(o, i, scale=i ** -0.5) for o, i in ((dm, dm), (dm, dm), (vd, dm), (vd, dm), (dm, vd))]
+        layer = MSR(dm, vd, hm, *w)
+        x = rnd(1, t, dm)
+        best = None
+        for c in (64, 128, 256):
+            s = median_seconds(lambda: layer.forward(x, "chunkwise", c), 2, 5)
+            res[f"msr_T8192_C{c}"] = {"seconds": s}
+            if best is None or s < best[0]:
+                best = (s, c)
+        res["msr_T8192"] = {"seconds": best[0], "chunk": best[1], "value_dim": vd}
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify")
+    v.add_argument("dir")
+    b = sub.add_parser("bench")
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--only", nargs="*", default=[])
+    args = ap.parse_args()
+    if args.cmd == "verify":
+        return verify(args.dir)
+    out = {"torch": torch.__version__, "threads": args.threads,
+           "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "results": bench(args.threads, args.only)}
+    json.dump(out, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
