@@ -7,6 +7,7 @@
 #include <retention/retention_state.hpp>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 namespace retention {
@@ -43,12 +44,15 @@ void parallel_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   const Index B = std::min(options.tile > 0 ? options.tile : default_parallel_tile, std::max<Index>(T_len, 1));
   const Matrix<T> D = decay.template weights<T>(0, B, 0, B);
   // pw[d] = gamma^d for d = 0..T (the largest distance any factor needs), each formed as exp(d ln gamma);
-  // the key factors of block n0 are pw[n0 - m], read backwards.
+  // the key factors of block n0 are pw[n0 - m], read backwards. Keys at distance >= horizon, where
+  // the factor is below the smallest normal number of T, contribute less than 1e-38 (float) of a
+  // weight each and are skipped; denormals that still arise are flushed (see DenormalsFlushed).
+  const detail::DenormalsFlushed flush_guard;
   Vector<T> pw(T_len + 1);
-  Index horizon = T_len + 1;  // first distance whose factor is 0 in T
+  Index horizon = T_len + 1;
   for (Index d = 0; d <= T_len; ++d) {
     pw(d) = static_cast<T>(decay.factor(d));
-    if (pw(d) == T(0) && horizon > T_len) horizon = d;
+    if (pw(d) < std::numeric_limits<T>::min() && horizon > T_len) horizon = d;
   }
   RowVector<T> kf(T_len);
   Matrix<T> A(B, std::min(T_len, horizon + B));

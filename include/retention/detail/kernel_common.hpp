@@ -8,6 +8,11 @@
 #include <cmath>
 #include <type_traits>
 
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define RETENTION_HAS_MXCSR 1
+#endif
+
 namespace retention {
 namespace detail {
 
@@ -56,6 +61,32 @@ void normalize_rows(const Mask& decay, Normalization normalization, Index p0,
     out.row(j) *= static_cast<T>(scale);
   }
 }
+
+/// While alive, denormal results and operands are flushed to zero on this thread (x86 MXCSR FTZ and
+/// DAZ); the caller's mode comes back on exit. Decay weights far from the diagonal pass through the
+/// denormal range (float: gamma^d below 1.2e-38) on their way to exactly 0, and every arithmetic
+/// operation on a denormal costs a microcode assist (measured: 6.7x slower for a whole head at
+/// gamma = 0.96875, T = 4096). The flushed values are below 1.2e-38 (float) / 2.2e-308 (double)
+/// in absolute value. No effect on other architectures.
+class DenormalsFlushed {
+ public:
+  DenormalsFlushed() {
+#if defined(RETENTION_HAS_MXCSR)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+#endif
+  }
+  ~DenormalsFlushed() {
+#if defined(RETENTION_HAS_MXCSR)
+    _mm_setcsr(saved_);
+#endif
+  }
+  DenormalsFlushed(const DenormalsFlushed&) = delete;
+  DenormalsFlushed& operator=(const DenormalsFlushed&) = delete;
+
+ private:
+  unsigned saved_ = 0;
+};
 
 /// Casts an expression to the accumulator type; a no-op when the types agree.
 template <class Acc, class Derived>
