@@ -148,6 +148,23 @@ void BM_machine_gemm(benchmark::State& state) {
   state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// One GEMM over all tokens, threaded inside Eigen, as a layer runs its projections: y = x W^T with
+/// x [m, k] and W [n, k] (torch layout).
+void BM_machine_projection(benchmark::State& state) {
+  const Index m = state.range(0), k = state.range(1), n = state.range(2);
+  const int threads = static_cast<int>(state.range(3));
+  Eigen::setNbThreads(threads);
+  const Mat x = Mat::Random(m, k), w = Mat::Random(n, k);
+  Mat y(m, n);
+  for (auto _ : state) {
+    y.noalias() = x * w.transpose();
+    benchmark::DoNotOptimize(y.data());
+  }
+  Eigen::setNbThreads(1);
+  state.counters["GFLOPS"] = benchmark::Counter(2.0 * static_cast<double>(m * k * n) * 1e-9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+}
+
 /// The GEMM sequence of one chunk of the chunkwise kernel at chunk C, dk = dv = 128, repeated over
 /// independent data per thread: S = Q K^T [C x dk x C], A V [C x C x dv], Q S [C x dk x dv],
 /// K^T V [dk x C x dv]. Its rate is the best a chunk-by-chunk kernel built on Eigen's GEMM can reach.
@@ -523,6 +540,7 @@ void register_all() {
   }
 #endif
 #if defined(RETENTION_BENCH_HAS_MSR)
+  benchmark::RegisterBenchmark("machine/projection", BM_machine_projection)->Args({8192, 1024, 1024, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("msr", BM_msr)->Args({8192, 1024, 8, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
 #endif
 }

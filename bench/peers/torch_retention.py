@@ -368,6 +368,7 @@ def bench(threads, which):
         w = [rnd(o, i, scale=i ** -0.5) for o, i in ((dm, dm), (dm, dm), (vd, dm), (vd, dm), (dm, vd))]
         layer = MSR(dm, vd, hm, *w)
         x = rnd(1, t, dm)
+        res["projection_8192x1024x1024"] = {"seconds": median_seconds(lambda: x @ w[0].T, 3, 7)}
         best = None
         for c in (64, 128, 256):
             s = median_seconds(lambda: layer.forward(x, "chunkwise", c), 2, 5)
