@@ -18,10 +18,8 @@ struct RetentionState {
 
   RetentionState() = default;
   /// A zero state for heads with key dim dk and value dim dv.
-  RetentionState(Index dk, Index dv) : S(Matrix<T>::Zero(dk, dv)), z(Vector<T>::Zero(dk)), position(0) {
-    detail::check_positive("RetentionState", "dk", dk);
-    detail::check_positive("RetentionState", "dv", dv);
-  }
+  RetentionState(Index dk, Index dv)
+      : S(Matrix<T>::Zero(checked("dk", dk), checked("dv", dv))), z(Vector<T>::Zero(dk)), position(0) {}
 
   Index key_dim() const { return S.rows(); }
   Index value_dim() const { return S.cols(); }
@@ -32,6 +30,13 @@ struct RetentionState {
     S.setZero();
     z.setZero();
     position = 0;
+  }
+
+ private:
+  // Sizes are checked before anything is allocated (a negative size must not reach Eigen).
+  static Index checked(const char* name, Index value) {
+    detail::check_positive("RetentionState", name, value);
+    return value;
   }
 };
 
