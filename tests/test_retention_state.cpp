@@ -317,10 +317,9 @@ TEST(RetentionStateBasics, ConstructionResetAndChecks) {
   EXPECT_EQ(st.key_dim(), 3);
   expect_shape_error([] { RetentionState<double> s(0, 3); }, "RetentionState: dk must be >= 1, got 0");
   expect_shape_error([] { RetentionState<double> s(2, 0); }, "RetentionState: dv must be >= 1, got 0");
-  // Negative dims are not tested here: the constructor allocates S before its checks run, so
-  // RetentionState(2, -1) throws std::bad_alloc today (reported as a kernel bug; add
-  // expect_shape_error([] { RetentionState<double> s(2, -1); }, "RetentionState: dv must be >= 1, got -1")
-  // once retention_state.hpp checks before allocating).
+  // Negative sizes are rejected before anything is allocated.
+  expect_shape_error([] { RetentionState<double> s(2, -1); }, "RetentionState: dv must be >= 1, got -1");
+  expect_shape_error([] { RetentionState<float> s(-4, 2); }, "RetentionState: dk must be >= 1, got -4");
 }
 
 // A final state of any prior shape is overwritten with the right one.
