@@ -78,7 +78,7 @@ inline int thread_count(int requested) {
 
 /// Multi-head retention over [B, T, H, dk] q and k and [B, T, H, dv] v, writing [B, T, H, dv] out.
 /// Head h uses CausalDecay(gammas[h]); each (batch, head) pair runs the chosen form on strided
-/// views of the buffers. Pairs are spread over OpenMP threads (static schedule) when available;
+/// views of the buffers. Pairs are spread over OpenMP threads (dynamic schedule) when available;
 /// Eigen's own GEMM threading does not nest inside that loop.
 template <class T>
 void multi_head_retention(const T* q, const T* k, const T* v, T* out, const MultiHeadShape& shape,
@@ -99,8 +99,12 @@ void multi_head_retention(const T* q, const T* k, const T* v, T* out, const Mult
   const int threads = detail::thread_count(options.threads);
   (void)threads;
 
+  // One (batch, head) pair per task, handed out dynamically: heads differ in cost (the parallel form
+  // skips keys whose decay has underflowed, so fast-decaying heads finish early) and on a shared
+  // machine a thread that gets more CPU time takes more pairs. The pairs are few and long, so the
+  // dynamic schedule costs nothing measurable.
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
 #endif
   for (Index pair = 0; pair < pairs; ++pair) {
     const Index b = pair / H, h = pair % H;
