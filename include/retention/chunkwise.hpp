@@ -18,10 +18,11 @@ namespace retention {
 /// dk = dv = 64: 8-9 / 4.2-8.8 / 9.2 / 11 / 15; dk = dv = 128: 21 / 21 / 22 / 19-25 / 38;
 /// dk = dv = 256: 69-73 / 63-75 / 64-81 / 85-97 / 95-132; and 8 heads of 128 through
 /// multi_head_retention (bench_speed): 153 / 156 / 185 / 274 ms for C = 32 / 64 / 128 / 256.
-/// The optimum is flat between 32 and 64 from dk = dv = 128 up, where 64 runs its GEMMs at a higher
-/// fraction of the machine's rate (so it degrades less under load); smaller heads prefer 32.
+/// In four full bench/compare runs (8 heads of 128, 2 threads) C = 32 beat C = 64 every time, by
+/// 2 / 2 / 10 / 13 %; single heads of 256 show 32 and 64 level. Hence 32 up to dk + dv = 256, and
+/// 64 for wider heads, where the 4 dk dv state work per token dominates and longer GEMMs pay.
 inline Index recommended_chunk(Index key_dim, Index value_dim) {
-  return key_dim + value_dim <= 128 ? 32 : 64;
+  return key_dim + value_dim <= 256 ? 32 : 64;
 }
 
 namespace detail {
