@@ -10,15 +10,7 @@
 #include <retention/recurrent.hpp>
 #include <retention/chunkwise.hpp>
 #include <retention/multihead.hpp>
-#if __has_include(<retention/masa.hpp>)
 #include <retention/masa.hpp>
-#endif
-#if __has_include(<retention/msr.hpp>)
 #include <retention/msr.hpp>
-#endif
-#if __has_include(<retention/rmt.hpp>)
 #include <retention/rmt.hpp>
-#endif
-#if __has_include(<retention/vir.hpp>)
 #include <retention/vir.hpp>
-#endif
