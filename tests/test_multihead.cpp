@@ -290,10 +290,10 @@ TEST(MultiHeadErrors, MultiHeadRetention) {
   std::vector<RetentionState<float>> six(6, RetentionState<float>(4, 2));
   six[4] = RetentionState<float>(4, 3);
   st.initial_states = &six;
-  expect_shape_error([&] { call(Q, K, V, O, s, g, st); }, fn + "initial_state.S is [4 x 3], expected [4 x 2]");
+  expect_shape_error([&] { call(Q, K, V, O, s, g, st); }, fn + "initial_states[4].S is [4 x 3], expected [4 x 2]");
   six[4] = RetentionState<float>(4, 2);
   six[4].z.resize(3);
-  expect_shape_error([&] { call(Q, K, V, O, s, g, st); }, fn + "initial_state.z is [3 x 1], expected [4 x 1]");
+  expect_shape_error([&] { call(Q, K, V, O, s, g, st); }, fn + "initial_states[4].z is [3 x 1], expected [4 x 1]");
 }
 
 TEST(MultiHeadErrors, MultiHeadStep) {
@@ -322,10 +322,10 @@ TEST(MultiHeadErrors, MultiHeadStep) {
                      fn + "gamma must be in (0, 1], got 0");
   std::vector<RetentionState<double>> three(3, RetentionState<double>(3, 2));
   expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, g, three); },
-                     "has 3 states, expected batch * heads = 2");
+                     fn + "states has 3 states, expected batch * heads = 2");
   std::vector<RetentionState<double>> wrong(2, RetentionState<double>(2, 2));
   expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, g, wrong); },
-                     "S is [2 x 2], expected [3 x 2]");
+                     fn + "states[0].S is [2 x 2], expected [3 x 2]");
   // The states are untouched by a rejected call.
   for (const auto& x : st) EXPECT_EQ(x.position, 0);
 }

@@ -340,3 +340,17 @@ TEST(RetentionStateBasics, FinalStateIsResized) {
 }
 
 }  // namespace
+
+// retention_step accepts any 1 x n expression, including rows of column-major matrices, which
+// allow no linear access: the step must index them as (0, i).
+TEST(RetentionStateBasics, StepTakesRowsOfColumnMajorMatrices) {
+  const Eigen::MatrixXd Q = random_matrix<double>(6, 3, 91), K = random_matrix<double>(6, 3, 92);
+  const Eigen::MatrixXd V = random_matrix<double>(6, 2, 93);
+  const retention::CausalDecay decay(0.875);
+  RetentionState<double> st(3, 2);
+  Matrix<double> stepped(6, 2);
+  for (Index t = 0; t < 6; ++t) stepped.row(t) = retention::retention_step(Q.row(t), K.row(t), V.row(t), decay, st);
+  const Matrix<double> expected = retention::recurrent_retention(Q, K, V, decay);
+  EXPECT_LE(relative_error(stepped, expected), 1e-15);
+  EXPECT_EQ(st.position, 6);
+}

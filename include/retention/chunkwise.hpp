@@ -3,6 +3,7 @@
 
 #include <retention/decay.hpp>
 #include <retention/detail/kernel_common.hpp>
+#include <retention/detail/threading.hpp>
 #include <retention/retention_state.hpp>
 
 #include <algorithm>
@@ -195,6 +196,7 @@ void chunkwise_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matri
   auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
   const RetentionState<StateScalar>* init = options.initial_state;
   if (init) detail::check_state(fn, *init, Q.cols(), V.cols());
+  const detail::SerialEigenScope serial_products;  // threads belong over heads, not small chunks
   const Index p0 = init ? init->position : 0;
   // Both paths read the initial state before writing the final one, so they may alias.
   if constexpr (std::is_same<T, StateScalar>::value) {

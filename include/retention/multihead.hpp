@@ -58,11 +58,15 @@ inline void check_multihead_shape(const char* fn, const MultiHeadShape& s, std::
 }
 
 template <class T>
-void check_states(const char* fn, const std::vector<RetentionState<T>>& states, const MultiHeadShape& s) {
+void check_states(const char* fn, const std::vector<RetentionState<T>>& states, const MultiHeadShape& s,
+                  const char* name = "initial_states") {
   if (static_cast<Index>(states.size()) != s.batch * s.heads)
-    fail(fn, "initial_states has " + std::to_string(states.size()) + " states, expected batch * heads = " +
-                 std::to_string(s.batch * s.heads));
-  for (const auto& st : states) check_state(fn, st, s.key_dim, s.value_dim);
+    fail(fn, std::string(name) + " has " + std::to_string(states.size()) +
+                 " states, expected batch * heads = " + std::to_string(s.batch * s.heads));
+  for (std::size_t i = 0; i < states.size(); ++i) {
+    const std::string element = std::string(name) + "[" + std::to_string(i) + "]";
+    check_state(fn, states[i], s.key_dim, s.value_dim, element.c_str());
+  }
 }
 
 inline int thread_count(int requested) {
@@ -137,7 +141,7 @@ void multi_head_step(const T* q, const T* k, const T* v, T* out, Index batch, In
   MultiHeadShape shape{batch, 1, heads, key_dim, value_dim};
   detail::check_multihead_shape(fn, shape, gammas.size());
   for (double g : gammas) detail::check_gamma(fn, g);
-  detail::check_states(fn, states, shape);
+  detail::check_states(fn, states, shape, "states");
   const Index pairs = batch * heads;
   const int threads = detail::thread_count(thread_request);
   (void)threads;

@@ -4,6 +4,7 @@
 
 #include <retention/decay.hpp>
 #include <retention/detail/kernel_common.hpp>
+#include <retention/detail/threading.hpp>
 #include <retention/retention_state.hpp>
 
 #include <algorithm>
@@ -31,6 +32,7 @@ void parallel_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   if (options.tile < 0) detail::fail(fn, "options.tile must be >= 0, got " + std::to_string(options.tile));
   auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
+  const detail::SerialEigenScope serial_products;  // threads belong over heads, not small tiles
 
   const RetentionState<Acc>* init = options.initial_state;
   if (init) detail::check_state(fn, *init, dk, dv);

@@ -34,8 +34,8 @@ Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBa
   const Acc* __restrict vp = buf.v.data();
   Acc* const s0 = S.data();  // row-major: row i is s0 + i dv
   for (Index i = 0; i < dk; ++i) {
-    const Acc ki = static_cast<Acc>(k(i));
-    const Acc qi = static_cast<Acc>(q(i));
+    const Acc ki = static_cast<Acc>(k(0, i));
+    const Acc qi = static_cast<Acc>(q(0, i));
     Acc* __restrict row = s0 + i * dv;
 #if defined(_OPENMP)
 #pragma omp simd
@@ -51,9 +51,9 @@ Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBa
   Acc r(0);
   Acc* __restrict zp = z.data();
   for (Index i = 0; i < dk; ++i) {
-    const Acc zi = g * zp[i] + static_cast<Acc>(k(i));
+    const Acc zi = g * zp[i] + static_cast<Acc>(k(0, i));
     zp[i] = zi;
-    r += static_cast<Acc>(q(i)) * zi;
+    r += static_cast<Acc>(q(0, i)) * zi;
   }
   return r;
 }
