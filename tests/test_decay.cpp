@@ -16,14 +16,7 @@
 
 namespace {
 
-/// Names typed tests by scalar ("float", "double"); passing it also keeps clang's -Wpedantic quiet
-/// about TYPED_TEST_SUITE's empty variadic argument.
-struct ScalarName {
-  template <class T>
-  static std::string GetName(int) {
-    return sizeof(T) == sizeof(float) ? "float" : "double";
-  }
-};
+using retention_test::ScalarName;
 
 using retention::CausalDecay;
 using retention::Index;

@@ -59,4 +59,13 @@ void expect_shape_error(F&& f, const std::string& needle) {
 
 using ScalarTypes = ::testing::Types<float, double>;
 
+/// Names typed tests by scalar ("float", "double"); passing it as TYPED_TEST_SUITE's third argument
+/// also keeps clang's -Wpedantic quiet about an empty variadic macro argument.
+struct ScalarName {
+  template <class T>
+  static std::string GetName(int) {
+    return sizeof(T) == sizeof(float) ? "float" : "double";
+  }
+};
+
 }  // namespace retention_test
