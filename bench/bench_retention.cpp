@@ -39,8 +39,10 @@ Mat random_mat(Index rows, Index cols, std::uint64_t seed) {
 }
 
 void set_counters(benchmark::State& state, double tokens, double flops) {
-  state.counters["tokens"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["GFLOP"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens"] =
+      benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // RetNet head 3: gamma = 1 - 2^-8, a typical mid-range decay.
@@ -56,7 +58,8 @@ void BM_parallel(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  set_counters(state, static_cast<double>(T), static_cast<double>(T) * static_cast<double>(T) * static_cast<double>(2 * d));
+  set_counters(state, static_cast<double>(T),
+               static_cast<double>(T) * static_cast<double>(T) * static_cast<double>(2 * d));
 }
 
 void BM_recurrent(benchmark::State& state) {
@@ -68,7 +71,8 @@ void BM_recurrent(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  set_counters(state, static_cast<double>(T), static_cast<double>(T) * 4.0 * static_cast<double>(d * d));
+  set_counters(state, static_cast<double>(T),
+               static_cast<double>(T) * 4.0 * static_cast<double>(d * d));
 }
 
 // Args: T, d, C.
@@ -81,7 +85,8 @@ void BM_chunkwise(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double per_token = 2.0 * static_cast<double>(C) * static_cast<double>(2 * d) + 4.0 * static_cast<double>(d * d);
+  const double per_token =
+      2.0 * static_cast<double>(C) * static_cast<double>(2 * d) + 4.0 * static_cast<double>(d * d);
   set_counters(state, static_cast<double>(T), static_cast<double>(T) * per_token);
 }
 
@@ -106,7 +111,8 @@ void BM_multihead_chunkwise(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double per_token = 2.0 * static_cast<double>(C) * static_cast<double>(2 * d) + 4.0 * static_cast<double>(d * d);
+  const double per_token =
+      2.0 * static_cast<double>(C) * static_cast<double>(2 * d) + 4.0 * static_cast<double>(d * d);
   set_counters(state, static_cast<double>(T), static_cast<double>(T * H) * per_token);
 }
 
@@ -121,7 +127,7 @@ void BM_gemm(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   state.counters["GFLOP"] = benchmark::Counter(2.0 * static_cast<double>(M * M * d) * 1e-9,
-                                                 benchmark::Counter::kIsIterationInvariantRate);
+                                               benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void parallel_args(benchmark::internal::Benchmark* b) {
@@ -138,10 +144,17 @@ void chunkwise_args(benchmark::internal::Benchmark* b) {
       for (int64_t C : {32, 64, 128}) b->Args({T, d, C});
 }
 
-BENCHMARK(BM_gemm)->ArgNames({"M", "d"})->Args({1024, 64})->Args({1024, 128})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_gemm)
+    ->ArgNames({"M", "d"})
+    ->Args({1024, 64})
+    ->Args({1024, 128})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_parallel)->ArgNames({"T", "d"})->Apply(parallel_args)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_recurrent)->ArgNames({"T", "d"})->Apply(recurrent_args)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_chunkwise)->ArgNames({"T", "d", "C"})->Apply(chunkwise_args)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_chunkwise)
+    ->ArgNames({"T", "d", "C"})
+    ->Apply(chunkwise_args)
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_multihead_chunkwise)
     ->ArgNames({"T", "d", "C", "threads"})
     ->Args({16384, 128, 64, 1})

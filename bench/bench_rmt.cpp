@@ -1,7 +1,7 @@
 // RMT kernels per head (float, one thread): MaSA (streaming tiles) and MaSAD on square grids.
-// Reports images/s and GFLOP/s, and, measured in the same run, the MaSA / MaSAD time ratio next to the
-// FLOP ratio HW / (H + W), MaSA against a full-matrix GEMM implementation of the same softmax, and
-// MaSA's peak extra memory at 56 x 56 (resident-set high-water mark of a forked child).
+// Reports images/s and GFLOP/s, and, measured in the same run, the MaSA / MaSAD time ratio next to
+// the FLOP ratio HW / (H + W), MaSA against a full-matrix GEMM implementation of the same softmax,
+// and MaSA's peak extra memory at 56 x 56 (resident-set high-water mark of a forked child).
 #include <retention/masa.hpp>
 
 #include <benchmark/benchmark.h>
@@ -12,8 +12,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <ctime>
 #include <cstdint>
+#include <ctime>
 #include <random>
 #include <vector>
 
@@ -49,7 +49,8 @@ retention::MasaOptions serial() {
   return o;
 }
 
-// QK^T and PV: 2 N^2 (dk + dv) for MaSA; each MaSAD pass does the same over rows of W or columns of H keys.
+// QK^T and PV: 2 N^2 (dk + dv) for MaSA; each MaSAD pass does the same over rows of W or columns of
+// H keys.
 double masa_flops(Index side, Index d) {
   const double n = static_cast<double>(side * side);
   return 2.0 * n * n * 2.0 * static_cast<double>(d);
@@ -68,14 +69,16 @@ void set_counters(benchmark::State& state, double flops) {
 void BM_masa(benchmark::State& state) {
   const Inputs in(state.range(0), state.range(1));
   const retention::ManhattanDecay decay(kGamma, in.side, in.side);
-  for (auto _ : state) benchmark::DoNotOptimize(retention::masa(in.q, in.k, in.v, decay, serial()).data());
+  for (auto _ : state)
+    benchmark::DoNotOptimize(retention::masa(in.q, in.k, in.v, decay, serial()).data());
   set_counters(state, masa_flops(in.side, in.d));
 }
 
 void BM_masad(benchmark::State& state) {
   const Inputs in(state.range(0), state.range(1));
   for (auto _ : state)
-    benchmark::DoNotOptimize(retention::masad(in.q, in.k, in.v, kGamma, in.side, in.side, serial()).data());
+    benchmark::DoNotOptimize(
+        retention::masad(in.q, in.k, in.v, kGamma, in.side, in.side, serial()).data());
   set_counters(state, masad_flops(in.side, in.d));
 }
 
@@ -100,7 +103,8 @@ double time_ms(F&& f) {
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
   f();
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
-  return static_cast<double>(b.tv_sec - a.tv_sec) * 1e3 + static_cast<double>(b.tv_nsec - a.tv_nsec) * 1e-6;
+  return static_cast<double>(b.tv_sec - a.tv_sec) * 1e3 +
+         static_cast<double>(b.tv_nsec - a.tv_nsec) * 1e-6;
 }
 
 double median(std::vector<double> v) {
@@ -116,10 +120,15 @@ void BM_ratio(benchmark::State& state) {
   const Mat log_d = decay.log_weights<float>(0, in.side * in.side, 0, in.side * in.side);
   std::vector<double> t_masa, t_masad, t_full;
   for (auto _ : state) {
-    t_masa.push_back(time_ms([&] { benchmark::DoNotOptimize(retention::masa(in.q, in.k, in.v, decay, serial()).data()); }));
-    t_masad.push_back(time_ms(
-        [&] { benchmark::DoNotOptimize(retention::masad(in.q, in.k, in.v, kGamma, in.side, in.side, serial()).data()); }));
-    t_full.push_back(time_ms([&] { benchmark::DoNotOptimize(full_matrix_masa(in, log_d).data()); }));
+    t_masa.push_back(time_ms([&] {
+      benchmark::DoNotOptimize(retention::masa(in.q, in.k, in.v, decay, serial()).data());
+    }));
+    t_masad.push_back(time_ms([&] {
+      benchmark::DoNotOptimize(
+          retention::masad(in.q, in.k, in.v, kGamma, in.side, in.side, serial()).data());
+    }));
+    t_full.push_back(
+        time_ms([&] { benchmark::DoNotOptimize(full_matrix_masa(in, log_d).data()); }));
   }
   const double side = static_cast<double>(in.side);
   state.counters["masa_ms"] = median(t_masa);
@@ -154,9 +163,13 @@ void BM_masa_peak_memory(benchmark::State& state) {
   long base = 0, masa_kib = 0, masad_kib = 0, full_kib = 0;
   for (auto _ : state) {
     base = child_peak_kib([] {});
-    masa_kib = child_peak_kib([&] { benchmark::DoNotOptimize(retention::masa(in.q, in.k, in.v, decay, serial()).data()); });
-    masad_kib = child_peak_kib(
-        [&] { benchmark::DoNotOptimize(retention::masad(in.q, in.k, in.v, kGamma, in.side, in.side, serial()).data()); });
+    masa_kib = child_peak_kib([&] {
+      benchmark::DoNotOptimize(retention::masa(in.q, in.k, in.v, decay, serial()).data());
+    });
+    masad_kib = child_peak_kib([&] {
+      benchmark::DoNotOptimize(
+          retention::masad(in.q, in.k, in.v, kGamma, in.side, in.side, serial()).data());
+    });
     full_kib = child_peak_kib([&] {
       const Mat log_d = decay.log_weights<float>(0, n, 0, n);
       benchmark::DoNotOptimize(full_matrix_masa(in, log_d).data());
@@ -166,11 +179,14 @@ void BM_masa_peak_memory(benchmark::State& state) {
   state.counters["masa_extra_KiB"] = static_cast<double>(masa_kib - base);
   state.counters["masad_extra_KiB"] = static_cast<double>(masad_kib - base);
   state.counters["full_matrix_extra_KiB"] = static_cast<double>(full_kib - base);
-  // What masa allocates: the output [N, dv]; Q copied and K transposed for the micro-kernels (O(N dk) each);
-  // the per-axis ln D tables [W + 2H - 1, W + key_tile]; one [query_tile, key_tile] logit tile and [query_tile, dv].
+  // What masa allocates: the output [N, dv]; Q copied and K transposed for the micro-kernels (O(N
+  // dk) each); the per-axis ln D tables [W + 2H - 1, W + key_tile]; one [query_tile, key_tile]
+  // logit tile and [query_tile, dv].
   const double tables = static_cast<double>((in.side + 2 * in.side - 1) * (in.side + o.key_tile));
   state.counters["masa_expected_KiB"] =
-      (static_cast<double>(n * in.d + 2 * n * in.d + o.query_tile * o.key_tile + o.query_tile * in.d) + tables) *
+      (static_cast<double>(n * in.d + 2 * n * in.d + o.query_tile * o.key_tile +
+                           o.query_tile * in.d) +
+       tables) *
       4.0 / 1024.0;
   state.counters["NxN_matrix_KiB"] = static_cast<double>(n * n * 4) / 1024.0;
 }
@@ -189,7 +205,11 @@ BENCHMARK(BM_ratio)
     ->Apply([](benchmark::internal::Benchmark* b) { grid_args(b, false); })
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.5);
-BENCHMARK(BM_masa_peak_memory)->Args({56, 32})->Args({56, 64})->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_masa_peak_memory)
+    ->Args({56, 32})
+    ->Args({56, 64})
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

@@ -4,7 +4,8 @@
 //
 //   bench_speed [google-benchmark flags]         time everything (JSON via --benchmark_out=...)
 //   bench_speed --dump_dir=DIR                   write inputs and our outputs as raw float32 files
-//                                                for bench/peers/torch_retention.py to verify against
+//                                                for bench/peers/torch_retention.py to verify
+//                                                against
 //
 // Counters: GFLOPS (rate by the FLOP counts below), GBps (bytes moved per second), extra_MiB.
 // FLOPs per token per head: parallel T(dk+dv) [the average causal cost: 2 T/2 (dk+dv)],
@@ -79,8 +80,10 @@ extern "C" void* calloc(std::size_t a, std::size_t b) {
 extern "C" void* realloc(void* old, std::size_t n) {
   const long long before = old ? static_cast<long long>(malloc_usable_size(old)) : 0;
   void* p = __libc_realloc(old, n);
-  if (p) heap::add(static_cast<long long>(malloc_usable_size(p)) - before);
-  else if (n == 0) heap::add(-before);
+  if (p)
+    heap::add(static_cast<long long>(malloc_usable_size(p)) - before);
+  else if (n == 0)
+    heap::add(-before);
   return p;
 }
 extern "C" void free(void* p) {
@@ -145,7 +148,8 @@ void BM_machine_gemm(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   const double flops = 2.0 * static_cast<double>(m * k * n) * static_cast<double>(reps) * threads;
-  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 /// One GEMM over all tokens, threaded inside Eigen, as a layer runs its projections: y = x W^T with
@@ -167,7 +171,8 @@ void BM_machine_projection(benchmark::State& state) {
 
 /// The GEMM sequence of one chunk of the chunkwise kernel at chunk C, dk = dv = 128, repeated over
 /// independent data per thread: S = Q K^T [C x dk x C], A V [C x C x dv], Q S [C x dk x dv],
-/// K^T V [dk x C x dv]. Its rate is the best a chunk-by-chunk kernel built on Eigen's GEMM can reach.
+/// K^T V [dk x C x dv]. Its rate is the best a chunk-by-chunk kernel built on Eigen's GEMM can
+/// reach.
 void BM_machine_chunk_gemms(benchmark::State& state) {
   const Index c = state.range(0), d = kDim;
   const int threads = static_cast<int>(state.range(1));
@@ -198,8 +203,10 @@ void BM_machine_chunk_gemms(benchmark::State& state) {
     });
     benchmark::ClobberMemory();
   }
-  const double flops = static_cast<double>(2 * c * (2 * c * d + 2 * d * d)) * static_cast<double>(reps) * threads;
-  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const double flops =
+      static_cast<double>(2 * c * (2 * c * d + 2 * d * d)) * static_cast<double>(reps) * threads;
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 /// Read+write streaming pass (x = a x + b) over `bytes` in total, split over the threads.
@@ -208,10 +215,12 @@ void BM_machine_stream(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(1));
   const std::size_t n = bytes / sizeof(float);
   std::vector<float> x = random_buffer(n, 7);
-  const std::size_t per = (n + static_cast<std::size_t>(threads) - 1) / static_cast<std::size_t>(threads);
+  const std::size_t per =
+      (n + static_cast<std::size_t>(threads) - 1) / static_cast<std::size_t>(threads);
   for (auto _ : state) {
     on_threads(threads, [&](int t) {
-      const std::size_t lo = std::min(n, per * static_cast<std::size_t>(t)), hi = std::min(n, lo + per);
+      const std::size_t lo = std::min(n, per * static_cast<std::size_t>(t)),
+                        hi = std::min(n, lo + per);
       Eigen::Map<Eigen::ArrayXf> a(x.data() + lo, static_cast<Index>(hi - lo));
       a = a * 0.999f + 1e-3f;
     });
@@ -230,7 +239,8 @@ struct Heads {
   std::vector<double> gammas;
   Heads(Index b, Index t, Index h, Index dk_, Index dv_, std::uint64_t seed)
       : batch(b), time(t), heads(h), dk(dk_), dv(dv_) {
-    const auto nk = static_cast<std::size_t>(b * t * h * dk), nv = static_cast<std::size_t>(b * t * h * dv);
+    const auto nk = static_cast<std::size_t>(b * t * h * dk),
+               nv = static_cast<std::size_t>(b * t * h * dv);
     // k scaled by dk^-1/2 as in the MSR layer, so outputs stay O(1).
     q = random_buffer(nk, seed);
     k = random_buffer(nk, seed + 1, 1.0f / std::sqrt(static_cast<float>(dk)));
@@ -259,8 +269,10 @@ void BM_chunkwise(benchmark::State& state) {
     x.run(retention::Form::chunkwise, chunk, threads);
     benchmark::DoNotOptimize(x.out.data());
   }
-  const double flops = static_cast<double>(T * kHeads) * static_cast<double>(2 * C * (2 * kDim) + 4 * kDim * kDim);
-  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const double flops =
+      static_cast<double>(T * kHeads) * static_cast<double>(2 * C * (2 * kDim) + 4 * kDim * kDim);
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["chunk"] = static_cast<double>(C);
 }
 
@@ -273,7 +285,8 @@ void BM_parallel(benchmark::State& state) {
     benchmark::DoNotOptimize(x.out.data());
   }
   const double flops = static_cast<double>(T * kHeads) * static_cast<double>(T * 2 * kDim);
-  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void BM_recurrent(benchmark::State& state) {
@@ -315,7 +328,8 @@ void BM_decode(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(3));
   const Index dk = kDim, dv = kDim;
   const auto nk = static_cast<std::size_t>(B * H * dk), nv = static_cast<std::size_t>(B * H * dv);
-  const std::vector<float> q = random_buffer(nk, 31), k = random_buffer(nk, 32, 0.05f), v = random_buffer(nv, 33);
+  const std::vector<float> q = random_buffer(nk, 31), k = random_buffer(nk, 32, 0.05f),
+                           v = random_buffer(nv, 33);
   std::vector<float> out(nv);
   const std::vector<double> gammas = retention::retnet_gammas(H);
   std::vector<retention::RetentionState<float>> states(static_cast<std::size_t>(B * H),
@@ -328,12 +342,13 @@ void BM_decode(benchmark::State& state) {
     s.position = position;
   }
   for (auto _ : state) {
-    retention::multi_head_step(q.data(), k.data(), v.data(), out.data(), B, H, dk, dv, gammas, states,
-                               retention::Normalization::decay_and_score, threads);
+    retention::multi_head_step(q.data(), k.data(), v.data(), out.data(), B, H, dk, dv, gammas,
+                               states, retention::Normalization::decay_and_score, threads);
     benchmark::DoNotOptimize(out.data());
   }
   const double bytes = 2.0 * static_cast<double>(B * H * (dk * dv + dk)) * sizeof(float);
-  state.counters["GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GBps"] =
+      benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["state_bytes"] = bytes / 2.0;
 }
 
@@ -360,7 +375,8 @@ void BM_masa(benchmark::State& state) {
   retention::MasaOptions opt;
   opt.threads = static_cast<int>(state.range(1));
   for (auto _ : state) {
-    retention::multi_head_masa(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas, opt);
+    retention::multi_head_masa(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas,
+                               opt);
     benchmark::DoNotOptimize(g.out.data());
   }
 }
@@ -370,7 +386,8 @@ void BM_masad(benchmark::State& state) {
   retention::MasaOptions opt;
   opt.threads = static_cast<int>(state.range(1));
   for (auto _ : state) {
-    retention::multi_head_masad(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas, opt);
+    retention::multi_head_masad(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas,
+                                opt);
     benchmark::DoNotOptimize(g.out.data());
   }
 }
@@ -385,7 +402,8 @@ void BM_masa_dense_reference(benchmark::State& state) {
   std::vector<Mat> L(static_cast<std::size_t>(kMasaHeads));
   for (Index h = 0; h < kMasaHeads; ++h)
     L[static_cast<std::size_t>(h)] =
-        retention::ManhattanDecay(g.gammas[static_cast<std::size_t>(h)], side, side).log_weights<float>(0, N, 0, N);
+        retention::ManhattanDecay(g.gammas[static_cast<std::size_t>(h)], side, side)
+            .log_weights<float>(0, N, 0, N);
   using CMap = Eigen::Map<const Mat, 0, Eigen::OuterStride<>>;
   using OMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
   std::vector<Mat> S(static_cast<std::size_t>(threads), Mat(N, N));
@@ -414,7 +432,8 @@ void BM_masa_dense_reference(benchmark::State& state) {
 
 #if defined(RETENTION_BENCH_HAS_MSR)
 /// A MultiScaleRetention layer with seeded random weights (scale in^-1/2, as at initialisation).
-retention::MultiScaleRetention<float> make_msr(Index d, Index value_dim, Index heads, int threads, std::uint64_t seed) {
+retention::MultiScaleRetention<float> make_msr(Index d, Index value_dim, Index heads, int threads,
+                                               std::uint64_t seed) {
   retention::MsrConfig cfg;
   cfg.embed_dim = d;
   cfg.value_dim = value_dim;
@@ -467,7 +486,8 @@ int dump(const std::string& dir) {
   write_raw(dir + "/ret_q.f32", x.q.data(), x.q.size());
   write_raw(dir + "/ret_k.f32", x.k.data(), x.k.size());
   write_raw(dir + "/ret_v.f32", x.v.data(), x.v.size());
-  const retention::Form forms[] = {retention::Form::parallel, retention::Form::chunkwise, retention::Form::recurrent};
+  const retention::Form forms[] = {retention::Form::parallel, retention::Form::chunkwise,
+                                   retention::Form::recurrent};
   for (auto form : forms) {
     x.run(form, 64, 2);
     write_raw(dir + "/ret_out_" + retention::to_string(form) + ".f32", x.out.data(), x.out.size());
@@ -484,7 +504,8 @@ int dump(const std::string& dir) {
     write_raw(dir + "/masa_v.f32", g.v.data(), g.v.size());
     retention::multi_head_masa(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas);
     write_raw(dir + "/masa_out_masa.f32", g.out.data(), g.out.size());
-    retention::multi_head_masad(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape, g.gammas);
+    retention::multi_head_masad(g.q.data(), g.k.data(), g.v.data(), g.out.data(), g.shape,
+                                g.gammas);
     write_raw(dir + "/masa_out_masad.f32", g.out.data(), g.out.size());
     meta << "masa 12 " << kMasaHeads << ' ' << kMasaDim << "\n";
   }
@@ -499,7 +520,8 @@ int dump(const std::string& dir) {
     write_raw(dir + "/msr_x.f32", xs.data(), xs.size());
     write_raw(dir + "/msr_y.f32", y.data(), static_cast<std::size_t>(y.size()));
     using P = retention::MsrProjection;
-    const std::pair<P, const char*> names[] = {{P::q_proj, "q"}, {P::k_proj, "k"}, {P::v_proj, "v"}, {P::g_proj, "g"}, {P::out_proj, "o"}};
+    const std::pair<P, const char*> names[] = {
+        {P::q_proj, "q"}, {P::k_proj, "k"}, {P::v_proj, "v"}, {P::g_proj, "g"}, {P::out_proj, "o"}};
     for (const auto& pn : names) {
       const Mat w = layer.weight(pn.first);
       write_raw(dir + "/msr_w" + pn.second + ".f32", w.data(), static_cast<std::size_t>(w.size()));
@@ -515,33 +537,71 @@ void register_all() {
   std::vector<int> thread_counts = {1};
   if (tmax > 1) thread_counts.push_back(tmax);
   for (int t : thread_counts) {
-    benchmark::RegisterBenchmark("machine/gemm", BM_machine_gemm)->Args({1024, 1024, 1024, t})->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("machine/gemm", BM_machine_gemm)
+        ->Args({1024, 1024, 1024, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
     for (Index c : {32, 64, 128, 256})
-      benchmark::RegisterBenchmark("machine/chunk_gemms", BM_machine_chunk_gemms)->Args({c, t})->UseRealTime();
-    // Stream sizes: the decode state (B=8, H=16: 8 MiB + z) and the chunkwise T=8192 data (q, k, v, o: 32 MiB).
+      benchmark::RegisterBenchmark("machine/chunk_gemms", BM_machine_chunk_gemms)
+          ->Args({c, t})
+          ->UseRealTime();
+    // Stream sizes: the decode state (B=8, H=16: 8 MiB + z) and the chunkwise T=8192 data (q, k, v,
+    // o: 32 MiB).
     for (Index bytes : {Index(8) << 20, Index(32) << 20})
-      benchmark::RegisterBenchmark("machine/stream", BM_machine_stream)->Args({bytes, t})->UseRealTime();
+      benchmark::RegisterBenchmark("machine/stream", BM_machine_stream)
+          ->Args({bytes, t})
+          ->UseRealTime();
   }
   for (int t : thread_counts) {
-    benchmark::RegisterBenchmark("chunkwise", BM_chunkwise)->Args({8192, 0, t})->UseRealTime()->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark("parallel", BM_parallel)->Args({4096, t})->UseRealTime()->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark("recurrent", BM_recurrent)->Args({1024, t})->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("chunkwise", BM_chunkwise)
+        ->Args({8192, 0, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("parallel", BM_parallel)
+        ->Args({4096, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("recurrent", BM_recurrent)
+        ->Args({1024, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
     for (Index pos : {100, 100000})
       benchmark::RegisterBenchmark("decode", BM_decode)->Args({8, 16, pos, t})->UseRealTime();
   }
   for (Index c : {32, 64, 128, 256})
-    benchmark::RegisterBenchmark("chunkwise", BM_chunkwise)->Args({8192, c, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("parallel_memory", BM_parallel_memory)->Args({16384})->Iterations(1)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("chunkwise", BM_chunkwise)
+        ->Args({8192, c, tmax})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("parallel_memory", BM_parallel_memory)
+      ->Args({16384})
+      ->Iterations(1)
+      ->Unit(benchmark::kMillisecond);
 #if defined(RETENTION_BENCH_HAS_MASA)
   for (Index side : {28, 56}) {
-    benchmark::RegisterBenchmark("masa", BM_masa)->Args({side, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark("masad", BM_masad)->Args({side, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark("masa_dense_reference", BM_masa_dense_reference)->Args({side, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("masa", BM_masa)
+        ->Args({side, tmax})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("masad", BM_masad)
+        ->Args({side, tmax})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("masa_dense_reference", BM_masa_dense_reference)
+        ->Args({side, tmax})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   }
 #endif
 #if defined(RETENTION_BENCH_HAS_MSR)
-  benchmark::RegisterBenchmark("machine/projection", BM_machine_projection)->Args({8192, 1024, 1024, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("msr", BM_msr)->Args({8192, 1024, 8, tmax})->UseRealTime()->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("machine/projection", BM_machine_projection)
+      ->Args({8192, 1024, 1024, tmax})
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("msr", BM_msr)
+      ->Args({8192, 1024, 8, tmax})
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
 #endif
 }
 

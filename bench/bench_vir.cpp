@@ -1,9 +1,9 @@
-// ViR-S/16 encoder (SPEC 5) on one image at 224, 448, 896 and 1024 px: the parallel form (layer-major)
-// against chunk-major chunkwise with chunks of 64, 128 and 256 tokens. Counters: images/s, tokens, and
-// speed relative to the parallel form at the same size measured earlier in this run (peak memory is
-// reported by examples/03_vir_image, which measures each configuration in a fresh process).
-// Threads: one unless OMP_NUM_THREADS is set (per-core numbers; spin-waiting OpenMP threads are
-// meaningless on a shared machine).
+// ViR-S/16 encoder (SPEC 5) on one image at 224, 448, 896 and 1024 px: the parallel form
+// (layer-major) against chunk-major chunkwise with chunks of 64, 128 and 256 tokens. Counters:
+// images/s, tokens, and speed relative to the parallel form at the same size measured earlier in
+// this run (peak memory is reported by examples/03_vir_image, which measures each configuration in
+// a fresh process). Threads: one unless OMP_NUM_THREADS is set (per-core numbers; spin-waiting
+// OpenMP threads are meaningless on a shared machine).
 #include <benchmark/benchmark.h>
 
 #include <retention/vir.hpp>
@@ -36,7 +36,8 @@ const std::vector<float>& image(Index size) {
   if (img.empty()) {
     img.resize(static_cast<std::size_t>(size * size * 3));
     for (Index i = 0; i < static_cast<Index>(img.size()); ++i)
-      img[static_cast<std::size_t>(i)] = static_cast<float>(std::sin(0.001 * static_cast<double>(i)));
+      img[static_cast<std::size_t>(i)] =
+          static_cast<float>(std::sin(0.001 * static_cast<double>(i)));
   }
   return img;
 }
@@ -65,7 +66,8 @@ void BM_VirEncoder(benchmark::State& state) {
   }
   const double per_image = total / static_cast<double>(state.iterations());
   if (chunk == 0) parallel_seconds[size] = per_image;
-  state.counters["images/s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["images/s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
   state.counters["tokens"] = static_cast<double>((size / 16) * (size / 16) + 1);
   const auto p = parallel_seconds.find(size);
   if (p != parallel_seconds.end()) state.counters["speed_vs_parallel"] = p->second / per_image;

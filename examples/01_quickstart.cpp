@@ -23,7 +23,8 @@ double median_ms(F&& f, int repeats = 3) {
   for (int r = 0; r < repeats; ++r) {
     const auto a = std::chrono::steady_clock::now();
     f();
-    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count());
+    t.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count());
   }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
@@ -44,11 +45,13 @@ double relative_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 int main() {
   using retention::Form;
-  const retention::MultiHeadShape shape{/*batch*/ 1, /*time*/ 2048, /*heads*/ 8, /*key_dim*/ 64, /*value_dim*/ 64};
+  const retention::MultiHeadShape shape{/*batch*/ 1, /*time*/ 2048, /*heads*/ 8, /*key_dim*/ 64,
+                                        /*value_dim*/ 64};
   const std::vector<double> gammas = retention::retnet_gammas(shape.heads);
 
   // Random inputs in [-1, 1); k scaled by dk^-1/2 as in RetNet's MSR layer.
-  const std::size_t n = static_cast<std::size_t>(shape.batch * shape.time * shape.heads * shape.key_dim);
+  const std::size_t n =
+      static_cast<std::size_t>(shape.batch * shape.time * shape.heads * shape.key_dim);
   std::vector<float> q(n), k(n), v(n);
   std::mt19937 rng(42);
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
@@ -60,9 +63,11 @@ int main() {
 
   const Form forms[] = {Form::parallel, Form::recurrent, Form::chunkwise};
   std::vector<std::vector<float>> outs;
-  std::printf("multi-head retention, float, B=%ld T=%ld H=%ld dk=%ld dv=%ld, decay_and_score normalisation\n",
-              static_cast<long>(shape.batch), static_cast<long>(shape.time), static_cast<long>(shape.heads),
-              static_cast<long>(shape.key_dim), static_cast<long>(shape.value_dim));
+  std::printf(
+      "multi-head retention, float, B=%ld T=%ld H=%ld dk=%ld dv=%ld, decay_and_score "
+      "normalisation\n",
+      static_cast<long>(shape.batch), static_cast<long>(shape.time), static_cast<long>(shape.heads),
+      static_cast<long>(shape.key_dim), static_cast<long>(shape.value_dim));
   for (Form form : forms) {
     std::vector<float> out(n);
     retention::MultiHeadOptions<float> opt;

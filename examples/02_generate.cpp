@@ -1,9 +1,9 @@
 // A small RetNet language model from the public headers: prefill a prompt chunkwise, then decode
 // greedily one token at a time with a constant-size state.
 //
-// Model: token embedding, L layers of [x += MSR(RMSNorm(x)); x += SwiGLU(RMSNorm(x))], final RMSNorm,
-// output projection tied to the embedding. d = 512, H = 4 (dk = 128), value dim 1024 (dv = 256),
-// FFN width 1024, L = 4, vocabulary 4096, deterministic pseudo-random weights N(0, 1/fan_in).
+// Model: token embedding, L layers of [x += MSR(RMSNorm(x)); x += SwiGLU(RMSNorm(x))], final
+// RMSNorm, output projection tied to the embedding. d = 512, H = 4 (dk = 128), value dim 1024 (dv =
+// 256), FFN width 1024, L = 4, vocabulary 4096, deterministic pseudo-random weights N(0, 1/fan_in).
 //
 // It prints prefill throughput, decode throughput over the first and the last 100 tokens (the cost
 // per token does not grow with the sequence), the decoding state's size (constant), the peak
@@ -131,7 +131,8 @@ struct Model {
   };
 
   /// One token through every layer with step(): logits [1, vocab] into buf.logits.
-  void step(int token, std::vector<MultiScaleRetention<float>::State>& states, StepBuffers& buf) const {
+  void step(int token, std::vector<MultiScaleRetention<float>::State>& states,
+            StepBuffers& buf) const {
     buf.x = embed.row(token);
     for (std::size_t l = 0; l < blocks.size(); ++l) {
       const Block& b = blocks[l];
@@ -158,7 +159,9 @@ int argmax(const RowVector<float>& v) {
   return static_cast<int>(i);
 }
 
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 /// CPU seconds of the calling thread: the decode step runs on this thread alone, so this is its
 /// cost per token even when other programs compete for the cores (wall time then is not).
@@ -182,8 +185,9 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int main() {
-  std::printf("02_generate: RetNet LM d=%ld H=%ld value_dim=%ld ffn=%ld layers=%ld vocab=%ld (float32)\n",
-              long(kDim), long(kHeads), long(kValueDim), long(kFfn), long(kLayers), long(kVocab));
+  std::printf(
+      "02_generate: RetNet LM d=%ld H=%ld value_dim=%ld ffn=%ld layers=%ld vocab=%ld (float32)\n",
+      long(kDim), long(kHeads), long(kValueDim), long(kFfn), long(kLayers), long(kVocab));
   const auto t_init = Clock::now();
   const Model model(2024);
   std::printf("weights: deterministic N(0, 1/fan_in), built in %.2f s\n", seconds_since(t_init));
@@ -206,7 +210,8 @@ int main() {
 
   // Greedy decode: each step feeds the previous argmax and yields the next logits.
   Model::StepBuffers buf;
-  std::vector<double> wall(static_cast<std::size_t>(kDecode)), cpu(static_cast<std::size_t>(kDecode));
+  std::vector<double> wall(static_cast<std::size_t>(kDecode)),
+      cpu(static_cast<std::size_t>(kDecode));
   int next = argmax(prompt_logits);
   for (Index i = 0; i < kDecode; ++i) {
     tokens.push_back(next);
@@ -220,29 +225,39 @@ int main() {
   std::size_t state_bytes_end = 0;
   for (const auto& s : states) state_bytes_end += s.bytes();
   auto window = [](const std::vector<double>& v, bool at_end) {
-    return at_end ? std::vector<double>(v.end() - kWindow, v.end()) : std::vector<double>(v.begin(), v.begin() + kWindow);
+    return at_end ? std::vector<double>(v.end() - kWindow, v.end())
+                  : std::vector<double>(v.begin(), v.begin() + kWindow);
   };
   const std::vector<double> wall_first = window(wall, false), wall_last = window(wall, true);
   const std::vector<double> cpu_first = window(cpu, false), cpu_last = window(cpu, true);
   auto min_of = [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); };
   // Other programs on the machine only ever add time, so the fastest token of a window is the
   // steadiest estimate of what a token costs; mean wall-clock throughput is printed as measured.
-  std::printf("decode   %ld tokens with step (wall clock; CPU time of the decoding thread: median, fastest):\n",
-              long(kDecode));
-  std::printf("  first %ld tokens (positions %ld..%ld): %6.1f tokens/s  [CPU %.3f ms/token, fastest %.3f ms]\n",
-              long(kWindow), long(kPrompt), long(kPrompt + kWindow - 1), double(kWindow) / sum(wall_first),
-              1e3 * median(cpu_first), 1e3 * min_of(cpu_first));
-  std::printf("  last  %ld tokens (positions %ld..%ld): %6.1f tokens/s  [CPU %.3f ms/token, fastest %.3f ms]\n",
-              long(kWindow), long(kPrompt + kDecode - kWindow), long(kPrompt + kDecode - 1),
-              double(kWindow) / sum(wall_last), 1e3 * median(cpu_last), 1e3 * min_of(cpu_last));
-  std::printf("  cost per token, last / first: %.3f wall (mean), %.3f CPU (median), %.3f CPU (fastest)\n",
-              sum(wall_last) / sum(wall_first), median(cpu_last) / median(cpu_first),
-              min_of(cpu_last) / min_of(cpu_first));
-  std::printf("state: %zu bytes after prefill, %zu bytes after %ld more tokens (%ld layers x %ld heads x "
-              "(dk*dv + dk) floats)\n",
-              state_bytes, state_bytes_end, long(kDecode), long(kLayers), long(kHeads));
+  std::printf(
+      "decode   %ld tokens with step (wall clock; CPU time of the decoding thread: median, "
+      "fastest):\n",
+      long(kDecode));
+  std::printf(
+      "  first %ld tokens (positions %ld..%ld): %6.1f tokens/s  [CPU %.3f ms/token, fastest %.3f "
+      "ms]\n",
+      long(kWindow), long(kPrompt), long(kPrompt + kWindow - 1), double(kWindow) / sum(wall_first),
+      1e3 * median(cpu_first), 1e3 * min_of(cpu_first));
+  std::printf(
+      "  last  %ld tokens (positions %ld..%ld): %6.1f tokens/s  [CPU %.3f ms/token, fastest %.3f "
+      "ms]\n",
+      long(kWindow), long(kPrompt + kDecode - kWindow), long(kPrompt + kDecode - 1),
+      double(kWindow) / sum(wall_last), 1e3 * median(cpu_last), 1e3 * min_of(cpu_last));
+  std::printf(
+      "  cost per token, last / first: %.3f wall (mean), %.3f CPU (median), %.3f CPU (fastest)\n",
+      sum(wall_last) / sum(wall_first), median(cpu_last) / median(cpu_first),
+      min_of(cpu_last) / min_of(cpu_first));
+  std::printf(
+      "state: %zu bytes after prefill, %zu bytes after %ld more tokens (%ld layers x %ld heads x "
+      "(dk*dv + dk) floats)\n",
+      state_bytes, state_bytes_end, long(kDecode), long(kLayers), long(kHeads));
   std::printf("first generated tokens:");
-  for (std::size_t i = 0; i < 12; ++i) std::printf(" %d", tokens[static_cast<std::size_t>(kPrompt) + i]);
+  for (std::size_t i = 0; i < 12; ++i)
+    std::printf(" %d", tokens[static_cast<std::size_t>(kPrompt) + i]);
   std::printf("\n");
 
   // Check: the logits after the last decoded token against one parallel forward over everything.
@@ -253,9 +268,10 @@ int main() {
   const double max_diff = double((buf.logits - ref).cwiseAbs().maxCoeff());
   const double rel = max_diff / max_ref;
   const bool ok = std::isfinite(rel) && rel <= 1e-4 && buf.logits.allFinite();
-  std::printf("check: logits of the last decoded token vs parallel forward over all %zu tokens (%.2f s): "
-              "max |diff| / max |logit| = %.2e (%s, limit 1e-4)\n",
-              tokens.size(), check_s, rel, ok ? "ok" : "FAILED");
+  std::printf(
+      "check: logits of the last decoded token vs parallel forward over all %zu tokens (%.2f s): "
+      "max |diff| / max |logit| = %.2e (%s, limit 1e-4)\n",
+      tokens.size(), check_s, rel, ok ? "ok" : "FAILED");
 
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);

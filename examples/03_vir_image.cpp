@@ -1,5 +1,5 @@
-// ViR on an image: decode a PNG/JPEG/PPM with stb_image (Debian libstb-dev), resize it (bilinear) to
-// 224 x 224, run a deterministic random ViR-S/16 in every form and check that they give the same
+// ViR on an image: decode a PNG/JPEG/PPM with stb_image (Debian libstb-dev), resize it (bilinear)
+// to 224 x 224, run a deterministic random ViR-S/16 in every form and check that they give the same
 // feature; then, at 224, 448, 896 and 1024 pixels, time one image and measure peak memory for the
 // parallel form and chunk-major chunkwise side by side, each in a fresh child process.
 //
@@ -68,7 +68,9 @@ Image resize_normalize(const Image& in, Index size) {
   out.height = out.width = size;
   out.rgb.resize(static_cast<std::size_t>(size * size * 3));
   auto src = [](Index dst, Index n_out, Index n_in, Index& i0, Index& i1, float& f) {
-    float s = (static_cast<float>(dst) + 0.5f) * static_cast<float>(n_in) / static_cast<float>(n_out) - 0.5f;
+    float s =
+        (static_cast<float>(dst) + 0.5f) * static_cast<float>(n_in) / static_cast<float>(n_out) -
+        0.5f;
     s = std::max(s, 0.0f);
     i0 = std::min(static_cast<Index>(s), n_in - 1);
     i1 = std::min(i0 + 1, n_in - 1);
@@ -83,8 +85,11 @@ Image resize_normalize(const Image& in, Index size) {
       float fx;
       src(x, size, in.width, x0, x1, fx);
       for (Index c = 0; c < 3; ++c) {
-        auto at = [&](Index yy, Index xx) { return in.rgb[static_cast<std::size_t>((yy * in.width + xx) * 3 + c)]; };
-        const float v = (1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1)) + fy * ((1 - fx) * at(y1, x0) + fx * at(y1, x1));
+        auto at = [&](Index yy, Index xx) {
+          return in.rgb[static_cast<std::size_t>((yy * in.width + xx) * 3 + c)];
+        };
+        const float v = (1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1)) +
+                        fy * ((1 - fx) * at(y1, x0) + fx * at(y1, x1));
         out.rgb[static_cast<std::size_t>((y * size + x) * 3 + c)] = (v - mean[c]) / stdev[c];
       }
     }
@@ -92,7 +97,9 @@ Image resize_normalize(const Image& in, Index size) {
   return out;
 }
 
-retention::ImageView<float> view_of(const Image& im) { return {im.rgb.data(), im.height, im.width, 3}; }
+retention::ImageView<float> view_of(const Image& im) {
+  return {im.rgb.data(), im.height, im.width, 3};
+}
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -158,13 +165,16 @@ struct Measured {
   long peak_kb = -1, forward_kb = -1;
 };
 
-Measured run_child(const std::string& exe, const std::string& form, Index size, const std::string& path) {
+Measured run_child(const std::string& exe, const std::string& form, Index size,
+                   const std::string& path) {
   Measured m;
-  const std::string cmd = "'" + exe + "' --measure " + form + " " + std::to_string(size) + " '" + path + "'";
+  const std::string cmd =
+      "'" + exe + "' --measure " + form + " " + std::to_string(size) + " '" + path + "'";
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return m;
   double feature0 = 0;
-  if (std::fscanf(p, "%lf %ld %ld %lf", &m.seconds, &m.peak_kb, &m.forward_kb, &feature0) != 4) m.seconds = -1;
+  if (std::fscanf(p, "%lf %ld %ld %lf", &m.seconds, &m.peak_kb, &m.forward_kb, &feature0) != 4)
+    m.seconds = -1;
   pclose(p);
   return m;
 }
@@ -187,21 +197,25 @@ int main(int argc, char** argv) {
 
   Image raw;
   if (!load_image(path, raw)) return 1;
-  std::printf("image %s: %ld x %ld, resized to 224 x 224; %d thread(s) (OMP_NUM_THREADS)\n", path.c_str(),
-              static_cast<long>(raw.width), static_cast<long>(raw.height), thread_count());
+  std::printf("image %s: %ld x %ld, resized to 224 x 224; %d thread(s) (OMP_NUM_THREADS)\n",
+              path.c_str(), static_cast<long>(raw.width), static_cast<long>(raw.height),
+              thread_count());
   const retention::VirConfig cfg = retention::vir_s16();
   const auto tb = std::chrono::steady_clock::now();
   const retention::VirEncoder<float> model(cfg, 0);
   const double weights_mb = static_cast<double>(model.parameter_count()) * sizeof(float) / 1e6;
-  std::printf("ViR-S/16 (C %ld, %ld heads, %ld blocks): %.1f M parameters (%.0f MB float), deterministic "
-              "random weights built in %.2f s\n",
-              static_cast<long>(cfg.embed_dim), static_cast<long>(cfg.heads), static_cast<long>(cfg.depth),
-              static_cast<double>(model.parameter_count()) / 1e6, weights_mb, seconds_since(tb));
+  std::printf(
+      "ViR-S/16 (C %ld, %ld heads, %ld blocks): %.1f M parameters (%.0f MB float), deterministic "
+      "random weights built in %.2f s\n",
+      static_cast<long>(cfg.embed_dim), static_cast<long>(cfg.heads), static_cast<long>(cfg.depth),
+      static_cast<double>(model.parameter_count()) / 1e6, weights_mb, seconds_since(tb));
 
   const Image img = resize_normalize(raw, 224);
-  const std::vector<std::string> forms = {"parallel", "recurrent", "chunkwise64", "chunk-major64", "chunk-major128", "chunk-major7"};
+  const std::vector<std::string> forms = {"parallel",      "recurrent",      "chunkwise64",
+                                          "chunk-major64", "chunk-major128", "chunk-major7"};
   retention::RowVector<float> reference;
-  std::printf("\n%-16s %10s %12s   %s\n", "form (224 px)", "images/s", "ms/image", "feature vs parallel (rel.)");
+  std::printf("\n%-16s %10s %12s   %s\n", "form (224 px)", "images/s", "ms/image",
+              "feature vs parallel (rel.)");
   for (const std::string& form : forms) {
     const retention::VirOptions o = options_for(form);
     retention::RowVector<float> f = model.forward(view_of(img), o);  // warm-up, and the feature
@@ -210,26 +224,33 @@ int main(int argc, char** argv) {
     for (int r = 0; r < runs; ++r) f = model.forward(view_of(img), o);
     const double s = seconds_since(t0) / runs;
     if (reference.size() == 0) reference = f;
-    const double rel = (f.cast<double>() - reference.cast<double>()).norm() / reference.cast<double>().norm();
+    const double rel =
+        (f.cast<double>() - reference.cast<double>()).norm() / reference.cast<double>().norm();
     std::printf("%-16s %10.2f %12.1f   %.2e\n", form.c_str(), 1.0 / s, 1e3 * s, rel);
   }
-  std::printf("feature[0..3] = %.5f %.5f %.5f %.5f\n", static_cast<double>(reference(0)), static_cast<double>(reference(1)),
-              static_cast<double>(reference(2)), static_cast<double>(reference(3)));
+  std::printf("feature[0..3] = %.5f %.5f %.5f %.5f\n", static_cast<double>(reference(0)),
+              static_cast<double>(reference(1)), static_cast<double>(reference(2)),
+              static_cast<double>(reference(3)));
 
   const std::string exe = self_path(argv[0]);
-  std::printf("\nOne image per run, each run in a fresh process. peak = whole-process VmHWM (incl. the %.0f MB of\n"
-              "weights); forward = peak growth during the forward (activations, retention states, GEMM buffers).\n",
-              weights_mb);
-  std::printf("%6s %7s | %-33s | %-33s\n", "pixels", "tokens", "parallel (layer-major)", "chunk-major chunkwise, chunk 64");
-  std::printf("%6s %7s | %8s %8s %7s %8s | %8s %8s %7s %8s\n", "", "", "s", "img/s", "peak MB", "fwd MB", "s", "img/s",
-              "peak MB", "fwd MB");
+  std::printf(
+      "\nOne image per run, each run in a fresh process. peak = whole-process VmHWM (incl. the "
+      "%.0f MB of\n"
+      "weights); forward = peak growth during the forward (activations, retention states, GEMM "
+      "buffers).\n",
+      weights_mb);
+  std::printf("%6s %7s | %-33s | %-33s\n", "pixels", "tokens", "parallel (layer-major)",
+              "chunk-major chunkwise, chunk 64");
+  std::printf("%6s %7s | %8s %8s %7s %8s | %8s %8s %7s %8s\n", "", "", "s", "img/s", "peak MB",
+              "fwd MB", "s", "img/s", "peak MB", "fwd MB");
   for (const Index size : {Index(224), Index(448), Index(896), Index(1024)}) {
     const Measured a = run_child(exe, "parallel", size, path);
     const Measured b = run_child(exe, "chunk-major64", size, path);
     const Index tokens = (size / 16) * (size / 16) + 1;
     auto cell = [](const Measured& m) {
       std::printf(" %8.2f %8.2f %7.1f %8.1f |", m.seconds, m.seconds > 0 ? 1.0 / m.seconds : 0.0,
-                  static_cast<double>(m.peak_kb) / 1024.0, static_cast<double>(m.forward_kb) / 1024.0);
+                  static_cast<double>(m.peak_kb) / 1024.0,
+                  static_cast<double>(m.forward_kb) / 1024.0);
     };
     std::printf("%6ld %7ld |", static_cast<long>(size), static_cast<long>(tokens));
     cell(a);

@@ -1,6 +1,7 @@
 // Decay masks and gamma schedules (SPEC 1): schedule values, ln gamma via log1p, rejected gammas,
 // weights / log-weights / tiles of every mask against the direct formulas, the Kronecker structure
-// of the 2-D masks, the causal factorisation across a split, the chunk factors, decay sums, underflow.
+// of the 2-D masks, the causal factorisation across a split, the chunk factors, decay sums,
+// underflow.
 #include <retention/decay.hpp>
 
 #include "support/test_support.hpp"
@@ -28,17 +29,21 @@ using retention_test::expect_shape_error;
 
 /// gamma^d straight from the definition, in long double (independent of exp(k ln gamma)).
 double direct_pow(double gamma, Index d) {
-  return static_cast<double>(std::pow(static_cast<long double>(gamma), static_cast<long double>(d)));
+  return static_cast<double>(
+      std::pow(static_cast<long double>(gamma), static_cast<long double>(d)));
 }
 
 /// |a - b| <= rel * |b| (and exact equality for b == 0).
 ::testing::AssertionResult close(double a, double b, double rel) {
-  if (std::isnan(a) || std::isnan(b)) return ::testing::AssertionFailure() << "NaN: " << a << " vs " << b;
+  if (std::isnan(a) || std::isnan(b))
+    return ::testing::AssertionFailure() << "NaN: " << a << " vs " << b;
   if (std::abs(a - b) <= rel * std::abs(b)) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << a << " vs " << b << " (rel. diff " << std::abs(a - b) / std::abs(b) << ")";
+  return ::testing::AssertionFailure()
+         << a << " vs " << b << " (rel. diff " << std::abs(a - b) / std::abs(b) << ")";
 }
 
-const double kGammas[] = {0.5, 0.75, 0.96875, 1.0 - std::ldexp(1.0, -12), 1.0 - std::ldexp(1.0, -30), 1.0};
+const double kGammas[] = {
+    0.5, 0.75, 0.96875, 1.0 - std::ldexp(1.0, -12), 1.0 - std::ldexp(1.0, -30), 1.0};
 
 // ------------------------------------------------------------------------------------------------
 // Schedules
@@ -47,7 +52,8 @@ const double kGammas[] = {0.5, 0.75, 0.96875, 1.0 - std::ldexp(1.0, -12), 1.0 - 
 TEST(Schedules, RetnetIsOneMinusTwoToMinusFiveMinusH) {
   const std::vector<double> g = retention::retnet_gammas(32);
   ASSERT_EQ(g.size(), 32u);
-  for (int h = 0; h < 32; ++h) EXPECT_EQ(g[static_cast<std::size_t>(h)], 1.0 - std::pow(2.0, -5.0 - h)) << h;
+  for (int h = 0; h < 32; ++h)
+    EXPECT_EQ(g[static_cast<std::size_t>(h)], 1.0 - std::pow(2.0, -5.0 - h)) << h;
   EXPECT_EQ(retention::retnet_gammas(1).at(0), 1.0 - 1.0 / 32);
 }
 
@@ -57,8 +63,10 @@ TEST(Schedules, LinspaceIsGeometricBetweenFirstAndLast) {
     ASSERT_EQ(static_cast<Index>(g.size()), H);
     for (Index h = 0; h < H; ++h) {
       // 1 - 2^(-5 - 4h/(H-1)), SPEC 1.
-      const double expected = 1.0 - std::pow(2.0, -5.0 - 4.0 * static_cast<double>(h) / static_cast<double>(H - 1));
-      EXPECT_TRUE(close(1.0 - g[static_cast<std::size_t>(h)], 1.0 - expected, 1e-13)) << H << " " << h;
+      const double expected =
+          1.0 - std::pow(2.0, -5.0 - 4.0 * static_cast<double>(h) / static_cast<double>(H - 1));
+      EXPECT_TRUE(close(1.0 - g[static_cast<std::size_t>(h)], 1.0 - expected, 1e-13))
+          << H << " " << h;
     }
     EXPECT_TRUE(close(g.front(), 1.0 - 1.0 / 32, 1e-15));
     EXPECT_TRUE(close(g.back(), 1.0 - 1.0 / 512, 1e-15));
@@ -81,20 +89,29 @@ TEST(Schedules, RmtIsOneMinusTwoToMinusAPlusRhOverH) {
         const std::vector<double> g = retention::rmt_gammas(H, a, r);
         ASSERT_EQ(static_cast<Index>(g.size()), H);
         for (Index h = 0; h < H; ++h) {
-          const double expected = 1.0 - std::pow(2.0, -(a + r * static_cast<double>(h) / static_cast<double>(H)));
-          EXPECT_TRUE(close(g[static_cast<std::size_t>(h)], expected, 1e-15)) << a << " " << r << " " << H << " " << h;
+          const double expected =
+              1.0 - std::pow(2.0, -(a + r * static_cast<double>(h) / static_cast<double>(H)));
+          EXPECT_TRUE(close(g[static_cast<std::size_t>(h)], expected, 1e-15))
+              << a << " " << r << " " << H << " " << h;
         }
       }
 }
 
 TEST(Schedules, BadArgumentsAreRejected) {
-  expect_shape_error([] { retention::retnet_gammas(0); }, "retnet_gammas: heads must be >= 1, got 0");
-  expect_shape_error([] { retention::linspace_gammas(-2); }, "linspace_gammas: heads must be >= 1, got -2");
-  expect_shape_error([] { retention::linspace_gammas(4, 0.0, 0.5); }, "linspace_gammas: first and last must be in (0, 1)");
-  expect_shape_error([] { retention::linspace_gammas(4, 0.5, 1.0); }, "linspace_gammas: first and last must be in (0, 1)");
-  expect_shape_error([] { retention::rmt_gammas(0, 2.0, 4.0); }, "rmt_gammas: heads must be >= 1, got 0");
-  expect_shape_error([] { retention::rmt_gammas(4, 0.0, 4.0); }, "rmt_gammas: initial_value must be > 0");
-  expect_shape_error([] { retention::rmt_gammas(4, 2.0, -1.0); }, "rmt_gammas: initial_value must be > 0 and heads_range >= 0");
+  expect_shape_error([] { retention::retnet_gammas(0); },
+                     "retnet_gammas: heads must be >= 1, got 0");
+  expect_shape_error([] { retention::linspace_gammas(-2); },
+                     "linspace_gammas: heads must be >= 1, got -2");
+  expect_shape_error([] { retention::linspace_gammas(4, 0.0, 0.5); },
+                     "linspace_gammas: first and last must be in (0, 1)");
+  expect_shape_error([] { retention::linspace_gammas(4, 0.5, 1.0); },
+                     "linspace_gammas: first and last must be in (0, 1)");
+  expect_shape_error([] { retention::rmt_gammas(0, 2.0, 4.0); },
+                     "rmt_gammas: heads must be >= 1, got 0");
+  expect_shape_error([] { retention::rmt_gammas(4, 0.0, 4.0); },
+                     "rmt_gammas: initial_value must be > 0");
+  expect_shape_error([] { retention::rmt_gammas(4, 2.0, -1.0); },
+                     "rmt_gammas: initial_value must be > 0 and heads_range >= 0");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -137,10 +154,14 @@ TEST(LogGamma, GammaOutsideUnitIntervalIsRejected) {
 }
 
 TEST(LogGamma, BadGridIsRejected) {
-  expect_shape_error([] { (void)ManhattanDecay(0.9, 0, 3); }, "ManhattanDecay: height must be >= 1, got 0");
-  expect_shape_error([] { (void)ManhattanDecay(0.9, 3, -1); }, "ManhattanDecay: width must be >= 1, got -1");
-  expect_shape_error([] { (void)QuadrantCausalDecay(0.9, 0, 3); }, "QuadrantCausalDecay: height must be >= 1, got 0");
-  expect_shape_error([] { (void)QuadrantCausalDecay(0.9, 2, 0); }, "QuadrantCausalDecay: width must be >= 1, got 0");
+  expect_shape_error([] { (void)ManhattanDecay(0.9, 0, 3); },
+                     "ManhattanDecay: height must be >= 1, got 0");
+  expect_shape_error([] { (void)ManhattanDecay(0.9, 3, -1); },
+                     "ManhattanDecay: width must be >= 1, got -1");
+  expect_shape_error([] { (void)QuadrantCausalDecay(0.9, 0, 3); },
+                     "QuadrantCausalDecay: height must be >= 1, got 0");
+  expect_shape_error([] { (void)QuadrantCausalDecay(0.9, 2, 0); },
+                     "QuadrantCausalDecay: width must be >= 1, got 0");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -150,7 +171,8 @@ TEST(LogGamma, BadGridIsRejected) {
 /// Checks weight, log_weight and both tile kinds of `mask` over [n0, n0+r) x [m0, m0+c) against
 /// `distance(n, m)` (negative = masked).
 template <class T, class Mask, class Dist>
-void check_mask(const Mask& mask, double gamma, Dist&& distance, Index n0, Index r, Index m0, Index c) {
+void check_mask(const Mask& mask, double gamma, Dist&& distance, Index n0, Index r, Index m0,
+                Index c) {
   const double tol = sizeof(T) == sizeof(double) ? 1e-13 : 1e-6;
   const Matrix<T> W = mask.template weights<T>(n0, r, m0, c);
   const Matrix<T> L = mask.template log_weights<T>(n0, r, m0, c);
@@ -173,8 +195,10 @@ void check_mask(const Mask& mask, double gamma, Dist&& distance, Index n0, Index
       const double w = direct_pow(gamma, d);
       EXPECT_TRUE(close(mask.weight(n, m), w, 1e-13)) << n << "," << m;
       EXPECT_TRUE(close(static_cast<double>(W(i, j)), w, tol)) << n << "," << m;
-      EXPECT_TRUE(close(mask.log_weight(n, m), static_cast<double>(d) * lg, 1e-15)) << n << "," << m;
-      EXPECT_TRUE(close(static_cast<double>(L(i, j)), static_cast<double>(d) * lg, tol)) << n << "," << m;
+      EXPECT_TRUE(close(mask.log_weight(n, m), static_cast<double>(d) * lg, 1e-15))
+          << n << "," << m;
+      EXPECT_TRUE(close(static_cast<double>(L(i, j)), static_cast<double>(d) * lg, tol))
+          << n << "," << m;
     }
 }
 
@@ -188,13 +212,17 @@ TYPED_TEST(MaskTiles, EveryMaskMatchesItsDefinition) {
     Index n0, r, m0, c;
   };
   // Diagonal, above and below the diagonal, non-square, single entries.
-  const Tile tiles[] = {{0, 5, 0, 5}, {3, 4, 7, 6}, {9, 3, 0, 8}, {0, 1, 0, 1}, {5, 1, 2, 9}, {1, 7, 4, 1}};
+  const Tile tiles[] = {{0, 5, 0, 5}, {3, 4, 7, 6}, {9, 3, 0, 8},
+                        {0, 1, 0, 1}, {5, 1, 2, 9}, {1, 7, 4, 1}};
   for (double gamma : kGammas) {
     const CausalDecay causal(gamma);
     const SymmetricDecay sym(gamma);
     for (const Tile& t : tiles) {
-      check_mask<T>(causal, gamma, [](Index n, Index m) { return m <= n ? n - m : Index(-1); }, t.n0, t.r, t.m0, t.c);
-      check_mask<T>(sym, gamma, [](Index n, Index m) { return std::abs(n - m); }, t.n0, t.r, t.m0, t.c);
+      check_mask<T>(
+          causal, gamma, [](Index n, Index m) { return m <= n ? n - m : Index(-1); }, t.n0, t.r,
+          t.m0, t.c);
+      check_mask<T>(
+          sym, gamma, [](Index n, Index m) { return std::abs(n - m); }, t.n0, t.r, t.m0, t.c);
     }
     for (Index H : {1, 3, 4})
       for (Index W : {1, 2, 5}) {
@@ -204,7 +232,9 @@ TYPED_TEST(MaskTiles, EveryMaskMatchesItsDefinition) {
         EXPECT_EQ(man.size(), N);
         EXPECT_EQ(man.height(), H);
         EXPECT_EQ(man.width(), W);
-        auto manhattan = [W](Index n, Index m) { return std::abs(n / W - m / W) + std::abs(n % W - m % W); };
+        auto manhattan = [W](Index n, Index m) {
+          return std::abs(n / W - m / W) + std::abs(n % W - m % W);
+        };
         auto quadrant = [W](Index n, Index m) {
           const Index dy = n / W - m / W, dx = n % W - m % W;
           return dy < 0 || dx < 0 ? Index(-1) : dy + dx;
@@ -247,14 +277,16 @@ TEST(MaskIdentities, TwoDimensionalMasksAreKroneckerProducts) {
   EXPECT_EQ(m.column_axis().gamma(), 0.8);
 }
 
-// gamma^(n-m) = gamma^(n-s) * gamma^(s-m) for m < s <= n: what the recurrent and chunkwise forms use.
+// gamma^(n-m) = gamma^(n-s) * gamma^(s-m) for m < s <= n: what the recurrent and chunkwise forms
+// use.
 TEST(MaskIdentities, CausalMaskFactorisesAcrossASplit) {
   for (double gamma : kGammas) {
     const CausalDecay d(gamma);
     for (Index m : {0, 3, 10})
       for (Index s : {m + 1, m + 5, m + 40})
         for (Index n : {s, s + 1, s + 17, s + 300}) {
-          EXPECT_TRUE(close(d.weight(n, m), d.weight(n, s) * d.weight(s, m), 1e-13)) << gamma << " " << m << " " << s << " " << n;
+          EXPECT_TRUE(close(d.weight(n, m), d.weight(n, s) * d.weight(s, m), 1e-13))
+              << gamma << " " << m << " " << s << " " << n;
           EXPECT_TRUE(close(d.factor(n - m), d.factor(n - s) * d.factor(s - m), 1e-13));
         }
   }
@@ -279,11 +311,13 @@ TYPED_TEST(CausalFactors, StepChunkQueryAndKeyFactors) {
       ASSERT_EQ(q.size(), L);
       ASSERT_EQ(k.size(), L);
       for (Index j = 0; j < L; ++j) {
-        EXPECT_TRUE(close(static_cast<double>(q(j)), direct_pow(gamma, j + 1), tol)) << L << " " << j;
-        EXPECT_TRUE(close(static_cast<double>(k(j)), direct_pow(gamma, L - 1 - j), tol)) << L << " " << j;
+        EXPECT_TRUE(close(static_cast<double>(q(j)), direct_pow(gamma, j + 1), tol))
+            << L << " " << j;
+        EXPECT_TRUE(close(static_cast<double>(k(j)), direct_pow(gamma, L - 1 - j), tol))
+            << L << " " << j;
       }
-      // Chunk identity: the query factor of the last row is the chunk factor; the first key's factor
-      // times gamma is too.
+      // Chunk identity: the query factor of the last row is the chunk factor; the first key's
+      // factor times gamma is too.
       EXPECT_TRUE(close(static_cast<double>(q(L - 1)), d.chunk_factor(L), tol));
       EXPECT_TRUE(close(static_cast<double>(k(0)) * gamma, d.chunk_factor(L), 2 * tol));
     }
@@ -300,7 +334,8 @@ TEST(CausalFactors, DecaySumIsTheGeometricSum) {
     long double sum = 0.0L;
     Index next = 0;
     for (Index p : {0, 1, 2, 10, 100, 1000, 5000}) {
-      for (; next <= p; ++next) sum += std::pow(static_cast<long double>(gamma), static_cast<long double>(next));
+      for (; next <= p; ++next)
+        sum += std::pow(static_cast<long double>(gamma), static_cast<long double>(next));
       EXPECT_TRUE(close(d.decay_sum(p), static_cast<double>(sum), 1e-13)) << gamma << " " << p;
     }
   }

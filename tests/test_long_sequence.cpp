@@ -34,16 +34,16 @@ const Normalization kNormalizations[] = {Normalization::none, Normalization::dec
                                          Normalization::decay_and_score};
 
 struct LongReference {
-  Matrix<double> raw;          // o_n before normalisation
-  std::vector<double> score;   // q_n . z_n
-  std::vector<double> dsum;    // sum_{i=0}^{p} gamma^i, p = position + n
+  Matrix<double> raw;         // o_n before normalisation
+  std::vector<double> score;  // q_n . z_n
+  std::vector<double> dsum;   // sum_{i=0}^{p} gamma^i, p = position + n
 };
 
 /// SPEC 2's recurrence in double: S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n,
 /// z_n = gamma z_{n-1} + k_n; the decay sums term by term (the terms become negligible within
 /// ~4,500 steps for gamma = 0.96875, so a huge position costs no more than that).
-LongReference long_reference(const Matrix<double>& Q, const Matrix<double>& K, const Matrix<double>& V, double gamma,
-                             Index position) {
+LongReference long_reference(const Matrix<double>& Q, const Matrix<double>& K,
+                             const Matrix<double>& V, double gamma, Index position) {
   const Index T = Q.rows(), dk = Q.cols(), dv = V.cols();
   const double g = std::exp(std::log1p(gamma - 1.0));
   LongReference r;
@@ -95,7 +95,8 @@ Matrix<double> normalized(const LongReference& r, Normalization norm) {
   for (Index n = 0; n < O.rows(); ++n) {
     const double root = std::sqrt(r.dsum[static_cast<std::size_t>(n)]);
     double div = root;
-    if (norm == Normalization::decay_and_score) div *= std::max(std::abs(r.score[static_cast<std::size_t>(n)]) / root, 1.0);
+    if (norm == Normalization::decay_and_score)
+      div *= std::max(std::abs(r.score[static_cast<std::size_t>(n)]) / root, 1.0);
     O.row(n) /= div;
   }
   return O;
@@ -106,13 +107,15 @@ Matrix<double> normalized(const LongReference& r, Normalization norm) {
 double float_bound(double factor, Index steps) {
   const bool exact = static_cast<double>(static_cast<float>(factor)) == factor;
   if (exact && !(factor < 1.0 && 1.0 - factor <= std::ldexp(1.0, -20))) return 1e-5;
-  return 1e-5 + 2.0 * std::min(static_cast<double>(steps), 1.0 / (1.0 - factor)) * std::ldexp(1.0, -24);
+  return 1e-5 +
+         2.0 * std::min(static_cast<double>(steps), 1.0 / (1.0 - factor)) * std::ldexp(1.0, -24);
 }
 
 TEST(LongSequence, HundredThousandTokensRecurrentAndChunkwise) {
   const Index T = 100000, d = 8, C = 64;
   // Scaled so that decay_and_score divides on some rows and not on others.
-  const Matrix<float> Q = random_matrix<float>(T, d, 1, 0.8), K = random_matrix<float>(T, d, 2, 0.8);
+  const Matrix<float> Q = random_matrix<float>(T, d, 1, 0.8),
+                      K = random_matrix<float>(T, d, 2, 0.8);
   const Matrix<float> V = random_matrix<float>(T, d, 3);
   for (double gamma : {0.96875, 1.0 - std::ldexp(1.0, -12)}) {
     const CausalDecay decay(gamma);
@@ -128,15 +131,18 @@ TEST(LongSequence, HundredThousandTokensRecurrentAndChunkwise) {
       ASSERT_TRUE(chk.allFinite()) << gamma;
       const double e_rec = relative_error(rec, expected), e_chk = relative_error(chk, expected);
       EXPECT_LE(e_rec, float_bound(gamma, T)) << gamma << " " << retention::to_string(norm);
-      EXPECT_LE(e_chk, float_bound(decay.chunk_factor(C), T / C)) << gamma << " " << retention::to_string(norm);
+      EXPECT_LE(e_chk, float_bound(decay.chunk_factor(C), T / C))
+          << gamma << " " << retention::to_string(norm);
       // The last rows alone (far from the start) are as good as the whole.
-      EXPECT_LE(relative_error(chk.bottomRows(1000), expected.bottomRows(1000)), float_bound(decay.chunk_factor(C), T / C));
+      EXPECT_LE(relative_error(chk.bottomRows(1000), expected.bottomRows(1000)),
+                float_bound(decay.chunk_factor(C), T / C));
       // A double state for the same float inputs.
       RetentionOptions<double> wide;
       wide.normalization = norm;
-      EXPECT_LE(relative_error(retention::recurrent_retention(Q, K, V, decay, wide), expected), 1e-5);
-      std::cout << "[long] gamma 1-" << 1.0 - gamma << " " << retention::to_string(norm) << ": recurrent " << e_rec
-                << ", chunkwise C=64 " << e_chk << "\n";
+      EXPECT_LE(relative_error(retention::recurrent_retention(Q, K, V, decay, wide), expected),
+                1e-5);
+      std::cout << "[long] gamma 1-" << 1.0 - gamma << " " << retention::to_string(norm)
+                << ": recurrent " << e_rec << ", chunkwise C=64 " << e_chk << "\n";
     }
   }
 }
@@ -146,11 +152,13 @@ TEST(LongSequence, HundredThousandTokensRecurrentAndChunkwise) {
 TEST(LongSequence, ParallelTwentyThousandTokensUnderflowsCleanly) {
   const Index T = 20000, d = 8;
   const double gamma = 0.96875;
-  const Matrix<float> Q = random_matrix<float>(T, d, 11, 0.8), K = random_matrix<float>(T, d, 12, 0.8);
+  const Matrix<float> Q = random_matrix<float>(T, d, 11, 0.8),
+                      K = random_matrix<float>(T, d, 12, 0.8);
   const Matrix<float> V = random_matrix<float>(T, d, 13);
   const CausalDecay decay(gamma);
   EXPECT_EQ(static_cast<float>(decay.factor(4000)), 0.0f);
-  const LongReference ref = long_reference(Q.cast<double>(), K.cast<double>(), V.cast<double>(), gamma, 0);
+  const LongReference ref =
+      long_reference(Q.cast<double>(), K.cast<double>(), V.cast<double>(), gamma, 0);
   RetentionOptions<float> opt;
   opt.normalization = Normalization::decay_and_score;
   RetentionState<float> fin;
@@ -161,7 +169,8 @@ TEST(LongSequence, ParallelTwentyThousandTokensUnderflowsCleanly) {
   EXPECT_LE(relative_error(par, normalized(ref, Normalization::decay_and_score)), 1e-5);
 }
 
-// A state at a huge position: the decay sum is at its limit 1 / (1 - gamma); still finite and exact.
+// A state at a huge position: the decay sum is at its limit 1 / (1 - gamma); still finite and
+// exact.
 TEST(LongSequence, HugeStartingPosition) {
   const Index T = 500, d = 4;
   const Index position = Index(1) << 40;
@@ -169,7 +178,8 @@ TEST(LongSequence, HugeStartingPosition) {
   const Matrix<float> Q = random_matrix<float>(T, d, 21), K = random_matrix<float>(T, d, 22);
   const Matrix<float> V = random_matrix<float>(T, d, 23);
   const CausalDecay decay(gamma);
-  const LongReference ref = long_reference(Q.cast<double>(), K.cast<double>(), V.cast<double>(), gamma, position);
+  const LongReference ref =
+      long_reference(Q.cast<double>(), K.cast<double>(), V.cast<double>(), gamma, position);
   RetentionState<float> st(d, d);  // zero state, but far into a sequence
   st.position = position;
   for (Normalization norm : {Normalization::decay, Normalization::decay_and_score}) {
@@ -178,7 +188,8 @@ TEST(LongSequence, HugeStartingPosition) {
     opt.initial_state = &st;
     const Matrix<double> expected = normalized(ref, norm);
     EXPECT_LE(relative_error(retention::recurrent_retention(Q, K, V, decay, opt), expected), 1e-5);
-    EXPECT_LE(relative_error(retention::chunkwise_retention(Q, K, V, decay, 64, opt), expected), 1e-5);
+    EXPECT_LE(relative_error(retention::chunkwise_retention(Q, K, V, decay, 64, opt), expected),
+              1e-5);
     EXPECT_LE(relative_error(retention::parallel_retention(Q, K, V, decay, opt), expected), 1e-5);
   }
 }

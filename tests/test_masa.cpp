@@ -1,5 +1,5 @@
-// MaSA and MaSAD (SPEC 4) against the naive double reference, against each other at q = 0, across tile
-// sizes, through the multi-head entry points, and on bad input.
+// MaSA and MaSAD (SPEC 4) against the naive double reference, against each other at q = 0, across
+// tile sizes, through the multi-head entry points, and on bad input.
 #include <retention/masa.hpp>
 
 #include "reference/rmt_reference.hpp"
@@ -30,9 +30,9 @@ struct Grid {
 };
 
 const std::vector<Grid>& grids() {
-  static const std::vector<Grid> g = {{1, 1, 4, 3, 0.9},  {1, 7, 8, 5, 0.75},   {5, 3, 6, 6, 0.96875},
-                                      {7, 1, 2, 3, 0.5},  {8, 8, 16, 8, 0.875}, {13, 11, 8, 12, 0.99},
-                                      {6, 9, 4, 4, 1.0}};
+  static const std::vector<Grid> g = {
+      {1, 1, 4, 3, 0.9},    {1, 7, 8, 5, 0.75},    {5, 3, 6, 6, 0.96875}, {7, 1, 2, 3, 0.5},
+      {8, 8, 16, 8, 0.875}, {13, 11, 8, 12, 0.99}, {6, 9, 4, 4, 1.0}};
   return g;
 }
 
@@ -60,14 +60,16 @@ TYPED_TEST(MasaTest, MasadMatchesReference) {
     const Matrix<T> V = random_matrix<T>(N, g.dv, ++seed);
     const Mat ref = rmt_reference::masad(Q.template cast<double>(), K.template cast<double>(),
                                          V.template cast<double>(), g.gamma, g.height, g.width);
-    EXPECT_LE(relative_error(retention::masad(Q, K, V, g.gamma, g.height, g.width), ref), spec_tolerance<T>())
+    EXPECT_LE(relative_error(retention::masad(Q, K, V, g.gamma, g.height, g.width), ref),
+              spec_tolerance<T>())
         << g.height << "x" << g.width << " gamma " << g.gamma;
     const retention::ManhattanDecay decay(g.gamma, g.height, g.width);
     EXPECT_LE(relative_error(retention::masad(Q, K, V, decay), ref), spec_tolerance<T>());
   }
 }
 
-// With all content logits zero the softmax weights factor over the two axes, so MaSA == MaSAD (SPEC 4).
+// With all content logits zero the softmax weights factor over the two axes, so MaSA == MaSAD (SPEC
+// 4).
 TYPED_TEST(MasaTest, ZeroQueryMasaEqualsMasad) {
   using T = TypeParam;
   const Index shapes[][2] = {{1, 1}, {1, 7}, {5, 3}, {16, 16}, {7, 1}};
@@ -96,8 +98,8 @@ TYPED_TEST(MasaTest, SoftmaxRowsSumToOne) {
   EXPECT_LE((b.array() - T(1)).abs().maxCoeff(), tol);
 }
 
-// Streaming MaSA equals the untiled reference for every tile size, including tiles that do not divide N
-// and tiles larger than N.
+// Streaming MaSA equals the untiled reference for every tile size, including tiles that do not
+// divide N and tiles larger than N.
 TYPED_TEST(MasaTest, EveryTileSizeMatchesFullReference) {
   using T = TypeParam;
   const Index H = 5, W = 7, N = H * W;
@@ -123,16 +125,19 @@ TYPED_TEST(MasaTest, EveryTileSizeMatchesFullReference) {
     }
 }
 
-// Large logits and strong decay: the running max keeps exp finite; far pairs underflow to 0, never NaN.
+// Large logits and strong decay: the running max keeps exp finite; far pairs underflow to 0, never
+// NaN.
 TYPED_TEST(MasaTest, LargeLogitsStayFinite) {
   using T = TypeParam;
   const Index H = 10, W = 10, N = H * W;
   const Matrix<T> Q = random_matrix<T>(N, 8, 501, 20.0), K = random_matrix<T>(N, 8, 502, 20.0);
   const Matrix<T> V = random_matrix<T>(N, 3, 503);
-  const Mat Qd = Q.template cast<double>(), Kd = K.template cast<double>(), Vd = V.template cast<double>();
+  const Mat Qd = Q.template cast<double>(), Kd = K.template cast<double>(),
+            Vd = V.template cast<double>();
   retention::MasaOptions opt;
   opt.key_tile = 7;
-  // A gamma so small that ln D may come back -inf off the diagonal: whole key tiles are then masked out.
+  // A gamma so small that ln D may come back -inf off the diagonal: whole key tiles are then masked
+  // out.
   ASSERT_TRUE(retention::masa(Q, K, V, retention::ManhattanDecay(1e-300, H, W), opt).allFinite());
   ASSERT_TRUE(retention::masad(Q, K, V, 1e-300, H, W).allFinite());
   for (double gamma : {1e-3, 0.01, 0.75}) {
@@ -157,10 +162,12 @@ TYPED_TEST(MasaTest, LargeGridNoNaNAndAgreesWithReference) {
   const Matrix<T> b = retention::masad(Q, K, V, 0.75, H, W);
   ASSERT_TRUE(a.allFinite());
   ASSERT_TRUE(b.allFinite());
-  // A sample of rows (corners, edges, centre, scattered) keeps the naive O(N) per row reference fast.
+  // A sample of rows (corners, edges, centre, scattered) keeps the naive O(N) per row reference
+  // fast.
   std::vector<Index> rows = {0, W - 1, N - W, N - 1, (H / 2) * W + W / 2, W, 2 * W - 1};
   for (Index r = 17; r < N; r += 997) rows.push_back(r);
-  const Mat Qd = Q.template cast<double>(), Kd = K.template cast<double>(), Vd = V.template cast<double>();
+  const Mat Qd = Q.template cast<double>(), Kd = K.template cast<double>(),
+            Vd = V.template cast<double>();
   const Mat ref = rmt_reference::masa_rows(Qd, Kd, Vd, 0.75, H, W, rows);
   Matrix<T> got(static_cast<Index>(rows.size()), V.cols());
   for (std::size_t i = 0; i < rows.size(); ++i) got.row(static_cast<Index>(i)) = a.row(rows[i]);
@@ -168,7 +175,8 @@ TYPED_TEST(MasaTest, LargeGridNoNaNAndAgreesWithReference) {
   EXPECT_LE(relative_error(b, rmt_reference::masad(Qd, Kd, Vd, 0.75, H, W)), spec_tolerance<T>());
 }
 
-// The multi-head entry points read strided heads out of [B, H, W, heads * d] and equal per-head calls.
+// The multi-head entry points read strided heads out of [B, H, W, heads * d] and equal per-head
+// calls.
 TYPED_TEST(MasaTest, MultiHeadEqualsPerHead) {
   using T = TypeParam;
   retention::GridHeadsShape s;
@@ -196,8 +204,10 @@ TYPED_TEST(MasaTest, MultiHeadEqualsPerHead) {
       const double g = gammas[static_cast<std::size_t>(h)];
       const Matrix<T> a = retention::masa(Q, K, V, retention::ManhattanDecay(g, s.height, s.width));
       const Matrix<T> d = retention::masad(Q, K, V, g, s.height, s.width);
-      EXPECT_LE(relative_error(full.block(b * N, h * s.value_dim, N, s.value_dim), a), spec_tolerance<T>());
-      EXPECT_LE(relative_error(dec.block(b * N, h * s.value_dim, N, s.value_dim), d), spec_tolerance<T>());
+      EXPECT_LE(relative_error(full.block(b * N, h * s.value_dim, N, s.value_dim), a),
+                spec_tolerance<T>());
+      EXPECT_LE(relative_error(dec.block(b * N, h * s.value_dim, N, s.value_dim), d),
+                spec_tolerance<T>());
     }
 }
 
@@ -209,34 +219,44 @@ TYPED_TEST(MasaTest, AcceptsExpressions) {
   const Matrix<T> V = random_matrix<T>(N, 2, 803);
   const retention::ManhattanDecay decay(0.9, H, W);
   const Matrix<T> Q2 = Q * T(2);
-  EXPECT_LE(relative_error(retention::masa(Q * T(2), K, V.leftCols(2), decay), retention::masa(Q2, K, V, decay)),
+  EXPECT_LE(relative_error(retention::masa(Q * T(2), K, V.leftCols(2), decay),
+                           retention::masa(Q2, K, V, decay)),
             spec_tolerance<T>());
-  EXPECT_LE(relative_error(retention::masad(Q * T(2), K, V, 0.9, H, W), retention::masad(Q2, K, V, 0.9, H, W)),
+  EXPECT_LE(relative_error(retention::masad(Q * T(2), K, V, 0.9, H, W),
+                           retention::masad(Q2, K, V, 0.9, H, W)),
             spec_tolerance<T>());
 }
 
 TYPED_TEST(MasaTest, ShapeErrors) {
   using T = TypeParam;
   using retention_test::expect_shape_error;
-  const Matrix<T> Q = random_matrix<T>(12, 4, 1), K = random_matrix<T>(12, 4, 2), V = random_matrix<T>(12, 3, 3);
+  const Matrix<T> Q = random_matrix<T>(12, 4, 1), K = random_matrix<T>(12, 4, 2),
+                  V = random_matrix<T>(12, 3, 3);
   const retention::ManhattanDecay decay(0.9, 3, 4);
   const Matrix<T> Q11 = random_matrix<T>(11, 4, 4);
-  expect_shape_error([&] { retention::masa(Q11, K, V, decay); }, "masa: Q is [11 x 4], expected [12 x *]");
+  expect_shape_error([&] { retention::masa(Q11, K, V, decay); },
+                     "masa: Q is [11 x 4], expected [12 x *]");
   expect_shape_error([&] { retention::masa(Q, random_matrix<T>(12, 5, 5), V, decay); },
                      "masa: K is [12 x 5], expected [12 x 4]");
   expect_shape_error([&] { retention::masa(Q, K, random_matrix<T>(10, 3, 6), decay); },
                      "masa: V is [10 x 3], expected [12 x *]");
   retention::MasaOptions opt;
   opt.query_tile = 0;
-  expect_shape_error([&] { retention::masa(Q, K, V, decay, opt); }, "masa: query_tile must be >= 1");
+  expect_shape_error([&] { retention::masa(Q, K, V, decay, opt); },
+                     "masa: query_tile must be >= 1");
   opt.query_tile = 4;
   opt.key_tile = -1;
   expect_shape_error([&] { retention::masa(Q, K, V, decay, opt); }, "masa: key_tile must be >= 1");
-  expect_shape_error([&] { retention::masad(Q11, K, V, 0.9, 3, 4); }, "masad: Q is [11 x 4], expected [12 x *]");
-  expect_shape_error([&] { retention::masad(Q, K, V, 0.9, 4, 4); }, "masad: Q is [12 x 4], expected [16 x *]");
-  expect_shape_error([&] { retention::masad(Q, K, V, 0.0, 3, 4); }, "masad: gamma must be in (0, 1]");
-  expect_shape_error([&] { retention::masad(Q, K, V, 1.5, 3, 4); }, "masad: gamma must be in (0, 1]");
-  expect_shape_error([&] { retention::masad(Q, K, V, std::nan(""), 3, 4); }, "masad: gamma must be in (0, 1]");
+  expect_shape_error([&] { retention::masad(Q11, K, V, 0.9, 3, 4); },
+                     "masad: Q is [11 x 4], expected [12 x *]");
+  expect_shape_error([&] { retention::masad(Q, K, V, 0.9, 4, 4); },
+                     "masad: Q is [12 x 4], expected [16 x *]");
+  expect_shape_error([&] { retention::masad(Q, K, V, 0.0, 3, 4); },
+                     "masad: gamma must be in (0, 1]");
+  expect_shape_error([&] { retention::masad(Q, K, V, 1.5, 3, 4); },
+                     "masad: gamma must be in (0, 1]");
+  expect_shape_error([&] { retention::masad(Q, K, V, std::nan(""), 3, 4); },
+                     "masad: gamma must be in (0, 1]");
   expect_shape_error([&] { retention::masad(Q, K, V, 0.9, 0, 4); }, "masad: height must be >= 1");
   expect_shape_error([&] { retention::ManhattanDecay(-0.5, 3, 4); }, "gamma must be in (0, 1]");
 
@@ -249,10 +269,16 @@ TYPED_TEST(MasaTest, ShapeErrors) {
   const Matrix<T> q = random_matrix<T>(12, 4, 7), v = random_matrix<T>(12, 6, 8);
   expect_shape_error([&] { retention::multi_head_masa(q, q, v, s, {0.9}); },
                      "multi_head_masa: gammas has 1 entries, expected heads = 2");
-  expect_shape_error([&] { retention::multi_head_masad(q, q, v, s, {0.9, 2.0}); },
-                     "multi_head_masad: gamma must be in (0, 1]");
-  expect_shape_error([&] { retention::multi_head_masa(q, q, Q, s, {0.9, 0.8}); },
-                     "multi_head_masa: v is [12 x 4], expected [12 x 6]");
+  expect_shape_error(
+      [&] {
+        retention::multi_head_masad(q, q, v, s, {0.9, 2.0});
+      },
+      "multi_head_masad: gamma must be in (0, 1]");
+  expect_shape_error(
+      [&] {
+        retention::multi_head_masa(q, q, Q, s, {0.9, 0.8});
+      },
+      "multi_head_masa: v is [12 x 4], expected [12 x 6]");
 }
 
 }  // namespace

@@ -28,8 +28,9 @@ using retention_test::relative_error;
 using retention_test::spec_tolerance;
 using Mat = retention::Matrix<double>;
 
-const MsrProjection kProjections[] = {MsrProjection::q_proj, MsrProjection::k_proj, MsrProjection::v_proj,
-                                      MsrProjection::g_proj, MsrProjection::out_proj};
+const MsrProjection kProjections[] = {MsrProjection::q_proj, MsrProjection::k_proj,
+                                      MsrProjection::v_proj, MsrProjection::g_proj,
+                                      MsrProjection::out_proj};
 
 /// A layer of scalar T and the matching reference with the same (T-rounded) random weights,
 /// scaled ~1/sqrt(fan_in) so activations stay O(1).
@@ -55,11 +56,13 @@ Pair<T> make_layer_pair(const MsrConfig& cfg, std::uint64_t seed) {
   for (int p = 0; p < 5; ++p) {
     const MsrProjection which = kProjections[p];
     const Index out = layer.out_dim(which), in = layer.in_dim(which);
-    const Matrix<T> w = random_matrix<T>(out, in, seed * 10 + static_cast<std::uint64_t>(p), 1.7 / std::sqrt(double(in)));
+    const Matrix<T> w = random_matrix<T>(out, in, seed * 10 + static_cast<std::uint64_t>(p),
+                                         1.7 / std::sqrt(double(in)));
     layer.load(which, w);
     *ws[p] = w.template cast<double>();
     if (cfg.biases) {
-      const Matrix<T> b = random_matrix<T>(1, out, seed * 10 + 5 + static_cast<std::uint64_t>(p), 0.3);
+      const Matrix<T> b =
+          random_matrix<T>(1, out, seed * 10 + 5 + static_cast<std::uint64_t>(p), 0.3);
       layer.load_bias(which, b);
       bs[p]->assign(b.data(), b.data() + out);
     }
@@ -67,7 +70,8 @@ Pair<T> make_layer_pair(const MsrConfig& cfg, std::uint64_t seed) {
   return Pair<T>{std::move(layer), std::move(ref)};
 }
 
-MsrConfig config(Index d, Index value_dim, Index heads, Normalization norm = Normalization::decay_and_score,
+MsrConfig config(Index d, Index value_dim, Index heads,
+                 Normalization norm = Normalization::decay_and_score,
                  HeadNorm head_norm = HeadNorm::rms, double eps = 1e-6, bool biases = false,
                  std::vector<double> gammas = {}) {
   MsrConfig c;
@@ -86,8 +90,9 @@ struct FormRun {
   Form form;
   Index chunk;
 };
-const std::vector<FormRun> kForms = {{Form::parallel, 0},  {Form::recurrent, 0}, {Form::chunkwise, 1},
-                                     {Form::chunkwise, 4}, {Form::chunkwise, 0}, {Form::chunkwise, 1000}};
+const std::vector<FormRun> kForms = {{Form::parallel, 0},  {Form::recurrent, 0},
+                                     {Form::chunkwise, 1}, {Form::chunkwise, 4},
+                                     {Form::chunkwise, 0}, {Form::chunkwise, 1000}};
 
 template <class T>
 class MsrTest : public ::testing::Test {};
@@ -105,7 +110,9 @@ TYPED_TEST(MsrTest, MatchesReferenceInEveryForm) {
       {config(12, 6, 3, Normalization::decay, HeadNorm::layer, 1e-6, true), 33},
       {config(16, 32, 4, Normalization::none, HeadNorm::rms, 0.0), 20},
       {config(2, 1, 1), 5},  // d = 2, dk = 2, dv = 1
-      {config(6, 12, 3, Normalization::decay_and_score, HeadNorm::rms, 1e-6, false, {1.0, 0.9, 0.5}), 17},
+      {config(6, 12, 3, Normalization::decay_and_score, HeadNorm::rms, 1e-6, false,
+              {1.0, 0.9, 0.5}),
+       17},
       {config(32, 64, 2, Normalization::decay_and_score, HeadNorm::layer, 0.0), 70},
   };
   std::uint64_t seed = 1;
@@ -127,7 +134,8 @@ TYPED_TEST(MsrTest, MatchesReferenceInEveryForm) {
 TEST(MsrForms, AgreeForEveryNormalisationAtBothEps) {
   const Index T_len = 45;
   std::uint64_t seed = 100;
-  for (Normalization norm : {Normalization::none, Normalization::decay, Normalization::decay_and_score})
+  for (Normalization norm :
+       {Normalization::none, Normalization::decay, Normalization::decay_and_score})
     for (double eps : {1e-6, 0.0})
       for (HeadNorm hn : {HeadNorm::rms, HeadNorm::layer}) {
         const Pair<double> p = make_layer_pair<double>(config(16, 24, 4, norm, hn, eps), seed++);
@@ -138,8 +146,8 @@ TEST(MsrForms, AgreeForEveryNormalisationAtBothEps) {
         for (const auto& f : kForms) {
           const Mat y = p.layer.forward(x, f.form, f.chunk);
           EXPECT_LE(relative_error(y, base), 1e-12)
-              << retention::to_string(norm) << " eps " << eps << " " << retention::to_string(hn) << " "
-              << retention::to_string(f.form) << " chunk " << f.chunk;
+              << retention::to_string(norm) << " eps " << eps << " " << retention::to_string(hn)
+              << " " << retention::to_string(f.form) << " chunk " << f.chunk;
         }
         if (eps == 0.0) {
           const Mat ref = msr_reference::forward(p.ref, x);
@@ -154,7 +162,8 @@ TYPED_TEST(MsrTest, PrefillThenStepEqualsForward) {
   const Pair<T> p = make_layer_pair<T>(config(12, 18, 3), 7);
   const Matrix<T> x = random_matrix<T>(T_len, 12, 8, 2.0);
   const Matrix<T> full = p.layer.forward(x, Form::parallel);
-  for (const auto& f : {FormRun{Form::parallel, 0}, FormRun{Form::recurrent, 0}, FormRun{Form::chunkwise, 4}})
+  for (const auto& f :
+       {FormRun{Form::parallel, 0}, FormRun{Form::recurrent, 0}, FormRun{Form::chunkwise, 4}})
     for (Index k : {Index(1), Index(5), Index(16), T_len - 1, T_len}) {
       auto state = p.layer.make_state();
       Matrix<T> y(T_len, 12);
@@ -191,7 +200,8 @@ TYPED_TEST(MsrTest, PrefillsInDifferentFormsChain) {
 TYPED_TEST(MsrTest, BatchEqualsPerSequence) {
   using T = TypeParam;
   const Index B = 3, T_len = 11, d = 8;
-  const Pair<T> p = make_layer_pair<T>(config(d, 16, 2, Normalization::decay_and_score, HeadNorm::layer, 1e-6, true), 11);
+  const Pair<T> p = make_layer_pair<T>(
+      config(d, 16, 2, Normalization::decay_and_score, HeadNorm::layer, 1e-6, true), 11);
   const Matrix<T> x = random_matrix<T>(B * T_len, d, 12);
   for (const auto& f : kForms) {
     const Matrix<T> y = p.layer.forward_batch(x, B, f.form, f.chunk);
@@ -203,16 +213,18 @@ TYPED_TEST(MsrTest, BatchEqualsPerSequence) {
           << retention::to_string(f.form) << " sequence " << b;
     }
   }
-  EXPECT_LE(relative_error(p.layer.forward_batch(x.topRows(T_len), 1), p.layer.forward(x.topRows(T_len))), 0.0);
+  EXPECT_LE(
+      relative_error(p.layer.forward_batch(x.topRows(T_len), 1), p.layer.forward(x.topRows(T_len))),
+      0.0);
 }
 
 // Long float sequences: decay factors underflow to 0 far from the diagonal, never to NaN, and the
 // forms still agree.
 TEST(MsrForms, LongFloatSequenceStaysFiniteAndAgrees) {
   const Index T_len = 3000;
-  const Pair<float> p = make_layer_pair<float>(config(8, 8, 2, Normalization::decay_and_score, HeadNorm::rms, 1e-6, false,
-                                                {0.5, 0.96875}),
-                                         13);
+  const Pair<float> p = make_layer_pair<float>(
+      config(8, 8, 2, Normalization::decay_and_score, HeadNorm::rms, 1e-6, false, {0.5, 0.96875}),
+      13);
   const Matrix<float> x = random_matrix<float>(T_len, 8, 14);
   const Matrix<float> a = p.layer.forward(x, Form::parallel);
   const Matrix<float> b = p.layer.forward(x, Form::chunkwise, 64);
@@ -236,7 +248,8 @@ TEST(MsrLoad, RawPointerEqualsEigenAndDefaults) {
   EXPECT_EQ(layer.config().eps, 1e-6);
   for (MsrProjection which : kProjections) {
     const Matrix<float> w = random_matrix<float>(layer.out_dim(which), layer.in_dim(which), 20);
-    layer.load(which, w.data(), static_cast<std::size_t>(w.size()));  // float32 array into a double layer
+    layer.load(which, w.data(),
+               static_cast<std::size_t>(w.size()));  // float32 array into a double layer
     EXPECT_EQ(layer.weight(which), w.cast<double>()) << retention::to_string(which);
   }
   MsrConfig cb = c;
@@ -268,17 +281,21 @@ TEST(MsrState, SizeIsConstantAndResets) {
 
 TEST(MsrErrors, Config) {
   auto make = [](MsrConfig c) { return [c] { MultiScaleRetention<double> l(c); }; };
-  expect_shape_error(make(config(6, 6, 2)), "MultiScaleRetention: key dim embed_dim / heads = 3 is odd");
+  expect_shape_error(make(config(6, 6, 2)),
+                     "MultiScaleRetention: key dim embed_dim / heads = 3 is odd");
   expect_shape_error(make(config(3, 3, 1)), "key dim embed_dim / heads = 3 is odd");
   expect_shape_error(make(config(10, 10, 4)), "embed_dim 10 is not divisible by heads 4");
   expect_shape_error(make(config(8, 10, 4)), "value_dim 10 is not divisible by heads 4");
   expect_shape_error(make(config(8, 8, 2, Normalization::none, HeadNorm::rms, 1e-6, false, {0.9})),
                      "gammas has 1 entries, expected heads = 2");
-  expect_shape_error(make(config(8, 8, 2, Normalization::none, HeadNorm::rms, 1e-6, false, {0.9, 1.5})),
-                     "gamma must be in (0, 1], got 1.5");
-  expect_shape_error(make(config(8, 8, 2, Normalization::none, HeadNorm::rms, 1e-6, false, {0.0, 0.5})),
-                     "gamma must be in (0, 1], got 0");
-  expect_shape_error(make(config(8, 8, 2, Normalization::none, HeadNorm::rms, -1.0)), "eps must be >= 0");
+  expect_shape_error(
+      make(config(8, 8, 2, Normalization::none, HeadNorm::rms, 1e-6, false, {0.9, 1.5})),
+      "gamma must be in (0, 1], got 1.5");
+  expect_shape_error(
+      make(config(8, 8, 2, Normalization::none, HeadNorm::rms, 1e-6, false, {0.0, 0.5})),
+      "gamma must be in (0, 1], got 0");
+  expect_shape_error(make(config(8, 8, 2, Normalization::none, HeadNorm::rms, -1.0)),
+                     "eps must be >= 0");
   expect_shape_error(make(config(0, 8, 2)), "embed_dim must be >= 1, got 0");
   expect_shape_error(make(config(8, 8, 0)), "heads must be >= 1, got 0");
   expect_shape_error(make(config(8, -2, 2)), "value_dim must be >= 0");
@@ -289,15 +306,19 @@ TEST(MsrErrors, Weights) {
   const Matrix<float> bad = random_matrix<float>(8, 7, 40);
   expect_shape_error([&] { layer.load(MsrProjection::q_proj, bad); },
                      "MultiScaleRetention::load: q_proj.weight is [8 x 7], expected [8 x 8]");
-  expect_shape_error([&] { layer.load(MsrProjection::k_proj, bad); }, "k_proj.weight is [8 x 7], expected [8 x 8]");
-  expect_shape_error([&] { layer.load(MsrProjection::v_proj, bad); }, "v_proj.weight is [8 x 7], expected [12 x 8]");
-  expect_shape_error([&] { layer.load(MsrProjection::g_proj, bad); }, "g_proj.weight is [8 x 7], expected [12 x 8]");
+  expect_shape_error([&] { layer.load(MsrProjection::k_proj, bad); },
+                     "k_proj.weight is [8 x 7], expected [8 x 8]");
+  expect_shape_error([&] { layer.load(MsrProjection::v_proj, bad); },
+                     "v_proj.weight is [8 x 7], expected [12 x 8]");
+  expect_shape_error([&] { layer.load(MsrProjection::g_proj, bad); },
+                     "g_proj.weight is [8 x 7], expected [12 x 8]");
   expect_shape_error([&] { layer.load(MsrProjection::out_proj, bad); },
                      "out_proj.weight is [8 x 7], expected [8 x 12]");
   expect_shape_error([&] { layer.load(MsrProjection::v_proj, bad.data(), 56); },
                      "v_proj.weight has 56 values, expected [12 x 8] = 96");
-  expect_shape_error([&] { layer.load(MsrProjection::q_proj, static_cast<const float*>(nullptr), 64); },
-                     "q_proj.weight: null pointer");
+  expect_shape_error(
+      [&] { layer.load(MsrProjection::q_proj, static_cast<const float*>(nullptr), 64); },
+      "q_proj.weight: null pointer");
   expect_shape_error([&] { layer.load_bias(MsrProjection::q_proj, bad.data(), 8); },
                      "MultiScaleRetention::load_bias: q_proj.bias: biases are off");
   MsrConfig cb = config(8, 12, 2);
@@ -314,29 +335,37 @@ TEST(MsrErrors, InputsAndState) {
   const auto& layer = p.layer;
   const Mat x = random_matrix<double>(6, 8, 51);
   const Mat x7 = random_matrix<double>(6, 7, 52);
-  expect_shape_error([&] { layer.forward(x7); }, "MultiScaleRetention::forward: x is [6 x 7], expected [* x 8]");
+  expect_shape_error([&] { layer.forward(x7); },
+                     "MultiScaleRetention::forward: x is [6 x 7], expected [* x 8]");
   expect_shape_error([&] { layer.forward(x, Form::chunkwise, -1); }, "chunk must be >= 0");
-  expect_shape_error([&] { layer.forward_batch(x, 4); },
-                     "MultiScaleRetention::forward_batch: x is [6 x 8], rows not a multiple of batch 4");
+  expect_shape_error(
+      [&] { layer.forward_batch(x, 4); },
+      "MultiScaleRetention::forward_batch: x is [6 x 8], rows not a multiple of batch 4");
   expect_shape_error([&] { layer.forward_batch(x, 0); }, "batch must be >= 1, got 0");
   EXPECT_EQ(layer.forward(x.topRows(0)).rows(), 0);
 
   auto s = layer.make_state();
-  expect_shape_error([&] { layer.step(x.topRows(2), s); }, "MultiScaleRetention::step: x_t is [2 x 8], expected [1 x 8]");
+  expect_shape_error([&] { layer.step(x.topRows(2), s); },
+                     "MultiScaleRetention::step: x_t is [2 x 8], expected [1 x 8]");
   expect_shape_error([&] { layer.step(x7.row(0), s); }, "x_t is [1 x 7], expected [1 x 8]");
-  expect_shape_error([&] { layer.prefill(x7, s); }, "MultiScaleRetention::prefill: x is [6 x 7], expected [* x 8]");
+  expect_shape_error([&] { layer.prefill(x7, s); },
+                     "MultiScaleRetention::prefill: x is [6 x 7], expected [* x 8]");
   EXPECT_EQ(s.position, 0);  // a rejected call leaves the state alone
 
   auto few = s;
   few.heads.pop_back();
-  expect_shape_error([&] { layer.step(x.row(0), few); }, "state.heads has 1 states, expected heads = 2");
-  expect_shape_error([&] { layer.prefill(x, few); }, "MultiScaleRetention::prefill: state.heads has 1 states");
+  expect_shape_error([&] { layer.step(x.row(0), few); },
+                     "state.heads has 1 states, expected heads = 2");
+  expect_shape_error([&] { layer.prefill(x, few); },
+                     "MultiScaleRetention::prefill: state.heads has 1 states");
   auto wrong_s = s;
   wrong_s.heads[1] = retention::RetentionState<double>(4, 5);
-  expect_shape_error([&] { layer.step(x.row(0), wrong_s); }, "state.heads[1].S is [4 x 5], expected [4 x 6]");
+  expect_shape_error([&] { layer.step(x.row(0), wrong_s); },
+                     "state.heads[1].S is [4 x 5], expected [4 x 6]");
   auto wrong_z = s;
   wrong_z.heads[0].z.resize(3);
-  expect_shape_error([&] { layer.step(x.row(0), wrong_z); }, "state.heads[0].z is [3 x 1], expected [4 x 1]");
+  expect_shape_error([&] { layer.step(x.row(0), wrong_z); },
+                     "state.heads[0].z is [3 x 1], expected [4 x 1]");
   auto wrong_pos = s;
   wrong_pos.position = 3;
   expect_shape_error([&] { layer.step(x.row(0), wrong_pos); },
@@ -347,7 +376,8 @@ TEST(MsrErrors, InputsAndState) {
   // A state from a layer with other sizes.
   MultiScaleRetention<double> other(config(8, 8, 2));
   auto s_other = other.make_state();
-  expect_shape_error([&] { layer.step(x.row(0), s_other); }, "state.heads[0].S is [4 x 4], expected [4 x 6]");
+  expect_shape_error([&] { layer.step(x.row(0), s_other); },
+                     "state.heads[0].S is [4 x 4], expected [4 x 6]");
 }
 
 }  // namespace

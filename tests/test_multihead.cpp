@@ -84,8 +84,9 @@ TYPED_TEST(MultiHead, EqualsPerHeadCallsAndReferenceWithStates) {
       for (Index b = 0; b < s.batch; ++b)
         for (Index h = 0; h < s.heads; ++h) {
           const std::size_t pair = static_cast<std::size_t>(b * s.heads + h);
-          const std::string what = std::string(retention::to_string(form)) + " b=" + std::to_string(b) +
-                                   " h=" + std::to_string(h) + " " + retention::to_string(norm);
+          const std::string what = std::string(retention::to_string(form)) +
+                                   " b=" + std::to_string(b) + " h=" + std::to_string(h) + " " +
+                                   retention::to_string(norm);
           const Matrix<T> Q = slice(q, s, b, h), K = slice(k, s, b, h), V = slice(v, s, b, h);
           const CausalDecay decay(gammas[static_cast<std::size_t>(h)]);
           RetentionState<T> single_final;
@@ -95,9 +96,15 @@ TYPED_TEST(MultiHead, EqualsPerHeadCallsAndReferenceWithStates) {
           o.final_state = &single_final;
           Matrix<T> single;
           switch (form) {
-            case Form::parallel: single = retention::parallel_retention(Q, K, V, decay, o); break;
-            case Form::recurrent: single = retention::recurrent_retention(Q, K, V, decay, o); break;
-            case Form::chunkwise: single = retention::chunkwise_retention(Q, K, V, decay, 8, o); break;
+            case Form::parallel:
+              single = retention::parallel_retention(Q, K, V, decay, o);
+              break;
+            case Form::recurrent:
+              single = retention::recurrent_retention(Q, K, V, decay, o);
+              break;
+            case Form::chunkwise:
+              single = retention::chunkwise_retention(Q, K, V, decay, 8, o);
+              break;
           }
           const Matrix<T> got = slice(out, s, b, h);
           // Same kernel on a strided view and on a copy: equal to rounding.
@@ -107,9 +114,9 @@ TYPED_TEST(MultiHead, EqualsPerHeadCallsAndReferenceWithStates) {
           ri.z = init[pair].z.template cast<double>();
           ri.position = init[pair].position;
           ref::State rf;
-          const Matrix<double> expected =
-              ref::retention(Q.template cast<double>(), K.template cast<double>(), V.template cast<double>(),
-                             gammas[static_cast<std::size_t>(h)], norm, &ri, &rf);
+          const Matrix<double> expected = ref::retention(
+              Q.template cast<double>(), K.template cast<double>(), V.template cast<double>(),
+              gammas[static_cast<std::size_t>(h)], norm, &ri, &rf);
           EXPECT_LE(relative_error(got, expected), spec_tolerance<T>()) << what;
           EXPECT_LE(relative_error(fin[pair].S, rf.S), spec_tolerance<T>()) << what;
           EXPECT_LE(relative_error(fin[pair].z, rf.z), spec_tolerance<T>()) << what;
@@ -134,10 +141,10 @@ TYPED_TEST(MultiHead, DegenerateShapesAndAutomaticChunk) {
       retention::multi_head_retention(q.data(), k.data(), v.data(), out.data(), s, gammas, opt);
       for (Index b = 0; b < s.batch; ++b)
         for (Index h = 0; h < s.heads; ++h) {
-          const Matrix<double> expected =
-              ref::retention(slice(q, s, b, h).template cast<double>(), slice(k, s, b, h).template cast<double>(),
-                             slice(v, s, b, h).template cast<double>(), gammas[static_cast<std::size_t>(h)],
-                             Normalization::decay);
+          const Matrix<double> expected = ref::retention(
+              slice(q, s, b, h).template cast<double>(), slice(k, s, b, h).template cast<double>(),
+              slice(v, s, b, h).template cast<double>(), gammas[static_cast<std::size_t>(h)],
+              Normalization::decay);
           EXPECT_LE(relative_error(slice(out, s, b, h), expected), spec_tolerance<T>())
               << retention::to_string(form) << " T=" << s.time;
         }
@@ -151,11 +158,13 @@ TYPED_TEST(MultiHead, StatesContinueInPlace) {
   const MultiHeadShape whole{2, 30, 3, 4, 4};
   const MultiHeadShape first{2, 18, 3, 4, 4}, rest{2, 12, 3, 4, 4};
   const std::vector<double> gammas = {0.9, 0.99, 1.0};
-  const Matrix<T> q = buffer<T>(whole, 4, 21), k = buffer<T>(whole, 4, 22), v = buffer<T>(whole, 4, 23);
+  const Matrix<T> q = buffer<T>(whole, 4, 21), k = buffer<T>(whole, 4, 22),
+                  v = buffer<T>(whole, 4, 23);
   Matrix<T> expected(q.rows(), 4);
   MultiHeadOptions<T> opt;
   opt.normalization = Normalization::decay_and_score;
-  retention::multi_head_retention(q.data(), k.data(), v.data(), expected.data(), whole, gammas, opt);
+  retention::multi_head_retention(q.data(), k.data(), v.data(), expected.data(), whole, gammas,
+                                  opt);
 
   // Split each batch's rows: [B, T, H, D] -> [B, 18, H, D] and [B, 12, H, D] buffers.
   auto part = [&](const Matrix<T>& buf, Index t0, Index len) {
@@ -200,7 +209,8 @@ TYPED_TEST(MultiHead, ThreadCountDoesNotChangeResults) {
     opt.final_states = &f2;
     retention::multi_head_retention(q.data(), k.data(), v.data(), out2.data(), s, gammas, opt);
     EXPECT_TRUE(out1 == out2) << retention::to_string(form);
-    for (std::size_t i = 0; i < f1.size(); ++i) EXPECT_TRUE(f1[i].S == f2[i].S && f1[i].z == f2[i].z);
+    for (std::size_t i = 0; i < f1.size(); ++i)
+      EXPECT_TRUE(f1[i].S == f2[i].S && f1[i].z == f2[i].z);
   }
 }
 
@@ -221,39 +231,44 @@ TYPED_TEST(MultiHead, StepEqualsPerHeadStepAndSequence) {
   std::vector<RetentionState<T>> states = init, single = init;
   for (Index t = 0; t < s.time; ++t) {
     // Gather token t of every batch into [B, H, D] step buffers.
-    Matrix<T> qt(s.batch * s.heads, 5), kt(s.batch * s.heads, 5), vt(s.batch * s.heads, 4), ot(s.batch * s.heads, 4);
+    Matrix<T> qt(s.batch * s.heads, 5), kt(s.batch * s.heads, 5), vt(s.batch * s.heads, 4),
+        ot(s.batch * s.heads, 4);
     for (Index b = 0; b < s.batch; ++b) {
       qt.middleRows(b * s.heads, s.heads) = q.middleRows((b * s.time + t) * s.heads, s.heads);
       kt.middleRows(b * s.heads, s.heads) = k.middleRows((b * s.time + t) * s.heads, s.heads);
       vt.middleRows(b * s.heads, s.heads) = v.middleRows((b * s.time + t) * s.heads, s.heads);
     }
-    retention::multi_head_step(qt.data(), kt.data(), vt.data(), ot.data(), s.batch, s.heads, 5, 4, gammas, states,
-                               Normalization::decay_and_score, 2);
+    retention::multi_head_step(qt.data(), kt.data(), vt.data(), ot.data(), s.batch, s.heads, 5, 4,
+                               gammas, states, Normalization::decay_and_score, 2);
     for (Index b = 0; b < s.batch; ++b)
       for (Index h = 0; h < s.heads; ++h) {
         const Index pair = b * s.heads + h;
-        const retention::RowVector<T> o =
-            retention::retention_step(qt.row(pair), kt.row(pair), vt.row(pair),
-                                      CausalDecay(gammas[static_cast<std::size_t>(h)]),
-                                      single[static_cast<std::size_t>(pair)], Normalization::decay_and_score);
+        const retention::RowVector<T> o = retention::retention_step(
+            qt.row(pair), kt.row(pair), vt.row(pair),
+            CausalDecay(gammas[static_cast<std::size_t>(h)]),
+            single[static_cast<std::size_t>(pair)], Normalization::decay_and_score);
         EXPECT_TRUE(ot.row(pair) == o) << "t=" << t << " pair " << pair;
-        EXPECT_LE(relative_error(ot.row(pair), seq.row((b * s.time + t) * s.heads + h)), spec_tolerance<T>());
+        EXPECT_LE(relative_error(ot.row(pair), seq.row((b * s.time + t) * s.heads + h)),
+                  spec_tolerance<T>());
       }
   }
-  for (std::size_t i = 0; i < states.size(); ++i) EXPECT_EQ(states[i].position, init[i].position + s.time);
+  for (std::size_t i = 0; i < states.size(); ++i)
+    EXPECT_EQ(states[i].position, init[i].position + s.time);
 }
 
 TEST(MultiHeadErrors, MultiHeadRetention) {
   const MultiHeadShape s{2, 5, 3, 4, 2};
   const std::vector<double> g = {0.9, 0.9, 0.9};
-  const Matrix<float> q = buffer<float>(s, 4, 1), k = buffer<float>(s, 4, 2), v = buffer<float>(s, 2, 3);
+  const Matrix<float> q = buffer<float>(s, 4, 1), k = buffer<float>(s, 4, 2),
+                      v = buffer<float>(s, 2, 3);
   Matrix<float> out(q.rows(), 2);
   const float* Q = q.data();
   const float* K = k.data();
   const float* V = v.data();
   float* O = out.data();
-  auto call = [&](const float* a, const float* b, const float* c, float* d, const MultiHeadShape& sh,
-                  const std::vector<double>& gammas, const MultiHeadOptions<float>& opt) {
+  auto call = [&](const float* a, const float* b, const float* c, float* d,
+                  const MultiHeadShape& sh, const std::vector<double>& gammas,
+                  const MultiHeadOptions<float>& opt) {
     retention::multi_head_retention(a, b, c, d, sh, gammas, opt);
   };
   const MultiHeadOptions<float> def;
@@ -271,22 +286,34 @@ TEST(MultiHeadErrors, MultiHeadRetention) {
       expect_shape_error([&] { call(Q, K, V, O, sh, g, def); },
                          fn + fields[f] + " must be >= 1, got " + std::to_string(bad));
     }
-  expect_shape_error([&] { call(Q, K, V, O, s, {0.9, 0.9}, def); }, fn + "gammas has 2 entries, expected heads = 3");
-  expect_shape_error([&] { call(Q, K, V, O, s, {0.9, 1.5, 0.9}, def); }, fn + "gamma must be in (0, 1], got 1.5");
+  expect_shape_error(
+      [&] {
+        call(Q, K, V, O, s, {0.9, 0.9}, def);
+      },
+      fn + "gammas has 2 entries, expected heads = 3");
+  expect_shape_error(
+      [&] {
+        call(Q, K, V, O, s, {0.9, 1.5, 0.9}, def);
+      },
+      fn + "gamma must be in (0, 1], got 1.5");
   MultiHeadOptions<float> neg;
   neg.chunk = -1;
-  expect_shape_error([&] { call(Q, K, V, O, s, g, neg); }, fn + "chunk must be >= 0 (0 = automatic), got -1");
+  expect_shape_error([&] { call(Q, K, V, O, s, g, neg); },
+                     fn + "chunk must be >= 0 (0 = automatic), got -1");
   std::vector<RetentionState<float>> five(5, RetentionState<float>(4, 2));
   MultiHeadOptions<float> st;
   st.initial_states = &five;
-  expect_shape_error([&] { call(Q, K, V, O, s, g, st); }, fn + "initial_states has 5 states, expected batch * heads = 6");
+  expect_shape_error([&] { call(Q, K, V, O, s, g, st); },
+                     fn + "initial_states has 5 states, expected batch * heads = 6");
   std::vector<RetentionState<float>> six(6, RetentionState<float>(4, 2));
   six[4] = RetentionState<float>(4, 3);
   st.initial_states = &six;
-  expect_shape_error([&] { call(Q, K, V, O, s, g, st); }, fn + "initial_states[4].S is [4 x 3], expected [4 x 2]");
+  expect_shape_error([&] { call(Q, K, V, O, s, g, st); },
+                     fn + "initial_states[4].S is [4 x 3], expected [4 x 2]");
   six[4] = RetentionState<float>(4, 2);
   six[4].z.resize(3);
-  expect_shape_error([&] { call(Q, K, V, O, s, g, st); }, fn + "initial_states[4].z is [3 x 1], expected [4 x 1]");
+  expect_shape_error([&] { call(Q, K, V, O, s, g, st); },
+                     fn + "initial_states[4].z is [3 x 1], expected [4 x 1]");
 }
 
 TEST(MultiHeadErrors, MultiHeadStep) {
@@ -297,28 +324,40 @@ TEST(MultiHeadErrors, MultiHeadStep) {
   std::vector<RetentionState<double>> st(2, RetentionState<double>(3, 2));
   const std::string fn = "multi_head_step: ";
   using retention::multi_head_step;
-  expect_shape_error([&] { multi_head_step<double>(nullptr, k.data(), v.data(), out.data(), 1, 2, 3, 2, g, st); },
-                     fn + "null buffer pointer");
-  expect_shape_error([&] { multi_head_step<double>(q.data(), k.data(), v.data(), nullptr, 1, 2, 3, 2, g, st); },
-                     fn + "null buffer pointer");
-  expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 0, 2, 3, 2, g, st); },
-                     fn + "batch must be >= 1, got 0");
-  expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, -1, 3, 2, g, st); },
-                     fn + "heads must be >= 1, got -1");
-  expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 0, 2, g, st); },
-                     fn + "key_dim must be >= 1, got 0");
-  expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 0, g, st); },
-                     fn + "value_dim must be >= 1, got 0");
-  expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, {0.9}, st); },
-                     fn + "gammas has 1 entries, expected heads = 2");
-  expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, {0.9, 0.0}, st); },
-                     fn + "gamma must be in (0, 1], got 0");
+  expect_shape_error(
+      [&] { multi_head_step<double>(nullptr, k.data(), v.data(), out.data(), 1, 2, 3, 2, g, st); },
+      fn + "null buffer pointer");
+  expect_shape_error(
+      [&] { multi_head_step<double>(q.data(), k.data(), v.data(), nullptr, 1, 2, 3, 2, g, st); },
+      fn + "null buffer pointer");
+  expect_shape_error(
+      [&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 0, 2, 3, 2, g, st); },
+      fn + "batch must be >= 1, got 0");
+  expect_shape_error(
+      [&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, -1, 3, 2, g, st); },
+      fn + "heads must be >= 1, got -1");
+  expect_shape_error(
+      [&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 0, 2, g, st); },
+      fn + "key_dim must be >= 1, got 0");
+  expect_shape_error(
+      [&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 0, g, st); },
+      fn + "value_dim must be >= 1, got 0");
+  expect_shape_error(
+      [&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, {0.9}, st); },
+      fn + "gammas has 1 entries, expected heads = 2");
+  expect_shape_error(
+      [&] {
+        multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, {0.9, 0.0}, st);
+      },
+      fn + "gamma must be in (0, 1], got 0");
   std::vector<RetentionState<double>> three(3, RetentionState<double>(3, 2));
-  expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, g, three); },
-                     fn + "states has 3 states, expected batch * heads = 2");
+  expect_shape_error(
+      [&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, g, three); },
+      fn + "states has 3 states, expected batch * heads = 2");
   std::vector<RetentionState<double>> wrong(2, RetentionState<double>(2, 2));
-  expect_shape_error([&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, g, wrong); },
-                     fn + "states[0].S is [2 x 2], expected [3 x 2]");
+  expect_shape_error(
+      [&] { multi_head_step(q.data(), k.data(), v.data(), out.data(), 1, 2, 3, 2, g, wrong); },
+      fn + "states[0].S is [2 x 2], expected [3 x 2]");
   // The states are untouched by a rejected call.
   for (const auto& x : st) EXPECT_EQ(x.position, 0);
 }

@@ -44,15 +44,19 @@ TYPED_TEST(NormsTest, GroupNormsMatchLoops) {
     Index rows, group, groups;
     double eps;
   };
-  for (const Case c : {Case{1, 1, 1, 1e-6}, Case{3, 4, 2, 1e-6}, Case{5, 7, 3, 0.0}, Case{2, 64, 4, 1e-5}, Case{4, 3, 1, 0.5}}) {
-    const Matrix<T> x = random_matrix<T>(c.rows, c.group * c.groups, std::uint64_t(c.group * 7 + c.groups), 3.0);
+  for (const Case c : {Case{1, 1, 1, 1e-6}, Case{3, 4, 2, 1e-6}, Case{5, 7, 3, 0.0},
+                       Case{2, 64, 4, 1e-5}, Case{4, 3, 1, 0.5}}) {
+    const Matrix<T> x =
+        random_matrix<T>(c.rows, c.group * c.groups, std::uint64_t(c.group * 7 + c.groups), 3.0);
     const Mat xd = x.template cast<double>();
     Matrix<T> a = x, b = x;
     retention::rms_norm_groups(a, c.group, c.eps);
     retention::layer_norm_groups(b, c.group, c.eps);
-    EXPECT_LE(relative_error(a, norm_reference(xd, c.group, c.eps, false)), spec_tolerance<T>()) << c.group;
+    EXPECT_LE(relative_error(a, norm_reference(xd, c.group, c.eps, false)), spec_tolerance<T>())
+        << c.group;
     if (c.group > 1 || c.eps > 0) {  // LayerNorm of a 1-wide group at eps = 0 is 0/0
-      EXPECT_LE(relative_error(b, norm_reference(xd, c.group, c.eps, true)), spec_tolerance<T>()) << c.group;
+      EXPECT_LE(relative_error(b, norm_reference(xd, c.group, c.eps, true)), spec_tolerance<T>())
+          << c.group;
     }
   }
 }
@@ -71,7 +75,9 @@ TEST(Norms, GroupOfOneAndConstantRows) {
   const Mat orig = big;
   retention::rms_norm_groups(big.middleCols(2, 4), 2, 1e-6);
   EXPECT_EQ(big.leftCols(2), orig.leftCols(2));
-  EXPECT_LE(relative_error(big.middleCols(2, 4), norm_reference(orig.middleCols(2, 4), 2, 1e-6, false)), 1e-14);
+  EXPECT_LE(
+      relative_error(big.middleCols(2, 4), norm_reference(orig.middleCols(2, 4), 2, 1e-6, false)),
+      1e-14);
 }
 
 TYPED_TEST(NormsTest, LayerNormWithAffine) {
@@ -92,7 +98,8 @@ TEST(Norms, Errors) {
                      "rms_norm_groups: x is [2 x 6], columns not a multiple of group 4");
   expect_shape_error([&] { retention::layer_norm_groups(x, 0, 1e-6); },
                      "layer_norm_groups: x is [2 x 6], columns not a multiple of group 0");
-  expect_shape_error([&] { retention::rms_norm_groups(x, 3, -1e-3); }, "rms_norm_groups: eps must be >= 0");
+  expect_shape_error([&] { retention::rms_norm_groups(x, 3, -1e-3); },
+                     "rms_norm_groups: eps must be >= 0");
   expect_shape_error([&] { retention::layer_norm_groups(x, 3, std::nan("")); }, "eps must be >= 0");
   const retention::Vector<double> w5 = retention::Vector<double>::Ones(5);
   const retention::Vector<double> w6 = retention::Vector<double>::Ones(6);

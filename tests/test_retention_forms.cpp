@@ -2,7 +2,8 @@
 // naive double reference and against each other, over T, chunk, (dk, dv), gamma and normalisation.
 //
 // What runs (every listed value is covered in float AND double):
-// - T in {1, 2, 3, 17, 64, 257, 1000} x (dk, dv) in {(1,1), (2,3), (16,16), (64,128)}: one test each;
+// - T in {1, 2, 3, 17, 64, 257, 1000} x (dk, dv) in {(1,1), (2,3), (16,16), (64,128)}: one test
+// each;
 // - inside a test: every normalisation, both scalar types, the parallel and recurrent forms and the
 //   chunkwise form for chunk in {1, 3, 16, 64, T, 2T} (duplicates dropped);
 // - gammas {0.5, retnet h = 0..31, 1.0} for every T <= 257; T = 1000 runs the subset
@@ -11,10 +12,10 @@
 //   state (S, z, position), so both the plain and the carried-in path run everywhere;
 // - the final state (S, z, position) of every form is checked against the reference too.
 // Tolerances (SPEC 6): 1e-12 double, 1e-5 float. SPEC 1: where a float form multiplies its state by
-// a per-step factor f (gamma for the recurrent form, gamma^C for the chunkwise form) that float cannot
-// apply faithfully (f not a float, or a float within 2^-20 of 1, see drift_allowance), the state
-// drifts by about min(steps, 1/(1 - f)) * 2^-24 relative; only there the float bound widens by twice
-// that, and the same case also runs with a double state, which must meet 1e-5.
+// a per-step factor f (gamma for the recurrent form, gamma^C for the chunkwise form) that float
+// cannot apply faithfully (f not a float, or a float within 2^-20 of 1, see drift_allowance), the
+// state drifts by about min(steps, 1/(1 - f)) * 2^-24 relative; only there the float bound widens
+// by twice that, and the same case also runs with a double state, which must meet 1e-5.
 #include <retention/chunkwise.hpp>
 #include <retention/decay.hpp>
 #include <retention/parallel.hpp>
@@ -84,10 +85,10 @@ std::vector<Index> chunks_for(Index T) {
 
 /// Worst relative errors seen, for the closing summary (meaningful when the binary runs whole).
 struct Worst {
-  double vs_reference = 0.0;       // every form vs the reference, cases held to the plain SPEC bound
-  double between_forms = 0.0;      // forms against each other, same cases
-  double drift_vs_reference = 0.0; // float only: cases with the widened SPEC 1 bound
-  double wide_state = 0.0;         // float inputs with a double state, those same cases
+  double vs_reference = 0.0;   // every form vs the reference, cases held to the plain SPEC bound
+  double between_forms = 0.0;  // forms against each other, same cases
+  double drift_vs_reference = 0.0;  // float only: cases with the widened SPEC 1 bound
+  double wide_state = 0.0;          // float inputs with a double state, those same cases
   long cases = 0;
 };
 Worst g_worst[2];  // [0] float, [1] double
@@ -106,7 +107,8 @@ Worst& worst_of() {
 double drift_allowance(double factor, Index steps) {
   const bool exact_in_float = static_cast<double>(static_cast<float>(factor)) == factor;
   if (exact_in_float && !(factor < 1.0 && 1.0 - factor <= std::ldexp(1.0, -20))) return 0.0;
-  const double memory = factor < 1.0 ? 1.0 / (1.0 - factor) : std::numeric_limits<double>::infinity();
+  const double memory =
+      factor < 1.0 ? 1.0 / (1.0 - factor) : std::numeric_limits<double>::infinity();
   return 2.0 * std::min(static_cast<double>(steps), memory) * std::ldexp(1.0, -24);
 }
 
@@ -148,8 +150,9 @@ Matrix<double> run_and_check(const std::string& what, Run&& run, const Matrix<do
 }
 
 template <class T>
-void check_forms(const Matrix<double>& Qd, const Matrix<double>& Kd, const Matrix<double>& Vd, double gamma,
-                 const ref::State* init, const ref::Raw& raw, Normalization norm, const std::string& label) {
+void check_forms(const Matrix<double>& Qd, const Matrix<double>& Kd, const Matrix<double>& Vd,
+                 double gamma, const ref::State* init, const ref::Raw& raw, Normalization norm,
+                 const std::string& label) {
   const Matrix<T> Q = Qd.cast<T>(), K = Kd.cast<T>(), V = Vd.cast<T>();
   const Index T_len = Q.rows();
   const Matrix<double> expected = ref::normalize(raw, norm);
@@ -175,7 +178,8 @@ void check_forms(const Matrix<double>& Qd, const Matrix<double>& Kd, const Matri
       opt.normalization = norm;
       return retention::parallel_retention(Q, K, V, decay, opt);
     };
-    record("parallel", run_and_check<T>(label + " parallel", run, expected, raw.final_state, init, base, &err),
+    record("parallel",
+           run_and_check<T>(label + " parallel", run, expected, raw.final_state, init, base, &err),
            base);
   }
   {
@@ -186,10 +190,12 @@ void check_forms(const Matrix<double>& Qd, const Matrix<double>& Kd, const Matri
       return retention::recurrent_retention(Q, K, V, decay, opt);
     };
     record("recurrent",
-           run_and_check<T>(label + " recurrent", run, expected, raw.final_state, init, base + extra, &err),
+           run_and_check<T>(label + " recurrent", run, expected, raw.final_state, init,
+                            base + extra, &err),
            base + extra);
     if (extra > 0.0) {
-      run_and_check<double>(label + " recurrent, double state", run, expected, raw.final_state, init, base, &err);
+      run_and_check<double>(label + " recurrent, double state", run, expected, raw.final_state,
+                            init, base, &err);
       w.wide_state = std::max(w.wide_state, err);
     }
   }
@@ -203,11 +209,13 @@ void check_forms(const Matrix<double>& Qd, const Matrix<double>& Kd, const Matri
       return retention::chunkwise_retention(Q, K, V, decay, chunk, opt);
     };
     const std::string name = "chunkwise C=" + std::to_string(chunk);
-    record(name, run_and_check<T>(label + " " + name, run, expected, raw.final_state, init, base + extra, &err),
+    record(name,
+           run_and_check<T>(label + " " + name, run, expected, raw.final_state, init, base + extra,
+                            &err),
            base + extra);
     if (extra > 0.0) {
-      run_and_check<double>(label + " " + name + ", double state", run, expected, raw.final_state, init, base,
-                            &err);
+      run_and_check<double>(label + " " + name + ", double state", run, expected, raw.final_state,
+                            init, base, &err);
       w.wide_state = std::max(w.wide_state, err);
     }
   }
@@ -218,7 +226,8 @@ void check_forms(const Matrix<double>& Qd, const Matrix<double>& Kd, const Matri
       const double e = relative_error(results[b].out, results[a].out);
       EXPECT_LE(e, results[a].tolerance + results[b].tolerance)
           << label << " " << results[b].name << " vs " << results[a].name;
-      if (!results[a].widened && !results[b].widened) w.between_forms = std::max(w.between_forms, e);
+      if (!results[a].widened && !results[b].widened)
+        w.between_forms = std::max(w.between_forms, e);
     }
   ++w.cases;
 }
@@ -228,8 +237,8 @@ class RetentionFormsSweep : public ::testing::TestWithParam<std::tuple<Index, st
 TEST_P(RetentionFormsSweep, AllFormsMatchReferenceAndEachOther) {
   const Index T = std::get<0>(GetParam());
   const Dims d = kDims[std::get<1>(GetParam())];
-  // Entries uniform in [-s, s] with s^2 ~ 3 / sqrt(dk): the decay-normalised score row sums r_n then
-  // have a spread near 1, so decay_and_score both clamps (|r| < 1) and divides (|r| > 1).
+  // Entries uniform in [-s, s] with s^2 ~ 3 / sqrt(dk): the decay-normalised score row sums r_n
+  // then have a spread near 1, so decay_and_score both clamps (|r| < 1) and divides (|r| > 1).
   const double s = std::sqrt(3.0 / std::sqrt(static_cast<double>(d.dk)));
   const std::uint64_t seed = static_cast<std::uint64_t>(T * 131 + d.dk * 7 + d.dv);
   // Float-representable values, so that float and double runs share one double reference.
@@ -247,7 +256,8 @@ TEST_P(RetentionFormsSweep, AllFormsMatchReferenceAndEachOther) {
     const double gamma = gammas[gi];
     const ref::State* init_ptr = gi % 2 == 1 ? &init : nullptr;
     const ref::Raw raw = ref::raw(Q, K, V, gamma, init_ptr);
-    for (Index n = 0; n < T; ++n) (std::abs(ref::normalized_score(raw, n)) > 1.0 ? clamped : unclamped) += 1;
+    for (Index n = 0; n < T; ++n)
+      (std::abs(ref::normalized_score(raw, n)) > 1.0 ? clamped : unclamped) += 1;
     for (Normalization norm : kNormalizations) {
       std::ostringstream os;
       os.precision(17);
@@ -269,11 +279,12 @@ TEST_P(RetentionFormsSweep, AllFormsMatchReferenceAndEachOther) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Sweep, RetentionFormsSweep,
-                         ::testing::Combine(::testing::ValuesIn(kTimes), ::testing::Values(0, 1, 2, 3)),
+                         ::testing::Combine(::testing::ValuesIn(kTimes),
+                                            ::testing::Values(0, 1, 2, 3)),
                          [](const ::testing::TestParamInfo<std::tuple<Index, std::size_t>>& p) {
                            const Dims d = kDims[std::get<1>(p.param)];
-                           return "T" + std::to_string(std::get<0>(p.param)) + "_dk" + std::to_string(d.dk) +
-                                  "_dv" + std::to_string(d.dv);
+                           return "T" + std::to_string(std::get<0>(p.param)) + "_dk" +
+                                  std::to_string(d.dk) + "_dv" + std::to_string(d.dv);
                          });
 
 // The parallel form's query/key blocking: any tile gives the same function.
@@ -293,15 +304,17 @@ TYPED_TEST(ParallelTiles, AnyTileMatchesReference) {
   const RetentionState<T> st = to_state<T>(init);
   for (double gamma : {0.5, 0.96875, 1.0}) {
     const Matrix<double> expected =
-        ref::retention(Q.template cast<double>(), K.template cast<double>(), V.template cast<double>(), gamma,
-                       Normalization::decay_and_score, &init);
+        ref::retention(Q.template cast<double>(), K.template cast<double>(),
+                       V.template cast<double>(), gamma, Normalization::decay_and_score, &init);
     for (Index tile : {0, 1, 3, 7, 16, 49, 50, 100}) {
       RetentionOptions<T> opt;
       opt.normalization = Normalization::decay_and_score;
       opt.initial_state = &st;
       opt.tile = tile;
-      EXPECT_LE(relative_error(retention::parallel_retention(Q, K, V, retention::CausalDecay(gamma), opt), expected),
-                spec_tolerance<T>())
+      EXPECT_LE(
+          relative_error(retention::parallel_retention(Q, K, V, retention::CausalDecay(gamma), opt),
+                         expected),
+          spec_tolerance<T>())
           << "tile " << tile << " gamma " << gamma;
     }
   }
@@ -321,10 +334,9 @@ TYPED_TEST(RetentionExpressions, BlocksAndIntoVariantsMatchReference) {
   const auto K = qkv.middleCols(dk, dk);
   const auto V = qkv.rightCols(dv);
   const double gamma = 0.9;
-  const Matrix<double> expected = ref::retention(Matrix<double>(Q.template cast<double>()),
-                                                 Matrix<double>(K.template cast<double>()),
-                                                 Matrix<double>(V.template cast<double>()), gamma,
-                                                 Normalization::decay);
+  const Matrix<double> expected = ref::retention(
+      Matrix<double>(Q.template cast<double>()), Matrix<double>(K.template cast<double>()),
+      Matrix<double>(V.template cast<double>()), gamma, Normalization::decay);
   const retention::CausalDecay decay(gamma);
   RetentionOptions<T> opt;
   opt.normalization = Normalization::decay;
@@ -347,18 +359,19 @@ class SweepSummary : public ::testing::Environment {
     for (int i = 0; i < 2; ++i) {
       const Worst& w = g_worst[i];
       if (w.cases == 0) continue;
-      std::cout << "[sweep] " << names[i] << ": cases " << w.cases << ", worst vs reference " << w.vs_reference
-                << ", worst between forms " << w.between_forms;
+      std::cout << "[sweep] " << names[i] << ": cases " << w.cases << ", worst vs reference "
+                << w.vs_reference << ", worst between forms " << w.between_forms;
       if (i == 0)
         std::cout << ", worst where SPEC 1 drift applies " << w.drift_vs_reference
                   << ", those cases with a double state " << w.wide_state;
       std::cout << "\n";
     }
     if (g_clamped + g_unclamped > 0)
-      std::cout << "[sweep] decay_and_score rows with |r| > 1: " << g_clamped << ", with |r| <= 1: " << g_unclamped
-                << "\n";
+      std::cout << "[sweep] decay_and_score rows with |r| > 1: " << g_clamped
+                << ", with |r| <= 1: " << g_unclamped << "\n";
   }
 };
-[[maybe_unused]] ::testing::Environment* const kSummary = ::testing::AddGlobalTestEnvironment(new SweepSummary);
+[[maybe_unused]] ::testing::Environment* const kSummary =
+    ::testing::AddGlobalTestEnvironment(new SweepSummary);
 
 }  // namespace

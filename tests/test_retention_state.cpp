@@ -5,6 +5,7 @@
 #include <retention/decay.hpp>
 #include <retention/parallel.hpp>
 #include <retention/recurrent.hpp>
+#include <retention/retention_state.hpp>
 
 #include "reference/retention_reference.hpp"
 #include "support/test_support.hpp"
@@ -34,7 +35,8 @@ using retention_test::relative_error;
 using retention_test::spec_tolerance;
 
 const Form kForms[] = {Form::parallel, Form::recurrent, Form::chunkwise};
-// These tests run thousands of small products: Eigen's own OpenMP GEMM threading only adds spinning.
+// These tests run thousands of small products: Eigen's own OpenMP GEMM threading only adds
+// spinning.
 [[maybe_unused]] const int kSerialEigen = (Eigen::setNbThreads(1), 0);
 
 const Normalization kNormalizations[] = {Normalization::none, Normalization::decay,
@@ -42,15 +44,19 @@ const Normalization kNormalizations[] = {Normalization::none, Normalization::dec
 
 /// One call of `form` on rows [begin, begin + len) with state scalar S.
 template <class S, class T>
-Matrix<T> run_form(Form form, const Matrix<T>& Q, const Matrix<T>& K, const Matrix<T>& V, Index begin, Index len,
-                   const CausalDecay& decay, Index chunk, const RetentionOptions<S>& opt) {
+Matrix<T> run_form(Form form, const Matrix<T>& Q, const Matrix<T>& K, const Matrix<T>& V,
+                   Index begin, Index len, const CausalDecay& decay, Index chunk,
+                   const RetentionOptions<S>& opt) {
   const auto q = Q.middleRows(begin, len);
   const auto k = K.middleRows(begin, len);
   const auto v = V.middleRows(begin, len);
   switch (form) {
-    case Form::parallel: return retention::parallel_retention(q, k, v, decay, opt);
-    case Form::recurrent: return retention::recurrent_retention(q, k, v, decay, opt);
-    case Form::chunkwise: break;
+    case Form::parallel:
+      return retention::parallel_retention(q, k, v, decay, opt);
+    case Form::recurrent:
+      return retention::recurrent_retention(q, k, v, decay, opt);
+    case Form::chunkwise:
+      break;
   }
   return retention::chunkwise_retention(q, k, v, decay, chunk, opt);
 }
@@ -106,8 +112,9 @@ TYPED_TEST(RetentionStateTest, HandOffBetweenAnyTwoFormsEqualsOnePass) {
           for (Form second : kForms)
             for (Index split : {Index(1), Index(7), Index(20), len - 1}) {
               const std::string what = std::string(retention::to_string(first)) + " then " +
-                                       retention::to_string(second) + " at " + std::to_string(split) + " " +
-                                       retention::to_string(norm) + (with_init ? " from a state" : "");
+                                       retention::to_string(second) + " at " +
+                                       std::to_string(split) + " " + retention::to_string(norm) +
+                                       (with_init ? " from a state" : "");
               RetentionState<T> mid, fin;
               RetentionOptions<T> o1;
               o1.normalization = norm;
@@ -120,7 +127,8 @@ TYPED_TEST(RetentionStateTest, HandOffBetweenAnyTwoFormsEqualsOnePass) {
               o2.normalization = norm;
               o2.initial_state = &mid;
               o2.final_state = &fin;
-              out.bottomRows(len - split) = run_form<T>(second, Q, K, V, split, len - split, decay, chunk, o2);
+              out.bottomRows(len - split) =
+                  run_form<T>(second, Q, K, V, split, len - split, decay, chunk, o2);
               EXPECT_LE(relative_error(out, expected), spec_tolerance<T>()) << what;
               EXPECT_LE(relative_error(fin.S, raw.final_state.S), spec_tolerance<T>()) << what;
               EXPECT_LE(relative_error(fin.z, raw.final_state.z), spec_tolerance<T>()) << what;
@@ -148,7 +156,8 @@ TYPED_TEST(RetentionStateTest, ThreeSegmentsThroughThreeForms) {
   opt.final_state = &st;  // aliasing: each call continues the same state object
   Matrix<T> out(len, dv);
   out.topRows(16) = run_form<T>(Form::chunkwise, Q, K, V, 0, 16, decay, 5, opt);
-  out.row(16) = retention::retention_step(Q.row(16), K.row(16), V.row(16), decay, st, Normalization::decay_and_score);
+  out.row(16) = retention::retention_step(Q.row(16), K.row(16), V.row(16), decay, st,
+                                          Normalization::decay_and_score);
   out.bottomRows(16) = run_form<T>(Form::parallel, Q, K, V, 17, 16, decay, 5, opt);
   EXPECT_LE(relative_error(out, expected), spec_tolerance<T>());
   EXPECT_EQ(st.position, in.init.position + len);
@@ -203,8 +212,10 @@ TYPED_TEST(RetentionStateTest, StepLoopEqualsRecurrentAndDecodesAfterPrefill) {
 
       RetentionState<T> st = init;
       Matrix<T> steps(len, dv);
-      for (Index t = 0; t < len; ++t) steps.row(t) = retention::retention_step(Q.row(t), K.row(t), V.row(t), decay, st, norm);
-      EXPECT_LE(relative_error(steps, rec), spec_tolerance<T>()) << gamma << " " << retention::to_string(norm);
+      for (Index t = 0; t < len; ++t)
+        steps.row(t) = retention::retention_step(Q.row(t), K.row(t), V.row(t), decay, st, norm);
+      EXPECT_LE(relative_error(steps, rec), spec_tolerance<T>())
+          << gamma << " " << retention::to_string(norm);
       EXPECT_LE(relative_error(st.S, rec_final.S), spec_tolerance<T>());
       EXPECT_LE(relative_error(st.z, rec_final.z), spec_tolerance<T>());
       EXPECT_EQ(st.position, rec_final.position);
@@ -217,9 +228,12 @@ TYPED_TEST(RetentionStateTest, StepLoopEqualsRecurrentAndDecodesAfterPrefill) {
       pre.initial_state = &init;
       pre.final_state = &dec;
       Matrix<T> out(len, dv);
-      out.topRows(20) = retention::parallel_retention(Q.topRows(20), K.topRows(20), V.topRows(20), decay, pre);
-      for (Index t = 20; t < len; ++t) out.row(t) = retention::retention_step(Q.row(t), K.row(t), V.row(t), decay, dec, norm);
-      EXPECT_LE(relative_error(out, expected), spec_tolerance<T>()) << gamma << " " << retention::to_string(norm);
+      out.topRows(20) =
+          retention::parallel_retention(Q.topRows(20), K.topRows(20), V.topRows(20), decay, pre);
+      for (Index t = 20; t < len; ++t)
+        out.row(t) = retention::retention_step(Q.row(t), K.row(t), V.row(t), decay, dec, norm);
+      EXPECT_LE(relative_error(out, expected), spec_tolerance<T>())
+          << gamma << " " << retention::to_string(norm);
     }
   }
 }
@@ -232,7 +246,8 @@ TYPED_TEST(RetentionStateTest, SingleTokenAndUnitDims) {
   for (double gamma : {0.5, 1.0}) {
     const CausalDecay decay(gamma);
     ref::State ref_final;
-    const Matrix<double> expected = ref::retention(in.Q, in.K, in.V, gamma, Normalization::decay_and_score, &in.init, &ref_final);
+    const Matrix<double> expected = ref::retention(
+        in.Q, in.K, in.V, gamma, Normalization::decay_and_score, &in.init, &ref_final);
     const RetentionState<T> init = to_state<T>(in.init);
     for (Form form : kForms) {
       RetentionState<T> fin;
@@ -240,7 +255,8 @@ TYPED_TEST(RetentionStateTest, SingleTokenAndUnitDims) {
       opt.normalization = Normalization::decay_and_score;
       opt.initial_state = &init;
       opt.final_state = &fin;
-      EXPECT_LE(relative_error(run_form<T>(form, Q, K, V, 0, 1, decay, 3, opt), expected), spec_tolerance<T>());
+      EXPECT_LE(relative_error(run_form<T>(form, Q, K, V, 0, 1, decay, 3, opt), expected),
+                spec_tolerance<T>());
       EXPECT_LE(relative_error(fin.S, ref_final.S), spec_tolerance<T>());
       EXPECT_EQ(fin.position, in.init.position + 1);
     }
@@ -257,7 +273,8 @@ TEST(WideState, DoubleStateForFloatInputs) {
   for (double gamma : {1.0 - std::ldexp(1.0, -24), 1.0 - std::ldexp(1.0, -26)}) {
     const CausalDecay decay(gamma);
     ref::State ref_final;
-    const Matrix<double> expected = ref::retention(in.Q, in.K, in.V, gamma, Normalization::decay, &in.init, &ref_final);
+    const Matrix<double> expected =
+        ref::retention(in.Q, in.K, in.V, gamma, Normalization::decay, &in.init, &ref_final);
     const RetentionState<double> init = to_state<double>(in.init);
     for (Form form : kForms) {
       RetentionState<double> fin;
@@ -275,7 +292,8 @@ TEST(WideState, DoubleStateForFloatInputs) {
       of.normalization = Normalization::decay;
       of.initial_state = &init_f;
       std::cout << "[wide state] gamma 1-" << 1.0 - gamma << " " << retention::to_string(form)
-                << ": float state " << relative_error(run_form<float>(form, Q, K, V, 0, len, decay, 16, of), expected)
+                << ": float state "
+                << relative_error(run_form<float>(form, Q, K, V, 0, len, decay, 16, of), expected)
                 << ", double state " << relative_error(out, expected) << "\n";
     }
     // Hand-off with a double state: recurrent prefix, chunkwise rest.
@@ -289,7 +307,8 @@ TEST(WideState, DoubleStateForFloatInputs) {
     RetentionOptions<double> o2;
     o2.normalization = Normalization::decay;
     o2.initial_state = &mid;
-    out.bottomRows(len - 1234) = run_form<double>(Form::chunkwise, Q, K, V, 1234, len - 1234, decay, 64, o2);
+    out.bottomRows(len - 1234) =
+        run_form<double>(Form::chunkwise, Q, K, V, 1234, len - 1234, decay, 64, o2);
     EXPECT_LE(relative_error(out, expected), 1e-5);
   }
 }
@@ -308,11 +327,15 @@ TEST(RetentionStateBasics, ConstructionResetAndChecks) {
   EXPECT_TRUE(st.S.isZero(0) && st.z.isZero(0));
   EXPECT_EQ(st.position, 0);
   EXPECT_EQ(st.key_dim(), 3);
-  expect_shape_error([] { RetentionState<double> s(0, 3); }, "RetentionState: dk must be >= 1, got 0");
-  expect_shape_error([] { RetentionState<double> s(2, 0); }, "RetentionState: dv must be >= 1, got 0");
+  expect_shape_error([] { RetentionState<double> s(0, 3); },
+                     "RetentionState: dk must be >= 1, got 0");
+  expect_shape_error([] { RetentionState<double> s(2, 0); },
+                     "RetentionState: dv must be >= 1, got 0");
   // Negative sizes are rejected before anything is allocated.
-  expect_shape_error([] { RetentionState<double> s(2, -1); }, "RetentionState: dv must be >= 1, got -1");
-  expect_shape_error([] { RetentionState<float> s(-4, 2); }, "RetentionState: dk must be >= 1, got -4");
+  expect_shape_error([] { RetentionState<double> s(2, -1); },
+                     "RetentionState: dv must be >= 1, got -1");
+  expect_shape_error([] { RetentionState<float> s(-4, 2); },
+                     "RetentionState: dk must be >= 1, got -4");
 }
 
 // A final state of any prior shape is overwritten with the right one.
@@ -342,7 +365,8 @@ TEST(RetentionStateBasics, StepTakesRowsOfColumnMajorMatrices) {
   const retention::CausalDecay decay(0.875);
   RetentionState<double> st(3, 2);
   Matrix<double> stepped(6, 2);
-  for (Index t = 0; t < 6; ++t) stepped.row(t) = retention::retention_step(Q.row(t), K.row(t), V.row(t), decay, st);
+  for (Index t = 0; t < 6; ++t)
+    stepped.row(t) = retention::retention_step(Q.row(t), K.row(t), V.row(t), decay, st);
   const Matrix<double> expected = retention::recurrent_retention(Q, K, V, decay);
   EXPECT_LE(relative_error(stepped, expected), 1e-15);
   EXPECT_EQ(st.position, 6);

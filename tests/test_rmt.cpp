@@ -1,5 +1,5 @@
-// The RMT attention layer (SPEC 4): LCE against a naive convolution loop, the whole layer against the
-// naive double reference in both modes, batching, weight loading and bad input.
+// The RMT attention layer (SPEC 4): LCE against a naive convolution loop, the whole layer against
+// the naive double reference in both modes, batching, weight loading and bad input.
 #include <retention/rmt.hpp>
 
 #include "reference/rmt_reference.hpp"
@@ -25,16 +25,20 @@ template <class T>
 class RmtTest : public ::testing::Test {};
 TYPED_TEST_SUITE(RmtTest, retention_test::ScalarTypes);
 
-std::vector<double> flat(const Mat& m) { return std::vector<double>(m.data(), m.data() + m.size()); }
+std::vector<double> flat(const Mat& m) {
+  return std::vector<double>(m.data(), m.data() + m.size());
+}
 
-// Random torch-layout weights, loaded into the layer from raw double arrays and kept for the reference.
+// Random torch-layout weights, loaded into the layer from raw double arrays and kept for the
+// reference.
 template <class T>
 rmt_reference::LayerParams load_random(ManhattanAttention<T>& layer, std::uint64_t seed) {
   const Index C = layer.embed_dim(), Cv = layer.value_dim();
   rmt_reference::LayerParams p;
   p.heads = layer.heads();
   p.gammas = layer.gammas();
-  // Weights are rounded through T first, so float and double layers see exactly the reference's values.
+  // Weights are rounded through T first, so float and double layers see exactly the reference's
+  // values.
   const auto draw = [&](Index r, Index c, double scale) {
     return Mat(random_matrix<T>(r, c, ++seed, scale).template cast<double>());
   };
@@ -72,8 +76,10 @@ TYPED_TEST(RmtTest, LceMatchesNaiveConvolutionIncludingBorders) {
     const Mat bd = b.template cast<double>();
     const std::vector<double> bflat(bd.data(), bd.data() + bd.size());
     for (Index img = 0; img < 2; ++img) {
-      const Mat ref = rmt_reference::lce(v.middleRows(img * H * W, H * W).template cast<double>(), H, W, wflat, bflat);
-      EXPECT_LE(relative_error(got.middleRows(img * H * W, H * W), ref), spec_tolerance<T>()) << H << "x" << W;
+      const Mat ref = rmt_reference::lce(v.middleRows(img * H * W, H * W).template cast<double>(),
+                                         H, W, wflat, bflat);
+      EXPECT_LE(relative_error(got.middleRows(img * H * W, H * W), ref), spec_tolerance<T>())
+          << H << "x" << W;
     }
   }
 }
@@ -84,7 +90,8 @@ TYPED_TEST(RmtTest, LayerMatchesReference) {
     Index embed_dim, heads, value_factor, height, width;
     double heads_range;
   };
-  const Case cases[] = {{8, 2, 1, 4, 5, 4.0}, {12, 3, 2, 7, 7, 6.0}, {4, 1, 1, 1, 1, 4.0}, {16, 4, 1, 3, 8, 5.0}};
+  const Case cases[] = {
+      {8, 2, 1, 4, 5, 4.0}, {12, 3, 2, 7, 7, 6.0}, {4, 1, 1, 1, 1, 4.0}, {16, 4, 1, 3, 8, 5.0}};
   std::uint64_t seed = 2000;
   for (const Case& c : cases) {
     ManhattanAttentionConfig cfg;
@@ -101,7 +108,8 @@ TYPED_TEST(RmtTest, LayerMatchesReference) {
     for (RmtMode mode : {RmtMode::full, RmtMode::decomposed}) {
       const Mat ref = rmt_reference::layer(xd, c.height, c.width, p, mode == RmtMode::decomposed);
       EXPECT_LE(relative_error(layer.forward(x, c.height, c.width, mode), ref), spec_tolerance<T>())
-          << c.embed_dim << "/" << c.heads << " " << c.height << "x" << c.width << " " << retention::to_string(mode);
+          << c.embed_dim << "/" << c.heads << " " << c.height << "x" << c.width << " "
+          << retention::to_string(mode);
     }
   }
 }
@@ -119,7 +127,8 @@ TYPED_TEST(RmtTest, BatchEqualsPerImage) {
   for (RmtMode mode : {RmtMode::full, RmtMode::decomposed}) {
     const Matrix<T> all = layer.forward(x, B, H, W, mode);
     for (Index b = 0; b < B; ++b)
-      EXPECT_LE(relative_error(all.middleRows(b * N, N), layer.forward(x.middleRows(b * N, N), H, W, mode)),
+      EXPECT_LE(relative_error(all.middleRows(b * N, N),
+                               layer.forward(x.middleRows(b * N, N), H, W, mode)),
                 spec_tolerance<T>());
   }
 }
@@ -134,7 +143,8 @@ TYPED_TEST(RmtTest, ZeroQueryFullEqualsDecomposed) {
   layer.init_random(11);
   layer.load_q_proj(Matrix<T>::Zero(16, 16), Matrix<T>::Zero(1, 16));
   const Matrix<T> x = random_matrix<T>(6 * 7, 16, 3100);
-  EXPECT_LE(relative_error(layer.forward(x, 6, 7, RmtMode::full), layer.forward(x, 6, 7, RmtMode::decomposed)),
+  EXPECT_LE(relative_error(layer.forward(x, 6, 7, RmtMode::full),
+                           layer.forward(x, 6, 7, RmtMode::decomposed)),
             spec_tolerance<T>());
 }
 
@@ -168,26 +178,34 @@ TYPED_TEST(RmtTest, ShapeErrors) {
   ManhattanAttentionConfig cfg;
   cfg.embed_dim = 10;
   cfg.heads = 4;
-  expect_shape_error([&] { ManhattanAttention<T> l(cfg); }, "ManhattanAttention: embed_dim 10 is not divisible by heads 4");
+  expect_shape_error([&] { ManhattanAttention<T> l(cfg); },
+                     "ManhattanAttention: embed_dim 10 is not divisible by heads 4");
   cfg.heads = 2;  // dk = 5
-  expect_shape_error([&] { ManhattanAttention<T> l(cfg); }, "ManhattanAttention: head dim 5 is odd");
+  expect_shape_error([&] { ManhattanAttention<T> l(cfg); },
+                     "ManhattanAttention: head dim 5 is odd");
   cfg.embed_dim = 8;
   cfg.initial_value = 0.0;
-  expect_shape_error([&] { ManhattanAttention<T> l(cfg); }, "rmt_gammas: initial_value must be > 0");
+  expect_shape_error([&] { ManhattanAttention<T> l(cfg); },
+                     "rmt_gammas: initial_value must be > 0");
   cfg.initial_value = 2.0;
   cfg.tile.key_tile = 0;
-  expect_shape_error([&] { ManhattanAttention<T> l(cfg); }, "ManhattanAttention: key_tile must be >= 1");
+  expect_shape_error([&] { ManhattanAttention<T> l(cfg); },
+                     "ManhattanAttention: key_tile must be >= 1");
   cfg.tile.key_tile = 64;
   ManhattanAttention<T> layer(cfg);
   const Matrix<T> x = random_matrix<T>(11, 8, 1);
-  expect_shape_error([&] { layer.forward(x, 3, 4); }, "ManhattanAttention::forward: x is [11 x 8], expected [12 x 8]");
-  expect_shape_error([&] { layer.forward(x, 2, 2, 3); }, "ManhattanAttention::forward: x is [11 x 8], expected [12 x 8]");
+  expect_shape_error([&] { layer.forward(x, 3, 4); },
+                     "ManhattanAttention::forward: x is [11 x 8], expected [12 x 8]");
+  expect_shape_error([&] { layer.forward(x, 2, 2, 3); },
+                     "ManhattanAttention::forward: x is [11 x 8], expected [12 x 8]");
   expect_shape_error([&] { layer.forward(random_matrix<T>(12, 6, 2), 3, 4); },
                      "ManhattanAttention::forward: x is [12 x 6], expected [12 x 8]");
-  expect_shape_error([&] { layer.forward(x, 0, 4); }, "ManhattanAttention::forward: height must be >= 1");
+  expect_shape_error([&] { layer.forward(x, 0, 4); },
+                     "ManhattanAttention::forward: height must be >= 1");
   const std::vector<float> w(63), b(8);
-  expect_shape_error([&] { layer.load_q_proj(w.data(), 63, b.data(), 8); },
-                     "ManhattanAttention::load_q_proj: weight has 63 values, expected [8 x 8] = 64");
+  expect_shape_error(
+      [&] { layer.load_q_proj(w.data(), 63, b.data(), 8); },
+      "ManhattanAttention::load_q_proj: weight has 63 values, expected [8 x 8] = 64");
   expect_shape_error([&] { layer.load_lce(w.data(), 63, b.data(), 8); },
                      "ManhattanAttention::load_lce: weight has 63 values, expected [8 x 25] = 200");
   expect_shape_error([&] { layer.load_out_proj(Matrix<T>::Zero(8, 8), Matrix<T>::Zero(1, 7)); },
@@ -195,8 +213,12 @@ TYPED_TEST(RmtTest, ShapeErrors) {
   expect_shape_error([&] { layer.load_v_proj(Matrix<T>::Zero(8, 9), Matrix<T>::Zero(1, 8)); },
                      "ManhattanAttention::load_v_proj: weight is [8 x 9], expected [8 x 8]");
   const Matrix<T> v = random_matrix<T>(12, 3, 3);
-  expect_shape_error([&] { retention::local_context_enhancement(v, 1, 3, 4, Matrix<T>(Matrix<T>::Zero(3, 24)), Matrix<T>(Matrix<T>::Zero(1, 3))); },
-                     "local_context_enhancement: weight is [3 x 24], expected [3 x 25]");
+  expect_shape_error(
+      [&] {
+        retention::local_context_enhancement(v, 1, 3, 4, Matrix<T>(Matrix<T>::Zero(3, 24)),
+                                             Matrix<T>(Matrix<T>::Zero(1, 3)));
+      },
+      "local_context_enhancement: weight is [3 x 24], expected [3 x 25]");
 }
 
 }  // namespace

@@ -45,12 +45,15 @@ TYPED_TEST(RotationTest, MatchesFormula) {
   struct Case {
     Index head_dim, groups, rows, first;
   };
-  for (const Case c : {Case{2, 1, 1, 0}, Case{2, 3, 5, 7}, Case{4, 2, 9, 0}, Case{8, 1, 4, 1000}, Case{64, 3, 6, 123456}}) {
-    const Matrix<T> x = random_matrix<T>(c.rows, c.head_dim * c.groups, std::uint64_t(c.head_dim * 31 + c.first));
+  for (const Case c : {Case{2, 1, 1, 0}, Case{2, 3, 5, 7}, Case{4, 2, 9, 0}, Case{8, 1, 4, 1000},
+                       Case{64, 3, 6, 123456}}) {
+    const Matrix<T> x =
+        random_matrix<T>(c.rows, c.head_dim * c.groups, std::uint64_t(c.head_dim * 31 + c.first));
     Matrix<T> y = x;
     ThetaShift(c.head_dim).apply(y, c.first);
     const Mat ref = rotate_reference(x.template cast<double>(), c.head_dim, c.first);
-    EXPECT_LE(relative_error(y, ref), spec_tolerance<T>()) << "head_dim " << c.head_dim << " first " << c.first;
+    EXPECT_LE(relative_error(y, ref), spec_tolerance<T>())
+        << "head_dim " << c.head_dim << " first " << c.first;
   }
 }
 
@@ -71,7 +74,8 @@ TYPED_TEST(RotationTest, DotProductDependsOnlyOnOffset) {
   using T = TypeParam;
   for (Index dk : {Index(2), Index(6), Index(32)}) {
     const ThetaShift rot(dk);
-    const Matrix<T> q = random_matrix<T>(1, dk, std::uint64_t(dk)), k = random_matrix<T>(1, dk, std::uint64_t(dk + 1));
+    const Matrix<T> q = random_matrix<T>(1, dk, std::uint64_t(dk)),
+                    k = random_matrix<T>(1, dk, std::uint64_t(dk + 1));
     for (Index n : {Index(0), Index(3), Index(40)})
       for (Index m : {Index(0), Index(5), Index(17)})
         for (Index shift : {Index(1), Index(9), Index(250)}) {
@@ -113,13 +117,18 @@ TYPED_TEST(RotationTest, PairEqualsTwoApplies) {
 
 TEST(Rotation, Errors) {
   expect_shape_error([] { ThetaShift r(3); }, "ThetaShift: head_dim must be even and >= 2");
-  expect_shape_error([] { ThetaShift r(0); }, "head_dim must be even and >= 2 (rotation acts on pairs), got 0");
+  expect_shape_error([] { ThetaShift r(0); },
+                     "head_dim must be even and >= 2 (rotation acts on pairs), got 0");
   const ThetaShift rot(4);
-  Mat x = random_matrix<double>(2, 6, 1), y = random_matrix<double>(3, 4, 2), ok = random_matrix<double>(2, 4, 3);
-  expect_shape_error([&] { rot.apply(x, 0); }, "ThetaShift::apply: x is [2 x 6], columns not a multiple of head_dim 4");
+  Mat x = random_matrix<double>(2, 6, 1), y = random_matrix<double>(3, 4, 2),
+      ok = random_matrix<double>(2, 4, 3);
+  expect_shape_error([&] { rot.apply(x, 0); },
+                     "ThetaShift::apply: x is [2 x 6], columns not a multiple of head_dim 4");
   expect_shape_error([&] { rot.apply(ok, -1); }, "first_position must be >= 0, got -1");
-  expect_shape_error([&] { rot.apply_pair(ok, x, 0); }, "ThetaShift::apply_pair: y is [2 x 6], columns not a multiple");
-  expect_shape_error([&] { rot.apply_pair(ok, y, 0); }, "ThetaShift::apply_pair: y is [3 x 4], expected [2 x *]");
+  expect_shape_error([&] { rot.apply_pair(ok, x, 0); },
+                     "ThetaShift::apply_pair: y is [2 x 6], columns not a multiple");
+  expect_shape_error([&] { rot.apply_pair(ok, y, 0); },
+                     "ThetaShift::apply_pair: y is [3 x 4], expected [2 x *]");
 }
 
 }  // namespace

@@ -65,7 +65,8 @@ ref::Params random_params(const ref::Config& c, std::uint64_t seed) {
     Index n = 1;
     for (Index d : shape) n *= d;
     const bool weight = name.find(".weight") != std::string::npos && shape.size() >= 2;
-    const bool norm_w = name.find("norm") != std::string::npos && name.find(".weight") != std::string::npos;
+    const bool norm_w =
+        name.find("norm") != std::string::npos && name.find(".weight") != std::string::npos;
     const bool scale = name.find(".gamma") != std::string::npos;
     const Index fan_in = weight ? n / shape[0] : 1;
     const double amp = weight ? 1.5 / std::sqrt(static_cast<double>(fan_in)) : 0.3;
@@ -92,11 +93,14 @@ Matrix<T> as_matrix(const ref::Param& p, Index rows, Index cols) {
 }
 template <class T>
 retention::RowVector<T> as_row(const ref::Param& p) {
-  return Eigen::Map<const retention::RowVector<double>>(p.values.data(), static_cast<Index>(p.values.size())).cast<T>();
+  return Eigen::Map<const retention::RowVector<double>>(p.values.data(),
+                                                        static_cast<Index>(p.values.size()))
+      .cast<T>();
 }
 
 template <class T>
-retention::VirRetentionWeights<T> mhr_weights(const ref::Params& P, const std::string& pre, Index C) {
+retention::VirRetentionWeights<T> mhr_weights(const ref::Params& P, const std::string& pre,
+                                              Index C) {
   retention::VirRetentionWeights<T> w;
   w.qkv_weight = as_matrix<T>(P.at(pre + "retention.qkv.weight"), 3 * C, C);
   w.qkv_bias = as_row<T>(P.at(pre + "retention.qkv.bias"));
@@ -106,7 +110,8 @@ retention::VirRetentionWeights<T> mhr_weights(const ref::Params& P, const std::s
 }
 
 template <class T>
-void set_block(retention::VirBlock<T>& b, const ref::Params& P, const std::string& pre, const ref::Config& c) {
+void set_block(retention::VirBlock<T>& b, const ref::Params& P, const std::string& pre,
+               const ref::Config& c) {
   b.retention().weights() = mhr_weights<T>(P, pre, c.dim);
   auto& w = b.weights();
   w.norm1_weight = as_row<T>(P.at(pre + "norm1.weight"));
@@ -126,7 +131,8 @@ template <class T>
 std::vector<double> random_image(Index H, Index W, Index ch, std::uint64_t seed) {
   const Matrix<T> r = random_matrix<T>(1, H * W * ch, seed, 0.5);
   std::vector<double> v(static_cast<std::size_t>(H * W * ch));
-  for (Index i = 0; i < H * W * ch; ++i) v[static_cast<std::size_t>(i)] = static_cast<double>(r(0, i) + T(0.5));
+  for (Index i = 0; i < H * W * ch; ++i)
+    v[static_cast<std::size_t>(i)] = static_cast<double>(r(0, i) + T(0.5));
   return v;
 }
 
@@ -158,10 +164,12 @@ std::vector<std::pair<std::string, VirOptions>> all_runs(Index tokens) {
       {"chunk-major c>T", opts(Form::chunkwise, tokens + 7, VirOrder::chunk_major)},
       {"chunk-major parallel c=4", opts(Form::parallel, 4, VirOrder::chunk_major)},
       {"chunk-major recurrent c=6", opts(Form::recurrent, 6, VirOrder::chunk_major)}};
-  // A chunk that divides the token count (tokens = N + 1 > 1 always has itself; add a proper divisor).
+  // A chunk that divides the token count (tokens = N + 1 > 1 always has itself; add a proper
+  // divisor).
   for (Index d = 2; d < tokens; ++d)
     if (tokens % d == 0) {
-      r.push_back({"chunk-major c=" + std::to_string(d) + " (divides)", opts(Form::chunkwise, d, VirOrder::chunk_major)});
+      r.push_back({"chunk-major c=" + std::to_string(d) + " (divides)",
+                   opts(Form::chunkwise, d, VirOrder::chunk_major)});
       r.push_back({"chunkwise c=" + std::to_string(d) + " (divides)", opts(Form::chunkwise, d)});
       break;
     }
@@ -174,19 +182,24 @@ std::vector<std::pair<std::string, VirOptions>> all_runs(Index tokens) {
 
 TYPED_TEST(Vir, MhrMatchesReference) {
   using T = TypeParam;
-  struct Case { Index dim, heads, T_len; };
-  for (const Case cs : {Case{16, 2, 37}, Case{16, 2, 1}, Case{6, 6, 9}, Case{8, 1, 12}, Case{3, 1, 5}}) {
+  struct Case {
+    Index dim, heads, T_len;
+  };
+  for (const Case cs :
+       {Case{16, 2, 37}, Case{16, 2, 1}, Case{6, 6, 9}, Case{8, 1, 12}, Case{3, 1, 5}}) {
     const ref::Config rc = small_ref(cs.dim, cs.heads, 1);
     const ref::Params P = random_params<T>(rc, 11 + static_cast<std::uint64_t>(cs.dim + cs.heads));
     const retention::VirRetention<T> mhr(cs.dim, cs.heads, mhr_weights<T>(P, "blocks.0.", cs.dim));
-    const Matrix<T> x = random_matrix<T>(cs.T_len, cs.dim, 7 + static_cast<std::uint64_t>(cs.T_len));
+    const Matrix<T> x =
+        random_matrix<T>(cs.T_len, cs.dim, 7 + static_cast<std::uint64_t>(cs.T_len));
     const Matrix<double> expected = ref::mhr(x.template cast<double>(), P, "blocks.0.", rc);
-    for (const VirOptions& o : {opts(Form::parallel), opts(Form::recurrent), opts(Form::chunkwise, 4),
-                                opts(Form::chunkwise, 1), opts(Form::chunkwise, cs.T_len + 5)}) {
+    for (const VirOptions& o :
+         {opts(Form::parallel), opts(Form::recurrent), opts(Form::chunkwise, 4),
+          opts(Form::chunkwise, 1), opts(Form::chunkwise, cs.T_len + 5)}) {
       const Matrix<T> y = mhr.forward(x, o);
       EXPECT_LE(relative_error(y, expected), spec_tolerance<T>())
-          << "dim " << cs.dim << " heads " << cs.heads << " T " << cs.T_len << " " << retention::to_string(o.form)
-          << " chunk " << o.chunk;
+          << "dim " << cs.dim << " heads " << cs.heads << " T " << cs.T_len << " "
+          << retention::to_string(o.form) << " chunk " << o.chunk;
     }
   }
 }
@@ -201,7 +214,8 @@ TYPED_TEST(Vir, MhrGammaOneAndGivenGammas) {
   const Matrix<T> x = random_matrix<T>(21, 4, 3);
   const Matrix<double> expected = ref::mhr(x.template cast<double>(), P, "blocks.0.", rc);
   for (Form f : {Form::parallel, Form::recurrent, Form::chunkwise})
-    EXPECT_LE(relative_error(mhr.forward(x, opts(f, 6)), expected), spec_tolerance<T>()) << retention::to_string(f);
+    EXPECT_LE(relative_error(mhr.forward(x, opts(f, 6)), expected), spec_tolerance<T>())
+        << retention::to_string(f);
   // Default gammas are linspace_gammas(heads).
   EXPECT_EQ(retention::VirRetention<T>(4, 2).gammas(), retention::linspace_gammas(2));
 }
@@ -221,7 +235,8 @@ TYPED_TEST(Vir, MhrStateHandOffAndStep) {
       y.topRows(split) = mhr.forward(x.topRows(split), opts(first, 4), &states);
       ASSERT_EQ(states.size(), 3u);
       EXPECT_EQ(states[0].position, split);
-      y.bottomRows(T_len - split) = mhr.forward(x.bottomRows(T_len - split), opts(second, 5), &states);
+      y.bottomRows(T_len - split) =
+          mhr.forward(x.bottomRows(T_len - split), opts(second, 5), &states);
       EXPECT_EQ(states[2].position, T_len);
       EXPECT_LE(relative_error(y, expected), spec_tolerance<T>())
           << retention::to_string(first) << " then " << retention::to_string(second);
@@ -247,7 +262,8 @@ TYPED_TEST(Vir, BlockMatchesReference) {
     set_block(block, P, "blocks.0.", rc);
     const Matrix<T> x = random_matrix<T>(T_len, 16, 41, 2.0);
     const Matrix<double> expected = ref::block(x.template cast<double>(), P, "blocks.0.", rc);
-    for (const VirOptions& o : {opts(Form::parallel), opts(Form::recurrent), opts(Form::chunkwise, 3)})
+    for (const VirOptions& o :
+         {opts(Form::parallel), opts(Form::recurrent), opts(Form::chunkwise, 3)})
       EXPECT_LE(relative_error(block.forward(x, o), expected), spec_tolerance<T>())
           << "T " << T_len << " " << retention::to_string(o.form);
   }
@@ -259,26 +275,33 @@ TYPED_TEST(Vir, BlockMatchesReference) {
 
 TYPED_TEST(Vir, EncoderMatchesReferenceInEveryForm) {
   using T = TypeParam;
-  const ref::Config rc = small_ref(16, 2, 2, 4);  // 16 x 16 image, patch 4: 16 patches + class token
+  const ref::Config rc =
+      small_ref(16, 2, 2, 4);  // 16 x 16 image, patch 4: 16 patches + class token
   const ref::Params P = random_params<T>(rc, 51);
   retention::VirEncoder<T> enc(to_config(rc), 99);
   load_all(enc, P);
   // The training grid, then other grids (the position embedding is resampled) incl. non-square.
-  struct Size { Index H, W; };
+  struct Size {
+    Index H, W;
+  };
   for (const Size sz : {Size{16, 16}, Size{12, 20}, Size{4, 4}, Size{24, 8}}) {
-    const std::vector<double> img = random_image<T>(sz.H, sz.W, 3, 61 + static_cast<std::uint64_t>(sz.H));
+    const std::vector<double> img =
+        random_image<T>(sz.H, sz.W, 3, 61 + static_cast<std::uint64_t>(sz.H));
     const std::vector<T> img_t = cast_image<T>(img);
     const retention::ImageView<T> view{img_t.data(), sz.H, sz.W, 3};
     const Matrix<double> expected = ref::encoder(img, sz.H, sz.W, P, rc);
     const Index tokens = expected.rows();
     for (const auto& [name, o] : all_runs(tokens)) {
       const Matrix<T> y = enc.forward_tokens(view, o);
-      EXPECT_LE(relative_error(y, expected), spec_tolerance<T>()) << name << " image " << sz.H << "x" << sz.W;
+      EXPECT_LE(relative_error(y, expected), spec_tolerance<T>())
+          << name << " image " << sz.H << "x" << sz.W;
       const retention::RowVector<T> f = enc.forward(view, o);
       EXPECT_LE(relative_error(f, expected.bottomRows(1)), spec_tolerance<T>()) << name;
     }
-    // Input tokens alone (patch embedding with the torch [C, 3, p, p] flattening, position, class last).
-    EXPECT_LE(relative_error(enc.tokens(view, 0, tokens), ref::tokens(img, sz.H, sz.W, P, rc)), spec_tolerance<T>());
+    // Input tokens alone (patch embedding with the torch [C, 3, p, p] flattening, position, class
+    // last).
+    EXPECT_LE(relative_error(enc.tokens(view, 0, tokens), ref::tokens(img, sz.H, sz.W, P, rc)),
+              spec_tolerance<T>());
   }
 }
 
@@ -324,13 +347,16 @@ TEST(VirCausality, ClassTokenAndSinglePatches) {
   }
   // Every single patch reaches the class feature; patches before it are untouched.
   const retention::ImageView<double> view{img.data(), 16, 16, 3};
-  const Matrix<double> base = enc.forward_tokens(view, opts(Form::chunkwise, 5, VirOrder::chunk_major));
+  const Matrix<double> base =
+      enc.forward_tokens(view, opts(Form::chunkwise, 5, VirOrder::chunk_major));
   for (Index n = 0; n < N; ++n) {
     std::vector<double> changed = img;
     const Index gy = n / 4, gx = n % 4;
-    changed[static_cast<std::size_t>(((gy * 4 + 2) * 16 + gx * 4 + 1) * 3 + 1)] += 0.25;  // one pixel of patch n
+    changed[static_cast<std::size_t>(((gy * 4 + 2) * 16 + gx * 4 + 1) * 3 + 1)] +=
+        0.25;  // one pixel of patch n
     const retention::ImageView<double> cview{changed.data(), 16, 16, 3};
-    const Matrix<double> y = enc.forward_tokens(cview, opts(Form::chunkwise, 5, VirOrder::chunk_major));
+    const Matrix<double> y =
+        enc.forward_tokens(cview, opts(Form::chunkwise, 5, VirOrder::chunk_major));
     EXPECT_GT(relative_error(y.bottomRows(1), base.bottomRows(1)), 1e-9) << "patch " << n;
     if (n > 0) {
       EXPECT_TRUE((y.topRows(n).array() == base.topRows(n).array()).all()) << "patch " << n;
@@ -366,7 +392,8 @@ TEST(VirEncoder, LoadParametersRoundTripAndDeterministicInit) {
 }
 
 TEST(VirEncoder, Configs) {
-  const retention::VirConfig s = retention::vir_s16(), b = retention::vir_b16(), l = retention::vir_l16(384);
+  const retention::VirConfig s = retention::vir_s16(), b = retention::vir_b16(),
+                             l = retention::vir_l16(384);
   EXPECT_EQ(s.embed_dim, 384);
   EXPECT_EQ(s.heads, 6);
   EXPECT_EQ(s.depth, 12);
@@ -382,7 +409,8 @@ TEST(VirEncoder, Configs) {
   EXPECT_EQ(l.image_size, 384);
   // ViR-S/16 at 224: the usual ~22M parameters, counted from the shapes.
   const Index C = 384, Hd = 1536;
-  const Index per_block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (Hd * C + Hd) + (C * Hd + C);
+  const Index per_block =
+      4 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (Hd * C + Hd) + (C * Hd + C);
   const Index expected = C * 3 * 16 * 16 + C + 196 * C + C + 12 * per_block + 2 * C;
   EXPECT_EQ(retention::VirEncoder<float>(s).parameter_count(), expected);
 }
@@ -395,15 +423,33 @@ TEST(VirErrors, ImageAndConfig) {
   const ref::Config rc = small_ref(16, 2, 1, 4);
   const retention::VirEncoder<float> enc(to_config(rc));
   const std::vector<float> img(20 * 20 * 4, 0.5f);
-  expect_shape_error([&] { enc.forward(retention::ImageView<float>{img.data(), 18, 16, 3}); },
-                     "VirEncoder::forward: image is [18 x 16 x 3], expected height and width positive multiples of patch_size 4");
-  expect_shape_error([&] { enc.forward_tokens(retention::ImageView<float>{img.data(), 16, 2, 3}); },
-                     "VirEncoder::forward_tokens: image is [16 x 2 x 3], expected height and width positive multiples");
-  expect_shape_error([&] { enc.forward(retention::ImageView<float>{img.data(), 16, 16, 4}); },
-                     "VirEncoder::forward: image is [16 x 16 x 4], expected [H x W x 3]");
-  expect_shape_error([&] { enc.forward(retention::ImageView<float>{nullptr, 16, 16, 3}); }, "null pointer");
-  expect_shape_error([&] { enc.tokens(retention::ImageView<float>{img.data(), 16, 16, 3}, 10, 8); },
-                     "VirEncoder::tokens: rows [10, 18) outside the 17 tokens");
+  expect_shape_error(
+      [&] {
+        enc.forward(retention::ImageView<float>{img.data(), 18, 16, 3});
+      },
+      "VirEncoder::forward: image is [18 x 16 x 3], expected height and width positive multiples "
+      "of patch_size 4");
+  expect_shape_error(
+      [&] {
+        enc.forward_tokens(retention::ImageView<float>{img.data(), 16, 2, 3});
+      },
+      "VirEncoder::forward_tokens: image is [16 x 2 x 3], expected height and width positive "
+      "multiples");
+  expect_shape_error(
+      [&] {
+        enc.forward(retention::ImageView<float>{img.data(), 16, 16, 4});
+      },
+      "VirEncoder::forward: image is [16 x 16 x 4], expected [H x W x 3]");
+  expect_shape_error(
+      [&] {
+        enc.forward(retention::ImageView<float>{nullptr, 16, 16, 3});
+      },
+      "null pointer");
+  expect_shape_error(
+      [&] {
+        enc.tokens(retention::ImageView<float>{img.data(), 16, 16, 3}, 10, 8);
+      },
+      "VirEncoder::tokens: rows [10, 18) outside the 17 tokens");
 
   retention::VirConfig bad = to_config(rc);
   bad.image_size = 18;
@@ -415,7 +461,8 @@ TEST(VirErrors, ImageAndConfig) {
                      "VirEncoder: config.embed_dim 16 is not a multiple of config.heads 3");
   bad = to_config(rc);
   bad.gammas = {0.9};
-  expect_shape_error([&] { retention::VirEncoder<float> e(bad); }, "gammas has 1 entries, expected heads = 2");
+  expect_shape_error([&] { retention::VirEncoder<float> e(bad); },
+                     "gammas has 1 entries, expected heads = 2");
   bad.gammas = {0.9, 1.5};
   expect_shape_error([&] { retention::VirEncoder<float> e(bad); }, "gamma must be in (0, 1]");
 }
@@ -424,11 +471,21 @@ TEST(VirErrors, WeightShapes) {
   const ref::Config rc = small_ref(16, 2, 2, 4);
   retention::VirEncoder<double> enc(to_config(rc));
   const std::vector<double> buf(48 * 17, 0.1);
-  expect_shape_error([&] { enc.load("blocks.1.retention.qkv.weight", buf.data(), {48, 17}); },
-                     "VirEncoder::load: blocks.1.retention.qkv.weight is [48 x 17], expected [48 x 16]");
-  expect_shape_error([&] { enc.load("patch_embed.proj.weight", buf.data(), {16, 4, 4, 3}); },
-                     "patch_embed.proj.weight is [16 x 4 x 4 x 3], expected [16 x 3 x 4 x 4]");
-  expect_shape_error([&] { enc.load("pos_embed", buf.data(), {16, 16}); }, "pos_embed is [16 x 16], expected [1 x 16 x 16]");
+  expect_shape_error(
+      [&] {
+        enc.load("blocks.1.retention.qkv.weight", buf.data(), {48, 17});
+      },
+      "VirEncoder::load: blocks.1.retention.qkv.weight is [48 x 17], expected [48 x 16]");
+  expect_shape_error(
+      [&] {
+        enc.load("patch_embed.proj.weight", buf.data(), {16, 4, 4, 3});
+      },
+      "patch_embed.proj.weight is [16 x 4 x 4 x 3], expected [16 x 3 x 4 x 4]");
+  expect_shape_error(
+      [&] {
+        enc.load("pos_embed", buf.data(), {16, 16});
+      },
+      "pos_embed is [16 x 16], expected [1 x 16 x 16]");
   expect_shape_error([&] { enc.load("blocks.2.norm1.weight", buf.data(), {16}); },
                      "VirEncoder::load: unknown parameter \"blocks.2.norm1.weight\"");
   expect_shape_error([&] { enc.load<double>("norm.bias", nullptr, {16}); }, "null data pointer");
@@ -444,17 +501,24 @@ TEST(VirErrors, WeightShapes) {
   w.proj_bias = retention::RowVector<double>::Zero(15);
   expect_shape_error([&] { retention::VirRetention<double> m(16, 2, w); },
                      "VirRetention: proj_bias is [1 x 15], expected [1 x 16]");
-  expect_shape_error([&] { retention::VirRetention<double> m(16, 3); }, "VirRetention: dim 16 is not a multiple of heads 3");
+  expect_shape_error([&] { retention::VirRetention<double> m(16, 3); },
+                     "VirRetention: dim 16 is not a multiple of heads 3");
 
   // Weights edited in place to a wrong shape are caught on the next forward.
   enc.blocks()[1].weights().fc1_weight = Matrix<double>::Zero(63, 16);
   const std::vector<double> img(16 * 16 * 3, 0.5);
-  expect_shape_error([&] { enc.forward(retention::ImageView<double>{img.data(), 16, 16, 3}); },
-                     "VirBlock::forward: fc1_weight is [63 x 16], expected [64 x 16]");
+  expect_shape_error(
+      [&] {
+        enc.forward(retention::ImageView<double>{img.data(), 16, 16, 3});
+      },
+      "VirBlock::forward: fc1_weight is [63 x 16], expected [64 x 16]");
   enc.blocks()[1].weights().fc1_weight = Matrix<double>::Zero(64, 16);
   enc.blocks()[0].retention().weights().proj_weight = Matrix<double>::Zero(16, 8);
-  expect_shape_error([&] { enc.forward(retention::ImageView<double>{img.data(), 16, 16, 3}); },
-                     "VirRetention::forward: proj_weight is [16 x 8], expected [16 x 16]");
+  expect_shape_error(
+      [&] {
+        enc.forward(retention::ImageView<double>{img.data(), 16, 16, 3});
+      },
+      "VirRetention::forward: proj_weight is [16 x 8], expected [16 x 16]");
 }
 
 TEST(VirErrors, ChunkStatesAndInput) {
@@ -466,8 +530,9 @@ TEST(VirErrors, ChunkStatesAndInput) {
                      "VirEncoder::forward: options.chunk must be >= 1, got 0");
   expect_shape_error([&] { enc.forward(view, opts(Form::parallel, 0, VirOrder::chunk_major)); },
                      "VirEncoder::forward: options.chunk must be >= 1, got 0");
-  expect_shape_error([&] { enc.forward_tokens(view, opts(Form::recurrent, -3, VirOrder::chunk_major)); },
-                     "options.chunk must be >= 1, got -3");
+  expect_shape_error(
+      [&] { enc.forward_tokens(view, opts(Form::recurrent, -3, VirOrder::chunk_major)); },
+      "options.chunk must be >= 1, got -3");
   EXPECT_NO_THROW(enc.forward(view, opts(Form::parallel, 0)));  // chunk unused layer-major parallel
 
   const retention::VirRetention<float> mhr(16, 2);

@@ -13,7 +13,8 @@
 namespace tour {
 
 /// One line: the whole MSR layer (projections, rotation, retention, head norm, gate, output) at
-/// T = 1024, d = 512, H = 4, value dim 1024, each form's time and the worst disagreement between forms.
+/// T = 1024, d = 512, H = 4, value dim 1024, each form's time and the worst disagreement between
+/// forms.
 inline void tour_msr() {
   using retention::Form;
   using retention::Index;
@@ -27,15 +28,18 @@ inline void tour_msr() {
 
   std::mt19937_64 rng(3);
   auto uniform = [&rng](Index rows, Index cols, double scale) {
-    std::uniform_real_distribution<float> dist(-static_cast<float>(scale), static_cast<float>(scale));
+    std::uniform_real_distribution<float> dist(-static_cast<float>(scale),
+                                               static_cast<float>(scale));
     Matrix<float> m(rows, cols);
     for (Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
     return m;
   };
-  for (retention::MsrProjection p : {retention::MsrProjection::q_proj, retention::MsrProjection::k_proj,
-                                     retention::MsrProjection::v_proj, retention::MsrProjection::g_proj,
-                                     retention::MsrProjection::out_proj})
-    layer.load(p, uniform(layer.out_dim(p), layer.in_dim(p), std::sqrt(3.0 / static_cast<double>(layer.in_dim(p)))));
+  for (retention::MsrProjection p :
+       {retention::MsrProjection::q_proj, retention::MsrProjection::k_proj,
+        retention::MsrProjection::v_proj, retention::MsrProjection::g_proj,
+        retention::MsrProjection::out_proj})
+    layer.load(p, uniform(layer.out_dim(p), layer.in_dim(p),
+                          std::sqrt(3.0 / static_cast<double>(layer.in_dim(p)))));
   const Matrix<float> x = uniform(T, d, 1.0);
 
   Matrix<float> y_par, y_rec, y_chunk;

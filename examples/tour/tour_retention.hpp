@@ -15,7 +15,8 @@ namespace tour {
 
 namespace detail_retention {
 
-inline retention::Matrix<float> random_tokens(retention::Index rows, retention::Index cols, unsigned seed, float scale) {
+inline retention::Matrix<float> random_tokens(retention::Index rows, retention::Index cols,
+                                              unsigned seed, float scale) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> u(-scale, scale);
   retention::Matrix<float> m(rows, cols);
@@ -28,7 +29,8 @@ template <class M>
 double worst_pair(const std::vector<M>& outs) {
   double worst = 0.0;
   for (std::size_t a = 0; a < outs.size(); ++a)
-    for (std::size_t b = a + 1; b < outs.size(); ++b) worst = std::max(worst, rel_diff(outs[a], outs[b]));
+    for (std::size_t b = a + 1; b < outs.size(); ++b)
+      worst = std::max(worst, rel_diff(outs[a], outs[b]));
   return worst;
 }
 
@@ -37,9 +39,9 @@ double worst_pair(const std::vector<M>& outs) {
 /// One line for single-head retention (T = 4096, dk = dv = 64, gamma = 1 - 2^-8, chunk 64) and one
 /// for multi-head MSR-style retention (8 RetNet heads over [1, 2048, 8, 64], decay_and_score).
 inline void tour_retention() {
+  using detail_retention::random_tokens;
   using retention::Form;
   using retention::Matrix;
-  using detail_retention::random_tokens;
   {
     const retention::Index T = 4096, d = 64;
     const Matrix<float> Q = random_tokens(T, d, 1, 1.0f), K = random_tokens(T, d, 2, 0.125f);
@@ -48,11 +50,15 @@ inline void tour_retention() {
     retention::RetentionOptions<float> opt;
     opt.normalization = retention::Normalization::decay_and_score;
     std::vector<Matrix<float>> outs(3, Matrix<float>(T, d));
-    const double tp = median_ms([&] { retention::parallel_retention_into(Q, K, V, decay, outs[0], opt); });
-    const double tr = median_ms([&] { retention::recurrent_retention_into(Q, K, V, decay, outs[1], opt); });
-    const double tc = median_ms([&] { retention::chunkwise_retention_into(Q, K, V, decay, 64, outs[2], opt); });
+    const double tp =
+        median_ms([&] { retention::parallel_retention_into(Q, K, V, decay, outs[0], opt); });
+    const double tr =
+        median_ms([&] { retention::recurrent_retention_into(Q, K, V, decay, outs[1], opt); });
+    const double tc =
+        median_ms([&] { retention::chunkwise_retention_into(Q, K, V, decay, 64, outs[2], opt); });
     print_line("retention (1 head)", "T=4096 dk=dv=64 C=64",
-               {{"parallel", tp}, {"recurrent", tr}, {"chunkwise", tc}}, detail_retention::worst_pair(outs));
+               {{"parallel", tp}, {"recurrent", tr}, {"chunkwise", tc}},
+               detail_retention::worst_pair(outs));
   }
   {
     const retention::MultiHeadShape shape{1, 2048, 8, 64, 64};
@@ -70,11 +76,13 @@ inline void tour_retention() {
       opt.chunk = 64;
       opt.normalization = retention::Normalization::decay_and_score;
       times.push_back({retention::to_string(forms[f]), median_ms([&] {
-                         retention::multi_head_retention(q.data(), k.data(), v.data(), outs[static_cast<std::size_t>(f)].data(),
+                         retention::multi_head_retention(q.data(), k.data(), v.data(),
+                                                         outs[static_cast<std::size_t>(f)].data(),
                                                          shape, gammas, opt);
                        })});
     }
-    print_line("retention (8 heads, MSR)", "[1,2048,8,64] C=64", times, detail_retention::worst_pair(outs));
+    print_line("retention (8 heads, MSR)", "[1,2048,8,64] C=64", times,
+               detail_retention::worst_pair(outs));
   }
 }
 

@@ -1,5 +1,5 @@
-// Tour section: RMT's Manhattan self-attention. MaSA streams over tiles, so two tile sizes must give the
-// same result; MaSAD is a different operator that equals MaSA exactly when q = 0 (SPEC 4).
+// Tour section: RMT's Manhattan self-attention. MaSA streams over tiles, so two tile sizes must
+// give the same result; MaSAD is a different operator that equals MaSA exactly when q = 0 (SPEC 4).
 #pragma once
 
 #include <retention/masa.hpp>
@@ -15,7 +15,8 @@
 namespace tour {
 
 namespace rmt_detail {
-inline retention::Matrix<float> random_grid(retention::Index rows, retention::Index cols, std::uint64_t seed) {
+inline retention::Matrix<float> random_grid(retention::Index rows, retention::Index cols,
+                                            std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   retention::Matrix<float> m(rows, cols);
@@ -33,10 +34,11 @@ inline void tour_rmt() {
   shape.height = shape.width = side;
   shape.heads = heads;
   shape.key_dim = shape.value_dim = d;
-  const Mat q = rmt_detail::random_grid(N, heads * d, 1), k = rmt_detail::random_grid(N, heads * d, 2);
+  const Mat q = rmt_detail::random_grid(N, heads * d, 1),
+            k = rmt_detail::random_grid(N, heads * d, 2);
   const Mat v = rmt_detail::random_grid(N, heads * d, 3);
-  const std::string grid = std::to_string(side) + "x" + std::to_string(side) + " " + std::to_string(heads) + "h d" +
-                           std::to_string(d);
+  const std::string grid = std::to_string(side) + "x" + std::to_string(side) + " " +
+                           std::to_string(heads) + "h d" + std::to_string(d);
 
   // MaSA: default tiles (64 x 256) against odd tiles (48 x 100) that do not divide N = 784.
   retention::MasaOptions odd;
@@ -44,18 +46,20 @@ inline void tour_rmt() {
   odd.key_tile = 100;
   Mat a, b;
   const double t_masa = median_ms([&] { a = retention::multi_head_masa(q, k, v, shape, gammas); });
-  const double t_odd = median_ms([&] { b = retention::multi_head_masa(q, k, v, shape, gammas, odd); });
+  const double t_odd =
+      median_ms([&] { b = retention::multi_head_masa(q, k, v, shape, gammas, odd); });
   print_line("RMT MaSA (tiled)", grid + " tiles 64x256 vs 48x100",
              {{"64x256", t_masa}, {"48x100", t_odd}}, rel_diff(b, a));
 
   // MaSAD vs MaSA: timed on the real q; compared at q = 0, where the two operators coincide.
   Mat c;
-  const double t_masad = median_ms([&] { c = retention::multi_head_masad(q, k, v, shape, gammas); });
+  const double t_masad =
+      median_ms([&] { c = retention::multi_head_masad(q, k, v, shape, gammas); });
   const Mat zero = Mat::Zero(N, heads * d);
   const Mat a0 = retention::multi_head_masa(zero, k, v, shape, gammas);
   const Mat c0 = retention::multi_head_masad(zero, k, v, shape, gammas);
-  print_line("RMT MaSAD vs MaSA", grid + " agreement at q=0", {{"masa", t_masa}, {"masad", t_masad}},
-             rel_diff(c0, a0));
+  print_line("RMT MaSAD vs MaSA", grid + " agreement at q=0",
+             {{"masa", t_masa}, {"masad", t_masad}}, rel_diff(c0, a0));
 
   // The whole layer (C = 128, 4 heads), full against decomposed with q_proj zeroed.
   retention::ManhattanAttentionConfig cfg;
@@ -66,10 +70,12 @@ inline void tour_rmt() {
   layer.load_q_proj(Mat(Mat::Zero(cfg.embed_dim, cfg.embed_dim)), Mat(Mat::Zero(1, cfg.embed_dim)));
   const Mat x = rmt_detail::random_grid(N, cfg.embed_dim, 4);
   Mat yf, yd;
-  const double t_full = median_ms([&] { yf = layer.forward(x, side, side, retention::RmtMode::full); });
-  const double t_dec = median_ms([&] { yd = layer.forward(x, side, side, retention::RmtMode::decomposed); });
-  print_line("RMT attention layer", grid + " C128 full vs dec, q=0", {{"full", t_full}, {"decomposed", t_dec}},
-             rel_diff(yd, yf));
+  const double t_full =
+      median_ms([&] { yf = layer.forward(x, side, side, retention::RmtMode::full); });
+  const double t_dec =
+      median_ms([&] { yd = layer.forward(x, side, side, retention::RmtMode::decomposed); });
+  print_line("RMT attention layer", grid + " C128 full vs dec, q=0",
+             {{"full", t_full}, {"decomposed", t_dec}}, rel_diff(yd, yf));
 }
 
 }  // namespace tour

@@ -1,5 +1,6 @@
-// Tour section: ViR (SPEC 5). One line for multi-head retention on ViR-S/16's token count and one for
-// the whole ViR-S/16 encoder at 224 px: each form's time and the worst disagreement between forms.
+// Tour section: ViR (SPEC 5). One line for multi-head retention on ViR-S/16's token count and one
+// for the whole ViR-S/16 encoder at 224 px: each form's time and the worst disagreement between
+// forms.
 #pragma once
 
 #include <retention/vir.hpp>
@@ -17,7 +18,8 @@ inline void tour_vir() {
   using retention::Index;
   using retention::VirOptions;
   using retention::VirOrder;
-  const retention::VirEncoder<float> model(retention::vir_s16(), 0);  // deterministic random weights
+  const retention::VirEncoder<float> model(retention::vir_s16(),
+                                           0);  // deterministic random weights
   const Index size = 224, tokens = (size / 16) * (size / 16) + 1;
 
   auto make = [](Form f, Index chunk, VirOrder order) {
@@ -36,7 +38,8 @@ inline void tour_vir() {
   {
     const retention::VirRetention<float>& mhr = model.blocks().front().retention();
     retention::Matrix<float> x(tokens, 384);
-    for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(std::sin(0.37 * static_cast<double>(i)));
+    for (Index i = 0; i < x.size(); ++i)
+      x.data()[i] = static_cast<float>(std::sin(0.37 * static_cast<double>(i)));
     std::vector<FormTime> times;
     std::vector<retention::Matrix<float>> outs;
     for (const auto& form : mhr_forms) {
@@ -54,11 +57,14 @@ inline void tour_vir() {
     for (Index y = 0; y < size; ++y)
       for (Index x = 0; x < size; ++x)
         for (Index c = 0; c < 3; ++c)
-          img[static_cast<std::size_t>((y * size + x) * 3 + c)] =
-              static_cast<float>(std::sin(0.05 * static_cast<double>(x * (c + 1)) + 0.03 * static_cast<double>(y)));
+          img[static_cast<std::size_t>((y * size + x) * 3 + c)] = static_cast<float>(
+              std::sin(0.05 * static_cast<double>(x * (c + 1)) + 0.03 * static_cast<double>(y)));
     const retention::ImageView<float> view{img.data(), size, size, 3};
     const std::vector<std::pair<const char*, VirOptions>> forms = {
-        mhr_forms[0], mhr_forms[1], mhr_forms[2], {"chunk-major", make(Form::chunkwise, 64, VirOrder::chunk_major)}};
+        mhr_forms[0],
+        mhr_forms[1],
+        mhr_forms[2],
+        {"chunk-major", make(Form::chunkwise, 64, VirOrder::chunk_major)}};
     std::vector<FormTime> times;
     std::vector<retention::RowVector<float>> feats;
     for (const auto& form : forms) {

@@ -12,12 +12,12 @@
 namespace retention {
 
 /// Chunk size used when the caller passes none (chunk = 0 in the multi-head API).
-/// Per token and head the chunkwise form costs 2C(dk+dv) (intra-chunk) + 4 dk dv (state) FLOPs, so a
-/// smaller C does less work, while GEMMs shorter than about 32 rows lose their efficiency. Measured on
-/// Sapphire Rapids (fp32, one head, T = 8192, time in ms for C = 16 / 32 / 64 / 128 / 256, medians of
-/// 7, three runs on a shared machine): dk = dv = 32: 1.5-4 / 2.0 / 2.4 / 3.5-8 / 10;
-/// dk = dv = 64: 8-9 / 4.2-8.8 / 9.2 / 11 / 15; dk = dv = 128: 21 / 21 / 22 / 19-25 / 38;
-/// dk = dv = 256: 69-73 / 63-75 / 64-81 / 85-97 / 95-132; and 8 heads of 128 through
+/// Per token and head the chunkwise form costs 2C(dk+dv) (intra-chunk) + 4 dk dv (state) FLOPs, so
+/// a smaller C does less work, while GEMMs shorter than about 32 rows lose their efficiency.
+/// Measured on Sapphire Rapids (fp32, one head, T = 8192, time in ms for C = 16 / 32 / 64 / 128 /
+/// 256, medians of 7, three runs on a shared machine): dk = dv = 32: 1.5-4 / 2.0 / 2.4 / 3.5-8 /
+/// 10; dk = dv = 64: 8-9 / 4.2-8.8 / 9.2 / 11 / 15; dk = dv = 128: 21 / 21 / 22 / 19-25 / 38; dk =
+/// dv = 256: 69-73 / 63-75 / 64-81 / 85-97 / 95-132; and 8 heads of 128 through
 /// multi_head_retention (bench_speed): 153 / 156 / 185 / 274 ms for C = 32 / 64 / 128 / 256.
 /// In four full bench/compare runs (8 heads of 128, 2 threads) C = 32 beat C = 64 every time, by
 /// 2 / 2 / 10 / 13 %; single heads of 256 show 32 and 64 level. Hence 32 up to dk + dv = 256, and
@@ -31,8 +31,8 @@ namespace detail {
 /// Chunkwise retention with the state in the inputs' own type: one fused product per chunk.
 /// The state lives in the bottom dk rows of W = [V_i ; S] ((C + dk) x dv) and the scaled queries in
 /// the right part of X = [A_i | diag(gamma^(j+1)) Q_i] (C x (C + dk)), so that
-/// O_i = X W = (Q_i K_i^T (.) D_L) V_i + diag(gamma^(j+1)) Q_i S_prev is one GEMM whose operands stay
-/// hot in cache from chunk to chunk. Three GEMMs per chunk in all: Q_i K_i^T, X W, K~_i^T V_i.
+/// O_i = X W = (Q_i K_i^T (.) D_L) V_i + diag(gamma^(j+1)) Q_i S_prev is one GEMM whose operands
+/// stay hot in cache from chunk to chunk. Three GEMMs per chunk in all: Q_i K_i^T, X W, K~_i^T V_i.
 template <class DQ, class DK, class DV, class DOut, class Mask, class T>
 void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                          const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk, DOut& out,
@@ -183,10 +183,10 @@ void chunkwise_wide_state(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBas
 /// Chunkwise retention, writing into `out` [T, dv]. See chunkwise_retention.
 template <class DQ, class DK, class DV, class DOut, class Mask,
           class StateScalar = typename DQ::Scalar>
-void chunkwise_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                              const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk,
-                              const Eigen::MatrixBase<DOut>& out_,
-                              const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+void chunkwise_retention_into(
+    const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
+    const Mask& decay, Index chunk, const Eigen::MatrixBase<DOut>& out_,
+    const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
   detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
   using T = typename DQ::Scalar;
   const char* fn = "chunkwise_retention";
@@ -210,7 +210,8 @@ void chunkwise_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matri
 
 /// Chunkwise retention of one head, SPEC 2, chunk length `chunk` >= 1 (need not divide T, may
 /// exceed it): O_i = (Q_i K_i^T (.) D_L) V_i + diag(gamma^(j+1)) Q_i S_prev,
-/// S_next = gamma^L S_prev + K_i^T diag(gamma^(L-1-l)) V_i. Q [T, dk], K [T, dk], V [T, dv] -> [T, dv].
+/// S_next = gamma^L S_prev + K_i^T diag(gamma^(L-1-l)) V_i. Q [T, dk], K [T, dk], V [T, dv] -> [T,
+/// dv].
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> chunkwise_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,

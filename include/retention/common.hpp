@@ -31,18 +31,24 @@ enum class Normalization { none, decay, decay_and_score };
 
 inline const char* to_string(Form f) {
   switch (f) {
-    case Form::parallel: return "parallel";
-    case Form::recurrent: return "recurrent";
-    case Form::chunkwise: return "chunkwise";
+    case Form::parallel:
+      return "parallel";
+    case Form::recurrent:
+      return "recurrent";
+    case Form::chunkwise:
+      return "chunkwise";
   }
   return "?";
 }
 
 inline const char* to_string(Normalization n) {
   switch (n) {
-    case Normalization::none: return "none";
-    case Normalization::decay: return "decay";
-    case Normalization::decay_and_score: return "decay_and_score";
+    case Normalization::none:
+      return "none";
+    case Normalization::decay:
+      return "decay";
+    case Normalization::decay_and_score:
+      return "decay_and_score";
   }
   return "?";
 }
@@ -93,9 +99,8 @@ inline void check_gamma(const char* function, double gamma) {
 }
 
 template <class T>
-struct is_supported_scalar
-    : std::integral_constant<bool, std::is_same<T, float>::value || std::is_same<T, double>::value> {
-};
+struct is_supported_scalar : std::integral_constant<bool, std::is_same<T, float>::value ||
+                                                              std::is_same<T, double>::value> {};
 
 template <class T>
 constexpr void assert_scalar() {

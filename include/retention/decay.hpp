@@ -20,13 +20,15 @@ namespace retention {
 inline std::vector<double> retnet_gammas(Index heads) {
   detail::check_positive("retnet_gammas", "heads", heads);
   std::vector<double> g(static_cast<std::size_t>(heads));
-  for (Index h = 0; h < heads; ++h) g[static_cast<std::size_t>(h)] = 1.0 - std::ldexp(1.0, -5 - static_cast<int>(h));
+  for (Index h = 0; h < heads; ++h)
+    g[static_cast<std::size_t>(h)] = 1.0 - std::ldexp(1.0, -5 - static_cast<int>(h));
   return g;
 }
 
 /// gamma_h = 1 - exp(linspace(ln first, ln last, heads))_h; heads = 1 gives 1 - first
 /// (RetNet language-model runs, ViR).
-inline std::vector<double> linspace_gammas(Index heads, double first = 1.0 / 32, double last = 1.0 / 512) {
+inline std::vector<double> linspace_gammas(Index heads, double first = 1.0 / 32,
+                                           double last = 1.0 / 512) {
   detail::check_positive("linspace_gammas", "heads", heads);
   if (!(first > 0.0 && first < 1.0) || !(last > 0.0 && last < 1.0))
     detail::fail("linspace_gammas", "first and last must be in (0, 1)");
@@ -47,7 +49,8 @@ inline std::vector<double> rmt_gammas(Index heads, double initial_value, double 
   std::vector<double> g(static_cast<std::size_t>(heads));
   for (Index h = 0; h < heads; ++h)
     g[static_cast<std::size_t>(h)] =
-        1.0 - std::exp2(-(initial_value + heads_range * static_cast<double>(h) / static_cast<double>(heads)));
+        1.0 - std::exp2(-(initial_value +
+                          heads_range * static_cast<double>(h) / static_cast<double>(heads)));
   return g;
 }
 
@@ -71,7 +74,9 @@ class DecayMaskBase {
   double log_gamma() const { return log_gamma_; }
 
   /// gamma^k for k >= 0, formed as exp(k ln gamma): never overflows, underflows to exactly 0.
-  double factor(Index k) const { return k == 0 ? 1.0 : std::exp(static_cast<double>(k) * log_gamma_); }
+  double factor(Index k) const {
+    return k == 0 ? 1.0 : std::exp(static_cast<double>(k) * log_gamma_);
+  }
 
   /// ln D[n, m]; -inf where the mask excludes the pair.
   double log_weight(Index n, Index m) const {
@@ -125,13 +130,15 @@ class DecayMaskBase {
   }
 
  protected:
-  DecayMaskBase(const char* name, double gamma) : gamma_(gamma), log_gamma_(log_gamma_of(name, gamma)) {}
+  DecayMaskBase(const char* name, double gamma)
+      : gamma_(gamma), log_gamma_(log_gamma_of(name, gamma)) {}
 
   /// pw[k] = gamma^k for k = 0..k_max, each formed as exp(k ln gamma).
   template <class T>
   std::vector<T> powers(Index k_max) const {
     std::vector<T> pw(static_cast<std::size_t>(std::max<Index>(k_max, 0) + 1));
-    for (std::size_t k = 0; k < pw.size(); ++k) pw[k] = static_cast<T>(factor(static_cast<Index>(k)));
+    for (std::size_t k = 0; k < pw.size(); ++k)
+      pw[k] = static_cast<T>(factor(static_cast<Index>(k)));
     return pw;
   }
 
@@ -194,11 +201,13 @@ class SymmetricDecay : public detail::DecayMaskBase<SymmetricDecay> {
 };
 
 /// Manhattan 2-D decay on an H x W grid in raster order n = y*W + x:
-/// D[n, m] = gamma^(|y_n - y_m| + |x_n - x_m|) (RMT's MaSA). Equals SymmetricDecay_H (x) SymmetricDecay_W.
+/// D[n, m] = gamma^(|y_n - y_m| + |x_n - x_m|) (RMT's MaSA). Equals SymmetricDecay_H (x)
+/// SymmetricDecay_W.
 class ManhattanDecay : public detail::DecayMaskBase<ManhattanDecay> {
  public:
   static constexpr bool is_causal = false;
-  ManhattanDecay(double gamma, Index height, Index width) : DecayMaskBase("ManhattanDecay", gamma), height_(height), width_(width) {
+  ManhattanDecay(double gamma, Index height, Index width)
+      : DecayMaskBase("ManhattanDecay", gamma), height_(height), width_(width) {
     detail::check_positive("ManhattanDecay", "height", height);
     detail::check_positive("ManhattanDecay", "width", width);
   }

@@ -33,8 +33,9 @@ struct MasaOptions {
   int threads = 0;
 };
 
-/// Sizes of a multi-head MaSA / MaSAD call: q and k are row-major [batch, height, width, heads * key_dim],
-/// v and the output [batch, height, width, heads * value_dim] (what a Linear over the tokens produces).
+/// Sizes of a multi-head MaSA / MaSAD call: q and k are row-major [batch, height, width, heads *
+/// key_dim], v and the output [batch, height, width, heads * value_dim] (what a Linear over the
+/// tokens produces).
 struct GridHeadsShape {
   Index batch = 1;
   Index height = 0;
@@ -43,7 +44,8 @@ struct GridHeadsShape {
   Index key_dim = 0;
   Index value_dim = 0;
   /// Distance in elements between consecutive tokens' rows of q and k, and of v; 0 means dense
-  /// (heads * key_dim, heads * value_dim). Lets q, k, v be column blocks of one fused [.., q | k | v] buffer.
+  /// (heads * key_dim, heads * value_dim). Lets q, k, v be column blocks of one fused [.., q | k |
+  /// v] buffer.
   Index qk_row_stride = 0;
   Index v_row_stride = 0;
 };
@@ -100,36 +102,40 @@ void check_masa_options(const char* fn, const MasaOptions& options) {
   check_positive(fn, "key_tile", options.key_tile);
 }
 
-/// Operands of a MaSA call laid out once for the micro-kernels (O(N d) extra, shared by all threads):
-/// Q with zero rows past N (query tiles are computed in whole row blocks), K^T with zero columns past
-/// N (key tiles in whole SIMD packets), and V with its columns padded to a packet multiple when dv needs it.
+/// Operands of a MaSA call laid out once for the micro-kernels (O(N d) extra, shared by all
+/// threads): Q with zero rows past N (query tiles are computed in whole row blocks), K^T with zero
+/// columns past N (key tiles in whole SIMD packets), and V with its columns padded to a packet
+/// multiple when dv needs it.
 template <class T>
 struct MasaOperands {
   Matrix<T> q, kt, v;
   const T* v_data = nullptr;
   Index ldv = 0, dvp = 0;
-  // ln D of a key tile starting at m0 = a W + b, as two small periodic tables (Manhattan = symmetric_H (x)
-  // symmetric_W, SPEC 1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n - a + H - 1, b + j), with
-  // log_x[x][c] = |x - c mod W| ln gamma  [W, W + key columns] and
-  // log_y[dy + H - 1][c] = |dy - floor(c / W)| ln gamma  [2H - 1, W + key columns].
-  // O(H (W + key_tile)) values instead of a [query_tile, key_tile] tile rebuilt for every pair of tiles.
+  // ln D of a key tile starting at m0 = a W + b, as two small periodic tables (Manhattan =
+  // symmetric_H (x) symmetric_W, SPEC 1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n - a + H -
+  // 1, b + j), with log_x[x][c] = |x - c mod W| ln gamma  [W, W + key columns] and log_y[dy + H -
+  // 1][c] = |dy - floor(c / W)| ln gamma  [2H - 1, W + key columns]. O(H (W + key_tile)) values
+  // instead of a [query_tile, key_tile] tile rebuilt for every pair of tiles.
   Matrix<T> log_x, log_y;
 };
 
 template <class T>
 struct MasaWorkspace {
-  Matrix<T> logits;          // [query rows, key columns] padded, then the tile's probabilities
-  Matrix<T> acc;             // [query rows, dvp] unnormalised output
+  Matrix<T> logits;  // [query rows, key columns] padded, then the tile's probabilities
+  Matrix<T> acc;     // [query rows, dvp] unnormalised output
   Vector<T> row_max, row_sum, rescale, tile_max;
-  std::vector<const T*> lx_rows, ly_rows;  // per query row: where its ln D terms start in the tables
+  std::vector<const T*> lx_rows,
+      ly_rows;  // per query row: where its ln D terms start in the tables
 };
 
-/// One query tile [n0, n0 + rows) of MaSA, written to out.middleRows(n0, rows): for each key tile, logits
-/// + ln D by the micro-kernel (ln D as its initial value, the tile's row max on the way out), online
-/// softmax (running row max and sum), then acc = rescale * acc + P V by the attend kernel.
+/// One query tile [n0, n0 + rows) of MaSA, written to out.middleRows(n0, rows): for each key tile,
+/// logits
+/// + ln D by the micro-kernel (ln D as its initial value, the tile's row max on the way out),
+/// online softmax (running row max and sum), then acc = rescale * acc + P V by the attend kernel.
 template <class T>
-void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, Index height, Index width,
-                     Index key_tile, Index n0, Index rows, MasaWorkspace<T>& ws, MasaMap<T>& out) {
+void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, Index height,
+                     Index width, Index key_tile, Index n0, Index rows, MasaWorkspace<T>& ws,
+                     MasaMap<T>& out) {
   constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
   using Pk = Eigen::Array<T, P, 1>;
   const Index rows_r = masa_round_up(rows, R), lds = ws.logits.cols(), lda = ws.acc.cols();
@@ -155,8 +161,9 @@ void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, In
     const Index cols_p = masa_round_up(cols, P);
     for (Index i = 0; i < rows; ++i) {
       T* s_row = s + i * lds;
-      // Online softmax: rescale what was accumulated under the old max (folded into the attend kernel's
-      // load). The new max is taken first, so exp never overflows; exp(-inf) = 0 on the first tile.
+      // Online softmax: rescale what was accumulated under the old max (folded into the attend
+      // kernel's load). The new max is taken first, so exp never overflows; exp(-inf) = 0 on the
+      // first tile.
       const T m_new = std::max(ws.row_max(i), ws.tile_max(i));
       if (m_new == neg_inf) {  // every key so far masked out: weights 0, not NaN
         std::fill(s_row, s_row + cols_p, T(0));
@@ -172,12 +179,14 @@ void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, In
       std::fill(s + i * lds, s + i * lds + cols, T(0));
       ws.rescale(i) = T(0);
     }
-    masa_attend_kernel<T>(s, lds, ops.v_data + m0 * ops.ldv, ops.ldv, cols, m0 == 0 ? nullptr : ws.rescale.data(),
-                          ws.acc.data(), lda, rows_r, ops.dvp);
+    masa_attend_kernel<T>(s, lds, ops.v_data + m0 * ops.ldv, ops.ldv, cols,
+                          m0 == 0 ? nullptr : ws.rescale.data(), ws.acc.data(), lda, rows_r,
+                          ops.dvp);
   }
   for (Index i = 0; i < rows; ++i)
-    out.row(n0 + i) = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(ws.acc.data() + i * lda, dv) /
-                      ws.row_sum(i);
+    out.row(n0 + i) =
+        Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(ws.acc.data() + i * lda, dv) /
+        ws.row_sum(i);
 }
 
 template <class T>
@@ -189,8 +198,8 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
   const Index bq = std::min(options.query_tile, N), bk = std::min(options.key_tile, N);
   MasaOperands<T> ops;
   {
-    // Both axes' factors come from the decay's own tiles (no gamma formula here); table column c stands
-    // for key offset c from the start of a grid row.
+    // Both axes' factors come from the decay's own tiles (no gamma formula here); table column c
+    // stands for key offset c from the start of a grid row.
     const Index span = W + masa_round_up(bk, P);
     const Matrix<T> lx = decay.column_axis().template log_weights<T>(0, W, 0, W);
     const Matrix<T> ly = decay.row_axis().template log_weights<T>(0, H, 0, H);
@@ -200,8 +209,8 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
     ops.log_y.resize(2 * H - 1, span);
     for (Index dy = -(H - 1); dy < H; ++dy)
       for (Index c = 0; c < span; ++c) {
-        // |dy - c / W| read from ly's row |dy|... past the grid (c / W >= H) the value is never used
-        // unmasked; clamp into the table.
+        // |dy - c / W| read from ly's row |dy|... past the grid (c / W >= H) the value is never
+        // used unmasked; clamp into the table.
         const Index d = std::min<Index>(std::abs(dy - c / W), H - 1);
         ops.log_y(dy + H - 1, c) = ly(0, d);
       }
@@ -222,7 +231,8 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
     ops.ldv = ops.dvp;
   }
   const Index tiles = (N + bq - 1) / bq;
-  const double work = 2.0 * static_cast<double>(N) * static_cast<double>(N) * static_cast<double>(dk + dv);
+  const double work =
+      2.0 * static_cast<double>(N) * static_cast<double>(N) * static_cast<double>(dk + dv);
   const int team = masa_team_size(options.threads, tiles, work);
   masa_for_each(
       team, tiles,
@@ -259,18 +269,19 @@ struct MasadWorkspace {
   Vector<T> inv_sum;  // [L] 1 / softmax row sums
 };
 
-/// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the line is
-/// row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart.
-/// out[j, :] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's
-/// [L, L] symmetric log-weight tile padded with zeros to the kernels' block sizes.
+/// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the
+/// line is row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart. out[j,
+/// :] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's [L, L] symmetric
+/// log-weight tile padded with zeros to the kernels' block sizes.
 template <class T>
-void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v, Index v_step, Index dv,
-                Index L, const Matrix<T>& log_w, T* out, Index out_step, MasadWorkspace<T>& ws) {
+void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
+                Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out, Index out_step,
+                MasadWorkspace<T>& ws) {
   constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
   const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
   const Index lds = ws.logits.cols(), lda = ws.acc.cols(), ldk = ws.kt.cols();
-  // The logit kernel reads whole blocks of rows: a line of whole blocks is read in place, a ragged one
-  // is copied and padded with zero queries.
+  // The logit kernel reads whole blocks of rows: a line of whole blocks is read in place, a ragged
+  // one is copied and padded with zero queries.
   const T* qq = q;
   Index ldq = q_step;
   if (Lr != L) {
@@ -281,13 +292,15 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
   }
   masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ldk);
   T* s = ws.logits.data();
-  // The padded log-weight columns are -inf, so padding logits are -inf: they never win the max and weigh 0.
+  // The padded log-weight columns are -inf, so padding logits are -inf: they never win the max and
+  // weigh 0.
   using Pk = Eigen::Array<T, P, 1>;
   const T* lw = log_w.data();
   const Index ldl = log_w.cols();
   masa_logits_kernel<T>(
-      qq, ldq, ws.kt.data(), ldk, dk, [lw, ldl](Index i, Index j0) { return Pk(Eigen::Map<const Pk>(lw + i * ldl + j0)); },
-      s, lds, Lr, L, ws.row_max.data());
+      qq, ldq, ws.kt.data(), ldk, dk,
+      [lw, ldl](Index i, Index j0) { return Pk(Eigen::Map<const Pk>(lw + i * ldl + j0)); }, s, lds,
+      Lr, L, ws.row_max.data());
   for (Index i = 0; i < L; ++i) {
     const T sum = masa_exp_sum(s + i * lds, Lp, ws.row_max(i));
     ws.inv_sum(i) = sum > T(0) ? T(1) / sum : T(0);  // 0 only if every logit were -inf
@@ -309,11 +322,13 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
   }
 }
 
-/// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to packets]:
-/// padding columns -inf (they must weigh 0 and never be a row's max), padding rows 0 (finite, dropped).
+/// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to
+/// packets]: padding columns -inf (they must weigh 0 and never be a row's max), padding rows 0
+/// (finite, dropped).
 template <class T>
 Matrix<T> masad_log_tile(const SymmetricDecay& axis, Index L) {
-  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaKernelShape<T>::rows), masa_round_up(L, MasaKernelShape<T>::width));
+  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaKernelShape<T>::rows),
+                                masa_round_up(L, MasaKernelShape<T>::width));
   w.rightCols(w.cols() - L).setConstant(-std::numeric_limits<T>::infinity());
   axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
   return w;
@@ -326,9 +341,10 @@ void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const M
   const Index dk = Q.cols(), dv = V.cols(), dvp = masa_round_up(dv, P);
   const SymmetricDecay axis(gamma);
   const Matrix<T> log_x = masad_log_tile<T>(axis, W), log_y = masad_log_tile<T>(axis, H);
-  // u, the row pass's output that the column pass reads, lives in `out` itself: each line attention reads
-  // all of its values into its accumulators before it writes its own rows, and lines of one pass touch
-  // disjoint rows. No [N, dv] intermediate is allocated (fresh pages cost more than the copy saved).
+  // u, the row pass's output that the column pass reads, lives in `out` itself: each line attention
+  // reads all of its values into its accumulators before it writes its own rows, and lines of one
+  // pass touch disjoint rows. No [N, dv] intermediate is allocated (fresh pages cost more than the
+  // copy saved).
   const Index side = std::max(H, W);
   const auto make = [&]() {
     MasadWorkspace<T> ws;
@@ -341,18 +357,20 @@ void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const M
     ws.inv_sum.resize(side);
     return ws;
   };
-  const double work = 2.0 * static_cast<double>(H * W) * static_cast<double>(H + W) *
-                      static_cast<double>(dk + dv);
-  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(), ldo = out.outerStride();
+  const double work =
+      2.0 * static_cast<double>(H * W) * static_cast<double>(H + W) * static_cast<double>(dk + dv);
+  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(),
+              ldo = out.outerStride();
   // Row pass: grid row y holds the contiguous tokens [y W, y W + W).
   masa_for_each(masa_team_size(threads, H, work), H, make, [&](Index y, MasadWorkspace<T>& ws) {
-    masad_line<T>(Q.data() + y * W * ldq, ldq, K.data() + y * W * ldk, ldk, dk, V.data() + y * W * ldv, ldv, dv, W,
-                  log_x, out.data() + y * W * ldo, ldo, ws);
+    masad_line<T>(Q.data() + y * W * ldq, ldq, K.data() + y * W * ldk, ldk, dk,
+                  V.data() + y * W * ldv, ldv, dv, W, log_x, out.data() + y * W * ldo, ldo, ws);
   });
-  // Column pass: grid column x is every W-th token of q, k and u (= out), read and written with strides.
+  // Column pass: grid column x is every W-th token of q, k and u (= out), read and written with
+  // strides.
   masa_for_each(masa_team_size(threads, W, work), W, make, [&](Index x, MasadWorkspace<T>& ws) {
-    masad_line<T>(Q.data() + x * ldq, W * ldq, K.data() + x * ldk, W * ldk, dk, out.data() + x * ldo, W * ldo, dv, H,
-                  log_y, out.data() + x * ldo, W * ldo, ws);
+    masad_line<T>(Q.data() + x * ldq, W * ldq, K.data() + x * ldk, W * ldk, dk,
+                  out.data() + x * ldo, W * ldo, dv, H, log_y, out.data() + x * ldo, W * ldo, ws);
   });
 }
 
@@ -366,14 +384,17 @@ constexpr void assert_masa_types() {
 
 /// Q [N, dk], K [N, dk], V [N, dv] with N = height * width.
 template <class DQ, class DK, class DV>
-void check_masa_inputs(const char* fn, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                       const Eigen::MatrixBase<DV>& V, Index height, Index width) {
+void check_masa_inputs(const char* fn, const Eigen::MatrixBase<DQ>& Q,
+                       const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V, Index height,
+                       Index width) {
   const Index N = height * width;
   check_shape(fn, "Q", Q, N, -1);
-  if (Q.cols() < 1) fail(fn, "Q is " + shape_string(Q.rows(), Q.cols()) + ", expected dk >= 1 columns");
+  if (Q.cols() < 1)
+    fail(fn, "Q is " + shape_string(Q.rows(), Q.cols()) + ", expected dk >= 1 columns");
   check_shape(fn, "K", K, N, Q.cols());
   check_shape(fn, "V", V, N, -1);
-  if (V.cols() < 1) fail(fn, "V is " + shape_string(V.rows(), V.cols()) + ", expected dv >= 1 columns");
+  if (V.cols() < 1)
+    fail(fn, "V is " + shape_string(V.rows(), V.cols()) + ", expected dv >= 1 columns");
 }
 
 inline void check_grid_heads(const char* fn, const GridHeadsShape& s, std::size_t gammas) {
@@ -384,7 +405,8 @@ inline void check_grid_heads(const char* fn, const GridHeadsShape& s, std::size_
   check_positive(fn, "key_dim", s.key_dim);
   check_positive(fn, "value_dim", s.value_dim);
   if (static_cast<Index>(gammas) != s.heads)
-    fail(fn, "gammas has " + std::to_string(gammas) + " entries, expected heads = " + std::to_string(s.heads));
+    fail(fn, "gammas has " + std::to_string(gammas) +
+                 " entries, expected heads = " + std::to_string(s.heads));
   if (s.qk_row_stride != 0 && s.qk_row_stride < s.heads * s.key_dim)
     fail(fn, "qk_row_stride " + std::to_string(s.qk_row_stride) + " is below heads * key_dim");
   if (s.v_row_stride != 0 && s.v_row_stride < s.heads * s.value_dim)
@@ -394,15 +416,16 @@ inline void check_grid_heads(const char* fn, const GridHeadsShape& s, std::size_
 /// Runs per_head(Q, K, V, out, h) for every (image, head) pair of a [B, H, W, heads * d] buffer,
 /// spread over OpenMP threads.
 template <class T, class PerHead>
-void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHeadsShape& s, int threads,
-                        double work_per_head, PerHead per_head) {
+void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHeadsShape& s,
+                        int threads, double work_per_head, PerHead per_head) {
   const Index N = s.height * s.width, heads = s.heads, dk = s.key_dim, dv = s.value_dim;
   const Index ldq = s.qk_row_stride > 0 ? s.qk_row_stride : heads * dk;
   const Index ldv = s.v_row_stride > 0 ? s.v_row_stride : heads * dv;
   const Index pairs = s.batch * heads;
   int team = 1;
 #if defined(_OPENMP)
-  // Waking a team costs microseconds (milliseconds on a loaded machine): not worth it for tiny grids.
+  // Waking a team costs microseconds (milliseconds on a loaded machine): not worth it for tiny
+  // grids.
   if (!omp_in_parallel() && pairs > 1 && work_per_head * static_cast<double>(pairs) >= 1.0e6)
     team = static_cast<int>(std::min<Index>(threads > 0 ? threads : omp_get_max_threads(), pairs));
 #else
@@ -428,7 +451,8 @@ void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHe
 /// MaSA of one head (SPEC 4; RMT eq. for MaSA with the decay added as ln D before the softmax):
 /// O = softmax_row(Q K^T + L) V, L[n, m] = (|y_n - y_m| + |x_n - x_m|) ln gamma.
 /// Q [N, dk], K [N, dk], V [N, dv] with rows in raster order n = y W + x, N = H W = decay.size();
-/// returns O [N, dv]. Streams over [query_tile, key_tile] tiles with an online softmax: no [N, N] matrix.
+/// returns O [N, dv]. Streams over [query_tile, key_tile] tiles with an online softmax: no [N, N]
+/// matrix.
 template <class DQ, class DK, class DV>
 Matrix<typename DQ::Scalar> masa(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                                  const Eigen::MatrixBase<DV>& V, const ManhattanDecay& decay,
@@ -438,20 +462,22 @@ Matrix<typename DQ::Scalar> masa(const Eigen::MatrixBase<DQ>& Q, const Eigen::Ma
   detail::check_masa_inputs("masa", Q, K, V, decay.height(), decay.width());
   detail::check_masa_options<T>("masa", options);
   Matrix<T> out(Q.rows(), V.cols());
-  detail::masa_into_impl<T>(Q, K, V, decay, detail::MasaMap<T>(out.data(), out.rows(), out.cols(), Eigen::OuterStride<>(out.cols())),
-                            options);
+  detail::masa_into_impl<T>(
+      Q, K, V, decay,
+      detail::MasaMap<T>(out.data(), out.rows(), out.cols(), Eigen::OuterStride<>(out.cols())),
+      options);
   return out;
 }
 
 /// MaSAD of one head (SPEC 4; RMT's decomposed MaSA): a softmax attention along each grid row,
-/// u[y, x] = sum_x' softmax_x'(q[y,x] . k[y,x'] + |x - x'| ln gamma) v[y, x'], then along each column,
-/// o[y, x] = sum_y' softmax_y'(q[y,x] . k[y',x] + |y - y'| ln gamma) u[y', x], reusing q and k.
-/// Q [N, dk], K [N, dk], V [N, dv], N = height * width in raster order; returns O [N, dv].
+/// u[y, x] = sum_x' softmax_x'(q[y,x] . k[y,x'] + |x - x'| ln gamma) v[y, x'], then along each
+/// column, o[y, x] = sum_y' softmax_y'(q[y,x] . k[y',x] + |y - y'| ln gamma) u[y', x], reusing q
+/// and k. Q [N, dk], K [N, dk], V [N, dv], N = height * width in raster order; returns O [N, dv].
 /// Cost O(N (H + W)) against MaSA's O(N^2).
 template <class DQ, class DK, class DV>
 Matrix<typename DQ::Scalar> masad(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                                  const Eigen::MatrixBase<DV>& V, double gamma, Index height, Index width,
-                                  const MasaOptions& options = MasaOptions()) {
+                                  const Eigen::MatrixBase<DV>& V, double gamma, Index height,
+                                  Index width, const MasaOptions& options = MasaOptions()) {
   using T = typename DQ::Scalar;
   detail::assert_masa_types<DQ, DK, DV>();
   detail::check_gamma("masad", gamma);
@@ -459,9 +485,10 @@ Matrix<typename DQ::Scalar> masad(const Eigen::MatrixBase<DQ>& Q, const Eigen::M
   detail::check_positive("masad", "width", width);
   detail::check_masa_inputs("masad", Q, K, V, height, width);
   Matrix<T> out(Q.rows(), V.cols());
-  detail::masad_into_impl<T>(Q, K, V, gamma, height, width,
-                             detail::MasaMap<T>(out.data(), out.rows(), out.cols(), Eigen::OuterStride<>(out.cols())),
-                             options.threads);
+  detail::masad_into_impl<T>(
+      Q, K, V, gamma, height, width,
+      detail::MasaMap<T>(out.data(), out.rows(), out.cols(), Eigen::OuterStride<>(out.cols())),
+      options.threads);
   return out;
 }
 
@@ -473,12 +500,14 @@ Matrix<typename DQ::Scalar> masad(const Eigen::MatrixBase<DQ>& Q, const Eigen::M
   return masad(Q, K, V, decay.gamma(), decay.height(), decay.width(), options);
 }
 
-/// Multi-head MaSA over a batch of grids: q, k [B, H, W, heads * dk], v [B, H, W, heads * dv] row-major,
-/// writes out [B, H, W, heads * dv]; head h uses ManhattanDecay(gammas[h], H, W). Each (image, head)
-/// pair runs masa on strided views (no copies of q, k, v); pairs are spread over OpenMP threads.
+/// Multi-head MaSA over a batch of grids: q, k [B, H, W, heads * dk], v [B, H, W, heads * dv]
+/// row-major, writes out [B, H, W, heads * dv]; head h uses ManhattanDecay(gammas[h], H, W). Each
+/// (image, head) pair runs masa on strided views (no copies of q, k, v); pairs are spread over
+/// OpenMP threads.
 template <class T>
 void multi_head_masa(const T* q, const T* k, const T* v, T* out, const GridHeadsShape& shape,
-                     const std::vector<double>& gammas, const MasaOptions& options = MasaOptions()) {
+                     const std::vector<double>& gammas,
+                     const MasaOptions& options = MasaOptions()) {
   detail::assert_scalar<T>();
   const char* fn = "multi_head_masa";
   if (!q || !k || !v || !out) detail::fail(fn, "null buffer pointer");
@@ -490,8 +519,8 @@ void multi_head_masa(const T* q, const T* k, const T* v, T* out, const GridHeads
   detail::masa_for_each_head(q, k, v, out, shape, options.threads, work,
                              [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
                                  const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h) {
-                               const ManhattanDecay decay(gammas[static_cast<std::size_t>(h)], shape.height,
-                                                          shape.width);
+                               const ManhattanDecay decay(gammas[static_cast<std::size_t>(h)],
+                                                          shape.height, shape.width);
                                detail::masa_into_impl<T>(Q, K, V, decay, O, options);
                              });
 }
@@ -499,7 +528,8 @@ void multi_head_masa(const T* q, const T* k, const T* v, T* out, const GridHeads
 /// Multi-head MaSAD over a batch of grids, same layout as multi_head_masa; head h uses gammas[h].
 template <class T>
 void multi_head_masad(const T* q, const T* k, const T* v, T* out, const GridHeadsShape& shape,
-                      const std::vector<double>& gammas, const MasaOptions& options = MasaOptions()) {
+                      const std::vector<double>& gammas,
+                      const MasaOptions& options = MasaOptions()) {
   detail::assert_scalar<T>();
   const char* fn = "multi_head_masad";
   if (!q || !k || !v || !out) detail::fail(fn, "null buffer pointer");
@@ -511,16 +541,18 @@ void multi_head_masad(const T* q, const T* k, const T* v, T* out, const GridHead
   detail::masa_for_each_head(q, k, v, out, shape, options.threads, work,
                              [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
                                  const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h) {
-                               detail::masad_into_impl<T>(Q, K, V, gammas[static_cast<std::size_t>(h)],
-                                                          shape.height, shape.width, O, options.threads);
+                               detail::masad_into_impl<T>(
+                                   Q, K, V, gammas[static_cast<std::size_t>(h)], shape.height,
+                                   shape.width, O, options.threads);
                              });
 }
 
 /// Matrix overloads: q, k [B*H*W, heads*dk], v [B*H*W, heads*dv] row-major (dense: the shape's row
 /// strides are ignored); returns [B*H*W, heads*dv].
 template <class T>
-Matrix<T> multi_head_masa(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v, const GridHeadsShape& shape,
-                          const std::vector<double>& gammas, const MasaOptions& options = MasaOptions()) {
+Matrix<T> multi_head_masa(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v,
+                          const GridHeadsShape& shape, const std::vector<double>& gammas,
+                          const MasaOptions& options = MasaOptions()) {
   const Index rows = shape.batch * shape.height * shape.width;
   detail::check_shape("multi_head_masa", "q", q, rows, shape.heads * shape.key_dim);
   detail::check_shape("multi_head_masa", "k", k, rows, shape.heads * shape.key_dim);

@@ -41,11 +41,16 @@ enum class MsrProjection { q_proj, k_proj, v_proj, g_proj, out_proj };
 
 inline const char* to_string(MsrProjection p) {
   switch (p) {
-    case MsrProjection::q_proj: return "q_proj";
-    case MsrProjection::k_proj: return "k_proj";
-    case MsrProjection::v_proj: return "v_proj";
-    case MsrProjection::g_proj: return "g_proj";
-    case MsrProjection::out_proj: return "out_proj";
+    case MsrProjection::q_proj:
+      return "q_proj";
+    case MsrProjection::k_proj:
+      return "k_proj";
+    case MsrProjection::v_proj:
+      return "v_proj";
+    case MsrProjection::g_proj:
+      return "g_proj";
+    case MsrProjection::out_proj:
+      return "out_proj";
   }
   return "?";
 }
@@ -114,11 +119,15 @@ class MultiScaleRetention {
   const std::vector<double>& gammas() const { return config_.gammas; }
   const ThetaShift& rotation() const { return theta_; }
 
-  /// Expected weight shape [out, in] in torch layout: q, k [d, d]; v, g [value_dim, d]; out [d, value_dim].
+  /// Expected weight shape [out, in] in torch layout: q, k [d, d]; v, g [value_dim, d]; out [d,
+  /// value_dim].
   Index out_dim(MsrProjection p) const {
-    return (p == MsrProjection::v_proj || p == MsrProjection::g_proj) ? config_.value_dim : config_.embed_dim;
+    return (p == MsrProjection::v_proj || p == MsrProjection::g_proj) ? config_.value_dim
+                                                                      : config_.embed_dim;
   }
-  Index in_dim(MsrProjection p) const { return p == MsrProjection::out_proj ? config_.value_dim : config_.embed_dim; }
+  Index in_dim(MsrProjection p) const {
+    return p == MsrProjection::out_proj ? config_.value_dim : config_.embed_dim;
+  }
 
   /// Loads a torch-layout weight [out, in] from a raw row-major array of `size` values
   /// (e.g. a float32 tensor's data). The size must be exactly out * in.
@@ -138,7 +147,8 @@ class MultiScaleRetention {
   template <class D>
   void load(MsrProjection which, const Eigen::MatrixBase<D>& w) {
     const std::string name = std::string(to_string(which)) + ".weight";
-    detail::check_shape("MultiScaleRetention::load", name.c_str(), w, out_dim(which), in_dim(which));
+    detail::check_shape("MultiScaleRetention::load", name.c_str(), w, out_dim(which),
+                        in_dim(which));
     weights_[index(which)] = w.template cast<T>();
   }
 
@@ -151,12 +161,13 @@ class MultiScaleRetention {
     if (!data) detail::fail(fn, name + ": null pointer");
     const Index n = out_dim(which);
     if (size != static_cast<std::size_t>(n))
-      detail::fail(fn, name + " has " + std::to_string(size) + " values, expected " + detail::shape_string(n, 1) +
-                           " = " + std::to_string(n));
+      detail::fail(fn, name + " has " + std::to_string(size) + " values, expected " +
+                           detail::shape_string(n, 1) + " = " + std::to_string(n));
     biases_[index(which)] = Eigen::Map<const RowVector<S>>(data, n).template cast<T>();
   }
 
-  /// Loads a bias [out] (a row or a column vector) from any Eigen matrix (only with MsrConfig::biases).
+  /// Loads a bias [out] (a row or a column vector) from any Eigen matrix (only with
+  /// MsrConfig::biases).
   template <class D>
   void load_bias(MsrProjection which, const Eigen::MatrixBase<D>& b) {
     const char* fn = "MultiScaleRetention::load_bias";
@@ -180,7 +191,8 @@ class MultiScaleRetention {
   /// Whole-sequence forward, x [T, d] -> y [T, d], positions 0..T-1, in the given form
   /// (chunk = chunk length of the chunkwise form, 0 = the library's recommendation).
   template <class D>
-  Matrix<T> forward(const Eigen::MatrixBase<D>& x, Form form = Form::chunkwise, Index chunk = 0) const {
+  Matrix<T> forward(const Eigen::MatrixBase<D>& x, Form form = Form::chunkwise,
+                    Index chunk = 0) const {
     return run("MultiScaleRetention::forward", x, 1, form, chunk, nullptr);
   }
 
@@ -206,7 +218,8 @@ class MultiScaleRetention {
   /// [T, d]; `state` is advanced to state.position + T, ready for step() or another prefill.
   /// Equal to the matching rows of forward() over the whole sequence.
   template <class D>
-  Matrix<T> prefill(const Eigen::MatrixBase<D>& x, State& state, Form form = Form::chunkwise, Index chunk = 0) const {
+  Matrix<T> prefill(const Eigen::MatrixBase<D>& x, State& state, Form form = Form::chunkwise,
+                    Index chunk = 0) const {
     const char* fn = "MultiScaleRetention::prefill";
     check_state(fn, state);
     return run(fn, x, 1, form, chunk, &state);
@@ -221,9 +234,11 @@ class MultiScaleRetention {
     return y;
   }
 
-  /// step() writing y_t [1, d] into a caller's buffer (no allocation when state came from make_state()).
+  /// step() writing y_t [1, d] into a caller's buffer (no allocation when state came from
+  /// make_state()).
   template <class D, class DOut>
-  void step_into(const Eigen::MatrixBase<D>& x_t, State& state, const Eigen::MatrixBase<DOut>& y_) const {
+  void step_into(const Eigen::MatrixBase<D>& x_t, State& state,
+                 const Eigen::MatrixBase<DOut>& y_) const {
     detail::assert_same_scalar<T, typename D::Scalar>();
     detail::assert_same_scalar<T, typename DOut::Scalar>();
     const char* fn = "MultiScaleRetention::step";
@@ -243,8 +258,8 @@ class MultiScaleRetention {
     // One token's heads are small (dk * dv each): waking threads costs more than it saves unless
     // the heads together are large, and on a busy machine a barrier per layer per token hurts most.
     const int threads = config_.heads * dk_ * dv_ >= (Index(1) << 20) ? config_.threads : 1;
-    multi_head_step(w.q.data(), w.k.data(), w.v.data(), w.o.data(), 1, config_.heads, dk_, dv_, config_.gammas,
-                    state.heads, config_.normalization, threads);
+    multi_head_step(w.q.data(), w.k.data(), w.v.data(), w.o.data(), 1, config_.heads, dk_, dv_,
+                    config_.gammas, state.heads, config_.normalization, threads);
     norm_and_gate(w.o, w.g);
     y.noalias() = w.o * weights_[index(MsrProjection::out_proj)].transpose();
     if (config_.biases) y += biases_[index(MsrProjection::out_proj)];
@@ -257,7 +272,9 @@ class MultiScaleRetention {
     const char* fn = "MultiScaleRetention";
     detail::check_positive(fn, "embed_dim", c.embed_dim);
     detail::check_positive(fn, "heads", c.heads);
-    if (c.value_dim < 0) detail::fail(fn, "value_dim must be >= 0 (0 = embed_dim), got " + std::to_string(c.value_dim));
+    if (c.value_dim < 0)
+      detail::fail(fn,
+                   "value_dim must be >= 0 (0 = embed_dim), got " + std::to_string(c.value_dim));
     if (c.value_dim == 0) c.value_dim = c.embed_dim;
     if (c.embed_dim % c.heads != 0)
       detail::fail(fn, "embed_dim " + std::to_string(c.embed_dim) + " is not divisible by heads " +
@@ -270,8 +287,9 @@ class MultiScaleRetention {
       detail::fail(fn, "key dim embed_dim / heads = " + std::to_string(dk) +
                            " is odd; the rotation acts on pairs and needs it even");
     if (!c.gammas.empty() && static_cast<Index>(c.gammas.size()) != c.heads)
-      detail::fail(fn, "gammas has " + std::to_string(c.gammas.size()) + " entries, expected heads = " +
-                           std::to_string(c.heads) + " (or none for the retnet schedule)");
+      detail::fail(fn, "gammas has " + std::to_string(c.gammas.size()) +
+                           " entries, expected heads = " + std::to_string(c.heads) +
+                           " (or none for the retnet schedule)");
     for (double g : c.gammas) detail::check_gamma(fn, g);
     if (!(c.eps >= 0.0)) detail::fail(fn, "eps must be >= 0, got " + std::to_string(c.eps));
     if (c.gammas.empty()) c.gammas = retnet_gammas(c.heads);
@@ -281,20 +299,22 @@ class MultiScaleRetention {
   static int index(MsrProjection p) { return static_cast<int>(p); }
 
   void check_biases_enabled(const char* fn, const std::string& name) const {
-    if (!config_.biases) detail::fail(fn, name + ": biases are off in this layer (MsrConfig::biases = false)");
+    if (!config_.biases)
+      detail::fail(fn, name + ": biases are off in this layer (MsrConfig::biases = false)");
   }
 
   void check_state(const char* fn, const State& s) const {
     if (static_cast<Index>(s.heads.size()) != config_.heads)
-      detail::fail(fn, "state.heads has " + std::to_string(s.heads.size()) + " states, expected heads = " +
-                           std::to_string(config_.heads));
-    if (s.position < 0) detail::fail(fn, "state.position is " + std::to_string(s.position) + ", expected >= 0");
+      detail::fail(fn, "state.heads has " + std::to_string(s.heads.size()) +
+                           " states, expected heads = " + std::to_string(config_.heads));
+    if (s.position < 0)
+      detail::fail(fn, "state.position is " + std::to_string(s.position) + ", expected >= 0");
     for (std::size_t h = 0; h < s.heads.size(); ++h) {
       const std::string name = "state.heads[" + std::to_string(h) + "]";
       detail::check_state(fn, s.heads[h], dk_, dv_, name.c_str());
       if (s.heads[h].position != s.position)
-        detail::fail(fn, name + ".position is " + std::to_string(s.heads[h].position) + ", expected state.position = " +
-                             std::to_string(s.position));
+        detail::fail(fn, name + ".position is " + std::to_string(s.heads[h].position) +
+                             ", expected state.position = " + std::to_string(s.position));
     }
   }
 
@@ -332,22 +352,24 @@ class MultiScaleRetention {
         rms_norm_groups(ob, dv_, config_.eps);
       else
         layer_norm_groups(ob, dv_, config_.eps);
-      // silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); for very negative g, exp(-g) = inf gives -0, not NaN.
+      // silu(g) = g * sigmoid(g) = g / (1 + exp(-g)); for very negative g, exp(-g) = inf gives -0,
+      // not NaN.
       ob.array() *= g.middleRows(r0, n).array() / (T(1) + (-g.middleRows(r0, n).array()).exp());
     }
   }
 
   template <class D>
-  Matrix<T> run(const char* fn, const Eigen::MatrixBase<D>& x_in, Index batch, Form form, Index chunk,
-                State* state) const {
+  Matrix<T> run(const char* fn, const Eigen::MatrixBase<D>& x_in, Index batch, Form form,
+                Index chunk, State* state) const {
     detail::assert_same_scalar<T, typename D::Scalar>();
     const Index d = config_.embed_dim, dvt = config_.value_dim;
     detail::check_shape(fn, "x", x_in, -1, d);
     detail::check_positive(fn, "batch", batch);
-    if (chunk < 0) detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " + std::to_string(chunk));
+    if (chunk < 0)
+      detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " + std::to_string(chunk));
     if (x_in.rows() % batch != 0)
-      detail::fail(fn, "x is " + detail::shape_string(x_in.rows(), x_in.cols()) + ", rows not a multiple of batch " +
-                           std::to_string(batch));
+      detail::fail(fn, "x is " + detail::shape_string(x_in.rows(), x_in.cols()) +
+                           ", rows not a multiple of batch " + std::to_string(batch));
     const Index rows = x_in.rows(), T_len = rows / batch;
     if (rows == 0) return Matrix<T>(0, d);
     // A plain row-major view of x (copied only if x is an expression or strided).

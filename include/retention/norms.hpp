@@ -18,7 +18,8 @@ namespace detail {
 /// group >= 1 dividing the column count, eps >= 0 (a negative eps could take a root of a negative).
 inline void check_groups(const char* fn, Index rows, Index cols, Index group, double eps) {
   if (group < 1 || cols % group != 0)
-    fail(fn, "x is " + shape_string(rows, cols) + ", columns not a multiple of group " + std::to_string(group));
+    fail(fn, "x is " + shape_string(rows, cols) + ", columns not a multiple of group " +
+                 std::to_string(group));
   if (!(eps >= 0.0)) fail(fn, "eps must be >= 0, got " + std::to_string(eps));
 }
 

@@ -19,17 +19,18 @@ constexpr Index default_parallel_tile = 128;
 /// Parallel retention, writing into `out` [T, dv]. See parallel_retention.
 template <class DQ, class DK, class DV, class DOut, class Mask,
           class StateScalar = typename DQ::Scalar>
-void parallel_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                             const Eigen::MatrixBase<DV>& V, const Mask& decay,
-                             const Eigen::MatrixBase<DOut>& out_,
-                             const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+void parallel_retention_into(
+    const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
+    const Mask& decay, const Eigen::MatrixBase<DOut>& out_,
+    const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
   detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
   using T = typename DQ::Scalar;
   using Acc = StateScalar;
   const char* fn = "parallel_retention";
   detail::check_qkv(fn, Q, K, V);
   detail::check_shape(fn, "out", out_, Q.rows(), V.cols());
-  if (options.tile < 0) detail::fail(fn, "options.tile must be >= 0, got " + std::to_string(options.tile));
+  if (options.tile < 0)
+    detail::fail(fn, "options.tile must be >= 0, got " + std::to_string(options.tile));
   auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
   const detail::SerialEigenScope serial_products;  // threads belong over heads, not small tiles
@@ -43,12 +44,14 @@ void parallel_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   // B x T). An earlier key m < n0 factors as gamma^(n-m) = gamma^(n-n0) * gamma^(n0-m), both <= 1,
   // so no factor can overflow; the diagonal block always has the same mask D_B. Keys whose largest
   // weight gamma^(n0-m) is 0 in T add exactly nothing and are skipped.
-  const Index B = std::min(options.tile > 0 ? options.tile : default_parallel_tile, std::max<Index>(T_len, 1));
+  const Index B =
+      std::min(options.tile > 0 ? options.tile : default_parallel_tile, std::max<Index>(T_len, 1));
   const Matrix<T> D = decay.template weights<T>(0, B, 0, B);
-  // pw[d] = gamma^d for d = 0..T (the largest distance any factor needs), each formed as exp(d ln gamma);
-  // the key factors of block n0 are pw[n0 - m], read backwards. Keys at distance >= horizon, where
-  // the factor is below the smallest normal number of T, contribute less than 1e-38 (float) of a
-  // weight each and are skipped; denormals that still arise are flushed (see DenormalsFlushed).
+  // pw[d] = gamma^d for d = 0..T (the largest distance any factor needs), each formed as exp(d ln
+  // gamma); the key factors of block n0 are pw[n0 - m], read backwards. Keys at distance >=
+  // horizon, where the factor is below the smallest normal number of T, contribute less than 1e-38
+  // (float) of a weight each and are skipped; denormals that still arise are flushed (see
+  // DenormalsFlushed).
   const detail::DenormalsFlushed flush_guard;
   Vector<T> pw(T_len + 1);
   Index horizon = T_len + 1;
@@ -126,11 +129,13 @@ void parallel_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
 }
 
 /// Parallel retention of one head, SPEC 2: O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init, then
-/// the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]; extra memory O(T * tile).
+/// the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]; extra memory O(T *
+/// tile).
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> parallel_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
-    const Mask& decay, const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+    const Mask& decay,
+    const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
   Matrix<typename DQ::Scalar> out(Q.rows(), V.cols());
   parallel_retention_into(Q, K, V, decay, out, options);
   return out;

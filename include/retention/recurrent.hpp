@@ -19,8 +19,8 @@ struct RecurrentBuffers {
 
 /// One token through the state in a single pass over S: each row i of S is decayed, updated with
 /// k_i v and immediately accumulated into o = q S while it is still in registers, so S is read and
-/// written exactly once (the step is bound by moving S, SPEC 2 recurrence S_n = gamma S_{n-1} + k_n^T v_n).
-/// Returns the raw score r = q . z (z updated too).
+/// written exactly once (the step is bound by moving S, SPEC 2 recurrence S_n = gamma S_{n-1} +
+/// k_n^T v_n). Returns the raw score r = q . z (z updated too).
 template <class Acc, class DQ, class DK, class DV, class DOut>
 Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBase<DQ>& q,
                     const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
@@ -60,11 +60,13 @@ Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBa
 
 /// retention_step without checks or allocation: `out` [1, dv] receives the normalised output.
 template <class DQ, class DK, class DV, class DOut, class Mask, class Acc>
-void step_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-               const Mask& decay, RetentionState<Acc>& state, Normalization normalization,
-               const Eigen::MatrixBase<DOut>& out_, RecurrentBuffers<Acc>& buf) {
+void step_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+               const Eigen::MatrixBase<DV>& v, const Mask& decay, RetentionState<Acc>& state,
+               Normalization normalization, const Eigen::MatrixBase<DOut>& out_,
+               RecurrentBuffers<Acc>& buf) {
   auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
-  const Acc r = recurrent_token(state.S, state.z, static_cast<Acc>(decay.step_factor()), q, k, v, out, buf);
+  const Acc r =
+      recurrent_token(state.S, state.z, static_cast<Acc>(decay.step_factor()), q, k, v, out, buf);
   if (normalization != Normalization::none) {
     const Eigen::Matrix<Acc, 1, 1> rv(r);
     normalize_rows(decay, normalization, state.position, out, rv);
@@ -77,10 +79,10 @@ void step_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, c
 /// Recurrent retention, writing into `out` [T, dv]. See recurrent_retention.
 template <class DQ, class DK, class DV, class DOut, class Mask,
           class StateScalar = typename DQ::Scalar>
-void recurrent_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                              const Eigen::MatrixBase<DV>& V, const Mask& decay,
-                              const Eigen::MatrixBase<DOut>& out_,
-                              const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+void recurrent_retention_into(
+    const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
+    const Mask& decay, const Eigen::MatrixBase<DOut>& out_,
+    const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
   detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
   using Acc = StateScalar;
   const char* fn = "recurrent_retention";
@@ -116,7 +118,8 @@ void recurrent_retention_into(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matri
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> recurrent_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
-    const Mask& decay, const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+    const Mask& decay,
+    const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
   Matrix<typename DQ::Scalar> out(Q.rows(), V.cols());
   recurrent_retention_into(Q, K, V, decay, out, options);
   return out;
@@ -125,7 +128,8 @@ Matrix<typename DQ::Scalar> recurrent_retention(
 /// One decoding step: q, k [1, dk], v [1, dv]; updates `state` in place (position + 1) and returns
 /// o [1, dv] = q S (normalised as chosen). Same function as recurrent_retention on one token.
 template <class DQ, class DK, class DV, class Mask, class StateScalar>
-RowVector<typename DQ::Scalar> retention_step(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+RowVector<typename DQ::Scalar> retention_step(const Eigen::MatrixBase<DQ>& q,
+                                              const Eigen::MatrixBase<DK>& k,
                                               const Eigen::MatrixBase<DV>& v, const Mask& decay,
                                               RetentionState<StateScalar>& state,
                                               Normalization normalization = Normalization::none) {

@@ -19,7 +19,9 @@ struct RetentionState {
   RetentionState() = default;
   /// A zero state for heads with key dim dk and value dim dv.
   RetentionState(Index dk, Index dv)
-      : S(Matrix<T>::Zero(checked("dk", dk), checked("dv", dv))), z(Vector<T>::Zero(dk)), position(0) {}
+      : S(Matrix<T>::Zero(checked("dk", dk), checked("dv", dv))),
+        z(Vector<T>::Zero(dk)),
+        position(0) {}
 
   Index key_dim() const { return S.rows(); }
   Index value_dim() const { return S.cols(); }
@@ -66,7 +68,8 @@ void check_state(const char* function, const RetentionState<StateScalar>& s, Ind
     fail(function, std::string(name) + ".z is " + shape_string(s.z.size(), 1) + ", expected " +
                        shape_string(dk, 1));
   if (s.position < 0)
-    fail(function, std::string(name) + ".position is " + std::to_string(s.position) + ", expected >= 0");
+    fail(function,
+         std::string(name) + ".position is " + std::to_string(s.position) + ", expected >= 0");
 }
 
 }  // namespace detail

@@ -1,6 +1,7 @@
-// retention: the RMT attention layer (SPEC 4): q, k, v projections with bias, k scaled by dk^(-1/2),
-// rotation by raster index, per-head MaSA or MaSAD, local context enhancement (LCE, a depthwise 5 x 5
-// convolution of the V map) added before the output projection. Weights load in torch layout.
+// retention: the RMT attention layer (SPEC 4): q, k, v projections with bias, k scaled by
+// dk^(-1/2), rotation by raster index, per-head MaSA or MaSAD, local context enhancement (LCE, a
+// depthwise 5 x 5 convolution of the V map) added before the output projection. Weights load in
+// torch layout.
 #pragma once
 
 #include <retention/common.hpp>
@@ -36,12 +37,14 @@ struct ManhattanAttentionConfig {
 };
 
 /// Local context enhancement (SPEC 4): depthwise 5 x 5 convolution with padding 2 and bias of each
-/// [height, width, C] map in v [batch * height * width, C] (torch cross-correlation, zeros outside):
-/// out[y, x, c] = bias[c] + sum_{i,j<5} weight(c, 5 i + j) v[y + i - 2, x + j - 2, c].
-/// weight [C, 25] is torch's [C, 1, 5, 5] reshaped; bias [1, C]. Returns [batch * height * width, C].
+/// [height, width, C] map in v [batch * height * width, C] (torch cross-correlation, zeros
+/// outside): out[y, x, c] = bias[c] + sum_{i,j<5} weight(c, 5 i + j) v[y + i - 2, x + j - 2, c].
+/// weight [C, 25] is torch's [C, 1, 5, 5] reshaped; bias [1, C]. Returns [batch * height * width,
+/// C].
 template <class DV, class DW, class DB>
-Matrix<typename DV::Scalar> local_context_enhancement(const Eigen::MatrixBase<DV>& v, Index batch, Index height,
-                                                      Index width, const Eigen::MatrixBase<DW>& weight,
+Matrix<typename DV::Scalar> local_context_enhancement(const Eigen::MatrixBase<DV>& v, Index batch,
+                                                      Index height, Index width,
+                                                      const Eigen::MatrixBase<DW>& weight,
                                                       const Eigen::MatrixBase<DB>& bias) {
   using T = typename DV::Scalar;
   detail::assert_scalar<T>();
@@ -68,7 +71,8 @@ Matrix<typename DV::Scalar> local_context_enhancement(const Eigen::MatrixBase<DV
         const auto tap = taps.row(5 * i + j).array();
         for (Index y = std::max<Index>(0, -dy); y < std::min<Index>(height, height - dy); ++y) {
           const Index dst = b * N + y * width + x0, src = b * N + (y + dy) * width + x0 + dx;
-          out.middleRows(dst, x1 - x0).array() += v.middleRows(src, x1 - x0).array().rowwise() * tap;
+          out.middleRows(dst, x1 - x0).array() +=
+              v.middleRows(src, x1 - x0).array().rowwise() * tap;
         }
       }
   return out;
@@ -123,7 +127,8 @@ class ManhattanAttention {
   void load_q_proj(const S* weight, Index weight_size, const S* bias, Index bias_size) {
     load_raw("ManhattanAttention::load_q_proj", wq_, bq_, weight, weight_size, bias, bias_size);
   }
-  /// Loads k_proj: weight [C, C], bias [C] (the dk^(-1/2) scaling is applied in forward, not stored).
+  /// Loads k_proj: weight [C, C], bias [C] (the dk^(-1/2) scaling is applied in forward, not
+  /// stored).
   template <class S>
   void load_k_proj(const S* weight, Index weight_size, const S* bias, Index bias_size) {
     load_raw("ManhattanAttention::load_k_proj", wk_, bk_, weight, weight_size, bias, bias_size);
@@ -138,7 +143,8 @@ class ManhattanAttention {
   void load_out_proj(const S* weight, Index weight_size, const S* bias, Index bias_size) {
     load_raw("ManhattanAttention::load_out_proj", wo_, bo_, weight, weight_size, bias, bias_size);
   }
-  /// Loads the LCE convolution (torch Conv2d(Cv, Cv, 5, 1, 2, groups=Cv)): weight [Cv, 1, 5, 5], bias [Cv].
+  /// Loads the LCE convolution (torch Conv2d(Cv, Cv, 5, 1, 2, groups=Cv)): weight [Cv, 1, 5, 5],
+  /// bias [Cv].
   template <class S>
   void load_lce(const S* weight, Index weight_size, const S* bias, Index bias_size) {
     load_raw("ManhattanAttention::load_lce", lce_w_, lce_b_, weight, weight_size, bias, bias_size);
@@ -191,11 +197,13 @@ class ManhattanAttention {
 
   /// One image: x [height * width, C] in raster order -> [height * width, C].
   template <class Derived>
-  Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, Index height, Index width, RmtMode mode = RmtMode::full) const {
+  Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, Index height, Index width,
+                    RmtMode mode = RmtMode::full) const {
     return forward(x, 1, height, width, mode);
   }
 
-  /// A batch: x [batch * height * width, C], image b in rows [b H W, (b + 1) H W) -> [batch * height * width, C].
+  /// A batch: x [batch * height * width, C], image b in rows [b H W, (b + 1) H W) -> [batch *
+  /// height * width, C].
   template <class Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, Index batch, Index height, Index width,
                     RmtMode mode = RmtMode::full) const {
@@ -209,7 +217,8 @@ class ManhattanAttention {
     // One GEMM for [q | k | v]; k's dk^(-1/2) is folded into the fused weights.
     Matrix<T> qkv = x * w_qkv_t_;
     qkv.rowwise() += b_qkv_;
-    for (Index b = 0; b < batch; ++b) rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);  // raster index
+    for (Index b = 0; b < batch; ++b)
+      rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);  // raster index
     GridHeadsShape shape;
     shape.batch = batch;
     shape.height = height;
@@ -246,15 +255,17 @@ class ManhattanAttention {
   }
 
   template <class S>
-  void load_raw(const char* fn, Matrix<T>& w, RowVector<T>& b, const S* weight, Index weight_size, const S* bias,
-                Index bias_size) {
+  void load_raw(const char* fn, Matrix<T>& w, RowVector<T>& b, const S* weight, Index weight_size,
+                const S* bias, Index bias_size) {
     detail::assert_scalar<S>();
     if (!weight || !bias) detail::fail(fn, "null weight or bias pointer");
     if (weight_size != w.size())
       detail::fail(fn, "weight has " + std::to_string(weight_size) + " values, expected " +
-                           detail::shape_string(w.rows(), w.cols()) + " = " + std::to_string(w.size()));
+                           detail::shape_string(w.rows(), w.cols()) + " = " +
+                           std::to_string(w.size()));
     if (bias_size != b.size())
-      detail::fail(fn, "bias has " + std::to_string(bias_size) + " values, expected " + std::to_string(b.size()));
+      detail::fail(fn, "bias has " + std::to_string(bias_size) + " values, expected " +
+                           std::to_string(b.size()));
     const Eigen::Map<const Matrix<S>> wm(weight, w.rows(), w.cols());
     w = wm.template cast<T>();
     b = Eigen::Map<const RowVector<S>>(bias, b.size()).template cast<T>();
@@ -266,15 +277,18 @@ class ManhattanAttention {
                   const Eigen::MatrixBase<B>& bias) {
     detail::assert_scalar<typename W::Scalar>();
     detail::check_shape(fn, "weight", weight, w.rows(), w.cols());
-    if (!((bias.rows() == 1 && bias.cols() == b.size()) || (bias.cols() == 1 && bias.rows() == b.size())))
-      detail::fail(fn, "bias is " + detail::shape_string(bias.rows(), bias.cols()) + ", expected [1 x " +
-                           std::to_string(b.size()) + "]");
+    if (!((bias.rows() == 1 && bias.cols() == b.size()) ||
+          (bias.cols() == 1 && bias.rows() == b.size())))
+      detail::fail(fn, "bias is " + detail::shape_string(bias.rows(), bias.cols()) +
+                           ", expected [1 x " + std::to_string(b.size()) + "]");
     w = weight.template cast<T>();
-    for (Index i = 0; i < b.size(); ++i) b(i) = static_cast<T>(bias.rows() == 1 ? bias(0, i) : bias(i, 0));
+    for (Index i = 0; i < b.size(); ++i)
+      b(i) = static_cast<T>(bias.rows() == 1 ? bias(0, i) : bias(i, 0));
     fuse();
   }
 
-  /// Rebuilds the fused [C, 2C + Cv] projection (transposed, so x * W is a row-major GEMM) and its bias.
+  /// Rebuilds the fused [C, 2C + Cv] projection (transposed, so x * W is a row-major GEMM) and its
+  /// bias.
   void fuse() {
     const Index C = embed_dim(), Cv = value_dim();
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim())));

@@ -1,4 +1,5 @@
-// retention: the "theta shift" rotation of RetNet (SPEC 3), also used by RMT by raster index (SPEC 4).
+// retention: the "theta shift" rotation of RetNet (SPEC 3), also used by RMT by raster index (SPEC
+// 4).
 #pragma once
 
 #include <retention/common.hpp>
@@ -46,15 +47,17 @@ class ThetaShift {
   /// Rotates x [T, a*head_dim] and y [T, b*head_dim] (e.g. q and k) in place with the same angles,
   /// row t at position first_position + t. Each cos/sin is computed once for both.
   template <class DX, class DY>
-  void apply_pair(const Eigen::MatrixBase<DX>& x_, const Eigen::MatrixBase<DY>& y_, Index first_position) const {
+  void apply_pair(const Eigen::MatrixBase<DX>& x_, const Eigen::MatrixBase<DY>& y_,
+                  Index first_position) const {
     auto& x = const_cast<Eigen::MatrixBase<DX>&>(x_);
     auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_);
     detail::assert_same_scalar<typename DX::Scalar, typename DY::Scalar>();
     check("ThetaShift::apply_pair", "x", x.rows(), x.cols(), first_position);
     check("ThetaShift::apply_pair", "y", y.rows(), y.cols(), first_position);
     if (y.rows() != x.rows())
-      detail::fail("ThetaShift::apply_pair", "y is " + detail::shape_string(y.rows(), y.cols()) + ", expected [" +
-                                                 std::to_string(x.rows()) + " x *] (x is " +
+      detail::fail("ThetaShift::apply_pair", "y is " + detail::shape_string(y.rows(), y.cols()) +
+                                                 ", expected [" + std::to_string(x.rows()) +
+                                                 " x *] (x is " +
                                                  detail::shape_string(x.rows(), x.cols()) + ")");
     rotate(x, y, first_position);
   }

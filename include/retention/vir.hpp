@@ -1,7 +1,8 @@
-// retention: ViR (Vision Retention Networks, SPEC 5): multi-head retention (MHR), the pre-norm block
-// and the encoder, each runnable in the parallel, recurrent and chunkwise forms, and the encoder also
-// chunk-major (each chunk of tokens through every block, one state per block and head), which bounds
-// activation memory by the chunk instead of the image. Retention itself is the library's kernels.
+// retention: ViR (Vision Retention Networks, SPEC 5): multi-head retention (MHR), the pre-norm
+// block and the encoder, each runnable in the parallel, recurrent and chunkwise forms, and the
+// encoder also chunk-major (each chunk of tokens through every block, one state per block and
+// head), which bounds activation memory by the chunk instead of the image. Retention itself is the
+// library's kernels.
 #pragma once
 
 #include <retention/chunkwise.hpp>
@@ -29,7 +30,9 @@ namespace retention {
 /// (chunk-major; exact because LayerNorm and MLP act per token and retention carries a state).
 enum class VirOrder { layer_major, chunk_major };
 
-inline const char* to_string(VirOrder o) { return o == VirOrder::layer_major ? "layer-major" : "chunk-major"; }
+inline const char* to_string(VirOrder o) {
+  return o == VirOrder::layer_major ? "layer-major" : "chunk-major";
+}
 
 /// Run options shared by VirRetention, VirBlock and VirEncoder.
 struct VirOptions {
@@ -45,8 +48,8 @@ struct VirOptions {
 
 /// Sizes and constants of a ViR encoder.
 struct VirConfig {
-  /// Training resolution: the learned position embedding covers (image_size / patch_size)^2 patches.
-  /// Other resolutions (multiples of the patch) resample it bilinearly.
+  /// Training resolution: the learned position embedding covers (image_size / patch_size)^2
+  /// patches. Other resolutions (multiples of the patch) resample it bilinearly.
   Index image_size = 224;
   Index patch_size = 16;
   Index in_channels = 3;
@@ -56,8 +59,8 @@ struct VirConfig {
   /// MLP hidden width = embed_dim * mlp_ratio (truncated, as timm does).
   double mlp_ratio = 4.0;
   /// SPEC 5: the ViR encoder builds every LayerNorm (both of each block and the final one) with eps
-  /// 1e-6. The issue text's block default 1e-5 is a bare torch LayerNorm's default; SPEC wins, and a
-  /// loader of weights trained with 1e-5 must set it here.
+  /// 1e-6. The issue text's block default 1e-5 is a bare torch LayerNorm's default; SPEC wins, and
+  /// a loader of weights trained with 1e-5 must set it here.
   double layer_norm_eps = 1e-6;
   /// Initial value of every layer-scale entry ls1, ls2 (1 = no layer scale).
   double layer_scale_init = 1.0;
@@ -65,7 +68,9 @@ struct VirConfig {
   std::vector<double> gammas;
 
   Index head_dim() const { return heads > 0 ? embed_dim / heads : 0; }
-  Index mlp_hidden() const { return static_cast<Index>(static_cast<double>(embed_dim) * mlp_ratio); }
+  Index mlp_hidden() const {
+    return static_cast<Index>(static_cast<double>(embed_dim) * mlp_ratio);
+  }
   Index grid() const { return patch_size > 0 ? image_size / patch_size : 0; }
 };
 
@@ -156,19 +161,24 @@ inline std::string dims_string(const std::vector<Index>& dims) {
 template <class Derived>
 void check_vector(const char* fn, const char* name, const Eigen::MatrixBase<Derived>& v, Index n) {
   if (v.size() != n || (v.rows() != 1 && v.cols() != 1))
-    fail(fn, std::string(name) + " is " + shape_string(v.rows(), v.cols()) + ", expected " + shape_string(1, n));
+    fail(fn, std::string(name) + " is " + shape_string(v.rows(), v.cols()) + ", expected " +
+                 shape_string(1, n));
 }
 
 inline void check_vir_options(const char* fn, const VirOptions& o, bool encoder) {
-  const bool uses_chunk = o.form == Form::chunkwise || (encoder && o.order == VirOrder::chunk_major);
-  if (uses_chunk && o.chunk < 1) fail(fn, "options.chunk must be >= 1, got " + std::to_string(o.chunk));
+  const bool uses_chunk =
+      o.form == Form::chunkwise || (encoder && o.order == VirOrder::chunk_major);
+  if (uses_chunk && o.chunk < 1)
+    fail(fn, "options.chunk must be >= 1, got " + std::to_string(o.chunk));
   if (o.threads < 0) fail(fn, "options.threads must be >= 0, got " + std::to_string(o.threads));
 }
 
-inline std::vector<double> vir_gammas(const char* fn, Index heads, const std::vector<double>& given) {
+inline std::vector<double> vir_gammas(const char* fn, Index heads,
+                                      const std::vector<double>& given) {
   if (given.empty()) return linspace_gammas(heads);
   if (static_cast<Index>(given.size()) != heads)
-    fail(fn, "gammas has " + std::to_string(given.size()) + " entries, expected heads = " + std::to_string(heads));
+    fail(fn, "gammas has " + std::to_string(given.size()) +
+                 " entries, expected heads = " + std::to_string(heads));
   for (double g : given) check_gamma(fn, g);
   return given;
 }
@@ -177,7 +187,8 @@ inline std::vector<double> vir_gammas(const char* fn, Index heads, const std::ve
 template <class T>
 void gelu_inplace(Matrix<T>& x) {
   const T r = static_cast<T>(0.70710678118654752440);
-  x = x.unaryExpr([r](T v) { return static_cast<T>(0.5) * v * (static_cast<T>(1) + std::erf(v * r)); });
+  x = x.unaryExpr(
+      [r](T v) { return static_cast<T>(0.5) * v * (static_cast<T>(1) + std::erf(v * r)); });
 }
 
 /// Deterministic pseudo-random numbers (splitmix64), independent of the standard library's
@@ -192,7 +203,9 @@ class VirRng {
     return z ^ (z >> 31);
   }
   /// Uniform in (0, 1).
-  double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+  double uniform() {
+    return (static_cast<double>(next() >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+  }
   /// Normal(0, std^2) truncated to [-2 std, 2 std] (rejection; Box-Muller, both outputs used).
   double trunc_normal(double std_dev) {
     for (;;) {
@@ -201,7 +214,8 @@ class VirRng {
         n = spare_;
         has_spare_ = false;
       } else {
-        const double r = std::sqrt(-2.0 * std::log(uniform())), a = 6.283185307179586476925 * uniform();
+        const double r = std::sqrt(-2.0 * std::log(uniform())),
+                     a = 6.283185307179586476925 * uniform();
         n = r * std::cos(a);
         spare_ = r * std::sin(a);
         has_spare_ = true;
@@ -211,7 +225,8 @@ class VirRng {
   }
   template <class M>
   void fill(M& m, double std_dev) {
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<typename M::Scalar>(trunc_normal(std_dev));
+    for (Index i = 0; i < m.size(); ++i)
+      m.data()[i] = static_cast<typename M::Scalar>(trunc_normal(std_dev));
   }
 
  private:
@@ -226,9 +241,10 @@ class VirRng {
 // MHR
 // =================================================================================================
 
-/// ViR multi-head retention (SPEC 5): [q | k | v] = x Wqkv^T + b (C -> 3C), q scaled by head_dim^-1/2,
-/// per head plain causal retention o_n = sum_{m<=n} gamma_h^(n-m) (q_n . k_m) v_m (+ the carried-in
-/// state, SPEC 2), normalisation none, no gate, norm or rotation; y = concat_h(o_h) Wproj^T + b.
+/// ViR multi-head retention (SPEC 5): [q | k | v] = x Wqkv^T + b (C -> 3C), q scaled by
+/// head_dim^-1/2, per head plain causal retention o_n = sum_{m<=n} gamma_h^(n-m) (q_n . k_m) v_m (+
+/// the carried-in state, SPEC 2), normalisation none, no gate, norm or rotation; y = concat_h(o_h)
+/// Wproj^T + b.
 template <class T>
 class VirRetention {
  public:
@@ -239,7 +255,8 @@ class VirRetention {
     detail::check_positive(fn, "dim", dim);
     detail::check_positive(fn, "heads", heads);
     if (dim % heads != 0)
-      detail::fail(fn, "dim " + std::to_string(dim) + " is not a multiple of heads " + std::to_string(heads));
+      detail::fail(fn, "dim " + std::to_string(dim) + " is not a multiple of heads " +
+                           std::to_string(heads));
     gammas_ = detail::vir_gammas(fn, heads, gammas);
     w_.qkv_weight = Matrix<T>::Zero(3 * dim, dim);
     w_.qkv_bias = RowVector<T>::Zero(3 * dim);
@@ -247,7 +264,8 @@ class VirRetention {
     w_.proj_bias = RowVector<T>::Zero(dim);
   }
   /// With the given weights (shapes checked here and on every forward).
-  VirRetention(Index dim, Index heads, VirRetentionWeights<T> weights, std::vector<double> gammas = {})
+  VirRetention(Index dim, Index heads, VirRetentionWeights<T> weights,
+               std::vector<double> gammas = {})
       : VirRetention(dim, heads, std::move(gammas)) {
     w_ = std::move(weights);
     check_weights("VirRetention");
@@ -262,11 +280,12 @@ class VirRetention {
 
   /// Zero states for all heads (S [head_dim, head_dim], position 0), index h.
   std::vector<RetentionState<T>> zero_states() const {
-    return std::vector<RetentionState<T>>(static_cast<std::size_t>(heads_), RetentionState<T>(head_dim(), head_dim()));
+    return std::vector<RetentionState<T>>(static_cast<std::size_t>(heads_),
+                                          RetentionState<T>(head_dim(), head_dim()));
   }
 
-  /// x [T, C] -> y [T, C] in options.form. `states` (optional, one per head): if non-empty, the state
-  /// carried in from earlier tokens; always replaced by the state after the last row, so that
+  /// x [T, C] -> y [T, C] in options.form. `states` (optional, one per head): if non-empty, the
+  /// state carried in from earlier tokens; always replaced by the state after the last row, so that
   /// consecutive calls equal one call over the concatenated rows.
   template <class Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, const VirOptions& options = VirOptions(),
@@ -280,8 +299,8 @@ class VirRetention {
     const bool has_initial = states && !states->empty();
     if (has_initial) {
       if (static_cast<Index>(states->size()) != heads_)
-        detail::fail(fn, "states has " + std::to_string(states->size()) + " entries, expected heads = " +
-                             std::to_string(heads_));
+        detail::fail(fn, "states has " + std::to_string(states->size()) +
+                             " entries, expected heads = " + std::to_string(heads_));
       for (const auto& s : *states) detail::check_state(fn, s, hd, hd, "states[h]");
     }
     const Index T_len = x.rows(), C = dim_;
@@ -307,8 +326,12 @@ class VirRetention {
       const auto K = qkv.middleCols(C + h * hd, hd);
       const auto V = qkv.middleCols(2 * C + h * hd, hd);
       switch (options.form) {
-        case Form::parallel: parallel_retention_into(Q, K, V, decay, o.middleCols(h * hd, hd), ro); break;
-        case Form::recurrent: recurrent_retention_into(Q, K, V, decay, o.middleCols(h * hd, hd), ro); break;
+        case Form::parallel:
+          parallel_retention_into(Q, K, V, decay, o.middleCols(h * hd, hd), ro);
+          break;
+        case Form::recurrent:
+          recurrent_retention_into(Q, K, V, decay, o.middleCols(h * hd, hd), ro);
+          break;
         case Form::chunkwise:
           chunkwise_retention_into(Q, K, V, decay, options.chunk, o.middleCols(h * hd, hd), ro);
           break;
@@ -323,7 +346,8 @@ class VirRetention {
 
   /// One token x_t [1, C] -> [1, C] through the recurrent form, advancing `states` (one per head).
   template <class Derived>
-  RowVector<T> step(const Eigen::MatrixBase<Derived>& x_t, std::vector<RetentionState<T>>& states) const {
+  RowVector<T> step(const Eigen::MatrixBase<Derived>& x_t,
+                    std::vector<RetentionState<T>>& states) const {
     VirOptions o;
     o.form = Form::recurrent;
     o.threads = 1;
@@ -438,11 +462,12 @@ class VirBlock {
 // Encoder
 // =================================================================================================
 
-/// ViR encoder (SPEC 5): tokens = patch embedding (stride-p p x p convolution = a linear map of each
-/// flattened patch) + learned position embedding, then the class token appended at the END (after
-/// the position embedding, so the class token gets none: SPEC 5 adds the position embedding to the
-/// patches and appends the class token afterwards); depth blocks; final LayerNorm; the class token's
-/// row is the image feature. Image [H, W, in_channels] -> tokens [N + 1, C], N = (H/p)(W/p), raster order.
+/// ViR encoder (SPEC 5): tokens = patch embedding (stride-p p x p convolution = a linear map of
+/// each flattened patch) + learned position embedding, then the class token appended at the END
+/// (after the position embedding, so the class token gets none: SPEC 5 adds the position embedding
+/// to the patches and appends the class token afterwards); depth blocks; final LayerNorm; the class
+/// token's row is the image feature. Image [H, W, in_channels] -> tokens [N + 1, C], N =
+/// (H/p)(W/p), raster order.
 template <class T>
 class VirEncoder {
  public:
@@ -480,7 +505,8 @@ class VirEncoder {
 
   /// Every parameter with its torch name and shape (timm ViT naming; the class token is separate
   /// from pos_embed, which covers the patches only), in a fixed order. Data is row-major, so a
-  /// contiguous torch tensor's buffer copies in unchanged, e.g. patch_embed.proj.weight [C, 3, p, p].
+  /// contiguous torch tensor's buffer copies in unchanged, e.g. patch_embed.proj.weight [C, 3, p,
+  /// p].
   std::vector<VirParameter<T>> parameters() { return parameter_table<T>(*this); }
   std::vector<VirParameter<const T>> parameters() const { return parameter_table<const T>(*this); }
 
@@ -492,7 +518,8 @@ class VirEncoder {
   }
 
   /// Copies a torch-layout array into the parameter `name`; `shape` must equal the torch shape
-  /// listed by parameters() exactly. S may differ from T (e.g. float checkpoints into a double model).
+  /// listed by parameters() exactly. S may differ from T (e.g. float checkpoints into a double
+  /// model).
   template <class S>
   void load(const std::string& name, const S* data, const std::vector<Index>& shape) {
     const char* fn = "VirEncoder::load";
@@ -500,7 +527,8 @@ class VirEncoder {
     for (auto& p : parameters()) {
       if (p.name != name) continue;
       if (p.shape != shape)
-        detail::fail(fn, name + " is " + detail::dims_string(shape) + ", expected " + detail::dims_string(p.shape));
+        detail::fail(fn, name + " is " + detail::dims_string(shape) + ", expected " +
+                             detail::dims_string(p.shape));
       const Index n = p.size();
       for (Index i = 0; i < n; ++i) p.data[i] = static_cast<T>(data[i]);
       return;
@@ -509,7 +537,8 @@ class VirEncoder {
   }
 
   /// Input tokens [count, C], rows [first, first + count) of the sequence: row n < N is patch n
-  /// (raster order) = Wp vec(patch n) + bp + pos_n, row N is the class token. Image [H, W, in_channels].
+  /// (raster order) = Wp vec(patch n) + bp + pos_n, row N is the class token. Image [H, W,
+  /// in_channels].
   template <class P>
   Matrix<T> tokens(const ImageView<P>& image, Index first, Index count) const {
     const char* fn = "VirEncoder::tokens";
@@ -520,10 +549,11 @@ class VirEncoder {
     return make_tokens(image, g, first, count);
   }
 
-  /// Image [H, W, in_channels] (H, W multiples of patch_size) -> all output tokens [N + 1, C] after the
-  /// final LayerNorm; row N is the class token. Chunk-major order keeps the output rows only.
+  /// Image [H, W, in_channels] (H, W multiples of patch_size) -> all output tokens [N + 1, C] after
+  /// the final LayerNorm; row N is the class token. Chunk-major order keeps the output rows only.
   template <class P>
-  Matrix<T> forward_tokens(const ImageView<P>& image, const VirOptions& options = VirOptions()) const {
+  Matrix<T> forward_tokens(const ImageView<P>& image,
+                           const VirOptions& options = VirOptions()) const {
     Matrix<T> all;
     run("VirEncoder::forward_tokens", image, options, &all, nullptr);
     return all;
@@ -555,11 +585,12 @@ class VirEncoder {
     detail::check_positive(fn, "config.heads", c.heads);
     detail::check_positive(fn, "config.depth", c.depth);
     if (c.image_size % c.patch_size != 0)
-      detail::fail(fn, "config.image_size " + std::to_string(c.image_size) + " is not a multiple of config.patch_size " +
+      detail::fail(fn, "config.image_size " + std::to_string(c.image_size) +
+                           " is not a multiple of config.patch_size " +
                            std::to_string(c.patch_size));
     if (c.embed_dim % c.heads != 0)
-      detail::fail(fn, "config.embed_dim " + std::to_string(c.embed_dim) + " is not a multiple of config.heads " +
-                           std::to_string(c.heads));
+      detail::fail(fn, "config.embed_dim " + std::to_string(c.embed_dim) +
+                           " is not a multiple of config.heads " + std::to_string(c.heads));
     if (!(c.layer_norm_eps >= 0.0)) detail::fail(fn, "config.layer_norm_eps must be >= 0");
   }
 
@@ -568,9 +599,11 @@ class VirEncoder {
     const Index p = config_.patch_size;
     const std::string got = detail::dims_string({im.height, im.width, im.channels});
     if (im.channels != config_.in_channels)
-      detail::fail(fn, "image is " + got + ", expected [H x W x " + std::to_string(config_.in_channels) + "]");
+      detail::fail(fn, "image is " + got + ", expected [H x W x " +
+                           std::to_string(config_.in_channels) + "]");
     if (im.height < p || im.width < p || im.height % p != 0 || im.width % p != 0)
-      detail::fail(fn, "image is " + got + ", expected height and width positive multiples of patch_size " +
+      detail::fail(fn, "image is " + got +
+                           ", expected height and width positive multiples of patch_size " +
                            std::to_string(p));
     if (!im.data) detail::fail(fn, "image data is a null pointer");
     return Grid{im.height / p, im.width / p};
@@ -586,7 +619,8 @@ class VirEncoder {
       return;
     }
     auto axis = [G](Index dst, Index n, Index& i0, Index& i1, double& l1) {
-      double src = (static_cast<double>(dst) + 0.5) * static_cast<double>(G) / static_cast<double>(n) - 0.5;
+      double src =
+          (static_cast<double>(dst) + 0.5) * static_cast<double>(G) / static_cast<double>(n) - 0.5;
       if (src < 0.0) src = 0.0;
       i0 = std::min(static_cast<Index>(src), G - 1);
       i1 = i0 < G - 1 ? i0 + 1 : i0;
@@ -598,8 +632,8 @@ class VirEncoder {
     axis(gx, g.w, x0, x1, lx);
     const T a = static_cast<T>((1 - ly) * (1 - lx)), b = static_cast<T>((1 - ly) * lx);
     const T c = static_cast<T>(ly * (1 - lx)), d = static_cast<T>(ly * lx);
-    out = a * pos_embed_.row(y0 * G + x0) + b * pos_embed_.row(y0 * G + x1) + c * pos_embed_.row(y1 * G + x0) +
-          d * pos_embed_.row(y1 * G + x1);
+    out = a * pos_embed_.row(y0 * G + x0) + b * pos_embed_.row(y0 * G + x1) +
+          c * pos_embed_.row(y1 * G + x0) + d * pos_embed_.row(y1 * G + x1);
   }
 
   template <class P>
@@ -643,8 +677,8 @@ class VirEncoder {
     detail::check_vector(fn, "norm_weight", norm_weight_, C);
     detail::check_vector(fn, "norm_bias", norm_bias_, C);
     if (static_cast<Index>(blocks_.size()) != config_.depth)
-      detail::fail(fn, "blocks has " + std::to_string(blocks_.size()) + " entries, expected depth = " +
-                           std::to_string(config_.depth));
+      detail::fail(fn, "blocks has " + std::to_string(blocks_.size()) +
+                           " entries, expected depth = " + std::to_string(config_.depth));
   }
 
   template <class P>
@@ -672,9 +706,11 @@ class VirEncoder {
       const Index L = std::min(options.chunk, T_len - i0);
       Matrix<T> x = make_tokens(image, g, i0, L);
       for (Index d = 0; d < config_.depth; ++d)
-        blocks_[static_cast<std::size_t>(d)].forward_inplace(x, inner, &states[static_cast<std::size_t>(d)]);
+        blocks_[static_cast<std::size_t>(d)].forward_inplace(x, inner,
+                                                             &states[static_cast<std::size_t>(d)]);
       if (all) all->middleRows(i0, L) = layer_norm(x, norm_weight_, norm_bias_, eps);
-      if (feature && i0 + L == T_len) *feature = layer_norm(x.bottomRows(1), norm_weight_, norm_bias_, eps);
+      if (feature && i0 + L == T_len)
+        *feature = layer_norm(x.bottomRows(1), norm_weight_, norm_bias_, eps);
     }
   }
 

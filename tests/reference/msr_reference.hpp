@@ -43,7 +43,9 @@ inline void rotate(Mat& x, Index head_dim, Index first_position) {
   for (Index t = 0; t < x.rows(); ++t)
     for (Index h = 0; h < x.cols() / head_dim; ++h)
       for (Index j = 0; j < half; ++j) {
-        const double theta = half == 1 ? 1.0 : std::pow(10000.0, -static_cast<double>(j) / static_cast<double>(half - 1));
+        const double theta =
+            half == 1 ? 1.0
+                      : std::pow(10000.0, -static_cast<double>(j) / static_cast<double>(half - 1));
         const double angle = static_cast<double>(first_position + t) * theta;
         const Index i = h * head_dim + 2 * j;
         const double a = x(t, i), b = x(t, i + 1);
@@ -55,7 +57,8 @@ inline void rotate(Mat& x, Index head_dim, Index first_position) {
 /// The full layer on x [T, d], positions 0..T-1.
 inline Mat forward(const Layer& L, const Mat& x) {
   const Index T = x.rows(), H = L.heads, dk = L.embed_dim / H, dv = L.value_dim / H;
-  Mat q = linear(x, L.wq, L.bq), k = linear(x, L.wk, L.bk), v = linear(x, L.wv, L.bv), g = linear(x, L.wg, L.bg);
+  Mat q = linear(x, L.wq, L.bq), k = linear(x, L.wk, L.bk), v = linear(x, L.wv, L.bv),
+      g = linear(x, L.wg, L.bg);
   for (Index t = 0; t < T; ++t)
     for (Index c = 0; c < k.cols(); ++c) k(t, c) /= std::sqrt(static_cast<double>(dk));
   rotate(q, dk, 0);
@@ -80,7 +83,8 @@ inline Mat forward(const Layer& L, const Mat& x) {
         for (Index i = 0; i <= n; ++i) sum += std::pow(gamma, static_cast<double>(i));
         const double s = std::sqrt(sum);
         scale = 1.0 / s;
-        if (L.normalization == retention::Normalization::decay_and_score) scale /= std::max(std::abs(r) / s, 1.0);
+        if (L.normalization == retention::Normalization::decay_and_score)
+          scale /= std::max(std::abs(r) / s, 1.0);
       }
       // Per-head norm over dv.
       std::vector<double> y(row.size());

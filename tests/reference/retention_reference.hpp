@@ -39,9 +39,10 @@ struct Raw {
   State final_state;  // S_{T-1}, z_{T-1}, position + T
 };
 
-/// SPEC 2 by direct summation. Q, K [T, dk], V [T, dv]; `init` = nullptr means S_init = 0, z_init = 0,
-/// position 0.
-inline Raw raw(const Mat& Q, const Mat& K, const Mat& V, double gamma, const State* init = nullptr) {
+/// SPEC 2 by direct summation. Q, K [T, dk], V [T, dv]; `init` = nullptr means S_init = 0, z_init =
+/// 0, position 0.
+inline Raw raw(const Mat& Q, const Mat& K, const Mat& V, double gamma,
+               const State* init = nullptr) {
   const Index T = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index p0 = init ? init->position : 0;
   std::vector<double> pw(static_cast<std::size_t>(T + 1));
@@ -108,7 +109,9 @@ inline Raw raw(const Mat& Q, const Mat& K, const Mat& V, double gamma, const Sta
 }
 
 /// The decay-normalised signed score row sum r_n = score_n / sqrt(sum_{i<=p} gamma^i) (SPEC 2).
-inline double normalized_score(const Raw& r, Index n) { return r.score(n) / std::sqrt(r.decay_sum(n)); }
+inline double normalized_score(const Raw& r, Index n) {
+  return r.score(n) / std::sqrt(r.decay_sum(n));
+}
 
 /// Applies a normalisation of SPEC 2 to the raw output:
 /// none: O; decay: row n / sqrt(sum_{i<=p} gamma^i); decay_and_score: further / max(|r_n|, 1).
@@ -117,15 +120,17 @@ inline Mat normalize(const Raw& r, Normalization normalization) {
   if (normalization == Normalization::none) return O;
   for (Index n = 0; n < O.rows(); ++n) {
     double divisor = std::sqrt(r.decay_sum(n));
-    if (normalization == Normalization::decay_and_score) divisor *= std::max(std::abs(normalized_score(r, n)), 1.0);
+    if (normalization == Normalization::decay_and_score)
+      divisor *= std::max(std::abs(normalized_score(r, n)), 1.0);
     for (Index c = 0; c < O.cols(); ++c) O(n, c) /= divisor;
   }
   return O;
 }
 
 /// Output of SPEC 2 with the chosen normalisation; the final state goes to `final_state` if given.
-inline Mat retention(const Mat& Q, const Mat& K, const Mat& V, double gamma, Normalization normalization,
-                     const State* init = nullptr, State* final_state = nullptr) {
+inline Mat retention(const Mat& Q, const Mat& K, const Mat& V, double gamma,
+                     Normalization normalization, const State* init = nullptr,
+                     State* final_state = nullptr) {
   Raw r = raw(Q, K, V, gamma, init);
   if (final_state) *final_state = r.final_state;
   return normalize(r, normalization);

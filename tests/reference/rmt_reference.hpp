@@ -1,6 +1,6 @@
 // Naive double-precision evaluation of SPEC section 4 (RMT: MaSA, MaSAD, LCE, the attention layer),
-// written straight from the formulas with explicit loops, explicit masks and an explicit full softmax.
-// It shares no code with the library's kernels.
+// written straight from the formulas with explicit loops, explicit masks and an explicit full
+// softmax. It shares no code with the library's kernels.
 #pragma once
 
 #include <retention/common.hpp>
@@ -28,7 +28,8 @@ inline std::vector<double> attend(const std::vector<double>& logits, const Mat& 
   }
   std::vector<double> out(static_cast<std::size_t>(values.cols()), 0.0);
   for (std::size_t j = 0; j < keys.size(); ++j)
-    for (Index c = 0; c < values.cols(); ++c) out[static_cast<std::size_t>(c)] += p[j] / sum * values(keys[j], c);
+    for (Index c = 0; c < values.cols(); ++c)
+      out[static_cast<std::size_t>(c)] += p[j] / sum * values(keys[j], c);
   return out;
 }
 
@@ -44,7 +45,8 @@ inline Mat manhattan_log_mask(double gamma, Index H, Index W) {
   return L;
 }
 
-/// MaSA with the whole [N, N] logit matrix and the explicit mask: A = softmax_row(Q K^T + L), O = A V.
+/// MaSA with the whole [N, N] logit matrix and the explicit mask: A = softmax_row(Q K^T + L), O = A
+/// V.
 inline Mat masa_full(const Mat& Q, const Mat& K, const Mat& V, double gamma, Index H, Index W) {
   const Index N = H * W;
   const Mat L = manhattan_log_mask(gamma, H, W);
@@ -85,7 +87,8 @@ inline Mat masa_rows(const Mat& Q, const Mat& K, const Mat& V, double gamma, Ind
       logits[static_cast<std::size_t>(m)] = dot + static_cast<double>(dist) * std::log(gamma);
     }
     const std::vector<double> o = attend(logits, V, keys);
-    for (Index c = 0; c < V.cols(); ++c) out(static_cast<Index>(r), c) = o[static_cast<std::size_t>(c)];
+    for (Index c = 0; c < V.cols(); ++c)
+      out(static_cast<Index>(r), c) = o[static_cast<std::size_t>(c)];
   }
   return out;
 }
@@ -135,10 +138,12 @@ inline Mat masad(const Mat& Q, const Mat& K, const Mat& V, double gamma, Index H
   return out;
 }
 
-/// Depthwise 5 x 5 convolution, padding 2, with bias, of the map v [H*W, C] (torch cross-correlation):
-/// out[y, x, c] = b[c] + sum_{i, j < 5} w[c, i, j] v[y + i - 2, x + j - 2, c], zero outside the grid.
-/// weight is torch's [C, 1, 5, 5] flattened: w[c, i, j] = weight[c * 25 + i * 5 + j].
-inline Mat lce(const Mat& v, Index H, Index W, const std::vector<double>& weight, const std::vector<double>& bias) {
+/// Depthwise 5 x 5 convolution, padding 2, with bias, of the map v [H*W, C] (torch
+/// cross-correlation): out[y, x, c] = b[c] + sum_{i, j < 5} w[c, i, j] v[y + i - 2, x + j - 2, c],
+/// zero outside the grid. weight is torch's [C, 1, 5, 5] flattened: w[c, i, j] = weight[c * 25 + i
+/// * 5 + j].
+inline Mat lce(const Mat& v, Index H, Index W, const std::vector<double>& weight,
+               const std::vector<double>& bias) {
   const Index C = v.cols();
   Mat out(H * W, C);
   for (Index y = 0; y < H; ++y)
@@ -168,8 +173,8 @@ inline Mat linear(const Mat& x, const Mat& w, const std::vector<double>& b) {
   return y;
 }
 
-/// Theta shift by raster index: in each head_dim group, pair (2j, 2j+1) of row n rotated by n * theta_j,
-/// theta_j = 10000^(-j / (head_dim/2 - 1)), theta_0 = 1 when head_dim = 2.
+/// Theta shift by raster index: in each head_dim group, pair (2j, 2j+1) of row n rotated by n *
+/// theta_j, theta_j = 10000^(-j / (head_dim/2 - 1)), theta_0 = 1 when head_dim = 2.
 inline Mat rotate(const Mat& x, Index head_dim) {
   Mat y = x;
   const Index half = head_dim / 2;
@@ -177,7 +182,8 @@ inline Mat rotate(const Mat& x, Index head_dim) {
     for (Index g = 0; g < x.cols() / head_dim; ++g)
       for (Index j = 0; j < half; ++j) {
         const double theta =
-            half == 1 ? 1.0 : std::pow(10000.0, -static_cast<double>(j) / static_cast<double>(half - 1));
+            half == 1 ? 1.0
+                      : std::pow(10000.0, -static_cast<double>(j) / static_cast<double>(half - 1));
         const double a = static_cast<double>(n) * theta;
         const Index i = g * head_dim + 2 * j;
         y(n, i) = x(n, i) * std::cos(a) - x(n, i + 1) * std::sin(a);
@@ -196,7 +202,8 @@ struct LayerParams {
 };
 
 /// The RMT attention layer on one image x [H*W, C] (SPEC 4): q, k, v projections, k / sqrt(dk),
-/// rotation by raster index, per-head MaSA (decomposed = false) or MaSAD, plus LCE(v), output projection.
+/// rotation by raster index, per-head MaSA (decomposed = false) or MaSAD, plus LCE(v), output
+/// projection.
 inline Mat layer(const Mat& x, Index H, Index W, const LayerParams& p, bool decomposed) {
   const Index C = p.wq.rows(), Cv = p.wv.rows();
   const Index dk = C / p.heads, dv = Cv / p.heads;
@@ -208,9 +215,11 @@ inline Mat layer(const Mat& x, Index H, Index W, const LayerParams& p, bool deco
   k = rotate(k, dk);
   Mat attn(H * W, Cv);
   for (Index h = 0; h < p.heads; ++h) {
-    const Mat qh = q.middleCols(h * dk, dk), kh = k.middleCols(h * dk, dk), vh = v.middleCols(h * dv, dv);
+    const Mat qh = q.middleCols(h * dk, dk), kh = k.middleCols(h * dk, dk),
+              vh = v.middleCols(h * dv, dv);
     const double g = p.gammas[static_cast<std::size_t>(h)];
-    attn.middleCols(h * dv, dv) = decomposed ? masad(qh, kh, vh, g, H, W) : masa(qh, kh, vh, g, H, W);
+    attn.middleCols(h * dv, dv) =
+        decomposed ? masad(qh, kh, vh, g, H, W) : masa(qh, kh, vh, g, H, W);
   }
   const Mat mixed = attn + lce(v, H, W, p.lce_weight, p.lce_bias);
   return linear(mixed, p.wo, p.bo);

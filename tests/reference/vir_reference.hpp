@@ -1,7 +1,7 @@
 // Naive double-precision evaluation of SPEC section 5 (ViR: MHR, block, encoder), written straight
-// from the formulas with explicit loops: a literal stride-p convolution over the [C, ch, p, p] weight,
-// explicit causal decay sums gamma^(n-m), explicit LayerNorm and erf GELU. Parameters are addressed
-// by their torch names and shapes. It shares no code with the library.
+// from the formulas with explicit loops: a literal stride-p convolution over the [C, ch, p, p]
+// weight, explicit causal decay sums gamma^(n-m), explicit LayerNorm and erf GELU. Parameters are
+// addressed by their torch names and shapes. It shares no code with the library.
 #pragma once
 
 #include <retention/common.hpp>
@@ -76,10 +76,13 @@ inline std::vector<std::pair<std::string, std::vector<Index>>> parameter_shapes(
   return s;
 }
 
-inline const std::vector<double>& get(const Params& P, const std::string& name) { return P.at(name).values; }
+inline const std::vector<double>& get(const Params& P, const std::string& name) {
+  return P.at(name).values;
+}
 
 /// y[t, o] = b[o] + sum_i x[t, i] W[o, i]   (W in torch layout [out, in], flattened).
-inline Mat linear(const Mat& x, const std::vector<double>& W, const std::vector<double>& b, Index out) {
+inline Mat linear(const Mat& x, const std::vector<double>& W, const std::vector<double>& b,
+                  Index out) {
   const Index in = x.cols();
   Mat y(x.rows(), out);
   for (Index t = 0; t < x.rows(); ++t)
@@ -92,7 +95,8 @@ inline Mat linear(const Mat& x, const std::vector<double>& W, const std::vector<
 }
 
 /// (x - mean) / sqrt(biased var + eps) * w + b, per row.
-inline Mat layer_norm(const Mat& x, const std::vector<double>& w, const std::vector<double>& b, double eps) {
+inline Mat layer_norm(const Mat& x, const std::vector<double>& w, const std::vector<double>& b,
+                      double eps) {
   Mat y(x.rows(), x.cols());
   const double n = static_cast<double>(x.cols());
   for (Index t = 0; t < x.rows(); ++t) {
@@ -103,7 +107,8 @@ inline Mat layer_norm(const Mat& x, const std::vector<double>& w, const std::vec
     for (Index i = 0; i < x.cols(); ++i) var += (x(t, i) - mean) * (x(t, i) - mean);
     var /= n;
     for (Index i = 0; i < x.cols(); ++i)
-      y(t, i) = (x(t, i) - mean) / std::sqrt(var + eps) * w[static_cast<std::size_t>(i)] + b[static_cast<std::size_t>(i)];
+      y(t, i) = (x(t, i) - mean) / std::sqrt(var + eps) * w[static_cast<std::size_t>(i)] +
+                b[static_cast<std::size_t>(i)];
   }
   return y;
 }
@@ -111,10 +116,12 @@ inline Mat layer_norm(const Mat& x, const std::vector<double>& w, const std::vec
 inline double gelu(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
 
 /// MHR (SPEC 5): [q|k|v] = x Wqkv^T + b, q *= head_dim^-1/2, per head
-/// o_n = sum_{m <= n} gamma_h^(n-m) (q_n . k_m) v_m, y = concat(o) Wproj^T + b. `prefix` e.g. "blocks.0.".
+/// o_n = sum_{m <= n} gamma_h^(n-m) (q_n . k_m) v_m, y = concat(o) Wproj^T + b. `prefix` e.g.
+/// "blocks.0.".
 inline Mat mhr(const Mat& x, const Params& P, const std::string& prefix, const Config& c) {
   const Index C = c.dim, H = c.heads, hd = C / H, T = x.rows();
-  const Mat qkv = linear(x, get(P, prefix + "retention.qkv.weight"), get(P, prefix + "retention.qkv.bias"), 3 * C);
+  const Mat qkv = linear(x, get(P, prefix + "retention.qkv.weight"),
+                         get(P, prefix + "retention.qkv.bias"), 3 * C);
   const std::vector<double> g = gammas_of(c);
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   Mat o = Mat::Zero(T, C);
@@ -126,19 +133,23 @@ inline Mat mhr(const Mat& x, const Params& P, const std::string& prefix, const C
         const double w = std::pow(g[static_cast<std::size_t>(h)], static_cast<double>(n - m)) * qk;
         for (Index j = 0; j < hd; ++j) o(n, h * hd + j) += w * qkv(m, 2 * C + h * hd + j);
       }
-  return linear(o, get(P, prefix + "retention.proj.weight"), get(P, prefix + "retention.proj.bias"), C);
+  return linear(o, get(P, prefix + "retention.proj.weight"), get(P, prefix + "retention.proj.bias"),
+                C);
 }
 
 /// Block (SPEC 5): x += ls1 * MHR(LN1 x); x += ls2 * fc2(GELU(fc1(LN2 x))).
 inline Mat block(const Mat& x_in, const Params& P, const std::string& prefix, const Config& c) {
   Mat x = x_in;
   const Index C = c.dim;
-  const Mat a = mhr(layer_norm(x, get(P, prefix + "norm1.weight"), get(P, prefix + "norm1.bias"), c.eps), P, prefix, c);
+  const Mat a =
+      mhr(layer_norm(x, get(P, prefix + "norm1.weight"), get(P, prefix + "norm1.bias"), c.eps), P,
+          prefix, c);
   const std::vector<double>& ls1 = get(P, prefix + "ls1.gamma");
   for (Index t = 0; t < x.rows(); ++t)
     for (Index i = 0; i < C; ++i) x(t, i) += ls1[static_cast<std::size_t>(i)] * a(t, i);
-  Mat u = linear(layer_norm(x, get(P, prefix + "norm2.weight"), get(P, prefix + "norm2.bias"), c.eps),
-                 get(P, prefix + "mlp.fc1.weight"), get(P, prefix + "mlp.fc1.bias"), c.hidden);
+  Mat u =
+      linear(layer_norm(x, get(P, prefix + "norm2.weight"), get(P, prefix + "norm2.bias"), c.eps),
+             get(P, prefix + "mlp.fc1.weight"), get(P, prefix + "mlp.fc1.bias"), c.hidden);
   for (Index t = 0; t < u.rows(); ++t)
     for (Index i = 0; i < u.cols(); ++i) u(t, i) = gelu(u(t, i));
   const Mat m = linear(u, get(P, prefix + "mlp.fc2.weight"), get(P, prefix + "mlp.fc2.bias"), C);
@@ -149,8 +160,11 @@ inline Mat block(const Mat& x_in, const Params& P, const std::string& prefix, co
 }
 
 /// torch F.interpolate(bilinear, align_corners=False) source coordinate along one axis.
-inline void source_index(Index dst, Index out_size, Index in_size, Index& i0, Index& i1, double& frac) {
-  double s = (static_cast<double>(dst) + 0.5) * static_cast<double>(in_size) / static_cast<double>(out_size) - 0.5;
+inline void source_index(Index dst, Index out_size, Index in_size, Index& i0, Index& i1,
+                         double& frac) {
+  double s = (static_cast<double>(dst) + 0.5) * static_cast<double>(in_size) /
+                 static_cast<double>(out_size) -
+             0.5;
   if (s < 0.0) s = 0.0;
   i0 = static_cast<Index>(std::floor(s));
   if (i0 > in_size - 1) i0 = in_size - 1;
@@ -158,10 +172,13 @@ inline void source_index(Index dst, Index out_size, Index in_size, Index& i0, In
   frac = s - static_cast<double>(i0);
 }
 
-/// Input tokens [N + 1, C]: token (gy, gx) = b + sum_{ci, ky, kx} W[c, ci, ky, kx] img[gy p + ky, gx p + kx, ci]
+/// Input tokens [N + 1, C]: token (gy, gx) = b + sum_{ci, ky, kx} W[c, ci, ky, kx] img[gy p + ky,
+/// gx p + kx, ci]
 /// + pos (resampled bilinearly when the grid differs), then the class token (no position) last.
-inline Mat tokens(const std::vector<double>& img, Index H, Index W, const Params& P, const Config& c) {
-  const Index p = c.patch, ch = c.channels, C = c.dim, gh = H / p, gw = W / p, N = gh * gw, G = c.grid;
+inline Mat tokens(const std::vector<double>& img, Index H, Index W, const Params& P,
+                  const Config& c) {
+  const Index p = c.patch, ch = c.channels, C = c.dim, gh = H / p, gw = W / p, N = gh * gw,
+              G = c.grid;
   const std::vector<double>& cw = get(P, "patch_embed.proj.weight");
   const std::vector<double>& cb = get(P, "patch_embed.proj.bias");
   const std::vector<double>& pos = get(P, "pos_embed");
@@ -180,9 +197,11 @@ inline Mat tokens(const std::vector<double>& img, Index H, Index W, const Params
         double fy, fx;
         source_index(gy, gh, G, y0, y1, fy);
         source_index(gx, gw, G, x0, x1, fx);
-        auto P_ = [&](Index yy, Index xx) { return pos[static_cast<std::size_t>((yy * G + xx) * C + o)]; };
-        s += (1 - fy) * (1 - fx) * P_(y0, x0) + (1 - fy) * fx * P_(y0, x1) + fy * (1 - fx) * P_(y1, x0) +
-             fy * fx * P_(y1, x1);
+        auto P_ = [&](Index yy, Index xx) {
+          return pos[static_cast<std::size_t>((yy * G + xx) * C + o)];
+        };
+        s += (1 - fy) * (1 - fx) * P_(y0, x0) + (1 - fy) * fx * P_(y0, x1) +
+             fy * (1 - fx) * P_(y1, x0) + fy * fx * P_(y1, x1);
         x(gy * gw + gx, o) = s;
       }
   for (Index o = 0; o < C; ++o) x(N, o) = cls[static_cast<std::size_t>(o)];
@@ -190,7 +209,8 @@ inline Mat tokens(const std::vector<double>& img, Index H, Index W, const Params
 }
 
 /// Encoder (SPEC 5): tokens, depth blocks, final LayerNorm; all rows [N + 1, C] (row N = feature).
-inline Mat encoder(const std::vector<double>& img, Index H, Index W, const Params& P, const Config& c) {
+inline Mat encoder(const std::vector<double>& img, Index H, Index W, const Params& P,
+                   const Config& c) {
   Mat x = tokens(img, H, W, P, c);
   for (Index d = 0; d < c.depth; ++d) x = block(x, P, "blocks." + std::to_string(d) + ".", c);
   return layer_norm(x, get(P, "norm.weight"), get(P, "norm.bias"), c.eps);

@@ -36,10 +36,12 @@ constexpr void assert_retention_types() {
 template <class DQ, class DK, class DV>
 void check_qkv(const char* function, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                const Eigen::MatrixBase<DV>& V) {
-  if (Q.cols() < 1) fail(function, "Q is " + shape_string(Q.rows(), Q.cols()) + ", expected dk >= 1 columns");
+  if (Q.cols() < 1)
+    fail(function, "Q is " + shape_string(Q.rows(), Q.cols()) + ", expected dk >= 1 columns");
   check_shape(function, "K", K, Q.rows(), Q.cols());
   check_shape(function, "V", V, Q.rows(), -1);
-  if (V.cols() < 1) fail(function, "V is " + shape_string(V.rows(), V.cols()) + ", expected dv >= 1 columns");
+  if (V.cols() < 1)
+    fail(function, "V is " + shape_string(V.rows(), V.cols()) + ", expected dv >= 1 columns");
 }
 
 /// Rescales output rows per SPEC 2: row j (absolute position p0 + j) is divided by

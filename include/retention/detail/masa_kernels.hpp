@@ -1,11 +1,11 @@
 // retention: register-blocked micro-kernels shared by MaSA and MaSAD (SPEC section 4).
 //
-// MaSAD's row and column attentions are many small products ([W, dk] x [dk, W], then [W, W] x [W, dv]);
-// MaSA's streaming tiles are a few larger ones. Eigen's GEMM packs both operands on every call, which
-// costs as much as the work itself at these sizes. These kernels instead read operands already laid
-// out for them (keys transposed, rows zero-padded), keep a block of rows x one SIMD packet of
-// accumulators in registers, and fuse what surrounds each product: the log-weight tile is the
-// accumulators' initial value, and the online-softmax rescale of the output is applied on load.
+// MaSAD's row and column attentions are many small products ([W, dk] x [dk, W], then [W, W] x [W,
+// dv]); MaSA's streaming tiles are a few larger ones. Eigen's GEMM packs both operands on every
+// call, which costs as much as the work itself at these sizes. These kernels instead read operands
+// already laid out for them (keys transposed, rows zero-padded), keep a block of rows x one SIMD
+// packet of accumulators in registers, and fuse what surrounds each product: the log-weight tile is
+// the accumulators' initial value, and the online-softmax rescale of the output is applied on load.
 #pragma once
 
 #include <retention/common.hpp>
@@ -29,22 +29,23 @@ struct MasaKernelShape {
 /// Rounds n up to a multiple of m.
 inline Index masa_round_up(Index n, Index m) { return (n + m - 1) / m * m; }
 
-/// S[i, j] = init(i, j) + sum_c q[i, c] kt[c, j] for i < rows, j < cols_p: the logit tile Q K^T plus the
-/// log-weight tile ln D, which init(i, j0) supplies one packet of columns [j0, j0 + width) at a time.
-/// q [rows, dk] (row stride ldq), kt = K^T [dk, cols_p] (row stride ldk), S [rows, cols_p] (row stride lds);
-/// rows a multiple of MasaKernelShape<T>::rows, cols_p the first multiple of ::width >= cols. Columns
-/// [cols, cols_p) come out -inf (they weigh 0 in a softmax). With row_max != nullptr also writes
-/// row_max[i] = max_j S[i, j], saving a pass over S.
+/// S[i, j] = init(i, j) + sum_c q[i, c] kt[c, j] for i < rows, j < cols_p: the logit tile Q K^T
+/// plus the log-weight tile ln D, which init(i, j0) supplies one packet of columns [j0, j0 + width)
+/// at a time. q [rows, dk] (row stride ldq), kt = K^T [dk, cols_p] (row stride ldk), S [rows,
+/// cols_p] (row stride lds); rows a multiple of MasaKernelShape<T>::rows, cols_p the first multiple
+/// of ::width >= cols. Columns [cols, cols_p) come out -inf (they weigh 0 in a softmax). With
+/// row_max != nullptr also writes row_max[i] = max_j S[i, j], saving a pass over S.
 template <class T, class Init>
-void masa_logits_kernel(const T* q, Index ldq, const T* kt, Index ldk, Index dk, Init init, T* s, Index lds,
-                        Index rows, Index cols, T* row_max = nullptr) {
+void masa_logits_kernel(const T* q, Index ldq, const T* kt, Index ldk, Index dk, Init init, T* s,
+                        Index lds, Index rows, Index cols, T* row_max = nullptr) {
   constexpr Index P = MasaKernelShape<T>::width, R = MasaKernelShape<T>::rows;
   using Pk = Eigen::Array<T, P, 1>;
   using CMap = Eigen::Map<const Pk>;
   const Index cols_p = masa_round_up(cols, P);
   // Added to the last packet: 0 on the valid lanes, -inf on the padding ones.
   Pk tail_mask = Pk::Zero();
-  for (Index l = cols - (cols_p - P); l < P; ++l) tail_mask(l) = -std::numeric_limits<T>::infinity();
+  for (Index l = cols - (cols_p - P); l < P; ++l)
+    tail_mask(l) = -std::numeric_limits<T>::infinity();
   for (Index i0 = 0; i0 < rows; i0 += R) {
     const T* qb = q + i0 * ldq;
     Pk mx[R];
@@ -99,12 +100,13 @@ void masa_logits_kernel(const T* q, Index ldq, const T* kt, Index ldk, Index dk,
 }
 
 /// acc[i, :] = scale[i] acc[i, :] + sum_{j < cols} p[i, j] v[j, :] for i < rows, over dvp columns
-/// (scale == nullptr: acc starts at 0). p [rows, cols] (row stride ldp), v [cols, dvp] (row stride ldv),
-/// acc [rows, dvp] (row stride lda); rows a multiple of MasaKernelShape<T>::rows, dvp of ::width.
-/// The rescale is MaSA's online-softmax correction exp(old max - new max), folded into the load.
+/// (scale == nullptr: acc starts at 0). p [rows, cols] (row stride ldp), v [cols, dvp] (row stride
+/// ldv), acc [rows, dvp] (row stride lda); rows a multiple of MasaKernelShape<T>::rows, dvp of
+/// ::width. The rescale is MaSA's online-softmax correction exp(old max - new max), folded into the
+/// load.
 template <class T>
-void masa_attend_kernel(const T* p, Index ldp, const T* v, Index ldv, Index cols, const T* scale, T* acc,
-                        Index lda, Index rows, Index dvp) {
+void masa_attend_kernel(const T* p, Index ldp, const T* v, Index ldv, Index cols, const T* scale,
+                        T* acc, Index lda, Index rows, Index dvp) {
   constexpr Index P = MasaKernelShape<T>::width, R = MasaKernelShape<T>::rows;
   using Pk = Eigen::Array<T, P, 1>;
   using CMap = Eigen::Map<const Pk>;
@@ -149,11 +151,11 @@ void masa_attend_kernel(const T* p, Index ldp, const T* v, Index ldv, Index cols
   }
 }
 
-/// exp(x) for x <= 0 on one packet of floats: Cephes' polynomial (as Eigen's pexp, same accuracy) with
-/// 2^n formed directly in the exponent bits. Eigen's generic ldexp guards against overflow and denormal
-/// results that cannot occur here; dropping it makes the softmax's exp about twice as fast. Arguments
-/// below -88 (including -inf) give exactly 0: they lie below float's normal range, and the weight they
-/// stand for is below 1e-38 of the row's largest weight, which is 1.
+/// exp(x) for x <= 0 on one packet of floats: Cephes' polynomial (as Eigen's pexp, same accuracy)
+/// with 2^n formed directly in the exponent bits. Eigen's generic ldexp guards against overflow and
+/// denormal results that cannot occur here; dropping it makes the softmax's exp about twice as
+/// fast. Arguments below -88 (including -inf) give exactly 0: they lie below float's normal range,
+/// and the weight they stand for is below 1e-38 of the row's largest weight, which is 1.
 template <class Packet>
 EIGEN_STRONG_INLINE Packet masa_exp_nonpositive(const Packet& x_in) {
   using namespace Eigen::internal;
@@ -172,8 +174,9 @@ EIGEN_STRONG_INLINE Packet masa_exp_nonpositive(const Packet& x_in) {
   return pldexp_fast_impl<Packet>::run(y, n);  // n >= -127: biased exponent >= 0, 2^-127 -> 0
 }
 
-/// s[j] = exp(s[j] - m) for j < cols_p in place (m >= every s[j], finite); returns the sum. cols_p is a
-/// multiple of MasaKernelShape<T>::width, so whole packets run (a ragged row ends in scalar libm calls).
+/// s[j] = exp(s[j] - m) for j < cols_p in place (m >= every s[j], finite); returns the sum. cols_p
+/// is a multiple of MasaKernelShape<T>::width, so whole packets run (a ragged row ends in scalar
+/// libm calls).
 template <class T>
 T masa_exp_sum(T* s, Index cols_p, T m) {
   Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>> row(s, cols_p);
@@ -182,7 +185,8 @@ T masa_exp_sum(T* s, Index cols_p, T m) {
 }
 
 #if defined(EIGEN_VECTORIZE)
-/// float: the packet exp above (double keeps Eigen's exp, whose extra care its 1e-12 contract needs).
+/// float: the packet exp above (double keeps Eigen's exp, whose extra care its 1e-12 contract
+/// needs).
 template <>
 inline float masa_exp_sum<float>(float* s, Index cols_p, float m) {
   using Packet = typename Eigen::internal::packet_traits<float>::type;
@@ -196,15 +200,18 @@ inline float masa_exp_sum<float>(float* s, Index cols_p, float m) {
   Packet acc0 = Eigen::internal::pzero(pm), acc1 = acc0;
   Index j = 0;
   for (; j + 2 * P <= cols_p; j += 2 * P) {
-    const Packet e0 = masa_exp_nonpositive(Eigen::internal::psub(Eigen::internal::ploadu<Packet>(s + j), pm));
-    const Packet e1 = masa_exp_nonpositive(Eigen::internal::psub(Eigen::internal::ploadu<Packet>(s + j + P), pm));
+    const Packet e0 =
+        masa_exp_nonpositive(Eigen::internal::psub(Eigen::internal::ploadu<Packet>(s + j), pm));
+    const Packet e1 =
+        masa_exp_nonpositive(Eigen::internal::psub(Eigen::internal::ploadu<Packet>(s + j + P), pm));
     Eigen::internal::pstoreu(s + j, e0);
     Eigen::internal::pstoreu(s + j + P, e1);
     acc0 = Eigen::internal::padd(acc0, e0);
     acc1 = Eigen::internal::padd(acc1, e1);
   }
   for (; j < cols_p; j += P) {
-    const Packet e = masa_exp_nonpositive(Eigen::internal::psub(Eigen::internal::ploadu<Packet>(s + j), pm));
+    const Packet e =
+        masa_exp_nonpositive(Eigen::internal::psub(Eigen::internal::ploadu<Packet>(s + j), pm));
     Eigen::internal::pstoreu(s + j, e);
     acc0 = Eigen::internal::padd(acc0, e);
   }
@@ -231,7 +238,8 @@ void masa_transpose_rows(const T* x, Index ldx, Index rows, Index dk, T* kt, Ind
   Index j0 = 0, c_full = 0;
 #if defined(EIGEN_VECTORIZE)
 // PacketBlock<__m512, ..>: GCC notes that the vector type's alignment attribute is not part of the
-// template argument, which is harmless here (Eigen's own GEMM does the same inside a system header).
+// template argument, which is harmless here (Eigen's own GEMM does the same inside a system
+// header).
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
@@ -242,9 +250,11 @@ void masa_transpose_rows(const T* x, Index ldx, Index rows, Index dk, T* kt, Ind
   for (; j0 + P <= rows; j0 += P) {
     for (Index c0 = 0; c0 < c_full; c0 += P) {
       Eigen::internal::PacketBlock<Packet, static_cast<int>(P)> block;
-      for (Index r = 0; r < P; ++r) block.packet[r] = Eigen::internal::ploadu<Packet>(x + (j0 + r) * ldx + c0);
+      for (Index r = 0; r < P; ++r)
+        block.packet[r] = Eigen::internal::ploadu<Packet>(x + (j0 + r) * ldx + c0);
       Eigen::internal::ptranspose(block);
-      for (Index r = 0; r < P; ++r) Eigen::internal::pstoreu(kt + (c0 + r) * ld + j0, block.packet[r]);
+      for (Index r = 0; r < P; ++r)
+        Eigen::internal::pstoreu(kt + (c0 + r) * ld + j0, block.packet[r]);
     }
     for (Index j = j0; j < j0 + P; ++j)
       for (Index c = c_full; c < dk; ++c) kt[c * ld + j] = x[j * ldx + c];
