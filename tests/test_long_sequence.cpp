@@ -28,8 +28,6 @@ using retention::RetentionState;
 using retention_test::random_matrix;
 using retention_test::relative_error;
 
-[[maybe_unused]] const int kSerialEigen = (Eigen::setNbThreads(1), 0);
-
 const Normalization kNormalizations[] = {Normalization::none, Normalization::decay,
                                          Normalization::decay_and_score};
 

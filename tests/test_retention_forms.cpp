@@ -49,9 +49,6 @@ using retention_test::random_matrix;
 using retention_test::relative_error;
 using retention_test::spec_tolerance;
 
-// The sweep runs thousands of small products: Eigen's own OpenMP GEMM threading only adds spinning.
-[[maybe_unused]] const int kSerialEigen = (Eigen::setNbThreads(1), 0);
-
 const Normalization kNormalizations[] = {Normalization::none, Normalization::decay,
                                          Normalization::decay_and_score};
 

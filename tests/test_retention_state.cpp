@@ -36,9 +36,6 @@ using retention_test::spec_tolerance;
 
 const Form kForms[] = {Form::parallel, Form::recurrent, Form::chunkwise};
 // These tests run thousands of small products: Eigen's own OpenMP GEMM threading only adds
-// spinning.
-[[maybe_unused]] const int kSerialEigen = (Eigen::setNbThreads(1), 0);
-
 const Normalization kNormalizations[] = {Normalization::none, Normalization::decay,
                                          Normalization::decay_and_score};
 

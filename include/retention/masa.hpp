@@ -547,36 +547,48 @@ void multi_head_masad(const T* q, const T* k, const T* v, T* out, const GridHead
                              });
 }
 
+namespace detail {
+
+/// The Matrix overloads of multi_head_masa / multi_head_masad: checks dense [B*H*W, heads*d]
+/// operands, then runs `run(q, k, v, out, dense_shape)` on their buffers.
+template <class T, class Run>
+Matrix<T> multi_head_grid_dense(const char* fn, const Matrix<T>& q, const Matrix<T>& k,
+                                const Matrix<T>& v, const GridHeadsShape& shape, Run run) {
+  const Index rows = shape.batch * shape.height * shape.width;
+  check_shape(fn, "q", q, rows, shape.heads * shape.key_dim);
+  check_shape(fn, "k", k, rows, shape.heads * shape.key_dim);
+  check_shape(fn, "v", v, rows, shape.heads * shape.value_dim);
+  Matrix<T> out(rows, shape.heads * shape.value_dim);
+  GridHeadsShape dense = shape;
+  dense.qk_row_stride = dense.v_row_stride = 0;
+  run(q.data(), k.data(), v.data(), out.data(), dense);
+  return out;
+}
+
+}  // namespace detail
+
 /// Matrix overloads: q, k [B*H*W, heads*dk], v [B*H*W, heads*dv] row-major (dense: the shape's row
 /// strides are ignored); returns [B*H*W, heads*dv].
 template <class T>
 Matrix<T> multi_head_masa(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v,
                           const GridHeadsShape& shape, const std::vector<double>& gammas,
                           const MasaOptions& options = MasaOptions()) {
-  const Index rows = shape.batch * shape.height * shape.width;
-  detail::check_shape("multi_head_masa", "q", q, rows, shape.heads * shape.key_dim);
-  detail::check_shape("multi_head_masa", "k", k, rows, shape.heads * shape.key_dim);
-  detail::check_shape("multi_head_masa", "v", v, rows, shape.heads * shape.value_dim);
-  Matrix<T> out(rows, shape.heads * shape.value_dim);
-  GridHeadsShape dense = shape;
-  dense.qk_row_stride = dense.v_row_stride = 0;
-  multi_head_masa(q.data(), k.data(), v.data(), out.data(), dense, gammas, options);
-  return out;
+  return detail::multi_head_grid_dense(
+      "multi_head_masa", q, k, v, shape,
+      [&](const T* qp, const T* kp, const T* vp, T* op, const GridHeadsShape& dense) {
+        multi_head_masa(qp, kp, vp, op, dense, gammas, options);
+      });
 }
 
 template <class T>
 Matrix<T> multi_head_masad(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v,
                            const GridHeadsShape& shape, const std::vector<double>& gammas,
                            const MasaOptions& options = MasaOptions()) {
-  const Index rows = shape.batch * shape.height * shape.width;
-  detail::check_shape("multi_head_masad", "q", q, rows, shape.heads * shape.key_dim);
-  detail::check_shape("multi_head_masad", "k", k, rows, shape.heads * shape.key_dim);
-  detail::check_shape("multi_head_masad", "v", v, rows, shape.heads * shape.value_dim);
-  Matrix<T> out(rows, shape.heads * shape.value_dim);
-  GridHeadsShape dense = shape;
-  dense.qk_row_stride = dense.v_row_stride = 0;
-  multi_head_masad(q.data(), k.data(), v.data(), out.data(), dense, gammas, options);
-  return out;
+  return detail::multi_head_grid_dense(
+      "multi_head_masad", q, k, v, shape,
+      [&](const T* qp, const T* kp, const T* vp, T* op, const GridHeadsShape& dense) {
+        multi_head_masad(qp, kp, vp, op, dense, gammas, options);
+      });
 }
 
 }  // namespace retention
