@@ -346,6 +346,46 @@ TYPED_TEST(RetentionExpressions, BlocksAndIntoVariantsMatchReference) {
   EXPECT_LE(relative_error(big.leftCols(dv), expected), spec_tolerance<T>());
 }
 
+// The recurrent step walks the value columns in blocks of 8 (or 4) SIMD packets, then single
+// packets, then scalars: widths around every boundary (float packet 16 / block 128, double 8 / 64
+// on AVX-512; 4 / 32 and 2 / 16 elsewhere), with the same-type and the double state.
+template <class T>
+class RecurrentColumnBlocks : public ::testing::Test {};
+TYPED_TEST_SUITE(RecurrentColumnBlocks, retention_test::ScalarTypes, ScalarName);
+
+TYPED_TEST(RecurrentColumnBlocks, EveryValueWidthMatchesReference) {
+  using T = TypeParam;
+  const Index len = 9, dk = 3;
+  const double gamma = 0.875;
+  const retention::CausalDecay decay(gamma);
+  for (Index dv : {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 128, 129, 147, 200, 257}) {
+    const Matrix<T> Q = random_matrix<T>(len, dk, 1100 + static_cast<std::uint64_t>(dv));
+    const Matrix<T> K = random_matrix<T>(len, dk, 1200 + static_cast<std::uint64_t>(dv));
+    const Matrix<T> V = random_matrix<T>(len, dv, 1300 + static_cast<std::uint64_t>(dv));
+    ref::State init;
+    init.S = random_matrix<T>(dk, dv, 1400 + static_cast<std::uint64_t>(dv)).template cast<double>();
+    init.z = random_matrix<T>(dk, 1, 1500 + static_cast<std::uint64_t>(dv)).template cast<double>();
+    init.position = 4;
+    const Matrix<double> expected =
+        ref::retention(Q.template cast<double>(), K.template cast<double>(),
+                       V.template cast<double>(), gamma, Normalization::decay_and_score, &init);
+    const RetentionState<T> st = to_state<T>(init);
+    RetentionOptions<T> opt;
+    opt.normalization = Normalization::decay_and_score;
+    opt.initial_state = &st;
+    EXPECT_LE(relative_error(retention::recurrent_retention(Q, K, V, decay, opt), expected),
+              spec_tolerance<T>())
+        << "dv " << dv;
+    const RetentionState<double> wide = to_state<double>(init);
+    RetentionOptions<double> wide_opt;
+    wide_opt.normalization = Normalization::decay_and_score;
+    wide_opt.initial_state = &wide;
+    EXPECT_LE(relative_error(retention::recurrent_retention(Q, K, V, decay, wide_opt), expected),
+              spec_tolerance<T>())
+        << "dv " << dv << ", double state";
+  }
+}
+
 // Printed after the last test (a global environment's TearDown): the worst errors of the sweep,
 // for the closing note. Under ctest each test is its own process, so the numbers cover the tests
 // of that process only; run the binary whole for the full sweep.
