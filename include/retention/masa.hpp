@@ -9,6 +9,7 @@
 #include <retention/common.hpp>
 #include <retention/decay.hpp>
 #include <retention/detail/masa_kernels.hpp>
+#include <retention/detail/masa_line_kernels.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -262,12 +263,28 @@ template <class T>
 struct MasadWorkspace {
   Matrix<T> q;        // [L rounded to row blocks, dk] the line's queries, zero rows past L
   Matrix<T> kt;       // [dk, L rounded to packets] the line's keys transposed, zero past L
-  Matrix<T> v;        // [L, dvp] the line's values when they must be padded
+  Matrix<T> v;        // [L, dvp] the line's values, dense and zero-padded to whole packets
   Matrix<T> logits;   // [rows, cols] logits, then probabilities
-  Matrix<T> acc;      // [rows, dvp] unnormalised output
+  Matrix<T> acc;      // [rows, dvp] unnormalised output (lines too long for the fused kernels)
   Vector<T> row_max;  // [rows] logit row maxima
-  Vector<T> inv_sum;  // [L] 1 / softmax row sums
+  Vector<T> inv_sum;  // [rows] 1 / softmax row sums
 };
+
+/// Line buffers for lines of up to `side` tokens.
+template <class T>
+MasadWorkspace<T> masad_workspace(Index side, Index dk, Index dv) {
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  const Index dvp = masa_round_up(dv, P), rows = masa_round_up(side, R);
+  MasadWorkspace<T> ws;
+  ws.q.resize(rows, dk);
+  ws.kt.resize(dk, masa_round_up(side, P));
+  ws.v.resize(side, dvp);
+  ws.logits.resize(rows, masa_round_up(side, P));
+  ws.acc.resize(rows, dvp);
+  ws.row_max.resize(rows);
+  ws.inv_sum.resize(rows);
+  return ws;
+}
 
 /// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the
 /// line is row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart. out[j,
@@ -322,56 +339,145 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
   }
 }
 
+/// The same line attention through the fused kernels of masa_line_kernels.hpp, for lines of at most
+/// MasadPacket<T>::max_line tokens. The line's queries, keys (transposed) and values are first
+/// copied into the dense workspace: the kernels sweep K^T and V once per block of rows, and read in
+/// place at a grid's strides those sweeps would keep evicting each other from L1 (a column's rows
+/// are whole pages apart, so they all map to the same cache sets). The copy also lets out alias v.
+template <class T>
+void masad_line_fused(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
+                      Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out,
+                      Index out_step, MasadWorkspace<T>& ws) {
+#if defined(RETENTION_MASAD_FUSED_LINES)
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
+  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
+  masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
+  std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
+  masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ws.kt.cols());
+  masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
+  masad_softmax_line<T>(Lp / P, ws.q.data(), dk, ws.kt.data(), ws.kt.cols(), log_w.data(),
+                        log_w.cols(), ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());
+  // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
+  masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), ws.v.data(), dvp, L, ws.inv_sum.data(),
+                       out, out_step, Lr, L, dv, dvp);
+#else
+  masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, out, out_step, ws);
+#endif
+}
+
+/// Whether a line of L tokens goes through the fused kernels.
+template <class T>
+constexpr bool masad_fused_line(Index L) {
+#if defined(RETENTION_MASAD_FUSED_LINES)
+  return L <= MasadPacket<T>::max_line;
+#else
+  (void)L;
+  return false;
+#endif
+}
+
 /// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to
 /// packets]: padding columns -inf (they must weigh 0 and never be a row's max), padding rows 0
-/// (finite, dropped).
+/// (finite, dropped). Written into w (no allocation when w already has that size).
 template <class T>
-Matrix<T> masad_log_tile(const SymmetricDecay& axis, Index L) {
-  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaKernelShape<T>::rows),
-                                masa_round_up(L, MasaKernelShape<T>::width));
+void masad_log_tile(const SymmetricDecay& axis, Index L, Matrix<T>& w) {
+  w.resize(masa_round_up(L, MasaKernelShape<T>::rows), masa_round_up(L, MasaKernelShape<T>::width));
+  w.setZero();
   w.rightCols(w.cols() - L).setConstant(-std::numeric_limits<T>::infinity());
   axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
-  return w;
+}
+
+/// Everything one MaSAD head needs besides its operands: line buffers and both axes' log-weight
+/// tiles.
+template <class T>
+struct MasadHeadWorkspace {
+  MasadWorkspace<T> lines;
+  Matrix<T> log_x, log_y;
+};
+
+template <class T>
+MasadHeadWorkspace<T> masad_head_workspace(Index H, Index W, Index dk, Index dv) {
+  MasadHeadWorkspace<T> ws;
+  ws.lines = masad_workspace<T>(std::max(H, W), dk, dv);
+  return ws;
+}
+
+// u, the row pass's output that the column pass reads, lives in `out` itself: a line attention
+// copies all of its values into its workspace (or, in the fallback, reads them into its
+// accumulators) before it writes its own rows, and lines of one pass touch disjoint rows. No [N,
+// dv] intermediate is allocated.
+
+/// Line y of MaSAD's row pass: u[y, :] into out's rows [y W, y W + W).
+template <class T>
+void masad_row_line(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
+                    Index W, const Matrix<T>& log_x, MasaMap<T>& out, Index y,
+                    MasadWorkspace<T>& ws) {
+  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(),
+              ldo = out.outerStride();
+  const T* q = Q.data() + y * W * ldq;
+  const T* k = K.data() + y * W * ldk;
+  const T* v = V.data() + y * W * ldv;
+  T* u = out.data() + y * W * ldo;
+  if (masad_fused_line<T>(W))
+    masad_line_fused<T>(q, ldq, k, ldk, Q.cols(), v, ldv, V.cols(), W, log_x, u, ldo, ws);
+  else
+    masad_line<T>(q, ldq, k, ldk, Q.cols(), v, ldv, V.cols(), W, log_x, u, ldo, ws);
+}
+
+/// Line x of MaSAD's column pass: o[:, x] from grid column x of q, k and u (= out, every W-th row).
+template <class T>
+void masad_column_line(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, Index H, Index W,
+                       const Matrix<T>& log_y, MasaMap<T>& out, Index x, MasadWorkspace<T>& ws) {
+  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldo = out.outerStride();
+  const T* q = Q.data() + x * ldq;
+  const T* k = K.data() + x * ldk;
+  T* o = out.data() + x * ldo;
+  if (masad_fused_line<T>(H))
+    masad_line_fused<T>(q, W * ldq, k, W * ldk, Q.cols(), o, W * ldo, out.cols(), H, log_y, o,
+                        W * ldo, ws);
+  else
+    masad_line<T>(q, W * ldq, k, W * ldk, Q.cols(), o, W * ldo, out.cols(), H, log_y, o, W * ldo,
+                  ws);
+}
+
+/// One MaSAD head on the calling thread, with a workspace sized for it (reused across heads).
+template <class T>
+void masad_head(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
+                double gamma, Index H, Index W, MasaMap<T>& out, MasadHeadWorkspace<T>& ws) {
+  const SymmetricDecay axis(gamma);
+  masad_log_tile<T>(axis, W, ws.log_x);
+  masad_log_tile<T>(axis, H, ws.log_y);
+  for (Index y = 0; y < H; ++y) masad_row_line<T>(Q, K, V, W, ws.log_x, out, y, ws.lines);
+  for (Index x = 0; x < W; ++x) masad_column_line<T>(Q, K, H, W, ws.log_y, out, x, ws.lines);
 }
 
 template <class T>
 void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
                      double gamma, Index H, Index W, MasaMap<T> out, int threads) {
-  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
-  const Index dk = Q.cols(), dv = V.cols(), dvp = masa_round_up(dv, P);
-  const SymmetricDecay axis(gamma);
-  const Matrix<T> log_x = masad_log_tile<T>(axis, W), log_y = masad_log_tile<T>(axis, H);
-  // u, the row pass's output that the column pass reads, lives in `out` itself: each line attention
-  // reads all of its values into its accumulators before it writes its own rows, and lines of one
-  // pass touch disjoint rows. No [N, dv] intermediate is allocated (fresh pages cost more than the
-  // copy saved).
-  const Index side = std::max(H, W);
-  const auto make = [&]() {
-    MasadWorkspace<T> ws;
-    ws.q.resize(masa_round_up(side, R), dk);
-    ws.kt.resize(dk, masa_round_up(side, P));
-    if (dvp != dv) ws.v.resize(side, dvp);
-    ws.logits.resize(masa_round_up(side, R), masa_round_up(side, P));
-    ws.acc.resize(masa_round_up(side, R), dvp);
-    ws.row_max.resize(masa_round_up(side, R));
-    ws.inv_sum.resize(side);
-    return ws;
-  };
+  const Index dk = Q.cols(), dv = V.cols();
   const double work =
       2.0 * static_cast<double>(H * W) * static_cast<double>(H + W) * static_cast<double>(dk + dv);
-  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(),
-              ldo = out.outerStride();
-  // Row pass: grid row y holds the contiguous tokens [y W, y W + W).
-  masa_for_each(masa_team_size(threads, H, work), H, make, [&](Index y, MasadWorkspace<T>& ws) {
-    masad_line<T>(Q.data() + y * W * ldq, ldq, K.data() + y * W * ldk, ldk, dk,
-                  V.data() + y * W * ldv, ldv, dv, W, log_x, out.data() + y * W * ldo, ldo, ws);
-  });
-  // Column pass: grid column x is every W-th token of q, k and u (= out), read and written with
-  // strides.
-  masa_for_each(masa_team_size(threads, W, work), W, make, [&](Index x, MasadWorkspace<T>& ws) {
-    masad_line<T>(Q.data() + x * ldq, W * ldq, K.data() + x * ldk, W * ldk, dk,
-                  out.data() + x * ldo, W * ldo, dv, H, log_y, out.data() + x * ldo, W * ldo, ws);
-  });
+  MasadHeadWorkspace<T> head = masad_head_workspace<T>(H, W, dk, dv);
+  const int team = masa_team_size(threads, std::max(H, W), work);
+  if (team <= 1) {
+    masad_head<T>(Q, K, V, gamma, H, W, out, head);
+    return;
+  }
+#if defined(_OPENMP)
+  // One head over a team: grid rows, then (after the implicit barrier) grid columns, split among
+  // the threads, each with its own line buffers; the log tiles are shared.
+  const SymmetricDecay axis(gamma);
+  masad_log_tile<T>(axis, W, head.log_x);
+  masad_log_tile<T>(axis, H, head.log_y);
+#pragma omp parallel num_threads(team)
+  {
+    MasadWorkspace<T> ws = masad_workspace<T>(std::max(H, W), dk, dv);
+#pragma omp for schedule(static)
+    for (Index y = 0; y < H; ++y) masad_row_line<T>(Q, K, V, W, head.log_x, out, y, ws);
+#pragma omp for schedule(static)
+    for (Index x = 0; x < W; ++x) masad_column_line<T>(Q, K, H, W, head.log_y, out, x, ws);
+  }
+#endif
 }
 
 template <class DQ, class DK, class DV>
@@ -413,11 +519,11 @@ inline void check_grid_heads(const char* fn, const GridHeadsShape& s, std::size_
     fail(fn, "v_row_stride " + std::to_string(s.v_row_stride) + " is below heads * value_dim");
 }
 
-/// Runs per_head(Q, K, V, out, h) for every (image, head) pair of a [B, H, W, heads * d] buffer,
-/// spread over OpenMP threads.
-template <class T, class PerHead>
+/// Runs per_head(Q, K, V, out, h, workspace) for every (image, head) pair of a [B, H, W, heads *
+/// d] buffer, spread over OpenMP threads; each thread makes its workspace once with make().
+template <class T, class Make, class PerHead>
 void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHeadsShape& s,
-                        int threads, double work_per_head, PerHead per_head) {
+                        int threads, double work_per_head, Make make, PerHead per_head) {
   const Index N = s.height * s.width, heads = s.heads, dk = s.key_dim, dv = s.value_dim;
   const Index ldq = s.qk_row_stride > 0 ? s.qk_row_stride : heads * dk;
   const Index ldv = s.v_row_stride > 0 ? s.v_row_stride : heads * dv;
@@ -434,15 +540,21 @@ void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHe
 #endif
   (void)team;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
+#pragma omp parallel num_threads(team) if (team > 1)
 #endif
-  for (Index pair = 0; pair < pairs; ++pair) {
-    const Index b = pair / heads, h = pair % heads;
-    const MasaConstMap<T> Q(q + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
-    const MasaConstMap<T> K(k + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
-    const MasaConstMap<T> V(v + b * N * ldv + h * dv, N, dv, Eigen::OuterStride<>(ldv));
-    MasaMap<T> O(out + b * N * heads * dv + h * dv, N, dv, Eigen::OuterStride<>(heads * dv));
-    per_head(Q, K, V, O, h);
+  {
+    auto ws = make();
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (Index pair = 0; pair < pairs; ++pair) {
+      const Index b = pair / heads, h = pair % heads;
+      const MasaConstMap<T> Q(q + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
+      const MasaConstMap<T> K(k + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
+      const MasaConstMap<T> V(v + b * N * ldv + h * dv, N, dv, Eigen::OuterStride<>(ldv));
+      MasaMap<T> O(out + b * N * heads * dv + h * dv, N, dv, Eigen::OuterStride<>(heads * dv));
+      per_head(Q, K, V, O, h, ws);
+    }
   }
 }
 
@@ -516,9 +628,10 @@ void multi_head_masa(const T* q, const T* k, const T* v, T* out, const GridHeads
   detail::check_masa_options<T>(fn, options);
   const double n = static_cast<double>(shape.height * shape.width);
   const double work = 2.0 * n * n * static_cast<double>(shape.key_dim + shape.value_dim);
-  detail::masa_for_each_head(q, k, v, out, shape, options.threads, work,
+  detail::masa_for_each_head(q, k, v, out, shape, options.threads, work, [] { return 0; },
                              [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
-                                 const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h) {
+                                 const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h,
+                                 int) {
                                const ManhattanDecay decay(gammas[static_cast<std::size_t>(h)],
                                                           shape.height, shape.width);
                                detail::masa_into_impl<T>(Q, K, V, decay, O, options);
@@ -538,13 +651,33 @@ void multi_head_masad(const T* q, const T* k, const T* v, T* out, const GridHead
   const double work = 2.0 * static_cast<double>(shape.height * shape.width) *
                       static_cast<double>(shape.height + shape.width) *
                       static_cast<double>(shape.key_dim + shape.value_dim);
-  detail::masa_for_each_head(q, k, v, out, shape, options.threads, work,
-                             [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
-                                 const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h) {
-                               detail::masad_into_impl<T>(
-                                   Q, K, V, gammas[static_cast<std::size_t>(h)], shape.height,
-                                   shape.width, O, options.threads);
-                             });
+  if (shape.batch * shape.heads == 1) {  // a single head: its lines are what to spread over threads
+    const GridHeadsShape& s = shape;
+    const Index N = s.height * s.width;
+    const Index ldq = s.qk_row_stride > 0 ? s.qk_row_stride : s.key_dim;
+    const Index ldv = s.v_row_stride > 0 ? s.v_row_stride : s.value_dim;
+    detail::masad_into_impl<T>(
+        detail::MasaConstMap<T>(q, N, s.key_dim, Eigen::OuterStride<>(ldq)),
+        detail::MasaConstMap<T>(k, N, s.key_dim, Eigen::OuterStride<>(ldq)),
+        detail::MasaConstMap<T>(v, N, s.value_dim, Eigen::OuterStride<>(ldv)), gammas[0], s.height,
+        s.width, detail::MasaMap<T>(out, N, s.value_dim, Eigen::OuterStride<>(s.value_dim)),
+        options.threads);
+    return;
+  }
+  // One head per thread at a time, each thread reusing its own head workspace (line buffers and
+  // the transposed u) across the heads it runs.
+  detail::masa_for_each_head(
+      q, k, v, out, shape, options.threads, work,
+      [&] {
+        return detail::masad_head_workspace<T>(shape.height, shape.width, shape.key_dim,
+                                               shape.value_dim);
+      },
+      [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
+          const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h,
+          detail::MasadHeadWorkspace<T>& ws) {
+        detail::masad_head<T>(Q, K, V, gammas[static_cast<std::size_t>(h)], shape.height,
+                              shape.width, O, ws);
+      });
 }
 
 namespace detail {

@@ -231,7 +231,8 @@ void masa_copy_rows(const T* x, Index ldx, Index rows, Index cols, T* dst, Index
 
 /// kt [dk, ld] = K^T of `rows` key rows of x (row stride ldx), zero beyond column `rows`. Whole
 /// packet x packet blocks go through registers (Eigen's in-register ptranspose, as its GEMM packing
-/// does); a scalar strided copy of K would cost about as much as the logit product it feeds.
+/// does); a scalar strided copy of K would cost about as much as the logit product it feeds. When ld
+/// >= rows rounded up to packets, a ragged last block of rows is transposed whole as well.
 template <class T>
 void masa_transpose_rows(const T* x, Index ldx, Index rows, Index dk, T* kt, Index ld) {
   for (Index c = 0; c < dk; ++c) std::fill(kt + c * ld + rows, kt + (c + 1) * ld, T(0));
@@ -258,6 +259,23 @@ void masa_transpose_rows(const T* x, Index ldx, Index rows, Index dk, T* kt, Ind
     }
     for (Index j = j0; j < j0 + P; ++j)
       for (Index c = c_full; c < dk; ++c) kt[c * ld + j] = x[j * ldx + c];
+  }
+  // A ragged last block of rows (a 56-token line is 3.5 packets) goes through the same transpose
+  // with zero rows standing in for the missing ones: whole packets land in kt's zero padding.
+  if (j0 < rows && ld >= j0 + P) {
+    const Index tail = rows - j0;
+    for (Index c0 = 0; c0 < c_full; c0 += P) {
+      Eigen::internal::PacketBlock<Packet, static_cast<int>(P)> block;
+      for (Index r = 0; r < P; ++r)
+        block.packet[r] = r < tail ? Eigen::internal::ploadu<Packet>(x + (j0 + r) * ldx + c0)
+                                   : Eigen::internal::pset1<Packet>(T(0));
+      Eigen::internal::ptranspose(block);
+      for (Index r = 0; r < P; ++r)
+        Eigen::internal::pstoreu(kt + (c0 + r) * ld + j0, block.packet[r]);
+    }
+    for (Index j = j0; j < rows; ++j)
+      for (Index c = c_full; c < dk; ++c) kt[c * ld + j] = x[j * ldx + c];
+    j0 = rows;
   }
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
