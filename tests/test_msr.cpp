@@ -114,6 +114,8 @@ TYPED_TEST(MsrTest, MatchesReferenceInEveryForm) {
               {1.0, 0.9, 0.5}),
        17},
       {config(32, 64, 2, Normalization::decay_and_score, HeadNorm::layer, 0.0), 70},
+      // 300 rows: the projections split into per-thread row blocks, the rotation uses spans.
+      {config(16, 32, 4, Normalization::decay_and_score, HeadNorm::rms, 1e-6, true), 300},
   };
   std::uint64_t seed = 1;
   for (const auto& c : cases) {

@@ -46,7 +46,10 @@ TYPED_TEST(RotationTest, MatchesFormula) {
     Index head_dim, groups, rows, first;
   };
   for (const Case c : {Case{2, 1, 1, 0}, Case{2, 3, 5, 7}, Case{4, 2, 9, 0}, Case{8, 1, 4, 1000},
-                       Case{64, 3, 6, 123456}}) {
+                       Case{64, 3, 6, 123456},
+                       // 128 rows and more take the angle-addition path (spans of 64 positions),
+                       // here with a ragged last span and a far first position.
+                       Case{8, 2, 300, 0}, Case{16, 1, 200, 99999}, Case{2, 1, 128, 5}}) {
     const Matrix<T> x =
         random_matrix<T>(c.rows, c.head_dim * c.groups, std::uint64_t(c.head_dim * 31 + c.first));
     Matrix<T> y = x;
