@@ -22,7 +22,7 @@ using Mat = retention::Matrix<double>;
 
 template <class T>
 class MasaTest : public ::testing::Test {};
-TYPED_TEST_SUITE(MasaTest, retention_test::ScalarTypes);
+TYPED_TEST_SUITE(MasaTest, retention_test::ScalarTypes, retention_test::ScalarName);
 
 struct Grid {
   Index height, width, dk, dv;
@@ -209,6 +209,84 @@ TYPED_TEST(MasaTest, MultiHeadEqualsPerHead) {
       EXPECT_LE(relative_error(dec.block(b * N, h * s.value_dim, N, s.value_dim), d),
                 spec_tolerance<T>());
     }
+}
+
+// MaSAD's fused line kernels take lines of up to four SIMD packets (64 floats or 32 doubles with
+// AVX-512, 32 / 16 with AVX2) and fall back to the tiled kernels above that. Lines just below, at
+// and just above one packet, two packets and that limit, on either axis, with dk and dv that are
+// not whole packets (dv = 70 runs the value columns as a block of 4 packets then a ragged one),
+// all equal the reference.
+TYPED_TEST(MasaTest, MasadLinesAroundPacketBoundaries) {
+  using T = TypeParam;
+  struct Case {
+    Index height, width, dk, dv;
+  };
+  const Case cases[] = {{1, 64, 5, 17},  {64, 1, 3, 20}, {15, 17, 1, 1},  {16, 33, 19, 70},
+                        {33, 16, 8, 37}, {31, 65, 4, 9}, {65, 31, 6, 16}, {56, 56, 16, 32},
+                        {7, 8, 33, 3},   {1, 1, 2, 70},  {2, 63, 5, 5},   {63, 2, 5, 64}};
+  std::uint64_t seed = 900;
+  for (const Case& c : cases) {
+    const Index N = c.height * c.width;
+    const Matrix<T> Q = random_matrix<T>(N, c.dk, ++seed, 2.0);
+    const Matrix<T> K = random_matrix<T>(N, c.dk, ++seed, 2.0);
+    const Matrix<T> V = random_matrix<T>(N, c.dv, ++seed);
+    for (double gamma : {0.75, 1.0}) {
+      const Mat ref = rmt_reference::masad(Q.template cast<double>(), K.template cast<double>(),
+                                           V.template cast<double>(), gamma, c.height, c.width);
+      const Matrix<T> got = retention::masad(Q, K, V, gamma, c.height, c.width);
+      ASSERT_TRUE(got.allFinite()) << c.height << "x" << c.width;
+      EXPECT_LE(relative_error(got, ref), spec_tolerance<T>())
+          << c.height << "x" << c.width << " dk " << c.dk << " dv " << c.dv << " gamma " << gamma;
+    }
+  }
+}
+
+// A single head split over threads (rows, then columns), a single-head multi-head call (which
+// takes that path), and several heads over threads (each thread reusing its buffers across heads)
+// all equal the serial single-head result, on grids whose lines take the fused kernels in float and
+// the tiled ones in double, with heads read from a fused [q | k | v] buffer.
+TYPED_TEST(MasaTest, MasadThreadedAndMultiHeadEqualSerial) {
+  using T = TypeParam;
+  const Index H = 24, W = 40, N = H * W, dk = 12, dv = 20;
+  retention::MasaOptions serial, two;
+  serial.threads = 1;
+  two.threads = 2;
+  for (Index heads : {Index(1), Index(3)}) {
+    retention::GridHeadsShape s;
+    s.batch = 2;
+    s.height = H;
+    s.width = W;
+    s.heads = heads;
+    s.key_dim = dk;
+    s.value_dim = dv;
+    s.qk_row_stride = s.v_row_stride = heads * (2 * dk + dv);
+    if (heads == 1) s.batch = 1;
+    const Index rows = s.batch * N, ld = s.qk_row_stride;
+    const Matrix<T> qkv = random_matrix<T>(rows, ld, 950 + static_cast<std::uint64_t>(heads), 2.0);
+    const std::vector<double> gammas = {0.9, 0.6, 1.0};
+    const std::vector<double> g(gammas.begin(), gammas.begin() + heads);
+    Matrix<T> out(rows, heads * dv);
+    const T* q = qkv.data();
+    const T* k = q + heads * dk;
+    const T* v = k + heads * dk;
+    retention::multi_head_masad(q, k, v, out.data(), s, g, two);
+    for (Index b = 0; b < s.batch; ++b)
+      for (Index h = 0; h < heads; ++h) {
+        const Matrix<T> Q = qkv.block(b * N, h * dk, N, dk);
+        const Matrix<T> K = qkv.block(b * N, heads * dk + h * dk, N, dk);
+        const Matrix<T> V = qkv.block(b * N, 2 * heads * dk + h * dv, N, dv);
+        const double gamma = g[static_cast<std::size_t>(h)];
+        const Matrix<T> ref = retention::masad(Q, K, V, gamma, H, W, serial);
+        EXPECT_LE(relative_error(retention::masad(Q, K, V, gamma, H, W, two), ref),
+                  spec_tolerance<T>());
+        EXPECT_LE(relative_error(out.block(b * N, h * dv, N, dv), ref), spec_tolerance<T>())
+            << "heads " << heads << " image " << b << " head " << h;
+        EXPECT_LE(relative_error(ref, rmt_reference::masad(Q.template cast<double>(),
+                                                           K.template cast<double>(),
+                                                           V.template cast<double>(), gamma, H, W)),
+                  spec_tolerance<T>());
+      }
+  }
 }
 
 // Expressions (not only plain matrices) are accepted as inputs.

@@ -339,32 +339,6 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
   }
 }
 
-/// The same line attention through the fused kernels of masa_line_kernels.hpp, for lines of at most
-/// MasadPacket<T>::max_line tokens. The line's queries, keys (transposed) and values are first
-/// copied into the dense workspace: the kernels sweep K^T and V once per block of rows, and read in
-/// place at a grid's strides those sweeps would keep evicting each other from L1 (a column's rows
-/// are whole pages apart, so they all map to the same cache sets). The copy also lets out alias v.
-template <class T>
-void masad_line_fused(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
-                      Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out,
-                      Index out_step, MasadWorkspace<T>& ws) {
-#if defined(RETENTION_MASAD_FUSED_LINES)
-  constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
-  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
-  masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
-  std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
-  masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ws.kt.cols());
-  masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
-  masad_softmax_line<T>(Lp / P, ws.q.data(), dk, ws.kt.data(), ws.kt.cols(), log_w.data(),
-                        log_w.cols(), ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());
-  // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
-  masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), ws.v.data(), dvp, L, ws.inv_sum.data(),
-                       out, out_step, Lr, L, dv, dvp);
-#else
-  masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, out, out_step, ws);
-#endif
-}
-
 /// Whether a line of L tokens goes through the fused kernels.
 template <class T>
 constexpr bool masad_fused_line(Index L) {
@@ -387,68 +361,166 @@ void masad_log_tile(const SymmetricDecay& axis, Index L, Matrix<T>& w) {
   axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
 }
 
-/// Everything one MaSAD head needs besides its operands: line buffers and both axes' log-weight
-/// tiles.
+/// What one MaSAD head shares among the threads that run its lines: both axes' log-weight tiles and,
+/// when every line fits the fused kernels, the head's q and k and the row pass's output u in
+/// grid-transposed order (row x H + y holds token (y, x)), so that each grid column is one dense
+/// block: qc, kc [N + row block, dk] (the extra rows zero: a column's last row block may read past
+/// it), uc [N, dvp] (padding columns zero). Read at the grid's own strides instead, a column of a
+/// multi-head buffer is 56 rows on 56 different pages, for each of q, k and u; with 8 heads those
+/// pages outnumber the TLB and the column pass waits on page walks (measured at 56 x 56, d = 64:
+/// 2.0 ms per head against 1.6 ms with each head's operands dense).
+template <class T>
+struct MasadHeadBuffers {
+  Matrix<T> log_x, log_y;
+  bool transposed = false;
+  Matrix<T> store;  // one allocation holds qc, kc and uc
+  T* qc = nullptr;
+  T* kc = nullptr;
+  T* uc = nullptr;
+  Index dvp = 0;
+};
+
+template <class T>
+MasadHeadBuffers<T> masad_head_buffers(Index H, Index W, Index dk, Index dv) {
+  constexpr Index R = MasaKernelShape<T>::rows;
+  MasadHeadBuffers<T> b;
+  b.dvp = masa_round_up(dv, MasaKernelShape<T>::width);
+  b.transposed = masad_fused_line<T>(H) && masad_fused_line<T>(W);
+  if (b.transposed) {
+    const Index N = H * W, qk = (N + R) * dk;
+    b.store.resize(2 * qk + N * b.dvp, 1);
+    b.qc = b.store.data();
+    b.kc = b.qc + qk;
+    b.uc = b.kc + qk;
+    std::fill(b.qc + N * dk, b.qc + qk, T(0));
+    std::fill(b.kc + N * dk, b.kc + qk, T(0));
+    if (b.dvp != dv)
+      for (Index n = 0; n < N; ++n) std::fill(b.uc + n * b.dvp + dv, b.uc + (n + 1) * b.dvp, T(0));
+  }
+  return b;
+}
+
+/// Line y of MaSAD's row pass through the fused kernels: u[y, :] into uc's rows x H + y, and the
+/// line's q and k rows into qc and kc for the column pass. Queries are read in place (each is read
+/// once per block of rows) unless the line is not whole row blocks; keys are transposed and values
+/// copied into the line buffers (the kernels sweep them once per block of rows, and read in place
+/// at a grid's strides those sweeps would keep evicting each other from L1).
+template <class T>
+void masad_row_line_fused(const MasaConstRef<T>& Q, const MasaConstRef<T>& K,
+                          const MasaConstRef<T>& V, Index H, Index W, const MasadHeadBuffers<T>& b,
+                          Index y, MasadWorkspace<T>& ws) {
+#if defined(RETENTION_MASAD_FUSED_LINES)
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
+  const Index dk = Q.cols(), dv = V.cols(), dvp = b.dvp, L = W;
+  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P);
+  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride();
+  const T* q = Q.data() + y * W * ldq;
+  const T* k = K.data() + y * W * ldk;
+  const T* v = V.data() + y * W * ldv;
+  for (Index x = 0; x < W; ++x) {
+    std::copy(q + x * ldq, q + x * ldq + dk, b.qc + (x * H + y) * dk);
+    std::copy(k + x * ldk, k + x * ldk + dk, b.kc + (x * H + y) * dk);
+  }
+  const T* qq = q;
+  Index ldqq = ldq;
+  if (Lr != L) {
+    masa_copy_rows(q, ldq, L, dk, ws.q.data(), dk);
+    std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
+    qq = ws.q.data();
+    ldqq = dk;
+  }
+  masa_transpose_rows(k, ldk, L, dk, ws.kt.data(), ws.kt.cols());
+  masa_copy_rows(v, ldv, L, dv, ws.v.data(), dvp);
+  masad_softmax_line<T>(Lp / P, qq, ldqq, dk, ws.kt.data(), ws.kt.cols(), b.log_x.data(),
+                        b.log_x.cols(), ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());
+  // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
+  masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), ws.v.data(), dvp, L, ws.inv_sum.data(),
+                       b.uc + y * dvp, H * dvp, Lr, L, dv, dvp);
+#else
+  (void)Q, (void)K, (void)V, (void)H, (void)W, (void)b, (void)y, (void)ws;
+#endif
+}
+
+/// Line x of MaSAD's column pass through the fused kernels: o[:, x] from the dense blocks of qc, kc
+/// and uc. Rows past H of the last row block read the next column's queries (or qc's zero rows):
+/// finite, and their outputs are dropped.
+template <class T>
+void masad_column_line_fused(Index H, Index dk, const MasadHeadBuffers<T>& b, MasaMap<T>& out,
+                             Index W, Index x, MasadWorkspace<T>& ws) {
+#if defined(RETENTION_MASAD_FUSED_LINES)
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
+  const Index L = H, Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = b.dvp;
+  masa_transpose_rows(b.kc + x * H * dk, dk, L, dk, ws.kt.data(), ws.kt.cols());
+  masad_softmax_line<T>(Lp / P, b.qc + x * H * dk, dk, dk, ws.kt.data(), ws.kt.cols(),
+                        b.log_y.data(), b.log_y.cols(), ws.logits.data(), ws.logits.cols(), Lr,
+                        ws.inv_sum.data());
+  masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), b.uc + x * H * dvp, dvp, L,
+                       ws.inv_sum.data(), out.data() + x * out.outerStride(),
+                       W * out.outerStride(), Lr, L, out.cols(), dvp);
+#else
+  (void)H, (void)dk, (void)b, (void)out, (void)W, (void)x, (void)ws;
+#endif
+}
+
+// Lines too long for the fused kernels: u, the row pass's output that the column pass reads, lives
+// in `out` itself: each line attention reads all of its values into its accumulators before it
+// writes its own rows, and lines of one pass touch disjoint rows.
+
+/// Line y of MaSAD's row pass.
+template <class T>
+void masad_row_line(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
+                    Index H, Index W, const MasadHeadBuffers<T>& b, MasaMap<T>& out, Index y,
+                    MasadWorkspace<T>& ws) {
+  if (b.transposed) {
+    masad_row_line_fused<T>(Q, K, V, H, W, b, y, ws);
+    return;
+  }
+  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(),
+              ldo = out.outerStride();
+  masad_line<T>(Q.data() + y * W * ldq, ldq, K.data() + y * W * ldk, ldk, Q.cols(),
+                V.data() + y * W * ldv, ldv, V.cols(), W, b.log_x, out.data() + y * W * ldo, ldo,
+                ws);
+}
+
+/// Line x of MaSAD's column pass.
+template <class T>
+void masad_column_line(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, Index H, Index W,
+                       const MasadHeadBuffers<T>& b, MasaMap<T>& out, Index x,
+                       MasadWorkspace<T>& ws) {
+  if (b.transposed) {
+    masad_column_line_fused<T>(H, Q.cols(), b, out, W, x, ws);
+    return;
+  }
+  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldo = out.outerStride();
+  T* o = out.data() + x * ldo;
+  masad_line<T>(Q.data() + x * ldq, W * ldq, K.data() + x * ldk, W * ldk, Q.cols(), o, W * ldo,
+                out.cols(), H, b.log_y, o, W * ldo, ws);
+}
+
+/// A thread's buffers for whole MaSAD heads, reused across the heads it runs.
 template <class T>
 struct MasadHeadWorkspace {
   MasadWorkspace<T> lines;
-  Matrix<T> log_x, log_y;
+  MasadHeadBuffers<T> head;
 };
 
 template <class T>
 MasadHeadWorkspace<T> masad_head_workspace(Index H, Index W, Index dk, Index dv) {
   MasadHeadWorkspace<T> ws;
   ws.lines = masad_workspace<T>(std::max(H, W), dk, dv);
+  ws.head = masad_head_buffers<T>(H, W, dk, dv);
   return ws;
 }
 
-// u, the row pass's output that the column pass reads, lives in `out` itself: a line attention
-// copies all of its values into its workspace (or, in the fallback, reads them into its
-// accumulators) before it writes its own rows, and lines of one pass touch disjoint rows. No [N,
-// dv] intermediate is allocated.
-
-/// Line y of MaSAD's row pass: u[y, :] into out's rows [y W, y W + W).
-template <class T>
-void masad_row_line(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
-                    Index W, const Matrix<T>& log_x, MasaMap<T>& out, Index y,
-                    MasadWorkspace<T>& ws) {
-  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(),
-              ldo = out.outerStride();
-  const T* q = Q.data() + y * W * ldq;
-  const T* k = K.data() + y * W * ldk;
-  const T* v = V.data() + y * W * ldv;
-  T* u = out.data() + y * W * ldo;
-  if (masad_fused_line<T>(W))
-    masad_line_fused<T>(q, ldq, k, ldk, Q.cols(), v, ldv, V.cols(), W, log_x, u, ldo, ws);
-  else
-    masad_line<T>(q, ldq, k, ldk, Q.cols(), v, ldv, V.cols(), W, log_x, u, ldo, ws);
-}
-
-/// Line x of MaSAD's column pass: o[:, x] from grid column x of q, k and u (= out, every W-th row).
-template <class T>
-void masad_column_line(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, Index H, Index W,
-                       const Matrix<T>& log_y, MasaMap<T>& out, Index x, MasadWorkspace<T>& ws) {
-  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldo = out.outerStride();
-  const T* q = Q.data() + x * ldq;
-  const T* k = K.data() + x * ldk;
-  T* o = out.data() + x * ldo;
-  if (masad_fused_line<T>(H))
-    masad_line_fused<T>(q, W * ldq, k, W * ldk, Q.cols(), o, W * ldo, out.cols(), H, log_y, o,
-                        W * ldo, ws);
-  else
-    masad_line<T>(q, W * ldq, k, W * ldk, Q.cols(), o, W * ldo, out.cols(), H, log_y, o, W * ldo,
-                  ws);
-}
-
-/// One MaSAD head on the calling thread, with a workspace sized for it (reused across heads).
+/// One MaSAD head on the calling thread.
 template <class T>
 void masad_head(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
                 double gamma, Index H, Index W, MasaMap<T>& out, MasadHeadWorkspace<T>& ws) {
   const SymmetricDecay axis(gamma);
-  masad_log_tile<T>(axis, W, ws.log_x);
-  masad_log_tile<T>(axis, H, ws.log_y);
-  for (Index y = 0; y < H; ++y) masad_row_line<T>(Q, K, V, W, ws.log_x, out, y, ws.lines);
-  for (Index x = 0; x < W; ++x) masad_column_line<T>(Q, K, H, W, ws.log_y, out, x, ws.lines);
+  masad_log_tile<T>(axis, W, ws.head.log_x);
+  masad_log_tile<T>(axis, H, ws.head.log_y);
+  for (Index y = 0; y < H; ++y) masad_row_line<T>(Q, K, V, H, W, ws.head, out, y, ws.lines);
+  for (Index x = 0; x < W; ++x) masad_column_line<T>(Q, K, H, W, ws.head, out, x, ws.lines);
 }
 
 template <class T>
@@ -457,15 +529,16 @@ void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const M
   const Index dk = Q.cols(), dv = V.cols();
   const double work =
       2.0 * static_cast<double>(H * W) * static_cast<double>(H + W) * static_cast<double>(dk + dv);
-  MasadHeadWorkspace<T> head = masad_head_workspace<T>(H, W, dk, dv);
   const int team = masa_team_size(threads, std::max(H, W), work);
   if (team <= 1) {
-    masad_head<T>(Q, K, V, gamma, H, W, out, head);
+    MasadHeadWorkspace<T> ws = masad_head_workspace<T>(H, W, dk, dv);
+    masad_head<T>(Q, K, V, gamma, H, W, out, ws);
     return;
   }
 #if defined(_OPENMP)
   // One head over a team: grid rows, then (after the implicit barrier) grid columns, split among
-  // the threads, each with its own line buffers; the log tiles are shared.
+  // the threads, each with its own line buffers; the head's buffers are shared.
+  MasadHeadBuffers<T> head = masad_head_buffers<T>(H, W, dk, dv);
   const SymmetricDecay axis(gamma);
   masad_log_tile<T>(axis, W, head.log_x);
   masad_log_tile<T>(axis, H, head.log_y);
@@ -473,9 +546,9 @@ void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const M
   {
     MasadWorkspace<T> ws = masad_workspace<T>(std::max(H, W), dk, dv);
 #pragma omp for schedule(static)
-    for (Index y = 0; y < H; ++y) masad_row_line<T>(Q, K, V, W, head.log_x, out, y, ws);
+    for (Index y = 0; y < H; ++y) masad_row_line<T>(Q, K, V, H, W, head, out, y, ws);
 #pragma omp for schedule(static)
-    for (Index x = 0; x < W; ++x) masad_column_line<T>(Q, K, H, W, head.log_y, out, x, ws);
+    for (Index x = 0; x < W; ++x) masad_column_line<T>(Q, K, H, W, head, out, x, ws);
   }
 #endif
 }

@@ -56,10 +56,10 @@ struct MasadExp<float> {
 /// Row softmax of one line's logits, fused: for i < rows (a multiple of R),
 ///   S[i, j] = lw[i, j] + sum_c q[i, c] kt[c, j],   j < NP * size,
 ///   p[i, j] = exp(S[i, j] - max_j S[i, :]),   inv_sum[i] = 1 / sum_j p[i, j].
-/// q [rows, dk] dense, kt = K^T [dk, ldk >= NP * size], lw [rows, ldl] the log-weights with -inf
+/// q [rows, dk] (row stride ldq), kt = K^T [dk, ldk >= NP * size], lw [rows, ldl] the log-weights with -inf
 /// in the padding columns (they come out as weight 0 and never win the max), p [rows, ldp].
 template <class T, int R, int NP>
-void masad_softmax_rows(const T* q, Index dk, const T* kt, Index ldk, const T* lw, Index ldl, T* p,
+void masad_softmax_rows(const T* q, Index ldq, Index dk, const T* kt, Index ldk, const T* lw, Index ldl, T* p,
                         Index ldp, Index rows, T* inv_sum) {
   using namespace Eigen::internal;
   using Packet = typename MasadPacket<T>::type;
@@ -70,14 +70,14 @@ void masad_softmax_rows(const T* q, Index dk, const T* kt, Index ldk, const T* l
     for (int r = 0; r < R; ++r)
       RETENTION_MASAD_UNROLL
       for (int u = 0; u < NP; ++u) a[r][u] = ploadu<Packet>(lw + (i0 + r) * ldl + u * PS);
-    const T* qb = q + i0 * dk;
+    const T* qb = q + i0 * ldq;
     for (Index c = 0; c < dk; ++c) {
       Packet kk[NP];
       RETENTION_MASAD_UNROLL
       for (int u = 0; u < NP; ++u) kk[u] = ploadu<Packet>(kt + c * ldk + u * PS);
       RETENTION_MASAD_UNROLL
       for (int r = 0; r < R; ++r) {
-        const Packet b = pset1<Packet>(qb[r * dk + c]);
+        const Packet b = pset1<Packet>(qb[r * ldq + c]);
         RETENTION_MASAD_UNROLL
         for (int u = 0; u < NP; ++u) a[r][u] = pmadd(b, kk[u], a[r][u]);
       }
@@ -156,20 +156,20 @@ void masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv, Index L, co
 /// packets, 16 accumulators; 8 rows below, so there are still enough independent accumulators to
 /// cover the FMA latency). rows is a multiple of 8.
 template <class T>
-void masad_softmax_line(Index np, const T* q, Index dk, const T* kt, Index ldk, const T* lw,
+void masad_softmax_line(Index np, const T* q, Index ldq, Index dk, const T* kt, Index ldk, const T* lw,
                         Index ldl, T* p, Index ldp, Index rows, T* inv_sum) {
   switch (np) {
     case 1:
-      masad_softmax_rows<T, 8, 1>(q, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+      masad_softmax_rows<T, 8, 1>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
       break;
     case 2:
-      masad_softmax_rows<T, 8, 2>(q, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+      masad_softmax_rows<T, 8, 2>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
       break;
     case 3:
-      masad_softmax_rows<T, 4, 3>(q, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+      masad_softmax_rows<T, 4, 3>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
       break;
     default:
-      masad_softmax_rows<T, 4, 4>(q, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+      masad_softmax_rows<T, 4, 4>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
       break;
   }
 }
