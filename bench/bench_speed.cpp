@@ -152,21 +152,67 @@ void BM_machine_gemm(benchmark::State& state) {
       benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-/// One GEMM over all tokens, threaded inside Eigen, as a layer runs its projections: y = x W^T with
-/// x [m, k] and W [n, k] (torch layout).
+/// One projection over all tokens as the MSR layer runs it: y = x W^T with x [m, k] and W [n, k]
+/// (torch layout), the rows of x split into one static block per thread, each block one
+/// single-threaded GEMM.
 void BM_machine_projection(benchmark::State& state) {
   const Index m = state.range(0), k = state.range(1), n = state.range(2);
   const int threads = static_cast<int>(state.range(3));
-  Eigen::setNbThreads(threads);
+  Eigen::setNbThreads(1);
   const Mat x = Mat::Random(m, k), w = Mat::Random(n, k);
   Mat y(m, n);
   for (auto _ : state) {
-    y.noalias() = x * w.transpose();
+    on_threads(threads, [&](int t) {
+      const Index r0 = m * t / threads, r1 = m * (t + 1) / threads;
+      y.middleRows(r0, r1 - r0).noalias() = x.middleRows(r0, r1 - r0) * w.transpose();
+    });
     benchmark::DoNotOptimize(y.data());
   }
-  Eigen::setNbThreads(1);
   state.counters["GFLOPS"] = benchmark::Counter(2.0 * static_cast<double>(m * k * n) * 1e-9,
                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// The machine's fp32 FMA peak: 12 independent chains of packet FMAs per thread (enough to cover
+/// the FMA latency on two ports), nothing loaded or stored. No GEMM can exceed this rate.
+void BM_machine_fma_peak(benchmark::State& state) {
+  using Packet = Eigen::internal::packet_traits<float>::type;
+  constexpr int lanes = Eigen::internal::packet_traits<float>::size;
+  const int threads = static_cast<int>(state.range(0));
+  const Index reps = Index(1) << 21;
+  std::vector<float> sink(static_cast<std::size_t>(threads));
+  for (auto _ : state) {
+    on_threads(threads, [&](int t) {
+      using Eigen::internal::pmadd;
+      using Eigen::internal::pset1;
+      const Packet a = pset1<Packet>(0.9999f), b = pset1<Packet>(1e-6f);
+      Packet c0 = pset1<Packet>(1.00f), c1 = pset1<Packet>(1.01f), c2 = pset1<Packet>(1.02f);
+      Packet c3 = pset1<Packet>(1.03f), c4 = pset1<Packet>(1.04f), c5 = pset1<Packet>(1.05f);
+      Packet c6 = pset1<Packet>(1.06f), c7 = pset1<Packet>(1.07f), c8 = pset1<Packet>(1.08f);
+      Packet c9 = pset1<Packet>(1.09f), c10 = pset1<Packet>(1.10f), c11 = pset1<Packet>(1.11f);
+      for (Index r = 0; r < reps; ++r) {
+        c0 = pmadd(c0, a, b);
+        c1 = pmadd(c1, a, b);
+        c2 = pmadd(c2, a, b);
+        c3 = pmadd(c3, a, b);
+        c4 = pmadd(c4, a, b);
+        c5 = pmadd(c5, a, b);
+        c6 = pmadd(c6, a, b);
+        c7 = pmadd(c7, a, b);
+        c8 = pmadd(c8, a, b);
+        c9 = pmadd(c9, a, b);
+        c10 = pmadd(c10, a, b);
+        c11 = pmadd(c11, a, b);
+      }
+      using Eigen::internal::padd;
+      const Packet sum = padd(padd(padd(c0, c1), padd(c2, c3)), padd(padd(c4, c5), padd(c6, c7)));
+      sink[static_cast<std::size_t>(t)] =
+          Eigen::internal::predux(padd(sum, padd(padd(c8, c9), padd(c10, c11))));
+    });
+    benchmark::DoNotOptimize(sink.data());
+  }
+  const double flops = 2.0 * lanes * 12.0 * static_cast<double>(reps) * threads;
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 /// The GEMM sequence of one chunk of the chunkwise kernel at chunk C, dk = dv = 128, repeated over
@@ -456,7 +502,6 @@ retention::MultiScaleRetention<float> make_msr(Index d, Index value_dim, Index h
 void BM_msr(benchmark::State& state) {
   const Index T = state.range(0), d = state.range(1), heads = state.range(2);
   const int threads = static_cast<int>(state.range(3));
-  Eigen::setNbThreads(threads);  // the projections are single GEMMs over all tokens
   const retention::MultiScaleRetention<float> layer = make_msr(d, d, heads, threads, 51);
   const std::vector<float> xs = random_buffer(static_cast<std::size_t>(T * d), 50);
   const Eigen::Map<const Mat> x(xs.data(), T, d);
@@ -537,6 +582,10 @@ void register_all() {
   std::vector<int> thread_counts = {1};
   if (tmax > 1) thread_counts.push_back(tmax);
   for (int t : thread_counts) {
+    benchmark::RegisterBenchmark("machine/fma_peak", BM_machine_fma_peak)
+        ->Args({t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("machine/gemm", BM_machine_gemm)
         ->Args({1024, 1024, 1024, t})
         ->UseRealTime()
