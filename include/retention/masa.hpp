@@ -350,207 +350,157 @@ constexpr bool masad_fused_line(Index L) {
 #endif
 }
 
-/// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to
-/// packets]: padding columns -inf (they must weigh 0 and never be a row's max), padding rows 0
-/// (finite, dropped). Written into w (no allocation when w already has that size).
+/// The same line attention as masad_line through the fused kernels of masa_line_kernels.hpp, for
+/// lines of at most MasadPacket<T>::max_line tokens. Queries are read in place (each is read once
+/// per block of rows) unless the line is not whole row blocks; keys are transposed and values
+/// copied into the line buffers first: the kernels sweep them once per block of rows, and read in
+/// place at a grid's strides those sweeps would keep evicting each other from L1. The copy of v
+/// also lets out alias v.
 template <class T>
-void masad_log_tile(const SymmetricDecay& axis, Index L, Matrix<T>& w) {
-  w.resize(masa_round_up(L, MasaKernelShape<T>::rows), masa_round_up(L, MasaKernelShape<T>::width));
-  w.setZero();
-  w.rightCols(w.cols() - L).setConstant(-std::numeric_limits<T>::infinity());
-  axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
-}
-
-/// What one MaSAD head shares among the threads that run its lines: both axes' log-weight tiles and,
-/// when every line fits the fused kernels, the head's q and k and the row pass's output u in
-/// grid-transposed order (row x H + y holds token (y, x)), so that each grid column is one dense
-/// block: qc, kc [N + row block, dk] (the extra rows zero: a column's last row block may read past
-/// it), uc [N, dvp] (padding columns zero). Read at the grid's own strides instead, a column of a
-/// multi-head buffer is 56 rows on 56 different pages, for each of q, k and u; with 8 heads those
-/// pages outnumber the TLB and the column pass waits on page walks (measured at 56 x 56, d = 64:
-/// 2.0 ms per head against 1.6 ms with each head's operands dense).
-template <class T>
-struct MasadHeadBuffers {
-  Matrix<T> log_x, log_y;
-  bool transposed = false;
-  Matrix<T> store;  // one allocation holds qc, kc and uc
-  T* qc = nullptr;
-  T* kc = nullptr;
-  T* uc = nullptr;
-  Index dvp = 0;
-};
-
-template <class T>
-MasadHeadBuffers<T> masad_head_buffers(Index H, Index W, Index dk, Index dv) {
-  constexpr Index R = MasaKernelShape<T>::rows;
-  MasadHeadBuffers<T> b;
-  b.dvp = masa_round_up(dv, MasaKernelShape<T>::width);
-  b.transposed = masad_fused_line<T>(H) && masad_fused_line<T>(W);
-  if (b.transposed) {
-    const Index N = H * W, qk = (N + R) * dk;
-    b.store.resize(2 * qk + N * b.dvp, 1);
-    b.qc = b.store.data();
-    b.kc = b.qc + qk;
-    b.uc = b.kc + qk;
-    std::fill(b.qc + N * dk, b.qc + qk, T(0));
-    std::fill(b.kc + N * dk, b.kc + qk, T(0));
-    if (b.dvp != dv)
-      for (Index n = 0; n < N; ++n) std::fill(b.uc + n * b.dvp + dv, b.uc + (n + 1) * b.dvp, T(0));
-  }
-  return b;
-}
-
-/// Line y of MaSAD's row pass through the fused kernels: u[y, :] into uc's rows x H + y, and the
-/// line's q and k rows into qc and kc for the column pass. Queries are read in place (each is read
-/// once per block of rows) unless the line is not whole row blocks; keys are transposed and values
-/// copied into the line buffers (the kernels sweep them once per block of rows, and read in place
-/// at a grid's strides those sweeps would keep evicting each other from L1).
-template <class T>
-void masad_row_line_fused(const MasaConstRef<T>& Q, const MasaConstRef<T>& K,
-                          const MasaConstRef<T>& V, Index H, Index W, const MasadHeadBuffers<T>& b,
-                          Index y, MasadWorkspace<T>& ws) {
+void masad_line_fused(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
+                      Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out,
+                      Index out_step, MasadWorkspace<T>& ws) {
 #if defined(RETENTION_MASAD_FUSED_LINES)
   constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
-  const Index dk = Q.cols(), dv = V.cols(), dvp = b.dvp, L = W;
-  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P);
-  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride();
-  const T* q = Q.data() + y * W * ldq;
-  const T* k = K.data() + y * W * ldk;
-  const T* v = V.data() + y * W * ldv;
-  for (Index x = 0; x < W; ++x) {
-    std::copy(q + x * ldq, q + x * ldq + dk, b.qc + (x * H + y) * dk);
-    std::copy(k + x * ldk, k + x * ldk + dk, b.kc + (x * H + y) * dk);
-  }
+  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
   const T* qq = q;
-  Index ldqq = ldq;
+  Index ldq = q_step;
   if (Lr != L) {
-    masa_copy_rows(q, ldq, L, dk, ws.q.data(), dk);
+    masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
     std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
     qq = ws.q.data();
-    ldqq = dk;
+    ldq = dk;
   }
-  masa_transpose_rows(k, ldk, L, dk, ws.kt.data(), ws.kt.cols());
-  masa_copy_rows(v, ldv, L, dv, ws.v.data(), dvp);
-  masad_softmax_line<T>(Lp / P, qq, ldqq, dk, ws.kt.data(), ws.kt.cols(), b.log_x.data(),
-                        b.log_x.cols(), ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());
+  masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ws.kt.cols());
+  masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
+  masad_softmax_line<T>(Lp / P, qq, ldq, dk, ws.kt.data(), ws.kt.cols(), log_w.data(), log_w.cols(),
+                        ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());
   // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
   masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), ws.v.data(), dvp, L, ws.inv_sum.data(),
-                       b.uc + y * dvp, H * dvp, Lr, L, dv, dvp);
+                       out, out_step, Lr, L, dv, dvp);
 #else
-  (void)Q, (void)K, (void)V, (void)H, (void)W, (void)b, (void)y, (void)ws;
+  masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, out, out_step, ws);
 #endif
 }
 
-/// Line x of MaSAD's column pass through the fused kernels: o[:, x] from the dense blocks of qc, kc
-/// and uc. Rows past H of the last row block read the next column's queries (or qc's zero rows):
-/// finite, and their outputs are dropped.
+/// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to
+/// packets]: padding columns -inf (they must weigh 0 and never be a row's max), padding rows 0
+/// (finite, dropped).
 template <class T>
-void masad_column_line_fused(Index H, Index dk, const MasadHeadBuffers<T>& b, MasaMap<T>& out,
-                             Index W, Index x, MasadWorkspace<T>& ws) {
-#if defined(RETENTION_MASAD_FUSED_LINES)
-  constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
-  const Index L = H, Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = b.dvp;
-  masa_transpose_rows(b.kc + x * H * dk, dk, L, dk, ws.kt.data(), ws.kt.cols());
-  masad_softmax_line<T>(Lp / P, b.qc + x * H * dk, dk, dk, ws.kt.data(), ws.kt.cols(),
-                        b.log_y.data(), b.log_y.cols(), ws.logits.data(), ws.logits.cols(), Lr,
-                        ws.inv_sum.data());
-  masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), b.uc + x * H * dvp, dvp, L,
-                       ws.inv_sum.data(), out.data() + x * out.outerStride(),
-                       W * out.outerStride(), Lr, L, out.cols(), dvp);
-#else
-  (void)H, (void)dk, (void)b, (void)out, (void)W, (void)x, (void)ws;
-#endif
+Matrix<T> masad_log_tile(const SymmetricDecay& axis, Index L) {
+  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaKernelShape<T>::rows),
+                                masa_round_up(L, MasaKernelShape<T>::width));
+  w.rightCols(w.cols() - L).setConstant(-std::numeric_limits<T>::infinity());
+  axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
+  return w;
 }
 
-// Lines too long for the fused kernels: u, the row pass's output that the column pass reads, lives
-// in `out` itself: each line attention reads all of its values into its accumulators before it
-// writes its own rows, and lines of one pass touch disjoint rows.
-
-/// Line y of MaSAD's row pass.
+/// Where the operands of a MaSAD call live: image b's token n = y W + x has its row at q + (b N +
+/// n) ldq (likewise k, v, out); head h's columns start at h dk in q and k, at h dv in v and out.
 template <class T>
-void masad_row_line(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
-                    Index H, Index W, const MasadHeadBuffers<T>& b, MasaMap<T>& out, Index y,
-                    MasadWorkspace<T>& ws) {
-  if (b.transposed) {
-    masad_row_line_fused<T>(Q, K, V, H, W, b, y, ws);
-    return;
-  }
-  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldv = V.outerStride(),
-              ldo = out.outerStride();
-  masad_line<T>(Q.data() + y * W * ldq, ldq, K.data() + y * W * ldk, ldk, Q.cols(),
-                V.data() + y * W * ldv, ldv, V.cols(), W, b.log_x, out.data() + y * W * ldo, ldo,
-                ws);
-}
-
-/// Line x of MaSAD's column pass.
-template <class T>
-void masad_column_line(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, Index H, Index W,
-                       const MasadHeadBuffers<T>& b, MasaMap<T>& out, Index x,
-                       MasadWorkspace<T>& ws) {
-  if (b.transposed) {
-    masad_column_line_fused<T>(H, Q.cols(), b, out, W, x, ws);
-    return;
-  }
-  const Index ldq = Q.outerStride(), ldk = K.outerStride(), ldo = out.outerStride();
-  T* o = out.data() + x * ldo;
-  masad_line<T>(Q.data() + x * ldq, W * ldq, K.data() + x * ldk, W * ldk, Q.cols(), o, W * ldo,
-                out.cols(), H, b.log_y, o, W * ldo, ws);
-}
-
-/// A thread's buffers for whole MaSAD heads, reused across the heads it runs.
-template <class T>
-struct MasadHeadWorkspace {
-  MasadWorkspace<T> lines;
-  MasadHeadBuffers<T> head;
+struct MasadGrid {
+  const T* q = nullptr;
+  const T* k = nullptr;
+  const T* v = nullptr;
+  T* out = nullptr;
+  Index ldq = 0, ldk = 0, ldv = 0, ldo = 0;
+  Index batch = 1, height = 0, width = 0, heads = 1, dk = 0, dv = 0;
 };
 
+/// MaSAD of every (image, head) of a grid (SPEC 4): for each image, every head's attention along
+/// each grid row, writing u into out, then along each grid column, reading u from out and
+/// overwriting it with the result. u lives in out itself: each line attention copies (fused) or
+/// reads into its accumulators (tiled) all its values before it writes its own rows, and the lines
+/// of one pass touch disjoint rows.
+///
+/// Threads take whole lines, each line for all heads in turn: a line of a [.., heads * d] buffer is
+/// then one contiguous block (a row line) or H blocks of heads * d (a column line), which the
+/// hardware prefetchers stream and the TLB covers, where one head's line is a 256-byte piece of
+/// every token's row (measured at 56 x 56, 8 heads, d = 64: a head at a time spent about a third
+/// of its time waiting on those pieces).
 template <class T>
-MasadHeadWorkspace<T> masad_head_workspace(Index H, Index W, Index dk, Index dv) {
-  MasadHeadWorkspace<T> ws;
-  ws.lines = masad_workspace<T>(std::max(H, W), dk, dv);
-  ws.head = masad_head_buffers<T>(H, W, dk, dv);
-  return ws;
-}
-
-/// One MaSAD head on the calling thread.
-template <class T>
-void masad_head(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
-                double gamma, Index H, Index W, MasaMap<T>& out, MasadHeadWorkspace<T>& ws) {
-  const SymmetricDecay axis(gamma);
-  masad_log_tile<T>(axis, W, ws.head.log_x);
-  masad_log_tile<T>(axis, H, ws.head.log_y);
-  for (Index y = 0; y < H; ++y) masad_row_line<T>(Q, K, V, H, W, ws.head, out, y, ws.lines);
-  for (Index x = 0; x < W; ++x) masad_column_line<T>(Q, K, H, W, ws.head, out, x, ws.lines);
+void masad_grid(const MasadGrid<T>& g, const std::vector<double>& gammas, int threads) {
+  const Index H = g.height, W = g.width, N = H * W, heads = g.heads, dk = g.dk, dv = g.dv;
+  std::vector<Matrix<T>> log_x, log_y;
+  log_x.reserve(static_cast<std::size_t>(heads));
+  log_y.reserve(static_cast<std::size_t>(heads));
+  for (Index h = 0; h < heads; ++h) {
+    const SymmetricDecay axis(gammas[static_cast<std::size_t>(h)]);
+    log_x.push_back(masad_log_tile<T>(axis, W));
+    log_y.push_back(masad_log_tile<T>(axis, H));
+  }
+  const auto line = [&](const T* q, Index q_step, const T* k, Index k_step, const T* v,
+                        Index v_step, Index L, const Matrix<T>& log_w, T* o, Index o_step,
+                        MasadWorkspace<T>& ws) {
+    if (masad_fused_line<T>(L))
+      masad_line_fused<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
+    else
+      masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
+  };
+  // Grid row y of image b: tokens [y W, y W + W), consecutive rows.
+  const auto row = [&](Index task, MasadWorkspace<T>& ws) {
+    const Index b = task / H, n0 = b * N + (task % H) * W;
+    for (Index h = 0; h < heads; ++h) {
+      const std::size_t hs = static_cast<std::size_t>(h);
+      line(g.q + n0 * g.ldq + h * dk, g.ldq, g.k + n0 * g.ldk + h * dk, g.ldk,
+           g.v + n0 * g.ldv + h * dv, g.ldv, W, log_x[hs], g.out + n0 * g.ldo + h * dv, g.ldo, ws);
+    }
+  };
+  // Grid column x of image b: tokens x, x + W, ..., every W-th row; u is read from out.
+  const auto column = [&](Index task, MasadWorkspace<T>& ws) {
+    const Index b = task / W, n0 = b * N + task % W;
+    for (Index h = 0; h < heads; ++h) {
+      T* o = g.out + n0 * g.ldo + h * dv;
+      line(g.q + n0 * g.ldq + h * dk, W * g.ldq, g.k + n0 * g.ldk + h * dk, W * g.ldk, o, W * g.ldo,
+           H, log_y[static_cast<std::size_t>(h)], o, W * g.ldo, ws);
+    }
+  };
+  const auto make = [&] { return masad_workspace<T>(std::max(H, W), dk, dv); };
+  const Index rows = g.batch * H, columns = g.batch * W;
+  const double work = 2.0 * static_cast<double>(g.batch * heads * N) * static_cast<double>(H + W) *
+                      static_cast<double>(dk + dv);
+  const int team = masa_team_size(threads, std::max(rows, columns), work);
+#if defined(_OPENMP)
+  if (team > 1) {
+    // Lines are handed out one at a time: on a shared machine a statically split team waits for
+    // its slowest thread.
+#pragma omp parallel num_threads(team)
+    {
+      MasadWorkspace<T> ws = make();
+#pragma omp for schedule(dynamic, 1)
+      for (Index t = 0; t < rows; ++t) row(t, ws);
+#pragma omp for schedule(dynamic, 1)
+      for (Index t = 0; t < columns; ++t) column(t, ws);
+    }
+    return;
+  }
+#else
+  (void)team;
+#endif
+  MasadWorkspace<T> ws = make();
+  for (Index t = 0; t < rows; ++t) row(t, ws);
+  for (Index t = 0; t < columns; ++t) column(t, ws);
 }
 
 template <class T>
 void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
                      double gamma, Index H, Index W, MasaMap<T> out, int threads) {
-  const Index dk = Q.cols(), dv = V.cols();
-  const double work =
-      2.0 * static_cast<double>(H * W) * static_cast<double>(H + W) * static_cast<double>(dk + dv);
-  const int team = masa_team_size(threads, std::max(H, W), work);
-  if (team <= 1) {
-    MasadHeadWorkspace<T> ws = masad_head_workspace<T>(H, W, dk, dv);
-    masad_head<T>(Q, K, V, gamma, H, W, out, ws);
-    return;
-  }
-#if defined(_OPENMP)
-  // One head over a team: grid rows, then (after the implicit barrier) grid columns, split among
-  // the threads, each with its own line buffers; the head's buffers are shared.
-  MasadHeadBuffers<T> head = masad_head_buffers<T>(H, W, dk, dv);
-  const SymmetricDecay axis(gamma);
-  masad_log_tile<T>(axis, W, head.log_x);
-  masad_log_tile<T>(axis, H, head.log_y);
-#pragma omp parallel num_threads(team)
-  {
-    MasadWorkspace<T> ws = masad_workspace<T>(std::max(H, W), dk, dv);
-#pragma omp for schedule(static)
-    for (Index y = 0; y < H; ++y) masad_row_line<T>(Q, K, V, H, W, head, out, y, ws);
-#pragma omp for schedule(static)
-    for (Index x = 0; x < W; ++x) masad_column_line<T>(Q, K, H, W, head, out, x, ws);
-  }
-#endif
+  MasadGrid<T> g;
+  g.q = Q.data();
+  g.k = K.data();
+  g.v = V.data();
+  g.out = out.data();
+  g.ldq = Q.outerStride();
+  g.ldk = K.outerStride();
+  g.ldv = V.outerStride();
+  g.ldo = out.outerStride();
+  g.batch = 1;
+  g.height = H;
+  g.width = W;
+  g.heads = 1;
+  g.dk = Q.cols();
+  g.dv = V.cols();
+  masad_grid<T>(g, {gamma}, threads);
 }
 
 template <class DQ, class DK, class DV>
@@ -592,11 +542,11 @@ inline void check_grid_heads(const char* fn, const GridHeadsShape& s, std::size_
     fail(fn, "v_row_stride " + std::to_string(s.v_row_stride) + " is below heads * value_dim");
 }
 
-/// Runs per_head(Q, K, V, out, h, workspace) for every (image, head) pair of a [B, H, W, heads *
-/// d] buffer, spread over OpenMP threads; each thread makes its workspace once with make().
-template <class T, class Make, class PerHead>
+/// Runs per_head(Q, K, V, out, h) for every (image, head) pair of a [B, H, W, heads * d] buffer,
+/// spread over OpenMP threads.
+template <class T, class PerHead>
 void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHeadsShape& s,
-                        int threads, double work_per_head, Make make, PerHead per_head) {
+                        int threads, double work_per_head, PerHead per_head) {
   const Index N = s.height * s.width, heads = s.heads, dk = s.key_dim, dv = s.value_dim;
   const Index ldq = s.qk_row_stride > 0 ? s.qk_row_stride : heads * dk;
   const Index ldv = s.v_row_stride > 0 ? s.v_row_stride : heads * dv;
@@ -613,21 +563,15 @@ void masa_for_each_head(const T* q, const T* k, const T* v, T* out, const GridHe
 #endif
   (void)team;
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(team) if (team > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
 #endif
-  {
-    auto ws = make();
-#if defined(_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (Index pair = 0; pair < pairs; ++pair) {
-      const Index b = pair / heads, h = pair % heads;
-      const MasaConstMap<T> Q(q + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
-      const MasaConstMap<T> K(k + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
-      const MasaConstMap<T> V(v + b * N * ldv + h * dv, N, dv, Eigen::OuterStride<>(ldv));
-      MasaMap<T> O(out + b * N * heads * dv + h * dv, N, dv, Eigen::OuterStride<>(heads * dv));
-      per_head(Q, K, V, O, h, ws);
-    }
+  for (Index pair = 0; pair < pairs; ++pair) {
+    const Index b = pair / heads, h = pair % heads;
+    const MasaConstMap<T> Q(q + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
+    const MasaConstMap<T> K(k + b * N * ldq + h * dk, N, dk, Eigen::OuterStride<>(ldq));
+    const MasaConstMap<T> V(v + b * N * ldv + h * dv, N, dv, Eigen::OuterStride<>(ldv));
+    MasaMap<T> O(out + b * N * heads * dv + h * dv, N, dv, Eigen::OuterStride<>(heads * dv));
+    per_head(Q, K, V, O, h);
   }
 }
 
@@ -701,10 +645,9 @@ void multi_head_masa(const T* q, const T* k, const T* v, T* out, const GridHeads
   detail::check_masa_options<T>(fn, options);
   const double n = static_cast<double>(shape.height * shape.width);
   const double work = 2.0 * n * n * static_cast<double>(shape.key_dim + shape.value_dim);
-  detail::masa_for_each_head(q, k, v, out, shape, options.threads, work, [] { return 0; },
+  detail::masa_for_each_head(q, k, v, out, shape, options.threads, work,
                              [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
-                                 const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h,
-                                 int) {
+                                 const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h) {
                                const ManhattanDecay decay(gammas[static_cast<std::size_t>(h)],
                                                           shape.height, shape.width);
                                detail::masa_into_impl<T>(Q, K, V, decay, O, options);
@@ -721,36 +664,22 @@ void multi_head_masad(const T* q, const T* k, const T* v, T* out, const GridHead
   if (!q || !k || !v || !out) detail::fail(fn, "null buffer pointer");
   detail::check_grid_heads(fn, shape, gammas.size());
   for (double g : gammas) detail::check_gamma(fn, g);
-  const double work = 2.0 * static_cast<double>(shape.height * shape.width) *
-                      static_cast<double>(shape.height + shape.width) *
-                      static_cast<double>(shape.key_dim + shape.value_dim);
-  if (shape.batch * shape.heads == 1) {  // a single head: its lines are what to spread over threads
-    const GridHeadsShape& s = shape;
-    const Index N = s.height * s.width;
-    const Index ldq = s.qk_row_stride > 0 ? s.qk_row_stride : s.key_dim;
-    const Index ldv = s.v_row_stride > 0 ? s.v_row_stride : s.value_dim;
-    detail::masad_into_impl<T>(
-        detail::MasaConstMap<T>(q, N, s.key_dim, Eigen::OuterStride<>(ldq)),
-        detail::MasaConstMap<T>(k, N, s.key_dim, Eigen::OuterStride<>(ldq)),
-        detail::MasaConstMap<T>(v, N, s.value_dim, Eigen::OuterStride<>(ldv)), gammas[0], s.height,
-        s.width, detail::MasaMap<T>(out, N, s.value_dim, Eigen::OuterStride<>(s.value_dim)),
-        options.threads);
-    return;
-  }
-  // One head per thread at a time, each thread reusing its own head workspace (line buffers and
-  // the transposed u) across the heads it runs.
-  detail::masa_for_each_head(
-      q, k, v, out, shape, options.threads, work,
-      [&] {
-        return detail::masad_head_workspace<T>(shape.height, shape.width, shape.key_dim,
-                                               shape.value_dim);
-      },
-      [&](const detail::MasaConstMap<T>& Q, const detail::MasaConstMap<T>& K,
-          const detail::MasaConstMap<T>& V, detail::MasaMap<T>& O, Index h,
-          detail::MasadHeadWorkspace<T>& ws) {
-        detail::masad_head<T>(Q, K, V, gammas[static_cast<std::size_t>(h)], shape.height,
-                              shape.width, O, ws);
-      });
+  const GridHeadsShape& s = shape;
+  detail::MasadGrid<T> g;
+  g.q = q;
+  g.k = k;
+  g.v = v;
+  g.out = out;
+  g.ldq = g.ldk = s.qk_row_stride > 0 ? s.qk_row_stride : s.heads * s.key_dim;
+  g.ldv = s.v_row_stride > 0 ? s.v_row_stride : s.heads * s.value_dim;
+  g.ldo = s.heads * s.value_dim;
+  g.batch = s.batch;
+  g.height = s.height;
+  g.width = s.width;
+  g.heads = s.heads;
+  g.dk = s.key_dim;
+  g.dv = s.value_dim;
+  detail::masad_grid<T>(g, gammas, options.threads);
 }
 
 namespace detail {

@@ -56,20 +56,20 @@ struct MasadExp<float> {
 /// Row softmax of one line's logits, fused: for i < rows (a multiple of R),
 ///   S[i, j] = lw[i, j] + sum_c q[i, c] kt[c, j],   j < NP * size,
 ///   p[i, j] = exp(S[i, j] - max_j S[i, :]),   inv_sum[i] = 1 / sum_j p[i, j].
-/// q [rows, dk] (row stride ldq), kt = K^T [dk, ldk >= NP * size], lw [rows, ldl] the log-weights with -inf
-/// in the padding columns (they come out as weight 0 and never win the max), p [rows, ldp].
+/// q [rows, dk] (row stride ldq), kt = K^T [dk, ldk >= NP * size], lw [rows, ldl] the log-weights
+/// with -inf in the padding columns (they come out as weight 0 and never win the max), p [rows,
+/// ldp].
 template <class T, int R, int NP>
-void masad_softmax_rows(const T* q, Index ldq, Index dk, const T* kt, Index ldk, const T* lw, Index ldl, T* p,
-                        Index ldp, Index rows, T* inv_sum) {
+void masad_softmax_rows(const T* q, Index ldq, Index dk, const T* kt, Index ldk, const T* lw,
+                        Index ldl, T* p, Index ldp, Index rows, T* inv_sum) {
   using namespace Eigen::internal;
   using Packet = typename MasadPacket<T>::type;
   constexpr Index PS = MasadPacket<T>::size;
   for (Index i0 = 0; i0 < rows; i0 += R) {
     Packet a[R][NP];
     RETENTION_MASAD_UNROLL
-    for (int r = 0; r < R; ++r)
-      RETENTION_MASAD_UNROLL
-      for (int u = 0; u < NP; ++u) a[r][u] = ploadu<Packet>(lw + (i0 + r) * ldl + u * PS);
+    for (int r = 0; r < R; ++r) RETENTION_MASAD_UNROLL
+    for (int u = 0; u < NP; ++u) a[r][u] = ploadu<Packet>(lw + (i0 + r) * ldl + u * PS);
     const T* qb = q + i0 * ldq;
     for (Index c = 0; c < dk; ++c) {
       Packet kk[NP];
@@ -116,9 +116,8 @@ void masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv, Index L, co
   for (Index i0 = 0; i0 < rows; i0 += R) {
     Packet a[R][ND];
     RETENTION_MASAD_UNROLL
-    for (int r = 0; r < R; ++r)
-      RETENTION_MASAD_UNROLL
-      for (int u = 0; u < ND; ++u) a[r][u] = pset1<Packet>(T(0));
+    for (int r = 0; r < R; ++r) RETENTION_MASAD_UNROLL
+    for (int u = 0; u < ND; ++u) a[r][u] = pset1<Packet>(T(0));
     const T* pb = p + i0 * ldp;
     for (Index j = 0; j < L; ++j) {
       Packet w[ND];
@@ -156,8 +155,8 @@ void masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv, Index L, co
 /// packets, 16 accumulators; 8 rows below, so there are still enough independent accumulators to
 /// cover the FMA latency). rows is a multiple of 8.
 template <class T>
-void masad_softmax_line(Index np, const T* q, Index ldq, Index dk, const T* kt, Index ldk, const T* lw,
-                        Index ldl, T* p, Index ldp, Index rows, T* inv_sum) {
+void masad_softmax_line(Index np, const T* q, Index ldq, Index dk, const T* kt, Index ldk,
+                        const T* lw, Index ldl, T* p, Index ldp, Index rows, T* inv_sum) {
   switch (np) {
     case 1:
       masad_softmax_rows<T, 8, 1>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
