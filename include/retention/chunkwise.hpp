@@ -2,11 +2,13 @@
 #pragma once
 
 #include <retention/decay.hpp>
+#include <retention/detail/chunk_kernels.hpp>
 #include <retention/detail/kernel_common.hpp>
 #include <retention/detail/threading.hpp>
 #include <retention/retention_state.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 namespace retention {
@@ -28,11 +30,25 @@ inline Index recommended_chunk(Index key_dim, Index value_dim) {
 
 namespace detail {
 
-/// Chunkwise retention with the state in the inputs' own type: one fused product per chunk.
-/// The state lives in the bottom dk rows of W = [V_i ; S] ((C + dk) x dv) and the scaled queries in
-/// the right part of X = [A_i | diag(gamma^(j+1)) Q_i] (C x (C + dk)), so that
-/// O_i = X W = (Q_i K_i^T (.) D_L) V_i + diag(gamma^(j+1)) Q_i S_prev is one GEMM whose operands
-/// stay hot in cache from chunk to chunk. Three GEMMs per chunk in all: Q_i K_i^T, X W, K~_i^T V_i.
+/// Prefetches rows [i0, i0 + L) of x into L2 when x is a row-major view with contiguous rows (see
+/// chunk_prefetch_rows); other expressions are left to the hardware.
+template <class Derived>
+void chunk_prefetch(const Eigen::MatrixBase<Derived>& x, Index i0, Index L, bool write) {
+  if constexpr ((int(Derived::Flags) & Eigen::DirectAccessBit) &&
+                (int(Derived::Flags) & Eigen::RowMajorBit) && !Derived::IsVectorAtCompileTime) {
+    const Derived& d = x.derived();
+    if (d.innerStride() == 1)
+      chunk_prefetch_rows(d.data() + i0 * d.outerStride(), d.outerStride(), L, d.cols(), write);
+  } else {
+    (void)x, (void)i0, (void)L, (void)write;
+  }
+}
+
+/// Chunkwise retention with the state in the inputs' own type, on the register-blocked kernels of
+/// chunk_kernels.hpp. Per chunk: K_i^T and K~_i = diag(gamma^(L-1-l)) K_i are formed once; the
+/// masked score tile A = Q_i K_i^T (.) D_L (lower triangle only); then, one block of dv columns at a
+/// time, O_i = norm (.) (diag(gamma^(j+1)) Q_i S_prev + A V_i) and S_next = gamma^L S_prev + K~_i^T
+/// V_i on the same columns, so each block of S is read from L2 once per chunk and reused from L1.
 template <class DQ, class DK, class DV, class DOut, class Mask, class T>
 void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                          const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk, DOut& out,
@@ -40,14 +56,29 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
                          RetentionState<T>* final_state) {
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index C = std::min(chunk, std::max<Index>(T_len, 1));
+  constexpr Index P = ChunkKernelShape<T>::width;
+  const Index Cp = (C + P - 1) / P * P;  // score tile row stride: whole packets of keys
   const bool score = normalization == Normalization::decay_and_score;
+  const bool normalize = normalization != Normalization::none;
 
-  Matrix<T> X(C, C + dk);
-  Matrix<T> W(C + dk, dv);
+  // The chunk's rows are copied into contiguous buffers (and the output goes through one): in the
+  // multi-head layout [B, T, H, D] consecutive token rows of a head are H D elements apart, 4 KiB
+  // for 8 heads of 128 floats, so that the rows of one chunk all fall into the same few sets of the
+  // L1 cache and evict each other while the kernels sweep over them.
+  Matrix<T> Qc(C, dk), Kc(C, dk), Vc(C, dv), Oc(C, dv);
+  // Kt and A start at zero: the kernels read a few entries they never write (keys beyond a short
+  // last chunk, scores above the diagonal), and those must be finite so that D = 0 zeroes them.
+  Matrix<T> Kt = Matrix<T>::Zero(dk, Cp);
+  Matrix<T> A = Matrix<T>::Zero(C, Cp);
   Matrix<T> Kw(C, dk);
+  // S's rows are one cache line longer than dv when dv fills whole lines: a row stride of a
+  // multiple of 512 bytes would put a column block of S into an eighth of the L1 sets.
+  constexpr Index line = 64 / static_cast<Index>(sizeof(T));
+  const Index lds = (dv * static_cast<Index>(sizeof(T))) % 512 == 0 ? dv + line : dv;
+  Matrix<T> S_store(dk, lds);
+  auto S = S_store.leftCols(dv);
   Vector<T> z(dk);
-  Vector<T> r(C);
-  auto S = W.bottomRows(dk);
+  Vector<T> r(C), norm(C);
   bool state_nonzero = init != nullptr;
   if (init) {
     S = init->S;
@@ -58,8 +89,10 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   }
 
   // Everything that depends only on offsets inside a chunk is formed once: the intra-chunk mask
-  // D_C (its top-left L x L corner is D_L), gamma^(j+1) and, for full chunks, gamma^(C-1-l).
-  const Matrix<T> D = decay.template weights<T>(0, C, 0, C);
+  // D_C (its top-left L x L corner is D_L), zero-padded to Cp columns, gamma^(j+1) and, for full
+  // chunks, gamma^(C-1-l).
+  Matrix<T> D = Matrix<T>::Zero(C, Cp);
+  decay.weights_into(0, 0, D.leftCols(C));
   const Vector<T> qf = decay.template query_factors<T>(C);
   Vector<T> kf = decay.template key_factors<T>(C);
   const T gC = static_cast<T>(decay.chunk_factor(C));
@@ -68,39 +101,52 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     const Index L = std::min(C, T_len - i0);
     if (L != C) kf = decay.template key_factors<T>(L);
     const T gL = L == C ? gC : static_cast<T>(decay.chunk_factor(L));
-    const auto Qi = Q.middleRows(i0, L);
-    const auto Ki = K.middleRows(i0, L);
-    auto Oi = out.middleRows(i0, L);
-    // V_i goes right above S, so that [V_i ; S] is one contiguous operand.
-    auto Wi = W.middleRows(C - L, L + dk);
-    auto Vi = W.middleRows(C - L, L);
-    Vi = V.middleRows(i0, L);
-
-    auto Ai = X.topLeftCorner(L, L);
-    Ai.noalias() = Qi * Ki.transpose();
-    Ai.array() *= D.topLeftCorner(L, L).array();
-    if (score) r.head(L) = Ai.rowwise().sum();
-    if (state_nonzero) {
-      auto Qs = X.block(0, L, L, dk);
-      Qs.noalias() = qf.head(L).asDiagonal() * Qi;
-      if (score) r.head(L).noalias() += Qs * z;
-      Oi.noalias() = X.topLeftCorner(L, L + dk) * Wi;
-    } else {
-      Oi.noalias() = Ai * Vi;
+    if (i0 + C < T_len) {
+      const Index next = std::min(C, T_len - i0 - C);
+      chunk_prefetch(Q, i0 + C, next, false);
+      chunk_prefetch(K, i0 + C, next, false);
+      chunk_prefetch(V, i0 + C, next, false);
+      chunk_prefetch(out, i0 + C, next, true);
     }
-    normalize_rows(decay, normalization, p0 + i0, Oi, r.head(L));
+    Qc.topRows(L) = Q.middleRows(i0, L);
+    Kc.topRows(L) = K.middleRows(i0, L);
+    Vc.topRows(L) = V.middleRows(i0, L);
+    const T* q = Qc.data();
+    const T* v = Vc.data();
+    T* o = Oc.data();
+    const Index ldq = dk, ldv = dv, out_ld = dv;
 
-    // S_next = gamma^L S_prev + K_i^T diag(gamma^(L-1-l)) V_i; z likewise with V = 1.
-    auto Kwi = Kw.topRows(L);
-    Kwi.noalias() = kf.head(L).asDiagonal() * Ki;
-    if (state_nonzero) {
-      S *= gL;
-      z *= gL;
-      S.noalias() += Kwi.transpose() * Vi;
-    } else {
-      S.noalias() = Kwi.transpose() * Vi;
+    chunk_transpose(Kc.data(), dk, L, dk, Kt.data(), Cp);
+    Kw.topRows(L).noalias() = kf.head(L).asDiagonal() * Kc.topRows(L);
+    chunk_scores(q, ldq, Kt.data(), D.data(), A.data(), Cp, L, dk, score ? r.data() : nullptr);
+
+    if (normalize) {
+      if (score && state_nonzero) {
+        r.head(L).array() += qf.head(L).array() * (Qc.topRows(L) * z).array();
+      }
+      // As normalize_rows: 1 / sqrt(sum_{i<=p} gamma^i), further / max(|r| / sqrt(..), 1).
+      for (Index j = 0; j < L; ++j) {
+        const double s = std::sqrt(decay.decay_sum(p0 + i0 + j));
+        double scale = 1.0 / s;
+        if (score) scale /= std::max(std::abs(static_cast<double>(r(j))) / s, 1.0);
+        norm(j) = static_cast<T>(scale);
+      }
     }
-    z.noalias() += Kwi.colwise().sum().transpose();
+
+    const T* qf_state = state_nonzero ? qf.data() : nullptr;
+    const T* norm_rows = normalize ? norm.data() : nullptr;
+    chunk_for_columns<T>(dv, [&](auto w_tag, auto np_tag, Index j0) {
+      constexpr int W = decltype(w_tag)::value, NP = decltype(np_tag)::value;
+      chunk_output_columns<T, W, NP>(q, ldq, S.data(), lds, qf_state, A.data(), Cp, v, ldv,
+                                     norm_rows, o, out_ld, L, dk, j0);
+      chunk_state_columns<T, W, NP>(Kw.data(), dk, v, ldv, S.data(), lds, gL, !state_nonzero, L,
+                                    dk, j0);
+    });
+    if (state_nonzero)
+      z = gL * z + Kw.topRows(L).colwise().sum().transpose();
+    else
+      z = Kw.topRows(L).colwise().sum().transpose();
+    out.middleRows(i0, L) = Oc.topRows(L);
     state_nonzero = true;
   }
 

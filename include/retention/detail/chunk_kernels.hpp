@@ -1,0 +1,248 @@
+// retention: register-blocked micro-kernels of the chunkwise form (SPEC section 2).
+//
+// One chunk of the chunkwise form is three small products (C = 32..64 rows against dk, dv of about
+// 128): the score tile Q_i K_i^T, the output (Q_i K_i^T (.) D) V_i + diag(gamma^(j+1)) Q_i S, and
+// the state update gamma^L S + K~_i^T V_i. Eigen's GEMM packs both operands on every call, which at
+// these sizes costs a large share of the work. These kernels instead keep a block of rows x a few
+// SIMD packets of accumulators in registers and read operands where they lie (strided token rows,
+// the row-major state), with what surrounds each product fused into it: the decay mask is applied
+// to the score tile as it leaves the registers, the score tile is skipped above the diagonal
+// (causal), the query factor and the output normalisation are row scales of the accumulators, and
+// gamma^L S is the state accumulators' initial value.
+#pragma once
+
+#include <retention/common.hpp>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace retention {
+namespace detail {
+
+/// Block sizes: `rows` rows x `packets` SIMD packets of `width` lanes = 16 accumulators, enough
+/// to hide the FMA latency on two FMA ports while the loads (packets + row broadcasts per step)
+/// stay below the FMA count.
+template <class T>
+struct ChunkKernelShape {
+  static constexpr int simd = Eigen::internal::packet_traits<T>::size;
+  static constexpr int width = simd > 1 ? simd : 4;
+  static constexpr int rows = 8;
+  static constexpr int packets = 2;
+};
+
+template <int N>
+using ChunkInt = std::integral_constant<int, N>;
+
+/// A rows R x NP packets of W lanes block of accumulators; every loop has compile-time bounds so
+/// that the block lives in registers.
+template <class T, int W, int R, int NP>
+struct ChunkAccumulators {
+  using Pk = Eigen::Array<T, W, 1>;
+  using CMap = Eigen::Map<const Pk>;
+  using MapPk = Eigen::Map<Pk>;
+  Pk acc[R][NP];
+
+  EIGEN_STRONG_INLINE void set_zero() {
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < NP; ++p) acc[r][p].setZero();
+  }
+  /// acc = beta * c[r, :] (row stride ldc).
+  EIGEN_STRONG_INLINE void load_scaled(const T* c, Index ldc, T beta) {
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < NP; ++p) acc[r][p] = beta * CMap(c + r * ldc + p * W);
+  }
+  /// acc[r, :] += sum_{k < n} a[r * ars + k * aks] b[k * ldb + :]: rows of a broadcast against
+  /// packets of b's rows.
+  EIGEN_STRONG_INLINE void madd(const T* a, Index ars, Index aks, const T* b, Index ldb, Index n) {
+    for (Index k = 0; k < n; ++k) {
+      Pk bk[NP];
+      for (int p = 0; p < NP; ++p) bk[p] = CMap(b + k * ldb + p * W);
+      const T* ak = a + k * aks;
+      for (int r = 0; r < R; ++r) {
+        const T ar = ak[r * ars];
+        for (int p = 0; p < NP; ++p) acc[r][p] += ar * bk[p];
+      }
+    }
+  }
+  /// acc[r, :] *= s[r].
+  EIGEN_STRONG_INLINE void scale_rows(const T* s) {
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < NP; ++p) acc[r][p] *= s[r];
+  }
+  EIGEN_STRONG_INLINE void store(T* c, Index ldc) const {
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < NP; ++p) MapPk(c + r * ldc + p * W) = acc[r][p];
+  }
+};
+
+/// Calls body(ChunkInt<W>, ChunkInt<NP>, j) over columns [0, n) in blocks of NP packets of W
+/// lanes: whole blocks of ChunkKernelShape::packets packets first, then single packets, then
+/// halving widths down to one lane for a ragged end (dv = 33 ends in one scalar column).
+template <int W, class Body>
+EIGEN_STRONG_INLINE void chunk_column_tail(Index n, Index j, Body& body) {
+  // n - j < 2 W here: at most one block of each width W, W / 2, .., 1.
+  if (j + W <= n) {
+    body(ChunkInt<W>(), ChunkInt<1>(), j);
+    j += W;
+  }
+  if constexpr (W > 1) chunk_column_tail<W / 2>(n, j, body);
+}
+
+template <class T, class Body>
+EIGEN_STRONG_INLINE void chunk_for_columns(Index n, Body&& body) {
+  constexpr int P = ChunkKernelShape<T>::width, NP = ChunkKernelShape<T>::packets;
+  Index j = 0;
+  for (; j + NP * P <= n; j += NP * P) body(ChunkInt<P>(), ChunkInt<NP>(), j);
+  for (; j + P <= n; j += P) body(ChunkInt<P>(), ChunkInt<1>(), j);
+  if constexpr (P > 1) chunk_column_tail<P / 2>(n, j, body);
+}
+
+/// Calls body(ChunkInt<R>, i) over rows [0, m): blocks of ChunkKernelShape::rows rows, then
+/// single rows.
+template <class T, class Body>
+EIGEN_STRONG_INLINE void chunk_for_rows(Index m, Body&& body) {
+  constexpr int R = ChunkKernelShape<T>::rows;
+  Index i = 0;
+  for (; i + R <= m; i += R) body(ChunkInt<R>(), i);
+  for (; i < m; ++i) body(ChunkInt<1>(), i);
+}
+
+/// The masked score tile of one chunk: A[i, j] = D[i, j] sum_c q[i, c] kt[c, j] for i < rows and
+/// j below the causal limit of i's row block (the rest of A is never read, and stays as it was).
+/// q [rows, dk] (row stride ldq), kt = K_i^T [dk, ld] (zero or finite beyond the chunk's keys), d
+/// and a [.., ld] with ld a multiple of ChunkKernelShape<T>::width; d is 0 above the diagonal. With
+/// row_sum != nullptr also writes row_sum[i] = sum_j A[i, j] (decay_and_score's r without the
+/// state part).
+template <class T>
+void chunk_scores(const T* q, Index ldq, const T* kt, const T* d, T* a, Index ld, Index rows,
+                  Index dk, T* row_sum) {
+  constexpr int P = ChunkKernelShape<T>::width;
+  chunk_for_rows<T>(rows, [&](auto r_tag, Index i0) {
+    constexpr int R = decltype(r_tag)::value;
+    // Columns [0, i0 + R) hold every key at or before the block's last query.
+    const Index jend = std::min(i0 + R, rows);
+    T sums[R];
+    for (int r = 0; r < R; ++r) sums[r] = T(0);
+    auto block = [&](auto np_tag, Index j0) {
+      constexpr int NP = decltype(np_tag)::value;
+      ChunkAccumulators<T, P, R, NP> acc;
+      acc.set_zero();
+      acc.madd(q + i0 * ldq, ldq, 1, kt + j0, ld, dk);
+      using CMap = typename ChunkAccumulators<T, P, R, NP>::CMap;
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < NP; ++p) {
+          acc.acc[r][p] *= CMap(d + (i0 + r) * ld + j0 + p * P);
+          if (row_sum) sums[r] += acc.acc[r][p].sum();
+        }
+      acc.store(a + i0 * ld + j0, ld);
+    };
+    constexpr int NPmax = ChunkKernelShape<T>::packets;
+    Index j0 = 0;
+    for (; j0 + NPmax * P <= jend; j0 += NPmax * P) block(ChunkInt<NPmax>(), j0);
+    for (; j0 < jend; j0 += P) block(ChunkInt<1>(), j0);
+    if (row_sum)
+      for (int r = 0; r < R; ++r) row_sum[i0 + r] = sums[r];
+  });
+}
+
+/// Columns [j0, j0 + W NP) of one chunk's output rows:
+/// O[i, :] = norm[i] (qf[i] sum_c q[i, c] S[c, :] + sum_{j <= i} A[i, j] v[j, :]), i < rows.
+/// q [rows, dk] (ldq), s [dk, ..] (lds; not read when qf == nullptr: zero state), a [rows, lda]
+/// (the score tile, read below the causal limit only), v [rows, ..] (ldv), o (ldo); norm ==
+/// nullptr: no normalisation.
+template <class T, int W, int NP>
+void chunk_output_columns(const T* q, Index ldq, const T* s, Index lds, const T* qf, const T* a,
+                          Index lda, const T* v, Index ldv, const T* norm, T* o, Index ldo,
+                          Index rows, Index dk, Index j0) {
+  chunk_for_rows<T>(rows, [&](auto r_tag, Index i0) {
+    constexpr int R = decltype(r_tag)::value;
+    ChunkAccumulators<T, W, R, NP> acc;
+    acc.set_zero();
+    if (qf) {
+      acc.madd(q + i0 * ldq, ldq, 1, s + j0, lds, dk);
+      acc.scale_rows(qf + i0);
+    }
+    acc.madd(a + i0 * lda, lda, 1, v + j0, ldv, std::min(i0 + R, rows));
+    if (norm) acc.scale_rows(norm + i0);
+    acc.store(o + i0 * ldo + j0, ldo);
+  });
+}
+
+/// Columns [j0, j0 + W NP) of the state update S = beta S + kw^T v over its dk rows: kw = key
+/// rows scaled by gamma^(L-1-l) [rows, dk] (ldkw), v [rows, ..] (ldv), s [dk, ..] (lds);
+/// zero_state: S starts at 0 (beta unused).
+template <class T, int W, int NP>
+void chunk_state_columns(const T* kw, Index ldkw, const T* v, Index ldv, T* s, Index lds, T beta,
+                         bool zero_state, Index rows, Index dk, Index j0) {
+  chunk_for_rows<T>(dk, [&](auto r_tag, Index c0) {
+    constexpr int R = decltype(r_tag)::value;
+    ChunkAccumulators<T, W, R, NP> acc;
+    if (zero_state)
+      acc.set_zero();
+    else
+      acc.load_scaled(s + c0 * lds + j0, lds, beta);
+    acc.madd(kw + c0, 1, ldkw, v + j0, ldv, rows);
+    acc.store(s + c0 * lds + j0, lds);
+  });
+}
+
+/// Asks for rows [0, rows) x columns [0, cols) of x (row stride ld) to be brought into L2 ahead
+/// of use (write: for a store). The chunkwise form reads token rows that sit one page apart in the
+/// multi-head layout [B, T, H, D], where the hardware's streaming prefetch, which stays within a
+/// page, starts late on every row; prefetching the next chunk during this one hides that latency.
+template <class T>
+void chunk_prefetch_rows(const T* x, Index ld, Index rows, Index cols, bool write) {
+#if defined(__GNUC__) || defined(__clang__)
+  constexpr Index line = 64 / static_cast<Index>(sizeof(T));
+  for (Index r = 0; r < rows; ++r)
+    for (Index c = 0; c < cols; c += line) {
+      if (write)
+        __builtin_prefetch(x + r * ld + c, 1, 2);
+      else
+        __builtin_prefetch(x + r * ld + c, 0, 2);
+    }
+#else
+  (void)x, (void)ld, (void)rows, (void)cols, (void)write;
+#endif
+}
+
+/// kt [dk, ld] (first `rows` columns) = the transpose of `rows` rows of x (row stride ldx, dk
+/// columns). Whole packet x packet blocks go through registers (Eigen's ptranspose, as its GEMM
+/// packing does); a strided scalar copy would cost a good part of the score product it feeds.
+template <class T>
+void chunk_transpose(const T* x, Index ldx, Index rows, Index dk, T* kt, Index ld) {
+  Index j0 = 0;
+#if defined(EIGEN_VECTORIZE)
+// PacketBlock<__m512, ..>: GCC notes that the vector type's alignment attribute is not part of the
+// template argument, which is harmless here.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+  using Packet = typename Eigen::internal::packet_traits<T>::type;
+  constexpr Index P = Eigen::internal::packet_traits<T>::size;
+  if constexpr (P > 1) {
+    const Index c_full = dk / P * P;
+    for (; j0 + P <= rows; j0 += P) {
+      for (Index c0 = 0; c0 < c_full; c0 += P) {
+        Eigen::internal::PacketBlock<Packet, static_cast<int>(P)> block;
+        for (Index r = 0; r < P; ++r)
+          block.packet[r] = Eigen::internal::ploadu<Packet>(x + (j0 + r) * ldx + c0);
+        Eigen::internal::ptranspose(block);
+        for (Index r = 0; r < P; ++r)
+          Eigen::internal::pstoreu(kt + (c0 + r) * ld + j0, block.packet[r]);
+      }
+      for (Index j = j0; j < j0 + P; ++j)
+        for (Index c = c_full; c < dk; ++c) kt[c * ld + j] = x[j * ldx + c];
+    }
+  }
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+  for (Index j = j0; j < rows; ++j)
+    for (Index c = 0; c < dk; ++c) kt[c * ld + j] = x[j * ldx + c];
+}
+
+}  // namespace detail
+}  // namespace retention
