@@ -51,6 +51,33 @@ struct MasadExp<float> {
   static EIGEN_STRONG_INLINE Packet run(const Packet& x) {
     return masa_exp_nonpositive(x);
   }
+#if defined(EIGEN_VECTORIZE_AVX512)
+  /// AVX-512: the same Cephes polynomial, with n rounded to nearest in one instruction and 2^n
+  /// applied by vscalefps, 15 operations per packet instead of 22 (the softmax's exp ran at about a
+  /// third of the whole logit kernel's time). Arguments are clamped at -86 so that 2^n stays a
+  /// normal number: exp(-inf) gives 4.5e-38 instead of 0, a weight 1e-38 of the row's largest
+  /// (which is 1), far below float's rounding of the row sum; no denormal ever reaches the P V
+  /// product. Largest relative error over [-86, 0]: 1.2e-7.
+  static EIGEN_STRONG_INLINE Eigen::internal::Packet16f run(
+      const Eigen::internal::Packet16f& x_in) {
+    const __m512 x = _mm512_max_ps(x_in, _mm512_set1_ps(-86.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // r = x - n ln 2 in two steps (ln 2 split into a high part exact in float and a low part).
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    const __m512 r2 = _mm512_mul_ps(r, r);
+    __m512 y =
+        _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+    __m512 y1 =
+        _mm512_fmadd_ps(_mm512_set1_ps(4.1665795894e-2f), r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y1 = _mm512_fmadd_ps(y1, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r2, r), y1);
+    y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+  }
+#endif
 };
 
 /// Row softmax of one line's logits, fused: for i < rows (a multiple of R),
