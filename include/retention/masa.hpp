@@ -12,9 +12,12 @@
 #include <retention/detail/masa_line_kernels.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -458,46 +461,100 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<double>& gammas, int th
     else
       masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
   };
-  // Grid row y of image b: tokens [y W, y W + W), consecutive rows.
-  const auto row = [&](Index task, MasadWorkspace<T>& ws) {
-    const Index b = task / H, n0 = b * N + (task % H) * W;
-    masad_prefetch_rows(g.q + n0 * g.ldq, g.ldq, W, heads * dk);
-    masad_prefetch_rows(g.k + n0 * g.ldk, g.ldk, W, heads * dk);
-    masad_prefetch_rows(g.v + n0 * g.ldv, g.ldv, W, heads * dv);
-    for (Index h = 0; h < heads; ++h) {
+  const double work = 2.0 * static_cast<double>(g.batch * heads * N) * static_cast<double>(H + W) *
+                      static_cast<double>(dk + dv);
+  const int team = masa_team_size(threads, g.batch * std::max(H, W), work);
+  // Units of work: image b's heads [h0, h0 + group). With a team, two groups per image when there
+  // are two heads or more, so that a thread that finishes one group's rows goes on to the next
+  // group's rows instead of waiting for the last row line of the first (see the schedule below).
+  const Index group = team > 1 && heads >= 2 ? (heads + 1) / 2 : heads;
+  const Index groups = (heads + group - 1) / group;
+  const Index units = g.batch * groups;
+  const auto unit_heads = [&](Index u, Index& n_img, Index& h0, Index& h1) {
+    n_img = (u / groups) * N;
+    h0 = (u % groups) * group;
+    h1 = std::min(heads, h0 + group);
+  };
+  // Grid row y of unit u: tokens [y W, y W + W), consecutive rows.
+  const auto row = [&](Index u, Index y, MasadWorkspace<T>& ws) {
+    Index n_img = 0, h0 = 0, h1 = 0;
+    unit_heads(u, n_img, h0, h1);
+    const Index n0 = n_img + y * W;
+    masad_prefetch_rows(g.q + n0 * g.ldq + h0 * dk, g.ldq, W, (h1 - h0) * dk);
+    masad_prefetch_rows(g.k + n0 * g.ldk + h0 * dk, g.ldk, W, (h1 - h0) * dk);
+    masad_prefetch_rows(g.v + n0 * g.ldv + h0 * dv, g.ldv, W, (h1 - h0) * dv);
+    for (Index h = h0; h < h1; ++h) {
       const std::size_t hs = static_cast<std::size_t>(h);
       line(g.q + n0 * g.ldq + h * dk, g.ldq, g.k + n0 * g.ldk + h * dk, g.ldk,
            g.v + n0 * g.ldv + h * dv, g.ldv, W, log_x[hs], g.out + n0 * g.ldo + h * dv, g.ldo, ws);
     }
   };
-  // Grid column x of image b: tokens x, x + W, ..., every W-th row; u is read from out.
-  const auto column = [&](Index task, MasadWorkspace<T>& ws) {
-    const Index b = task / W, n0 = b * N + task % W;
-    masad_prefetch_rows(g.q + n0 * g.ldq, W * g.ldq, H, heads * dk);
-    masad_prefetch_rows(g.k + n0 * g.ldk, W * g.ldk, H, heads * dk);
-    masad_prefetch_rows<T>(g.out + n0 * g.ldo, W * g.ldo, H, heads * dv);
-    for (Index h = 0; h < heads; ++h) {
+  // Grid column x of unit u: tokens x, x + W, ..., every W-th row; u is read from out.
+  const auto column = [&](Index u, Index x, MasadWorkspace<T>& ws) {
+    Index n_img = 0, h0 = 0, h1 = 0;
+    unit_heads(u, n_img, h0, h1);
+    const Index n0 = n_img + x;
+    masad_prefetch_rows(g.q + n0 * g.ldq + h0 * dk, W * g.ldq, H, (h1 - h0) * dk);
+    masad_prefetch_rows(g.k + n0 * g.ldk + h0 * dk, W * g.ldk, H, (h1 - h0) * dk);
+    masad_prefetch_rows<T>(g.out + n0 * g.ldo + h0 * dv, W * g.ldo, H, (h1 - h0) * dv);
+    for (Index h = h0; h < h1; ++h) {
       T* o = g.out + n0 * g.ldo + h * dv;
       line(g.q + n0 * g.ldq + h * dk, W * g.ldq, g.k + n0 * g.ldk + h * dk, W * g.ldk, o, W * g.ldo,
            H, log_y[static_cast<std::size_t>(h)], o, W * g.ldo, ws);
     }
   };
+  // The schedule: phases rows(0), rows(1), columns(0), rows(2), columns(1), ..., columns(last),
+  // each phase H row lines or W column lines. A unit's columns need all of its rows done; placed
+  // one phase late, they find them done unless a thread holding one of those rows was held up
+  // (on a shared machine, descheduled), and only then wait. A barrier between a rows pass and a
+  // columns pass would wait at every call: the measured cost on a loaded 2-core machine was 2.5x.
+  const Index phases = 2 * units;
+  const auto phase_of = [&](Index p, Index& u, bool& is_row) {
+    if (p == 0) {
+      u = 0, is_row = true;
+    } else if (p == phases - 1) {
+      u = units - 1, is_row = false;
+    } else {
+      is_row = p % 2 == 1;
+      u = is_row ? (p + 1) / 2 : p / 2 - 1;
+    }
+  };
   const auto make = [&] { return masad_workspace<T>(std::max(H, W), dk, dv); };
-  const Index rows = g.batch * H, columns = g.batch * W;
-  const double work = 2.0 * static_cast<double>(g.batch * heads * N) * static_cast<double>(H + W) *
-                      static_cast<double>(dk + dv);
-  const int team = masa_team_size(threads, std::max(rows, columns), work);
 #if defined(_OPENMP)
   if (team > 1) {
-    // Lines are handed out one at a time: on a shared machine a statically split team waits for
-    // its slowest thread.
+    // Lines are handed out one at a time from one counter over all phases (tasks [0, H) of
+    // phase 0, then phase 1, ...); rows_done[u] counts unit u's finished row lines.
+    std::vector<Index> start(static_cast<std::size_t>(phases + 1), 0);
+    for (Index p = 0; p < phases; ++p) {
+      Index u = 0;
+      bool is_row = false;
+      phase_of(p, u, is_row);
+      start[static_cast<std::size_t>(p + 1)] =
+          start[static_cast<std::size_t>(p)] + (is_row ? H : W);
+    }
+    const Index tasks = start.back();
+    std::atomic<Index> next{0};
+    std::unique_ptr<std::atomic<Index>[]> rows_done(new std::atomic<Index>[units]);
+    for (Index u = 0; u < units; ++u) rows_done[u].store(0, std::memory_order_relaxed);
 #pragma omp parallel num_threads(team)
     {
       MasadWorkspace<T> ws = make();
-#pragma omp for schedule(dynamic, 1)
-      for (Index t = 0; t < rows; ++t) row(t, ws);
-#pragma omp for schedule(dynamic, 1)
-      for (Index t = 0; t < columns; ++t) column(t, ws);
+      Index p = 0;
+      for (Index t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+           t = next.fetch_add(1, std::memory_order_relaxed)) {
+        while (start[static_cast<std::size_t>(p + 1)] <= t) ++p;  // tasks are taken in order
+        Index u = 0;
+        bool is_row = false;
+        phase_of(p, u, is_row);
+        const Index i = t - start[static_cast<std::size_t>(p)];
+        if (is_row) {
+          row(u, i, ws);
+          rows_done[u].fetch_add(1, std::memory_order_release);
+        } else {
+          while (rows_done[u].load(std::memory_order_acquire) < H) std::this_thread::yield();
+          column(u, i, ws);
+        }
+      }
     }
     return;
   }
@@ -505,8 +562,15 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<double>& gammas, int th
   (void)team;
 #endif
   MasadWorkspace<T> ws = make();
-  for (Index t = 0; t < rows; ++t) row(t, ws);
-  for (Index t = 0; t < columns; ++t) column(t, ws);
+  for (Index p = 0; p < phases; ++p) {
+    Index u = 0;
+    bool is_row = false;
+    phase_of(p, u, is_row);
+    if (is_row)
+      for (Index y = 0; y < H; ++y) row(u, y, ws);
+    else
+      for (Index x = 0; x < W; ++x) column(u, x, ws);
+  }
 }
 
 template <class T>
