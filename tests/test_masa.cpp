@@ -241,10 +241,11 @@ TYPED_TEST(MasaTest, MasadLinesAroundPacketBoundaries) {
   }
 }
 
-// A single head split over threads (rows, then columns), a single-head multi-head call (which
-// takes that path), and several heads over threads (each thread reusing its buffers across heads)
-// all equal the serial single-head result, on grids whose lines take the fused kernels in float and
-// the tiled ones in double, with heads read from a fused [q | k | v] buffer.
+// A single head split over threads (its column lines wait for its row lines), a single-head
+// multi-head call, and several heads over threads (two head groups per image, whose row and column
+// phases overlap) all equal the serial single-head result, on grids whose lines take the fused
+// kernels in float and the tiled ones in double (with AVX-512), with heads read from a fused
+// [q | k | v] buffer. An odd head count makes the two groups unequal.
 TYPED_TEST(MasaTest, MasadThreadedAndMultiHeadEqualSerial) {
   using T = TypeParam;
   const Index H = 24, W = 40, N = H * W, dk = 12, dv = 20;

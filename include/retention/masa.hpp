@@ -15,7 +15,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -534,8 +533,8 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<double>& gammas, int th
     }
     const Index tasks = start.back();
     std::atomic<Index> next{0};
-    std::unique_ptr<std::atomic<Index>[]> rows_done(new std::atomic<Index>[units]);
-    for (Index u = 0; u < units; ++u) rows_done[u].store(0, std::memory_order_relaxed);
+    std::vector<std::atomic<Index>> rows_done(static_cast<std::size_t>(units));
+    for (auto& d : rows_done) d.store(0, std::memory_order_relaxed);
 #pragma omp parallel num_threads(team)
     {
       MasadWorkspace<T> ws = make();
@@ -549,9 +548,10 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<double>& gammas, int th
         const Index i = t - start[static_cast<std::size_t>(p)];
         if (is_row) {
           row(u, i, ws);
-          rows_done[u].fetch_add(1, std::memory_order_release);
+          rows_done[static_cast<std::size_t>(u)].fetch_add(1, std::memory_order_release);
         } else {
-          while (rows_done[u].load(std::memory_order_acquire) < H) std::this_thread::yield();
+          while (rows_done[static_cast<std::size_t>(u)].load(std::memory_order_acquire) < H)
+            std::this_thread::yield();
           column(u, i, ws);
         }
       }

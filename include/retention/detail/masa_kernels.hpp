@@ -236,7 +236,7 @@ void masa_copy_rows(const T* x, Index ldx, Index rows, Index cols, T* dst, Index
 template <class T>
 void masa_transpose_rows(const T* x, Index ldx, Index rows, Index dk, T* kt, Index ld) {
   for (Index c = 0; c < dk; ++c) std::fill(kt + c * ld + rows, kt + (c + 1) * ld, T(0));
-  Index j0 = 0, c_full = 0;
+  Index j0 = 0;
 #if defined(EIGEN_VECTORIZE)
 // PacketBlock<__m512, ..>: GCC notes that the vector type's alignment attribute is not part of the
 // template argument, which is harmless here (Eigen's own GEMM does the same inside a system
@@ -247,7 +247,7 @@ void masa_transpose_rows(const T* x, Index ldx, Index rows, Index dk, T* kt, Ind
 #endif
   using Packet = typename Eigen::internal::packet_traits<T>::type;
   constexpr Index P = Eigen::internal::packet_traits<T>::size;
-  c_full = dk / P * P;
+  const Index c_full = dk / P * P;
   for (; j0 + P <= rows; j0 += P) {
     for (Index c0 = 0; c0 < c_full; c0 += P) {
       Eigen::internal::PacketBlock<Packet, static_cast<int>(P)> block;
