@@ -30,17 +30,18 @@ inline Index recommended_chunk(Index key_dim, Index value_dim) {
 
 namespace detail {
 
-/// Prefetches rows [i0, i0 + L) of x into L2 when x is a row-major view with contiguous rows (see
-/// chunk_prefetch_rows); other expressions are left to the hardware.
-template <class Derived>
-void chunk_prefetch(const Eigen::MatrixBase<Derived>& x, Index i0, Index L, bool write) {
+/// Adds rows [i0, i0 + L) of x to the prefetcher when x is a row-major view with contiguous rows;
+/// other expressions are left to the hardware.
+template <class T, class Derived>
+void chunk_prefetch(ChunkPrefetcher<T>& prefetcher, const Eigen::MatrixBase<Derived>& x, Index i0,
+                    Index L, bool write) {
   if constexpr ((int(Derived::Flags) & Eigen::DirectAccessBit) &&
                 (int(Derived::Flags) & Eigen::RowMajorBit) && !Derived::IsVectorAtCompileTime) {
     const Derived& d = x.derived();
     if (d.innerStride() == 1)
-      chunk_prefetch_rows(d.data() + i0 * d.outerStride(), d.outerStride(), L, d.cols(), write);
+      prefetcher.add(d.data() + i0 * d.outerStride(), d.outerStride(), L, d.cols(), write);
   } else {
-    (void)x, (void)i0, (void)L, (void)write;
+    (void)prefetcher, (void)x, (void)i0, (void)L, (void)write;
   }
 }
 
@@ -97,17 +98,28 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   Vector<T> kf = decay.template key_factors<T>(C);
   const T gC = static_cast<T>(decay.chunk_factor(C));
 
+  ChunkPrefetcher<T> prefetcher;
+  constexpr Index R = ChunkKernelShape<T>::rows;
+  const Index column_blocks =
+      (dv + P * ChunkKernelShape<T>::packets - 1) / (P * ChunkKernelShape<T>::packets);
   for (Index i0 = 0; i0 < T_len; i0 += C) {
     const Index L = std::min(C, T_len - i0);
     if (L != C) kf = decay.template key_factors<T>(L);
     const T gL = L == C ? gC : static_cast<T>(decay.chunk_factor(L));
+    // The next chunk's rows, fetched a few lines per kernel block of this one.
+    prefetcher.clear();
     if (i0 + C < T_len) {
       const Index next = std::min(C, T_len - i0 - C);
-      chunk_prefetch(Q, i0 + C, next, false);
-      chunk_prefetch(K, i0 + C, next, false);
-      chunk_prefetch(V, i0 + C, next, false);
-      chunk_prefetch(out, i0 + C, next, true);
+      chunk_prefetch(prefetcher, Q, i0 + C, next, false);
+      chunk_prefetch(prefetcher, K, i0 + C, next, false);
+      chunk_prefetch(prefetcher, V, i0 + C, next, false);
+      chunk_prefetch(prefetcher, out, i0 + C, next, true);
     }
+    // The work the column kernels will announce: per column block, the output's row blocks reduce
+    // over dk (with a state) and up to L keys, the state update's over L keys.
+    const Index row_blocks = (L + R - 1) / R, key_blocks = (dk + R - 1) / R;
+    prefetcher.plan(column_blocks *
+                    (row_blocks * ((state_nonzero ? dk : 0) + (L + R) / 2) + key_blocks * L));
     Qc.topRows(L) = Q.middleRows(i0, L);
     Kc.topRows(L) = K.middleRows(i0, L);
     Vc.topRows(L) = V.middleRows(i0, L);
@@ -138,9 +150,9 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     chunk_for_columns<T>(dv, [&](auto w_tag, auto np_tag, Index j0) {
       constexpr int W = decltype(w_tag)::value, NP = decltype(np_tag)::value;
       chunk_output_columns<T, W, NP>(q, ldq, S.data(), lds, qf_state, A.data(), Cp, v, ldv,
-                                     norm_rows, o, out_ld, L, dk, j0);
+                                     norm_rows, o, out_ld, L, dk, j0, prefetcher);
       chunk_state_columns<T, W, NP>(Kw.data(), dk, v, ldv, S.data(), lds, gL, !state_nonzero, L,
-                                    dk, j0);
+                                    dk, j0, prefetcher);
     });
     if (state_nonzero)
       z = gL * z + Kw.topRows(L).colwise().sum().transpose();

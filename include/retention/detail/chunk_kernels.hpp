@@ -42,18 +42,18 @@ struct ChunkAccumulators {
   using MapPk = Eigen::Map<Pk>;
   Pk acc[R][NP];
 
-  EIGEN_STRONG_INLINE void set_zero() {
+  EIGEN_ALWAYS_INLINE void set_zero() {
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < NP; ++p) acc[r][p].setZero();
   }
   /// acc = beta * c[r, :] (row stride ldc).
-  EIGEN_STRONG_INLINE void load_scaled(const T* c, Index ldc, T beta) {
+  EIGEN_ALWAYS_INLINE void load_scaled(const T* c, Index ldc, T beta) {
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < NP; ++p) acc[r][p] = beta * CMap(c + r * ldc + p * W);
   }
   /// acc[r, :] += sum_{k < n} a[r * ars + k * aks] b[k * ldb + :]: rows of a broadcast against
   /// packets of b's rows.
-  EIGEN_STRONG_INLINE void madd(const T* a, Index ars, Index aks, const T* b, Index ldb, Index n) {
+  EIGEN_ALWAYS_INLINE void madd(const T* a, Index ars, Index aks, const T* b, Index ldb, Index n) {
     for (Index k = 0; k < n; ++k) {
       Pk bk[NP];
       for (int p = 0; p < NP; ++p) bk[p] = CMap(b + k * ldb + p * W);
@@ -65,11 +65,11 @@ struct ChunkAccumulators {
     }
   }
   /// acc[r, :] *= s[r].
-  EIGEN_STRONG_INLINE void scale_rows(const T* s) {
+  EIGEN_ALWAYS_INLINE void scale_rows(const T* s) {
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < NP; ++p) acc[r][p] *= s[r];
   }
-  EIGEN_STRONG_INLINE void store(T* c, Index ldc) const {
+  EIGEN_ALWAYS_INLINE void store(T* c, Index ldc) const {
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < NP; ++p) MapPk(c + r * ldc + p * W) = acc[r][p];
   }
@@ -106,6 +106,77 @@ EIGEN_STRONG_INLINE void chunk_for_rows(Index m, Body&& body) {
   for (; i + R <= m; i += R) body(ChunkInt<R>(), i);
   for (; i < m; ++i) body(ChunkInt<1>(), i);
 }
+
+/// Brings the next chunk's token rows into the caches while this chunk computes, a few cache lines
+/// per kernel block. In the multi-head layout [B, T, H, D] consecutive rows of a head lie one page
+/// apart (4 KiB for 8 heads of 128 floats), so the hardware's streaming prefetch, which stays within
+/// a page, hardly helps, and a core keeps only a handful of misses in flight: measured on the
+/// benchmark machine, copying those rows costs about a quarter of the chunkwise time when nothing
+/// fetches them ahead, and as much again when all of a chunk's prefetches are issued at once
+/// (they wait for line-fill buffers and stall the core). Spread over the blocks they overlap with
+/// the arithmetic.
+template <class T>
+class ChunkPrefetcher {
+ public:
+  /// Forgets all ranges (start of a chunk).
+  void clear() {
+    count_ = 0;
+    range_ = 0;
+    row_ = 0;
+    col_ = 0;
+    lines_ = 0;
+  }
+  /// Adds rows [0, rows) x columns [0, cols) of x (row stride ld); write: the rows will be stored.
+  void add(const T* x, Index ld, Index rows, Index cols, bool write) {
+    if (count_ == kMaxRanges || rows <= 0) return;
+    ranges_[count_++] = Range{x, ld, rows, cols, write};
+    lines_ += rows * ((cols + kLine - 1) / kLine);
+  }
+  /// Spreads the lines added so far evenly over `work` units of step() (kernel reduction steps).
+  void plan(Index work) {
+    work_ = std::max<Index>(work, 1);
+    credit_ = 0;
+  }
+  /// Called before `work` units of arithmetic: issues the matching share of the prefetches.
+  inline void step(Index work) {
+    credit_ += work * lines_;
+    while (credit_ >= work_ && range_ < count_) {
+      credit_ -= work_;
+      const Range& r = ranges_[range_];
+      issue(r.x + row_ * r.ld + col_, r.write);
+      col_ += kLine;
+      if (col_ >= r.cols) {
+        col_ = 0;
+        if (++row_ == r.rows) {
+          row_ = 0;
+          ++range_;
+        }
+      }
+    }
+  }
+
+ private:
+  static constexpr int kMaxRanges = 4;
+  static constexpr Index kLine = 64 / static_cast<Index>(sizeof(T));
+  struct Range {
+    const T* x;
+    Index ld, rows, cols;
+    bool write;
+  };
+  static EIGEN_STRONG_INLINE void issue(const T* p, bool write) {
+#if defined(__GNUC__) || defined(__clang__)
+    if (write)
+      __builtin_prefetch(p, 1, 3);
+    else
+      __builtin_prefetch(p, 0, 3);
+#else
+    (void)p, (void)write;
+#endif
+  }
+  Range ranges_[kMaxRanges] = {};
+  int count_ = 0, range_ = 0;
+  Index row_ = 0, col_ = 0, lines_ = 0, work_ = 1, credit_ = 0;
+};
 
 /// The masked score tile of one chunk: A[i, j] = D[i, j] sum_c q[i, c] kt[c, j] for i < rows and
 /// j below the causal limit of i's row block (the rest of A is never read, and stays as it was).
@@ -149,20 +220,22 @@ void chunk_scores(const T* q, Index ldq, const T* kt, const T* d, T* a, Index ld
 /// O[i, :] = norm[i] (qf[i] sum_c q[i, c] S[c, :] + sum_{j <= i} A[i, j] v[j, :]), i < rows.
 /// q [rows, dk] (ldq), s [dk, ..] (lds; not read when qf == nullptr: zero state), a [rows, lda]
 /// (the score tile, read below the causal limit only), v [rows, ..] (ldv), o (ldo); norm ==
-/// nullptr: no normalisation.
+/// nullptr: no normalisation. Each row block first calls prefetcher.step(its reduction length).
 template <class T, int W, int NP>
 void chunk_output_columns(const T* q, Index ldq, const T* s, Index lds, const T* qf, const T* a,
                           Index lda, const T* v, Index ldv, const T* norm, T* o, Index ldo,
-                          Index rows, Index dk, Index j0) {
+                          Index rows, Index dk, Index j0, ChunkPrefetcher<T>& prefetcher) {
   chunk_for_rows<T>(rows, [&](auto r_tag, Index i0) {
     constexpr int R = decltype(r_tag)::value;
+    const Index jend = std::min(i0 + R, rows);
+    prefetcher.step((qf ? dk : 0) + jend);
     ChunkAccumulators<T, W, R, NP> acc;
     acc.set_zero();
     if (qf) {
       acc.madd(q + i0 * ldq, ldq, 1, s + j0, lds, dk);
       acc.scale_rows(qf + i0);
     }
-    acc.madd(a + i0 * lda, lda, 1, v + j0, ldv, std::min(i0 + R, rows));
+    acc.madd(a + i0 * lda, lda, 1, v + j0, ldv, jend);
     if (norm) acc.scale_rows(norm + i0);
     acc.store(o + i0 * ldo + j0, ldo);
   });
@@ -170,12 +243,14 @@ void chunk_output_columns(const T* q, Index ldq, const T* s, Index lds, const T*
 
 /// Columns [j0, j0 + W NP) of the state update S = beta S + kw^T v over its dk rows: kw = key
 /// rows scaled by gamma^(L-1-l) [rows, dk] (ldkw), v [rows, ..] (ldv), s [dk, ..] (lds);
-/// zero_state: S starts at 0 (beta unused).
+/// zero_state: S starts at 0 (beta unused). Each row block first calls prefetcher.step(its reduction length).
 template <class T, int W, int NP>
 void chunk_state_columns(const T* kw, Index ldkw, const T* v, Index ldv, T* s, Index lds, T beta,
-                         bool zero_state, Index rows, Index dk, Index j0) {
+                         bool zero_state, Index rows, Index dk, Index j0,
+                         ChunkPrefetcher<T>& prefetcher) {
   chunk_for_rows<T>(dk, [&](auto r_tag, Index c0) {
     constexpr int R = decltype(r_tag)::value;
+    prefetcher.step(rows);
     ChunkAccumulators<T, W, R, NP> acc;
     if (zero_state)
       acc.set_zero();
@@ -184,26 +259,6 @@ void chunk_state_columns(const T* kw, Index ldkw, const T* v, Index ldv, T* s, I
     acc.madd(kw + c0, 1, ldkw, v + j0, ldv, rows);
     acc.store(s + c0 * lds + j0, lds);
   });
-}
-
-/// Asks for rows [0, rows) x columns [0, cols) of x (row stride ld) to be brought into L2 ahead
-/// of use (write: for a store). The chunkwise form reads token rows that sit one page apart in the
-/// multi-head layout [B, T, H, D], where the hardware's streaming prefetch, which stays within a
-/// page, starts late on every row; prefetching the next chunk during this one hides that latency.
-template <class T>
-void chunk_prefetch_rows(const T* x, Index ld, Index rows, Index cols, bool write) {
-#if defined(__GNUC__) || defined(__clang__)
-  constexpr Index line = 64 / static_cast<Index>(sizeof(T));
-  for (Index r = 0; r < rows; ++r)
-    for (Index c = 0; c < cols; c += line) {
-      if (write)
-        __builtin_prefetch(x + r * ld + c, 1, 2);
-      else
-        __builtin_prefetch(x + r * ld + c, 0, 2);
-    }
-#else
-  (void)x, (void)ld, (void)rows, (void)cols, (void)write;
-#endif
 }
 
 /// kt [dk, ld] (first `rows` columns) = the transpose of `rows` rows of x (row stride ldx, dk
