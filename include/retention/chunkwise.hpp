@@ -24,6 +24,9 @@ namespace retention {
 /// In four full bench/compare runs (8 heads of 128, 2 threads) C = 32 beat C = 64 every time, by
 /// 2 / 2 / 10 / 13 %; single heads of 256 show 32 and 64 level. Hence 32 up to dk + dv = 256, and
 /// 64 for wider heads, where the 4 dk dv state work per token dominates and longer GEMMs pay.
+/// Re-measured with the register-blocked kernels (chunk_kernels.hpp; 8 heads of 128, 1 thread,
+/// min CPU time of interleaved runs on the shared machine): C = 32 / 64 / 128 took 80-96 / 100-106
+/// / 114-127 ms in four runs, 32 fastest every time, so the heuristic stands.
 inline Index recommended_chunk(Index key_dim, Index value_dim) {
   return key_dim + value_dim <= 256 ? 32 : 64;
 }
