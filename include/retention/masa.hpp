@@ -434,8 +434,9 @@ void masad_prefetch_rows(const T* p, Index step, Index rows, Index cols) {
 /// reads into its accumulators (tiled) all its values before it writes its own rows, and the lines
 /// of one pass touch disjoint rows.
 ///
-/// Threads take whole lines, each line for all heads in turn: a line of a [.., heads * d] buffer is
-/// then one contiguous block (a row line) or H blocks of heads * d (a column line), which the
+/// Threads take whole lines, each line for all heads of a head group in turn (all heads when
+/// serial, half of them with a team): a line of a [.., heads * d] buffer is then one contiguous
+/// block (a row line) or H blocks of heads * d (a column line), which the
 /// hardware prefetchers stream and the TLB covers, where one head's line is a 256-byte piece of
 /// every token's row (measured at 56 x 56, 8 heads, d = 64: a head at a time spent about a third
 /// of its time waiting on those pieces). Each line's whole block is prefetched in one sequential
