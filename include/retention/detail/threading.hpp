@@ -38,7 +38,9 @@ class SerialEigenScope {
   SerialEigenScope& operator=(const SerialEigenScope&) = delete;
 
  private:
-  int saved_ = 0;
+#if defined(_OPENMP)
+  int saved_ = 0;  // the caller's thread count while it is lowered to 1; 0 = nothing changed
+#endif
 };
 
 }  // namespace detail
