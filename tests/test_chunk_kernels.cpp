@@ -82,7 +82,8 @@ void check_case(Index T_len, Index dk, Index dv, Index chunk, double gamma,
     opt.initial_state = with_state ? &init : nullptr;
     opt.final_state = &fin;
     const Matrix<T> out = retention::chunkwise_retention(Q, K, V, decay, chunk, opt);
-    EXPECT_LE(relative_error(out, expected), spec_tolerance<T>()) << what << " state " << with_state;
+    EXPECT_LE(relative_error(out, expected), spec_tolerance<T>())
+        << what << " state " << with_state;
     EXPECT_LE(relative_error(fin.S, ref_final.S), spec_tolerance<T>()) << what;
     EXPECT_LE(relative_error(fin.z, ref_final.z), spec_tolerance<T>()) << what;
     EXPECT_EQ(fin.position, ref_final.position) << what;
@@ -116,8 +117,7 @@ TYPED_TEST(ChunkKernelTest, ChunkLengthsAndEdges) {
   using T = TypeParam;
   std::uint64_t seed = 300;
   for (Index chunk : {1, 2, 8, 33, 64, 100})
-    for (Normalization n : kNormalizations)
-      check_case<T>(129, 20, 24, chunk, 0.99, n, seed += 10);
+    for (Normalization n : kNormalizations) check_case<T>(129, 20, 24, chunk, 0.99, n, seed += 10);
   for (Index T_len : {1, 2, 17})
     check_case<T>(T_len, 3, 18, 64, 0.9, Normalization::decay_and_score, seed += 10);
   check_case<T>(70, 16, 16, 32, 1.0, Normalization::decay, seed += 10);
@@ -167,9 +167,8 @@ TYPED_TEST(ChunkKernelTest, InputAndOutputLayouts) {
 
   // An expression as input (no storage of its own).
   const Matrix<T> Q2 = (c.Q * 2.0).cast<T>();
-  const Matrix<T> out_e = retention::chunkwise_retention((Q2.array() * T(0.5)).matrix(),
-                                                         c.K.cast<T>(), c.V.cast<T>(), decay,
-                                                         chunk, opt);
+  const Matrix<T> out_e = retention::chunkwise_retention(
+      (Q2.array() * T(0.5)).matrix(), c.K.cast<T>(), c.V.cast<T>(), decay, chunk, opt);
   EXPECT_LE(relative_error(out_e, expected), spec_tolerance<T>());
 }
 

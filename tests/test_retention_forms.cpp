@@ -363,7 +363,8 @@ TYPED_TEST(RecurrentColumnBlocks, EveryValueWidthMatchesReference) {
     const Matrix<T> K = random_matrix<T>(len, dk, 1200 + static_cast<std::uint64_t>(dv));
     const Matrix<T> V = random_matrix<T>(len, dv, 1300 + static_cast<std::uint64_t>(dv));
     ref::State init;
-    init.S = random_matrix<T>(dk, dv, 1400 + static_cast<std::uint64_t>(dv)).template cast<double>();
+    init.S =
+        random_matrix<T>(dk, dv, 1400 + static_cast<std::uint64_t>(dv)).template cast<double>();
     init.z = random_matrix<T>(dk, 1, 1500 + static_cast<std::uint64_t>(dv)).template cast<double>();
     init.position = 4;
     const Matrix<double> expected =

@@ -50,9 +50,10 @@ void chunk_prefetch(ChunkPrefetcher<T>& prefetcher, const Eigen::MatrixBase<Deri
 
 /// Chunkwise retention with the state in the inputs' own type, on the register-blocked kernels of
 /// chunk_kernels.hpp. Per chunk: K_i^T and K~_i = diag(gamma^(L-1-l)) K_i are formed once; the
-/// masked score tile A = Q_i K_i^T (.) D_L (lower triangle only); then, one block of dv columns at a
-/// time, O_i = norm (.) (diag(gamma^(j+1)) Q_i S_prev + A V_i) and S_next = gamma^L S_prev + K~_i^T
-/// V_i on the same columns, so each block of S is read from L2 once per chunk and reused from L1.
+/// masked score tile A = Q_i K_i^T (.) D_L (lower triangle only); then, one block of dv columns at
+/// a time, O_i = norm (.) (diag(gamma^(j+1)) Q_i S_prev + A V_i) and S_next = gamma^L S_prev +
+/// K~_i^T V_i on the same columns, so each block of S is read from L2 once per chunk and reused
+/// from L1.
 template <class DQ, class DK, class DV, class DOut, class Mask, class T>
 void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                          const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk, DOut& out,
@@ -131,7 +132,7 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     T* o = Oc.data();
     const Index ldq = dk, ldv = dv, out_ld = dv;
 
-    chunk_transpose(Kc.data(), dk, L, dk, Kt.data(), Cp);
+    transpose_rows(Kc.data(), dk, L, dk, Kt.data(), Cp);
     Kw.topRows(L).noalias() = kf.head(L).asDiagonal() * Kc.topRows(L);
     chunk_scores(q, ldq, Kt.data(), D.data(), A.data(), Cp, L, dk, score ? r.data() : nullptr);
 
@@ -154,8 +155,8 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
       constexpr int W = decltype(w_tag)::value, NP = decltype(np_tag)::value;
       chunk_output_columns<T, W, NP>(q, ldq, S.data(), lds, qf_state, A.data(), Cp, v, ldv,
                                      norm_rows, o, out_ld, L, dk, j0, prefetcher);
-      chunk_state_columns<T, W, NP>(Kw.data(), dk, v, ldv, S.data(), lds, gL, !state_nonzero, L,
-                                    dk, j0, prefetcher);
+      chunk_state_columns<T, W, NP>(Kw.data(), dk, v, ldv, S.data(), lds, gL, !state_nonzero, L, dk,
+                                    j0, prefetcher);
     });
     if (state_nonzero)
       z = gL * z + Kw.topRows(L).colwise().sum().transpose();

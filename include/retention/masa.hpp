@@ -222,7 +222,7 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
   masa_copy_rows(Q.data(), Q.outerStride(), N, dk, ops.q.data(), dk);
   ops.q.bottomRows(R).setZero();
   ops.kt.resize(dk, N + P);
-  masa_transpose_rows(K.data(), K.outerStride(), N, dk, ops.kt.data(), N + P);
+  transpose_rows(K.data(), K.outerStride(), N, dk, ops.kt.data(), N + P);
   ops.dvp = masa_round_up(dv, P);
   if (ops.dvp == dv) {  // V is read in place
     ops.v_data = V.data();
@@ -309,7 +309,7 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
     qq = ws.q.data();
     ldq = dk;
   }
-  masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ldk);
+  transpose_rows(k, k_step, L, dk, ws.kt.data(), ldk);
   T* s = ws.logits.data();
   // The padded log-weight columns are -inf, so padding logits are -inf: they never win the max and
   // weigh 0.
@@ -373,7 +373,7 @@ void masad_line_fused(const T* q, Index q_step, const T* k, Index k_step, Index 
     qq = ws.q.data();
     ldq = dk;
   }
-  masa_transpose_rows(k, k_step, L, dk, ws.kt.data(), ws.kt.cols());
+  transpose_rows(k, k_step, L, dk, ws.kt.data(), ws.kt.cols());
   masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
   masad_softmax_line<T>(Lp / P, qq, ldq, dk, ws.kt.data(), ws.kt.cols(), log_w.data(), log_w.cols(),
                         ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());

@@ -74,11 +74,11 @@ class ThetaShift {
 
   /// Rows are rotated in spans of kSpan consecutive positions. The angle of row t0 + l of a span is
   /// (first_position + t0) theta_j + l theta_j, so its cos and sin follow from the span's base pair
-  /// and a per-call table of l theta_j by the angle-addition formulas, in double: rows / kSpan + kSpan
-  /// sin/cos pairs per frequency instead of one per row (sin/cos of large angles dominated the
-  /// rotation: 8192 rows of 1024 + 1024 columns took 30 ms, mostly in libm). Both angles are formed
-  /// in double from integers as before; the sums differ from cos(p theta) computed directly by a
-  /// few ulps of double.
+  /// and a per-call table of l theta_j by the angle-addition formulas, in double: rows / kSpan +
+  /// kSpan sin/cos pairs per frequency instead of one per row (sin/cos of large angles dominated
+  /// the rotation: 8192 rows of 1024 + 1024 columns took 30 ms, mostly in libm). Both angles are
+  /// formed in double from integers as before; the sums differ from cos(p theta) computed directly
+  /// by a few ulps of double.
   static constexpr Index kSpan = 64;
 
   template <class DX, class DY>
@@ -111,7 +111,7 @@ class ThetaShift {
         step_cos[static_cast<std::size_t>(l * half + j)] = std::cos(a);
         step_sin[static_cast<std::size_t>(l * half + j)] = std::sin(a);
       }
-    // Spans are independent; long prompts spread them over threads.
+      // Spans are independent; long prompts spread them over threads.
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (rows * half * (gx + gy) > 65536)
 #endif

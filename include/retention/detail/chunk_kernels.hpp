@@ -12,6 +12,7 @@
 #pragma once
 
 #include <retention/common.hpp>
+#include <retention/detail/transpose.hpp>
 
 #include <algorithm>
 #include <type_traits>
@@ -109,12 +110,12 @@ EIGEN_STRONG_INLINE void chunk_for_rows(Index m, Body&& body) {
 
 /// Brings the next chunk's token rows into the caches while this chunk computes, a few cache lines
 /// per kernel block. In the multi-head layout [B, T, H, D] consecutive rows of a head lie one page
-/// apart (4 KiB for 8 heads of 128 floats), so the hardware's streaming prefetch, which stays within
-/// a page, hardly helps, and a core keeps only a handful of misses in flight: measured on the
-/// benchmark machine, copying those rows costs about a quarter of the chunkwise time when nothing
-/// fetches them ahead, and as much again when all of a chunk's prefetches are issued at once
-/// (they wait for line-fill buffers and stall the core). Spread over the blocks they overlap with
-/// the arithmetic.
+/// apart (4 KiB for 8 heads of 128 floats), so the hardware's streaming prefetch, which stays
+/// within a page, hardly helps, and a core keeps only a handful of misses in flight: measured on
+/// the benchmark machine, copying those rows costs about a quarter of the chunkwise time when
+/// nothing fetches them ahead, and as much again when all of a chunk's prefetches are issued at
+/// once (they wait for line-fill buffers and stall the core). Spread over the blocks they overlap
+/// with the arithmetic.
 template <class T>
 class ChunkPrefetcher {
  public:
@@ -243,7 +244,8 @@ void chunk_output_columns(const T* q, Index ldq, const T* s, Index lds, const T*
 
 /// Columns [j0, j0 + W NP) of the state update S = beta S + kw^T v over its dk rows: kw = key
 /// rows scaled by gamma^(L-1-l) [rows, dk] (ldkw), v [rows, ..] (ldv), s [dk, ..] (lds);
-/// zero_state: S starts at 0 (beta unused). Each row block first calls prefetcher.step(its reduction length).
+/// zero_state: S starts at 0 (beta unused). Each row block first calls prefetcher.step(its
+/// reduction length).
 template <class T, int W, int NP>
 void chunk_state_columns(const T* kw, Index ldkw, const T* v, Index ldv, T* s, Index lds, T beta,
                          bool zero_state, Index rows, Index dk, Index j0,
@@ -259,44 +261,6 @@ void chunk_state_columns(const T* kw, Index ldkw, const T* v, Index ldv, T* s, I
     acc.madd(kw + c0, 1, ldkw, v + j0, ldv, rows);
     acc.store(s + c0 * lds + j0, lds);
   });
-}
-
-/// kt [dk, ld] (first `rows` columns) = the transpose of `rows` rows of x (row stride ldx, dk
-/// columns). Whole packet x packet blocks go through registers (Eigen's ptranspose, as its GEMM
-/// packing does); a strided scalar copy would cost a good part of the score product it feeds.
-template <class T>
-void chunk_transpose(const T* x, Index ldx, Index rows, Index dk, T* kt, Index ld) {
-  Index j0 = 0;
-#if defined(EIGEN_VECTORIZE)
-// PacketBlock<__m512, ..>: GCC notes that the vector type's alignment attribute is not part of the
-// template argument, which is harmless here.
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"
-#endif
-  using Packet = typename Eigen::internal::packet_traits<T>::type;
-  constexpr Index P = Eigen::internal::packet_traits<T>::size;
-  if constexpr (P > 1) {
-    const Index c_full = dk / P * P;
-    for (; j0 + P <= rows; j0 += P) {
-      for (Index c0 = 0; c0 < c_full; c0 += P) {
-        Eigen::internal::PacketBlock<Packet, static_cast<int>(P)> block;
-        for (Index r = 0; r < P; ++r)
-          block.packet[r] = Eigen::internal::ploadu<Packet>(x + (j0 + r) * ldx + c0);
-        Eigen::internal::ptranspose(block);
-        for (Index r = 0; r < P; ++r)
-          Eigen::internal::pstoreu(kt + (c0 + r) * ld + j0, block.packet[r]);
-      }
-      for (Index j = j0; j < j0 + P; ++j)
-        for (Index c = c_full; c < dk; ++c) kt[c * ld + j] = x[j * ldx + c];
-    }
-  }
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
-#endif
-  for (Index j = j0; j < rows; ++j)
-    for (Index c = 0; c < dk; ++c) kt[c * ld + j] = x[j * ldx + c];
 }
 
 }  // namespace detail
