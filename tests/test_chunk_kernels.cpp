@@ -9,6 +9,7 @@
 #include <retention/retention_state.hpp>
 
 #include "reference/retention_reference.hpp"
+#include "support/state_support.hpp"
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -17,6 +18,8 @@
 #include <vector>
 
 namespace {
+
+using retention_test::to_state;
 
 namespace ref = retention_reference;
 using retention::CausalDecay;
@@ -50,15 +53,6 @@ struct Case {
     init.position = 5;
   }
 };
-
-template <class T>
-RetentionState<T> to_state(const ref::State& s) {
-  RetentionState<T> st(s.S.rows(), s.S.cols());
-  st.S = s.S.cast<T>();
-  st.z = s.z.cast<T>();
-  st.position = s.position;
-  return st;
-}
 
 /// Runs chunkwise_retention on row-major copies and checks output and final state against the
 /// reference, with and without the initial state.

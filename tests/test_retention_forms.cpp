@@ -22,6 +22,7 @@
 #include <retention/recurrent.hpp>
 
 #include "reference/retention_reference.hpp"
+#include "support/state_support.hpp"
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -36,6 +37,8 @@
 #include <vector>
 
 namespace {
+
+using retention_test::to_state;
 
 using retention_test::ScalarName;
 
@@ -107,15 +110,6 @@ double drift_allowance(double factor, Index steps) {
   const double memory =
       factor < 1.0 ? 1.0 / (1.0 - factor) : std::numeric_limits<double>::infinity();
   return 2.0 * std::min(static_cast<double>(steps), memory) * std::ldexp(1.0, -24);
-}
-
-template <class S>
-RetentionState<S> to_state(const ref::State& s) {
-  RetentionState<S> out;
-  out.S = s.S.cast<S>();
-  out.z = s.z.cast<S>();
-  out.position = s.position;
-  return out;
 }
 
 struct FormResult {

@@ -8,6 +8,7 @@
 #include <retention/retention_state.hpp>
 
 #include "reference/retention_reference.hpp"
+#include "support/state_support.hpp"
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -18,6 +19,8 @@
 #include <vector>
 
 namespace {
+
+using retention_test::to_state;
 
 using retention_test::ScalarName;
 
@@ -56,15 +59,6 @@ Matrix<T> run_form(Form form, const Matrix<T>& Q, const Matrix<T>& K, const Matr
       break;
   }
   return retention::chunkwise_retention(q, k, v, decay, chunk, opt);
-}
-
-template <class S>
-RetentionState<S> to_state(const ref::State& s) {
-  RetentionState<S> out;
-  out.S = s.S.cast<S>();
-  out.z = s.z.cast<S>();
-  out.position = s.position;
-  return out;
 }
 
 struct Inputs {
