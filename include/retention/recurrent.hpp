@@ -42,8 +42,9 @@ void recurrent_block(Acc* s0, Index dk, Index dv, Index j0, Acc g, const DQ& q, 
 /// k_i v_j and accumulated into o_j = sum_i q_i S_ij while it is in a register, so S is read and
 /// written exactly once (the step is bound by moving S, SPEC 2 recurrence S_n = gamma S_{n-1} +
 /// k_n^T v_n). Columns go in blocks of 8 SIMD packets where the ISA has 32 vector registers (8 for
-/// the block's v, 8 for its accumulators), 4 packets otherwise; a scalar loop takes the rest. Each
-/// o_j sums over i in order, as the plain loop does. Returns the raw score r = q . z (z updated).
+/// the block's v, 8 for its accumulators), 4 packets otherwise; one-column blocks take the rest.
+/// Each o_j sums over i in order, as the plain loop does. Returns the raw score r = q . z (z
+/// updated).
 template <class Acc, class DQ, class DK, class DV, class DOut>
 Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBase<DQ>& q,
                     const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
@@ -60,15 +61,7 @@ Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBa
   Index j0 = 0;
   for (; j0 + wide <= dv; j0 += wide) recurrent_block<wide>(s0, dk, dv, j0, g, q, k, vp, o);
   for (; j0 + packet <= dv; j0 += packet) recurrent_block<packet>(s0, dk, dv, j0, g, q, k, vp, o);
-  for (; j0 < dv; ++j0) {
-    Acc acc(0);
-    for (Index i = 0; i < dk; ++i) {
-      Acc& s = s0[i * dv + j0];
-      s = g * s + static_cast<Acc>(k(0, i)) * vp[j0];
-      acc += static_cast<Acc>(q(0, i)) * s;
-    }
-    o[j0] = acc;
-  }
+  for (; j0 < dv; ++j0) recurrent_block<1>(s0, dk, dv, j0, g, q, k, vp, o);
   out = buf.o.template cast<T>();
   // z is kept in every form and normalisation so that any later call may use the score norm.
   Acc r(0);
