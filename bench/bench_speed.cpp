@@ -42,8 +42,8 @@
 #include <retention/masa.hpp>
 #define RETENTION_BENCH_HAS_MASA 1
 #endif
-#if __has_include(<retention/msr.hpp>) && !defined(RETENTION_BENCH_NO_MSR)
-#include <retention/msr.hpp>
+#if __has_include(<retention/layers/msr.hpp>) && !defined(RETENTION_BENCH_NO_MSR)
+#include <retention/layers/msr.hpp>
 #define RETENTION_BENCH_HAS_MSR 1
 #endif
 

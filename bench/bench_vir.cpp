@@ -6,7 +6,7 @@
 // OpenMP threads are meaningless on a shared machine).
 #include <benchmark/benchmark.h>
 
-#include <retention/vir.hpp>
+#include <retention/layers/vir.hpp>
 
 #include <chrono>
 #include <cmath>

@@ -15,7 +15,7 @@
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb_image.h>
 
-#include <retention/vir.hpp>
+#include <retention/layers/vir.hpp>
 
 #include <unistd.h>
 

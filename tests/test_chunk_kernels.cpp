@@ -6,7 +6,7 @@
 // outputs that are blocks of wider or column-major matrices).
 #include <retention/chunkwise.hpp>
 #include <retention/decay.hpp>
-#include <retention/retention_state.hpp>
+#include <retention/state.hpp>
 
 #include "reference/retention_reference.hpp"
 #include "support/state_support.hpp"

@@ -1,7 +1,7 @@
 // The RetNet MSR layer (SPEC 3): against the naive double reference, forms against each other at
 // eps = 1e-6 and eps = 0 for every normalisation, prefill + step against one forward, batch against
 // per-sequence, weight loading, and every shape error.
-#include <retention/msr.hpp>
+#include <retention/layers/msr.hpp>
 
 #include "reference/msr_reference.hpp"
 #include "support/test_support.hpp"

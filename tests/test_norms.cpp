@@ -1,5 +1,5 @@
 // Row norms (SPEC 3 head norm, SPEC 5 LayerNorm) against loops, edge cases and bad input.
-#include <retention/norms.hpp>
+#include <retention/nn/norms.hpp>
 
 #include "support/test_support.hpp"
 

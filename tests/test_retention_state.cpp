@@ -5,7 +5,7 @@
 #include <retention/decay.hpp>
 #include <retention/parallel.hpp>
 #include <retention/recurrent.hpp>
-#include <retention/retention_state.hpp>
+#include <retention/state.hpp>
 
 #include "reference/retention_reference.hpp"
 #include "support/state_support.hpp"

@@ -1,6 +1,6 @@
 // The RMT attention layer (SPEC 4): LCE against a naive convolution loop, the whole layer against
 // the naive double reference in both modes, batching, weight loading and bad input.
-#include <retention/rmt.hpp>
+#include <retention/layers/rmt.hpp>
 
 #include "reference/rmt_reference.hpp"
 #include "support/test_support.hpp"

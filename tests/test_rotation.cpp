@@ -1,6 +1,6 @@
 // The theta shift of SPEC 3: against the formula, the relative-position property, dk = 2, the
 // pair overload, and bad input.
-#include <retention/rotation.hpp>
+#include <retention/nn/rotation.hpp>
 
 #include "support/test_support.hpp"
 

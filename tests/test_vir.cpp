@@ -1,6 +1,6 @@
 // ViR (SPEC 5): MHR, block and encoder against the naive double reference; all encoder forms and
 // orders against each other; causality of the class token; torch-layout loading; every error path.
-#include <retention/vir.hpp>
+#include <retention/layers/vir.hpp>
 
 #include "reference/vir_reference.hpp"
 #include "support/test_support.hpp"

@@ -1,7 +1,7 @@
 // Helpers shared by the tour's sections: timing and one aligned output line per operator.
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <algorithm>
 #include <chrono>

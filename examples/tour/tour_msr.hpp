@@ -1,7 +1,7 @@
 // Tour section: the RetNet Multi-Scale Retention layer (SPEC 3) in its three forms.
 #pragma once
 
-#include <retention/msr.hpp>
+#include <retention/layers/msr.hpp>
 
 #include "tour/tour_common.hpp"
 

@@ -3,7 +3,7 @@
 #pragma once
 
 #include <retention/masa.hpp>
-#include <retention/rmt.hpp>
+#include <retention/layers/rmt.hpp>
 
 #include "tour_common.hpp"
 

@@ -3,7 +3,7 @@
 // forms.
 #pragma once
 
-#include <retention/vir.hpp>
+#include <retention/layers/vir.hpp>
 
 #include "tour_common.hpp"
 

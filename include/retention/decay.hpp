@@ -1,7 +1,7 @@
 // retention: decay masks, the one place in the library that knows about gamma (SPEC section 1).
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -245,6 +245,9 @@ class QuadrantCausalDecay : public detail::DecayMaskBase<QuadrantCausalDecay> {
   Index height() const { return height_; }
   Index width() const { return width_; }
   Index size() const { return height_ * width_; }
+  /// The factor along y (rows of the grid) and along x (columns): D = row_axis (x) column_axis.
+  CausalDecay row_axis() const { return CausalDecay(gamma()); }
+  CausalDecay column_axis() const { return CausalDecay(gamma()); }
 
   Index distance(Index n, Index m) const {
     const Index dy = n / width_ - m / width_;

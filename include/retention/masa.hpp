@@ -6,10 +6,10 @@
 // formula: log-weights come from the decay masks of decay.hpp.
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 #include <retention/decay.hpp>
-#include <retention/detail/masa_kernels.hpp>
-#include <retention/detail/masa_line_kernels.hpp>
+#include <retention/detail/manhattan/tile_kernels.hpp>
+#include <retention/detail/manhattan/line_kernels.hpp>
 
 #include <algorithm>
 #include <atomic>

@@ -6,7 +6,7 @@
 #include <retention/decay.hpp>
 #include <retention/parallel.hpp>
 #include <retention/recurrent.hpp>
-#include <retention/retention_state.hpp>
+#include <retention/state.hpp>
 
 #include <string>
 #include <vector>

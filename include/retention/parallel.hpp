@@ -3,9 +3,9 @@
 #pragma once
 
 #include <retention/decay.hpp>
-#include <retention/detail/kernel_common.hpp>
+#include <retention/detail/retention/common.hpp>
 #include <retention/detail/threading.hpp>
-#include <retention/retention_state.hpp>
+#include <retention/state.hpp>
 
 #include <algorithm>
 #include <limits>

@@ -3,8 +3,8 @@
 #pragma once
 
 #include <retention/decay.hpp>
-#include <retention/detail/kernel_common.hpp>
-#include <retention/retention_state.hpp>
+#include <retention/detail/retention/common.hpp>
+#include <retention/state.hpp>
 
 namespace retention {
 namespace detail {

@@ -2,15 +2,15 @@
 #pragma once
 
 #include <retention/chunkwise.hpp>
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 #include <retention/decay.hpp>
 #include <retention/masa.hpp>
-#include <retention/msr.hpp>
+#include <retention/layers/msr.hpp>
 #include <retention/multihead.hpp>
-#include <retention/norms.hpp>
+#include <retention/nn/norms.hpp>
 #include <retention/parallel.hpp>
 #include <retention/recurrent.hpp>
-#include <retention/retention_state.hpp>
-#include <retention/rmt.hpp>
-#include <retention/rotation.hpp>
-#include <retention/vir.hpp>
+#include <retention/state.hpp>
+#include <retention/layers/rmt.hpp>
+#include <retention/nn/rotation.hpp>
+#include <retention/layers/vir.hpp>

@@ -2,8 +2,8 @@
 // and normalisation formulas of SPEC 2), with plain loops and no library code beyond the types.
 #pragma once
 
-#include <retention/common.hpp>
-#include <retention/norms.hpp>  // HeadNorm enum only
+#include <retention/core.hpp>
+#include <retention/nn/norms.hpp>  // HeadNorm enum only
 
 #include <algorithm>
 #include <cmath>

@@ -3,7 +3,7 @@
 // loops. It shares no code with the library's kernels: no decay mask, no factor helpers.
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -3,7 +3,7 @@
 // softmax. It shares no code with the library's kernels.
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <cmath>
 #include <cstdlib>

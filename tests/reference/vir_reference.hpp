@@ -4,7 +4,7 @@
 // addressed by their torch names and shapes. It shares no code with the library.
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <cmath>
 #include <map>

@@ -1,7 +1,7 @@
 // Test support: the reference's double state (S, z, position) as a library RetentionState.
 #pragma once
 
-#include <retention/retention_state.hpp>
+#include <retention/state.hpp>
 
 #include "reference/retention_reference.hpp"
 

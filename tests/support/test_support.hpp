@@ -1,7 +1,7 @@
 // Shared test helpers: seeded random inputs and error measures. No expected values live here.
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <gtest/gtest.h>
 

@@ -1,8 +1,8 @@
 // retention::detail: checks and the output-row normalisation shared by the three retention forms.
 #pragma once
 
-#include <retention/common.hpp>
-#include <retention/retention_state.hpp>
+#include <retention/core.hpp>
+#include <retention/state.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,7 @@
 // retention::detail: the in-register transpose of key rows that the score kernels read (K^T).
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <algorithm>
 

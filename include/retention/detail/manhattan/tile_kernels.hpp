@@ -8,8 +8,8 @@
 // the accumulators' initial value, and the online-softmax rescale of the output is applied on load.
 #pragma once
 
-#include <retention/common.hpp>
-#include <retention/detail/transpose.hpp>
+#include <retention/core.hpp>
+#include <retention/detail/simd/transpose.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,7 @@
 // retention: the recurrent state of one head and the options shared by the three forms (SPEC 2).
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <string>
 

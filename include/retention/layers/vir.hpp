@@ -6,13 +6,13 @@
 #pragma once
 
 #include <retention/chunkwise.hpp>
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 #include <retention/decay.hpp>
 #include <retention/multihead.hpp>
-#include <retention/norms.hpp>
+#include <retention/nn/norms.hpp>
 #include <retention/parallel.hpp>
 #include <retention/recurrent.hpp>
-#include <retention/retention_state.hpp>
+#include <retention/state.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -11,8 +11,8 @@
 // gamma^L S is the state accumulators' initial value.
 #pragma once
 
-#include <retention/common.hpp>
-#include <retention/detail/transpose.hpp>
+#include <retention/core.hpp>
+#include <retention/detail/simd/transpose.hpp>
 
 #include <algorithm>
 #include <type_traits>

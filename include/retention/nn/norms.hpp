@@ -1,7 +1,7 @@
 // retention: row-wise normalisations used by the layers (SPEC 3 head norm, SPEC 5 LayerNorm).
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <cmath>
 #include <string>

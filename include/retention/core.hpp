@@ -98,6 +98,23 @@ inline void check_gamma(const char* function, double gamma) {
   }
 }
 
+/// Overflow-checked Index arithmetic for size products: true (and r unspecified) on overflow.
+inline bool mul_overflows(Index a, Index b, Index& r) { return __builtin_mul_overflow(a, b, &r); }
+inline bool add_overflows(Index a, Index b, Index& r) { return __builtin_add_overflow(a, b, &r); }
+/// r = acc + a * b, checked.
+inline bool add_mul_overflows(Index acc, Index a, Index b, Index& r) {
+  Index p = 0;
+  return mul_overflows(a, b, p) || add_overflows(acc, p, r);
+}
+
+/// a * b for sizes, or shape_error naming the function and what overflowed.
+inline Index checked_product(const char* function, const char* what, Index a, Index b) {
+  Index r = 0;
+  if (a < 0 || b < 0 || mul_overflows(a, b, r))
+    fail(function, std::string(what) + " overflows: " + std::to_string(a) + " x " + std::to_string(b));
+  return r;
+}
+
 template <class T>
 struct is_supported_scalar : std::integral_constant<bool, std::is_same<T, float>::value ||
                                                               std::is_same<T, double>::value> {};

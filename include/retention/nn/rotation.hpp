@@ -2,7 +2,7 @@
 // 4).
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -2,12 +2,12 @@
 // in any of the three forms, with prompt prefill followed by token-by-token decoding.
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 #include <retention/decay.hpp>
 #include <retention/multihead.hpp>
-#include <retention/norms.hpp>
-#include <retention/retention_state.hpp>
-#include <retention/rotation.hpp>
+#include <retention/nn/norms.hpp>
+#include <retention/state.hpp>
+#include <retention/nn/rotation.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -4,10 +4,10 @@
 // torch layout.
 #pragma once
 
-#include <retention/common.hpp>
+#include <retention/core.hpp>
 #include <retention/decay.hpp>
 #include <retention/masa.hpp>
-#include <retention/rotation.hpp>
+#include <retention/nn/rotation.hpp>
 
 #include <cmath>
 #include <cstdint>

@@ -10,8 +10,8 @@
 // R x NP accumulators so each loaded packet of K^T or V serves R rows.
 #pragma once
 
-#include <retention/common.hpp>
-#include <retention/detail/masa_kernels.hpp>
+#include <retention/core.hpp>
+#include <retention/detail/manhattan/tile_kernels.hpp>
 
 #include <algorithm>
 
