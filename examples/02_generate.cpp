@@ -28,7 +28,6 @@ using retention::Form;
 using retention::Index;
 using retention::Matrix;
 using retention::MsrConfig;
-using retention::MsrProjection;
 using retention::MultiScaleRetention;
 using retention::RowVector;
 using Clock = std::chrono::steady_clock;
@@ -79,11 +78,18 @@ struct Model {
     cfg.heads = kHeads;
     for (Index l = 0; l < kLayers; ++l) {
       Block b{MultiScaleRetention<float>(cfg), {}, {}, {}, {}, {}};
-      for (MsrProjection p : {MsrProjection::q_proj, MsrProjection::k_proj, MsrProjection::v_proj,
-                              MsrProjection::g_proj, MsrProjection::out_proj}) {
-        const Index in = b.msr.in_dim(p);
-        b.msr.load(p, normal_matrix(b.msr.out_dim(p), in, 1.0 / std::sqrt(double(in)), rng));
+      // torchscale's names ("q_proj.weight", ...) through a ParameterMap of views.
+      std::vector<Matrix<float>> weights;
+      retention::ParameterMap params;
+      const char* names[] = {"q_proj", "k_proj", "v_proj", "g_proj", "out_proj"};
+      for (const retention::Linear<float>* p : {&b.msr.q_proj(), &b.msr.k_proj(), &b.msr.v_proj(),
+                                                &b.msr.g_proj(), &b.msr.out_proj()}) {
+        const Index in = p->in_features();
+        weights.push_back(normal_matrix(p->out_features(), in, 1.0 / std::sqrt(double(in)), rng));
       }
+      for (std::size_t i = 0; i < weights.size(); ++i)
+        params.add_dense(std::string(names[i]) + ".weight", weights[i]);
+      b.msr.load(params);
       b.norm1 = RowVector<float>::Ones(kDim) + 0.1f * normal_matrix(1, kDim, 1.0, rng);
       b.norm2 = RowVector<float>::Ones(kDim) + 0.1f * normal_matrix(1, kDim, 1.0, rng);
       b.w1 = normal_matrix(kFfn, kDim, 1.0 / std::sqrt(double(kDim)), rng);

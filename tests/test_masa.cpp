@@ -7,7 +7,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -358,6 +360,136 @@ TYPED_TEST(MasaTest, ShapeErrors) {
         retention::multi_head_masa(q, q, Q, s, {0.9, 0.8});
       },
       "multi_head_masa: v is [12 x 4], expected [12 x 6]");
+}
+
+
+// --- Masks compose: MaSA and MaSAD with the quadrant-causal mask (causal along y and x) --------
+namespace quadrant_reference {
+
+/// ln D[n, m] of the quadrant-causal mask straight from its definition: (dy + dx) ln gamma when the
+/// key is not below or right of the query, else -inf.
+double log_weight(Index n, Index m, Index W, double gamma) {
+  const Index dy = n / W - m / W, dx = n % W - m % W;
+  if (dy < 0 || dx < 0) return -std::numeric_limits<double>::infinity();
+  return static_cast<double>(dy + dx) * std::log(gamma);
+}
+
+/// softmax over the allowed keys of (q . k + ln D), times v, in double.
+Mat attend(const Mat& Q, const Mat& K, const Mat& V, const std::vector<Index>& keys, Index n,
+           const std::vector<double>& log_w) {
+  double mx = -std::numeric_limits<double>::infinity();
+  std::vector<double> s(keys.size());
+  for (std::size_t j = 0; j < keys.size(); ++j) {
+    s[j] = Q.row(n).dot(K.row(keys[j])) + log_w[j];
+    mx = std::max(mx, s[j]);
+  }
+  Mat out = Mat::Zero(1, V.cols());
+  double sum = 0;
+  for (std::size_t j = 0; j < keys.size(); ++j) {
+    const double e = std::exp(s[j] - mx);
+    sum += e;
+    out += e * V.row(keys[j]);
+  }
+  return out / sum;
+}
+
+Mat masa(const Mat& Q, const Mat& K, const Mat& V, double gamma, Index H, Index W) {
+  const Index N = H * W;
+  Mat O(N, V.cols());
+  std::vector<Index> keys(static_cast<std::size_t>(N));
+  for (Index m = 0; m < N; ++m) keys[static_cast<std::size_t>(m)] = m;
+  for (Index n = 0; n < N; ++n) {
+    std::vector<double> lw(static_cast<std::size_t>(N));
+    for (Index m = 0; m < N; ++m) lw[static_cast<std::size_t>(m)] = log_weight(n, m, W, gamma);
+    O.row(n) = attend(Q, K, V, keys, n, lw);
+  }
+  return O;
+}
+
+/// Row pass along x (keys x' <= x of the same row), then column pass along y on its output.
+Mat masad(const Mat& Q, const Mat& K, const Mat& V, double gamma, Index H, Index W) {
+  const double lg = std::log(gamma);
+  Mat U(H * W, V.cols()), O(H * W, V.cols());
+  for (Index y = 0; y < H; ++y)
+    for (Index x = 0; x < W; ++x) {
+      std::vector<Index> keys;
+      std::vector<double> lw;
+      for (Index x2 = 0; x2 <= x; ++x2) {
+        keys.push_back(y * W + x2);
+        lw.push_back(static_cast<double>(x - x2) * lg);
+      }
+      U.row(y * W + x) = attend(Q, K, V, keys, y * W + x, lw);
+    }
+  for (Index y = 0; y < H; ++y)
+    for (Index x = 0; x < W; ++x) {
+      std::vector<Index> keys;
+      std::vector<double> lw;
+      for (Index y2 = 0; y2 <= y; ++y2) {
+        keys.push_back(y2 * W + x);
+        lw.push_back(static_cast<double>(y - y2) * lg);
+      }
+      O.row(y * W + x) = attend(Q, K, U, keys, y * W + x, lw);
+    }
+  return O;
+}
+
+}  // namespace quadrant_reference
+
+TYPED_TEST(MasaTest, QuadrantCausalMaskInMasaAndMasad) {
+  using T = TypeParam;
+  std::uint64_t seed = 9000;
+  for (const Grid& g : grids()) {
+    const Index N = g.height * g.width;
+    const Matrix<T> Q = random_matrix<T>(N, g.dk, ++seed), K = random_matrix<T>(N, g.dk, ++seed),
+                    V = random_matrix<T>(N, g.dv, ++seed);
+    const Mat Qd = Q.template cast<double>(), Kd = K.template cast<double>(),
+              Vd = V.template cast<double>();
+    const retention::QuadrantCausalDecay mask(g.gamma, g.height, g.width);
+    for (Index tile : {Index(3), Index(64)}) {
+      retention::MasaOptions o;
+      o.query_tile = tile;
+      o.key_tile = tile + 2;
+      EXPECT_LE(relative_error(retention::masa(Q, K, V, mask, o),
+                               quadrant_reference::masa(Qd, Kd, Vd, g.gamma, g.height, g.width)),
+                spec_tolerance<T>())
+          << g.height << "x" << g.width << " tile " << tile;
+    }
+    EXPECT_LE(relative_error(retention::masad(Q, K, V, mask),
+                             quadrant_reference::masad(Qd, Kd, Vd, g.gamma, g.height, g.width)),
+              spec_tolerance<T>())
+        << g.height << "x" << g.width;
+    // Multi-head, threaded: heads of a strided buffer equal single-head calls.
+    const Index heads = 3;
+    const Matrix<T> q = random_matrix<T>(2 * N, heads * g.dk, ++seed),
+                    k = random_matrix<T>(2 * N, heads * g.dk, ++seed),
+                    v = random_matrix<T>(2 * N, heads * g.dv, ++seed);
+    Matrix<T> out(2 * N, heads * g.dv), outd(2 * N, heads * g.dv);
+    const std::vector<retention::QuadrantCausalDecay> masks(static_cast<std::size_t>(heads),
+                                                            mask);
+    retention::MasaOptions o;
+    o.threads = 2;
+    const auto view = [&](const Matrix<T>& m, Index d) {
+      return retention::heads_view(m.data(), Index(2), N, heads, d);
+    };
+    retention::multi_head_masa(view(q, g.dk), view(k, g.dk), view(v, g.dv),
+                               retention::heads_view(out.data(), Index(2), N, heads, g.dv), masks,
+                               o);
+    retention::multi_head_masad(view(q, g.dk), view(k, g.dk), view(v, g.dv),
+                                retention::heads_view(outd.data(), Index(2), N, heads, g.dv),
+                                masks, o);
+    for (Index b = 0; b < 2; ++b)
+      for (Index h = 0; h < heads; ++h) {
+        const auto blk = [&](const Matrix<T>& m, Index d) {
+          return Matrix<T>(m.block(b * N, h * d, N, d));
+        };
+        EXPECT_LE(relative_error(blk(out, g.dv),
+                                 retention::masa(blk(q, g.dk), blk(k, g.dk), blk(v, g.dv), mask)),
+                  spec_tolerance<T>());
+        EXPECT_LE(relative_error(blk(outd, g.dv),
+                                 retention::masad(blk(q, g.dk), blk(k, g.dk), blk(v, g.dv), mask)),
+                  spec_tolerance<T>());
+      }
+  }
 }
 
 }  // namespace

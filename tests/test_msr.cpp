@@ -19,7 +19,7 @@ using retention::HeadNorm;
 using retention::Index;
 using retention::Matrix;
 using retention::MsrConfig;
-using retention::MsrProjection;
+using retention::ParameterMap;
 using retention::MultiScaleRetention;
 using retention::Normalization;
 using retention_test::expect_shape_error;
@@ -28,9 +28,16 @@ using retention_test::relative_error;
 using retention_test::spec_tolerance;
 using Mat = retention::Matrix<double>;
 
-const MsrProjection kProjections[] = {MsrProjection::q_proj, MsrProjection::k_proj,
-                                      MsrProjection::v_proj, MsrProjection::g_proj,
-                                      MsrProjection::out_proj};
+const char* const kProjections[] = {"q_proj", "k_proj", "v_proj", "g_proj", "out_proj"};
+
+/// [out, in] of projection p (torchscale layout).
+template <class Layer>
+std::pair<Index, Index> projection_shape(const Layer& l, int p) {
+  const Index d = l.embed_dim(), dv = l.value_dim();
+  if (p == 0 || p == 1) return {d, d};
+  if (p == 2 || p == 3) return {dv, d};
+  return {d, dv};
+}
 
 /// A layer of scalar T and the matching reference with the same (T-rounded) random weights,
 /// scaled ~1/sqrt(fan_in) so activations stay O(1).
@@ -53,20 +60,23 @@ Pair<T> make_layer_pair(const MsrConfig& cfg, std::uint64_t seed) {
   ref.eps = cfg.eps;
   Mat* ws[] = {&ref.wq, &ref.wk, &ref.wv, &ref.wg, &ref.wo};
   std::vector<double>* bs[] = {&ref.bq, &ref.bk, &ref.bv, &ref.bg, &ref.bo};
+  std::vector<Matrix<T>> storage;  // the map holds views: keep the tensors alive while loading
+  storage.reserve(10);
+  ParameterMap params;
   for (int p = 0; p < 5; ++p) {
-    const MsrProjection which = kProjections[p];
-    const Index out = layer.out_dim(which), in = layer.in_dim(which);
-    const Matrix<T> w = random_matrix<T>(out, in, seed * 10 + static_cast<std::uint64_t>(p),
-                                         1.7 / std::sqrt(double(in)));
-    layer.load(which, w);
-    *ws[p] = w.template cast<double>();
+    const auto [out, in] = projection_shape(layer, p);
+    storage.push_back(random_matrix<T>(out, in, seed * 10 + static_cast<std::uint64_t>(p),
+                                       1.7 / std::sqrt(double(in))));
+    params.add_dense(std::string(kProjections[p]) + ".weight", storage.back());
+    *ws[p] = storage.back().template cast<double>();
     if (cfg.biases) {
-      const Matrix<T> b =
-          random_matrix<T>(1, out, seed * 10 + 5 + static_cast<std::uint64_t>(p), 0.3);
-      layer.load_bias(which, b);
-      bs[p]->assign(b.data(), b.data() + out);
+      storage.push_back(
+          random_matrix<T>(1, out, seed * 10 + 5 + static_cast<std::uint64_t>(p), 0.3));
+      params.add_dense(std::string(kProjections[p]) + ".bias", storage.back(), {out});
+      bs[p]->assign(storage.back().data(), storage.back().data() + out);
     }
   }
+  layer.load(params);
   return Pair<T>{std::move(layer), std::move(ref)};
 }
 
@@ -248,20 +258,33 @@ TEST(MsrLoad, RawPointerEqualsEigenAndDefaults) {
   EXPECT_EQ(layer.config().normalization, Normalization::decay_and_score);
   EXPECT_EQ(layer.config().head_norm, HeadNorm::rms);
   EXPECT_EQ(layer.config().eps, 1e-6);
-  for (MsrProjection which : kProjections) {
-    const Matrix<float> w = random_matrix<float>(layer.out_dim(which), layer.in_dim(which), 20);
-    layer.load(which, w.data(),
-               static_cast<std::size_t>(w.size()));  // float32 array into a double layer
-    EXPECT_EQ(layer.weight(which), w.cast<double>()) << retention::to_string(which);
+  // float32 tensors into a double layer, under a prefix, by torchscale's names.
+  std::vector<Matrix<float>> ws;
+  ParameterMap params;
+  for (int p = 0; p < 5; ++p) {
+    const auto [out, in] = projection_shape(layer, p);
+    ws.push_back(random_matrix<float>(out, in, 20 + static_cast<std::uint64_t>(p)));
   }
+  for (int p = 0; p < 5; ++p)
+    params.add_dense(std::string("layers.3.retention.") + kProjections[p] + ".weight",
+                     ws[static_cast<std::size_t>(p)]);
+  layer.load(params, "layers.3.retention.");
+  EXPECT_EQ(layer.q_proj().weight(), ws[0].cast<double>());
+  EXPECT_EQ(layer.k_proj().weight(), ws[1].cast<double>());
+  EXPECT_EQ(layer.v_proj().weight(), ws[2].cast<double>());
+  EXPECT_EQ(layer.g_proj().weight(), ws[3].cast<double>());
+  EXPECT_EQ(layer.out_proj().weight(), ws[4].cast<double>());
   MsrConfig cb = c;
   cb.biases = true;
   MultiScaleRetention<float> lb(cb);
   const Matrix<float> b = random_matrix<float>(8, 1, 21);
-  lb.load_bias(MsrProjection::out_proj, b);  // column vector accepted
-  EXPECT_EQ(lb.bias(MsrProjection::out_proj), b.transpose());
-  lb.load_bias(MsrProjection::q_proj, b.data(), 8);
-  EXPECT_EQ(lb.bias(MsrProjection::q_proj), b.transpose());
+  for (int p = 0; p < 5; ++p) {
+    params.add_dense(std::string(kProjections[p]) + ".weight", ws[static_cast<std::size_t>(p)]);
+    params.add(std::string(kProjections[p]) + ".bias", b.data(), {8});
+  }
+  lb.load(params);
+  EXPECT_EQ(lb.out_proj().bias(), b.transpose());
+  EXPECT_EQ(lb.q_proj().bias(), b.transpose());
 }
 
 TEST(MsrState, SizeIsConstantAndResets) {
@@ -306,30 +329,41 @@ TEST(MsrErrors, Config) {
 TEST(MsrErrors, Weights) {
   MultiScaleRetention<float> layer(config(8, 12, 2));
   const Matrix<float> bad = random_matrix<float>(8, 7, 40);
-  expect_shape_error([&] { layer.load(MsrProjection::q_proj, bad); },
-                     "MultiScaleRetention::load: q_proj.weight is [8 x 7], expected [8 x 8]");
-  expect_shape_error([&] { layer.load(MsrProjection::k_proj, bad); },
-                     "k_proj.weight is [8 x 7], expected [8 x 8]");
-  expect_shape_error([&] { layer.load(MsrProjection::v_proj, bad); },
-                     "v_proj.weight is [8 x 7], expected [12 x 8]");
-  expect_shape_error([&] { layer.load(MsrProjection::g_proj, bad); },
-                     "g_proj.weight is [8 x 7], expected [12 x 8]");
-  expect_shape_error([&] { layer.load(MsrProjection::out_proj, bad); },
-                     "out_proj.weight is [8 x 7], expected [8 x 12]");
-  expect_shape_error([&] { layer.load(MsrProjection::v_proj, bad.data(), 56); },
-                     "v_proj.weight has 56 values, expected [12 x 8] = 96");
-  expect_shape_error(
-      [&] { layer.load(MsrProjection::q_proj, static_cast<const float*>(nullptr), 64); },
-      "q_proj.weight: null pointer");
-  expect_shape_error([&] { layer.load_bias(MsrProjection::q_proj, bad.data(), 8); },
-                     "MultiScaleRetention::load_bias: q_proj.bias: biases are off");
+  const Matrix<float> w88 = random_matrix<float>(8, 8, 41), w12 = random_matrix<float>(12, 8, 42),
+                      wo = random_matrix<float>(8, 12, 43);
+  ParameterMap good;
+  good.add_dense("q_proj.weight", w88);
+  good.add_dense("k_proj.weight", w88);
+  good.add_dense("v_proj.weight", w12);
+  good.add_dense("g_proj.weight", w12);
+  good.add_dense("out_proj.weight", wo);
+  const auto with = [&](const std::string& name, const Matrix<float>& m) {
+    ParameterMap p = good;
+    p.add_dense(name, m);
+    return p;
+  };
+  for (const char* name : kProjections) {
+    const ParameterMap p = with(std::string(name) + ".weight", bad);
+    expect_shape_error([&] { layer.load(p); }, "MultiScaleRetention::load: parameter '" +
+                                                   std::string(name) +
+                                                   ".weight' has shape [8, 7], expected");
+  }
+  expect_shape_error([&] { layer.load(good, "layers.0."); },
+                     "MultiScaleRetention::load: missing parameter 'layers.0.q_proj.weight'");
+  // A failed load leaves the layer as it was.
+  const Matrix<float> before = layer.v_proj().weight();
+  const ParameterMap half = with("out_proj.weight", bad);
+  expect_shape_error([&] { layer.load(half); }, "out_proj.weight");
+  EXPECT_EQ(layer.v_proj().weight(), before);
   MsrConfig cb = config(8, 12, 2);
   cb.biases = true;
   MultiScaleRetention<float> lb(cb);
-  expect_shape_error([&] { lb.load_bias(MsrProjection::v_proj, bad.data(), 8); },
-                     "v_proj.bias has 8 values, expected [12 x 1] = 12");
-  expect_shape_error([&] { lb.load_bias(MsrProjection::g_proj, bad); },
-                     "g_proj.bias is [8 x 7], expected [12 x 1] or [1 x 12]");
+  expect_shape_error([&] { lb.load(good); },
+                     "MultiScaleRetention::load: missing parameter 'q_proj.bias'");
+  ParameterMap biased = good;
+  for (const char* name : kProjections) biased.add(std::string(name) + ".bias", bad.data(), {8});
+  expect_shape_error([&] { lb.load(biased); },
+                     "parameter 'v_proj.bias' has shape [8], expected [12]");
 }
 
 TEST(MsrErrors, InputsAndState) {

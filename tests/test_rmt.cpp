@@ -7,6 +7,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <string>
+
 #include <vector>
 
 namespace {
@@ -52,12 +55,19 @@ rmt_reference::LayerParams load_random(ManhattanAttention<T>& layer, std::uint64
   p.bo = flat(draw(1, C, 0.5));
   p.lce_weight = flat(draw(Cv, 25, 0.3));
   p.lce_bias = flat(draw(1, Cv, 0.3));
-  const auto sz = [](const auto& v) { return static_cast<Index>(v.size()); };
-  layer.load_q_proj(p.wq.data(), p.wq.size(), p.bq.data(), sz(p.bq));
-  layer.load_k_proj(p.wk.data(), p.wk.size(), p.bk.data(), sz(p.bk));
-  layer.load_v_proj(p.wv.data(), p.wv.size(), p.bv.data(), sz(p.bv));
-  layer.load_out_proj(p.wo.data(), p.wo.size(), p.bo.data(), sz(p.bo));
-  layer.load_lce(p.lce_weight.data(), sz(p.lce_weight), p.lce_bias.data(), sz(p.lce_bias));
+  // Loaded as float64 tensors by the RMT code's names (ParameterMap views of p's storage).
+  retention::ParameterMap params;
+  params.add("q_proj.weight", p.wq.data(), {C, C});
+  params.add("k_proj.weight", p.wk.data(), {C, C});
+  params.add("v_proj.weight", p.wv.data(), {Cv, C});
+  params.add("out_proj.weight", p.wo.data(), {C, Cv});
+  params.add("q_proj.bias", p.bq.data(), {C});
+  params.add("k_proj.bias", p.bk.data(), {C});
+  params.add("v_proj.bias", p.bv.data(), {Cv});
+  params.add("out_proj.bias", p.bo.data(), {C});
+  params.add("lepe.conv.weight", p.lce_weight.data(), {Cv, 1, 5, 5});
+  params.add("lepe.conv.bias", p.lce_bias.data(), {Cv});
+  layer.load(params);
   return p;
 }
 
@@ -141,14 +151,45 @@ TYPED_TEST(RmtTest, ZeroQueryFullEqualsDecomposed) {
   cfg.heads = 4;
   ManhattanAttention<T> layer(cfg);
   layer.init_random(11);
-  layer.load_q_proj(Matrix<T>::Zero(16, 16), Matrix<T>::Zero(1, 16));
+  // Every parameter as it is, but q's projection zero.
+  retention::ParameterMap params;
+  const Matrix<T> zero_w = Matrix<T>::Zero(16, 16);
+  const retention::RowVector<T> zero_b = retention::RowVector<T>::Zero(16);
+  params.add_dense("q_proj.weight", zero_w);
+  params.add_dense("q_proj.bias", zero_b);
+  params.add_dense("k_proj.weight", layer.k_proj().weight());
+  params.add_dense("k_proj.bias", layer.k_proj().bias());
+  params.add_dense("v_proj.weight", layer.v_proj().weight());
+  params.add_dense("v_proj.bias", layer.v_proj().bias());
+  params.add_dense("out_proj.weight", layer.out_proj().weight());
+  params.add_dense("out_proj.bias", layer.out_proj().bias());
+  params.add_dense("lepe.conv.weight", layer.lce_weight(), {16, 1, 5, 5});
+  params.add_dense("lepe.conv.bias", layer.lce_bias());
+  layer.load(params);
   const Matrix<T> x = random_matrix<T>(6 * 7, 16, 3100);
   EXPECT_LE(relative_error(layer.forward(x, 6, 7, RmtMode::full),
                            layer.forward(x, 6, 7, RmtMode::decomposed)),
             spec_tolerance<T>());
 }
 
-TYPED_TEST(RmtTest, RawAndEigenLoadersAgreeAndInitIsDeterministic) {
+/// Every parameter of `a` under `prefix`, by the RMT code's names.
+template <class T>
+retention::ParameterMap parameters_of(const ManhattanAttention<T>& a, const std::string& prefix) {
+  retention::ParameterMap params;
+  const auto add = [&](const std::string& name, const retention::Linear<T>& l) {
+    params.add_dense(prefix + name + ".weight", l.weight());
+    params.add_dense(prefix + name + ".bias", l.bias());
+  };
+  add("q_proj", a.q_proj());
+  add("k_proj", a.k_proj());
+  add("v_proj", a.v_proj());
+  add("out_proj", a.out_proj());
+  params.add_dense(prefix + "lepe.conv.weight", a.lce_weight(), {a.value_dim(), 1, 5, 5});
+  params.add_dense(prefix + "lepe.conv.bias", a.lce_bias());
+  return params;
+}
+
+TYPED_TEST(RmtTest, LoadByNamesRoundTripsAndInitIsDeterministic) {
   using T = TypeParam;
   ManhattanAttentionConfig cfg;
   cfg.embed_dim = 8;
@@ -156,20 +197,26 @@ TYPED_TEST(RmtTest, RawAndEigenLoadersAgreeAndInitIsDeterministic) {
   ManhattanAttention<T> a(cfg), b(cfg), c(cfg);
   a.init_random(5);
   c.init_random(5);
-  // Copy a's weights into b through the Eigen overloads (bias given as a column this time).
-  b.load_q_proj(a.q_weight(), Matrix<T>::Zero(8, 1));
-  b.load_k_proj(a.k_weight(), Matrix<T>::Zero(1, 8));
-  b.load_v_proj(a.v_weight(), Matrix<T>::Zero(1, 8));
-  b.load_out_proj(a.out_weight(), Matrix<T>::Zero(1, 8));
-  b.load_lce(a.lce_weight(), Matrix<T>::Zero(1, 8));
-  EXPECT_EQ(a.q_weight(), b.q_weight());
+  // Copy a's parameters into b by name under a model prefix.
+  const std::string prefix = "layers.0.blocks.1.retention.";
+  b.load(parameters_of(a, prefix), prefix);
+  EXPECT_EQ(a.q_proj().weight(), b.q_proj().weight());
+  EXPECT_EQ(a.out_proj().bias(), b.out_proj().bias());
   EXPECT_EQ(a.lce_weight(), b.lce_weight());
   const Matrix<T> x = random_matrix<T>(9, 8, 3200);
   EXPECT_EQ(a.forward(x, 3, 3), c.forward(x, 3, 3));
+  EXPECT_EQ(a.forward(x, 3, 3), b.forward(x, 3, 3));
   // rmt schedule: gamma_h = 1 - 2^-(2 + 4 h / 2).
   ASSERT_EQ(a.gammas().size(), 2u);
   EXPECT_DOUBLE_EQ(a.gammas()[0], 0.75);
   EXPECT_DOUBLE_EQ(a.gammas()[1], 1.0 - 1.0 / 16.0);
+  // A checkpoint's per-stage decay buffer holds ln gamma per head.
+  retention::ParameterMap with_decay = parameters_of(a, prefix);
+  const std::vector<float> log_gamma = {std::log(0.5f), std::log(0.875f)};
+  with_decay.add("layers.0.Relpos.decay", log_gamma.data(), {2});
+  b.load(with_decay, prefix, "layers.0.Relpos.decay");
+  EXPECT_NEAR(b.gammas()[0], 0.5, 1e-7);
+  EXPECT_NEAR(b.gammas()[1], 0.875, 1e-7);
 }
 
 TYPED_TEST(RmtTest, ShapeErrors) {
@@ -202,16 +249,30 @@ TYPED_TEST(RmtTest, ShapeErrors) {
                      "ManhattanAttention::forward: x is [12 x 6], expected [12 x 8]");
   expect_shape_error([&] { layer.forward(x, 0, 4); },
                      "ManhattanAttention::forward: height must be >= 1");
-  const std::vector<float> w(63), b(8);
-  expect_shape_error(
-      [&] { layer.load_q_proj(w.data(), 63, b.data(), 8); },
-      "ManhattanAttention::load_q_proj: weight has 63 values, expected [8 x 8] = 64");
-  expect_shape_error([&] { layer.load_lce(w.data(), 63, b.data(), 8); },
-                     "ManhattanAttention::load_lce: weight has 63 values, expected [8 x 25] = 200");
-  expect_shape_error([&] { layer.load_out_proj(Matrix<T>::Zero(8, 8), Matrix<T>::Zero(1, 7)); },
-                     "ManhattanAttention::load_out_proj: bias is [1 x 7], expected [1 x 8]");
-  expect_shape_error([&] { layer.load_v_proj(Matrix<T>::Zero(8, 9), Matrix<T>::Zero(1, 8)); },
-                     "ManhattanAttention::load_v_proj: weight is [8 x 9], expected [8 x 8]");
+  layer.init_random(3);
+  const auto params = parameters_of(layer, "");
+  const auto replaced = [&](const std::string& name, const std::vector<float>& values,
+                            std::vector<Index> shape) {
+    retention::ParameterMap p = params;
+    p.add(name, values.data(), std::move(shape));
+    return p;
+  };
+  const std::vector<float> w(63), b(8), big(200);
+  expect_shape_error([&] { layer.load(replaced("q_proj.weight", w, {7, 9})); },
+                     "ManhattanAttention::load: parameter 'q_proj.weight' has shape [7, 9], "
+                     "expected [8, 8]");
+  expect_shape_error([&] { layer.load(replaced("lepe.conv.weight", big, {8, 25})); },
+                     "ManhattanAttention::load: parameter 'lepe.conv.weight' has shape [8, 25], "
+                     "expected [8, 1, 5, 5]");
+  expect_shape_error([&] { layer.load(replaced("out_proj.bias", w, {7})); },
+                     "parameter 'out_proj.bias' has shape [7], expected [8]");
+  expect_shape_error([&] { layer.load(params, "x."); },
+                     "ManhattanAttention::load: missing parameter 'x.q_proj.weight'");
+  const std::vector<float> bad_decay = {0.5f, -1.0f};  // ln gamma = 0.5: gamma > 1
+  expect_shape_error([&] { layer.load(replaced("d", bad_decay, {2}), "", "d"); },
+                     "is not ln gamma of a gamma in (0, 1]");
+  expect_shape_error([&] { layer.load(params, "", "missing.decay"); },
+                     "missing parameter 'missing.decay'");
   const Matrix<T> v = random_matrix<T>(12, 3, 3);
   expect_shape_error(
       [&] {

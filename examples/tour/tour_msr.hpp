@@ -34,12 +34,17 @@ inline void tour_msr() {
     for (Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
     return m;
   };
-  for (retention::MsrProjection p :
-       {retention::MsrProjection::q_proj, retention::MsrProjection::k_proj,
-        retention::MsrProjection::v_proj, retention::MsrProjection::g_proj,
-        retention::MsrProjection::out_proj})
-    layer.load(p, uniform(layer.out_dim(p), layer.in_dim(p),
-                          std::sqrt(3.0 / static_cast<double>(layer.in_dim(p)))));
+  // torchscale's parameter names, loaded through a ParameterMap of views.
+  std::vector<Matrix<float>> weights;
+  retention::ParameterMap params;
+  for (const retention::Linear<float>* l :
+       {&layer.q_proj(), &layer.k_proj(), &layer.v_proj(), &layer.g_proj(), &layer.out_proj()})
+    weights.push_back(uniform(l->out_features(), l->in_features(),
+                              std::sqrt(3.0 / static_cast<double>(l->in_features()))));
+  const char* names[] = {"q_proj", "k_proj", "v_proj", "g_proj", "out_proj"};
+  for (std::size_t i = 0; i < weights.size(); ++i)
+    params.add_dense(std::string(names[i]) + ".weight", weights[i]);
+  layer.load(params);
   const Matrix<float> x = uniform(T, d, 1.0);
 
   Matrix<float> y_par, y_rec, y_chunk;

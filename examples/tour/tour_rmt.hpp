@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tour {
@@ -67,7 +68,23 @@ inline void tour_rmt() {
   cfg.heads = heads;
   retention::ManhattanAttention<float> layer(cfg);
   layer.init_random(42);
-  layer.load_q_proj(Mat(Mat::Zero(cfg.embed_dim, cfg.embed_dim)), Mat(Mat::Zero(1, cfg.embed_dim)));
+  {
+    // The layer's own parameters by the RMT code's names, with q_proj zero.
+    const Mat zero_w = Mat::Zero(cfg.embed_dim, cfg.embed_dim);
+    const retention::RowVector<float> zero_b = retention::RowVector<float>::Zero(cfg.embed_dim);
+    retention::ParameterMap params;
+    params.add_dense("q_proj.weight", zero_w);
+    params.add_dense("q_proj.bias", zero_b);
+    const std::pair<const char*, const retention::Linear<float>*> rest[] = {
+        {"k_proj", &layer.k_proj()}, {"v_proj", &layer.v_proj()}, {"out_proj", &layer.out_proj()}};
+    for (const auto& [name, l] : rest) {
+      params.add_dense(std::string(name) + ".weight", l->weight());
+      params.add_dense(std::string(name) + ".bias", l->bias());
+    }
+    params.add_dense("lepe.conv.weight", layer.lce_weight(), {layer.value_dim(), 1, 5, 5});
+    params.add_dense("lepe.conv.bias", layer.lce_bias());
+    layer.load(params);
+  }
   const Mat x = rmt_detail::random_grid(N, cfg.embed_dim, 4);
   Mat yf, yd;
   const double t_full =

@@ -7,6 +7,7 @@
 
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace retention {
 
@@ -45,7 +46,11 @@ struct HeadsView {
 /// A dense row-major [batch, time, heads, dim] view.
 template <class T>
 HeadsView<T> heads_view(T* data, Index batch, Index time, Index heads, Index dim) {
-  return {data, batch, time, heads, dim, time * heads * dim, heads * dim, dim};
+  const char* fn = "heads_view";
+  const Index row = detail::checked_product(fn, "heads * dim", heads, dim);
+  const Index seq = detail::checked_product(fn, "time * heads * dim", time, row);
+  detail::checked_product(fn, "batch * time * heads * dim", batch, seq);
+  return {data, batch, time, heads, dim, seq, row, dim};
 }
 
 namespace detail {
@@ -53,11 +58,14 @@ namespace detail {
 /// Checks a view's sizes and that every element it names fits in Index arithmetic.
 template <class T>
 void check_view(const char* fn, const char* name, const HeadsView<T>& v) {
+  // Messages are built only on failure: decoding checks its views on every token.
   if (!v.data) fail(fn, std::string(name) + ": null buffer pointer");
-  check_positive(fn, (std::string(name) + ".batch").c_str(), v.batch);
-  check_positive(fn, (std::string(name) + ".time").c_str(), v.time);
-  check_positive(fn, (std::string(name) + ".heads").c_str(), v.heads);
-  check_positive(fn, (std::string(name) + ".dim").c_str(), v.dim);
+  const std::pair<const char*, Index> sizes[] = {
+      {"batch", v.batch}, {"time", v.time}, {"heads", v.heads}, {"dim", v.dim}};
+  for (const auto& s : sizes)
+    if (s.second < 1)
+      fail(fn, std::string(name) + "." + s.first + " must be >= 1, got " +
+                   std::to_string(s.second));
   if (v.batch_stride < 0 || v.time_stride < 0 || v.head_stride < 0)
     fail(fn, std::string(name) + ": negative stride");
   // The last element's offset must be representable.
@@ -85,6 +93,24 @@ void check_view_shape(const char* fn, const char* name, const HeadsView<T>& v, I
                  ", " + s(v.dim) + "], expected [" + s(batch) + ", " + s(time) + ", " + s(heads) +
                  ", " + s(dim) + "]");
   }
+}
+
+/// [first, last] byte range a view touches.
+template <class T>
+std::pair<const char*, const char*> view_range(const HeadsView<T>& v) {
+  const Index last = (v.batch - 1) * v.batch_stride + (v.time - 1) * v.time_stride +
+                     (v.heads - 1) * v.head_stride + v.dim - 1;
+  const char* p = reinterpret_cast<const char*>(v.data);
+  return {p, p + (last + 1) * static_cast<Index>(sizeof(T)) - 1};
+}
+
+/// Throws if the output view's memory range meets an input's (in-place calls are not supported).
+template <class T, class U>
+void check_no_overlap(const char* fn, const HeadsView<T>& out, const HeadsView<U>& in,
+                      const char* in_name) {
+  const auto a = view_range(out), b = view_range(in);
+  if (a.first <= b.second && b.first <= a.second)
+    fail(fn, std::string("out overlaps ") + in_name + "; in-place calls are not supported");
 }
 
 }  // namespace detail

@@ -100,6 +100,24 @@ void parallel_region(int team, Region&& region) {
 #endif
 }
 
+/// parallel_tasks with one workspace per thread, made by make() once per thread (never per task):
+/// body(task, workspace).
+template <class Make, class Body>
+void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
+  if (team <= 1 || tasks <= 1) {
+    auto ws = make();
+    for (Index i = 0; i < tasks; ++i) body(i, ws);
+    return;
+  }
+  std::atomic<Index> next{0};
+  parallel_region(team, [&](int, int) {
+    auto ws = make();
+    for (Index i = next.fetch_add(1, std::memory_order_relaxed); i < tasks;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      body(i, ws);
+  });
+}
+
 /// Rejects a negative thread request (0 = default) with shape_error naming the function.
 inline void check_threads(const char* function, const char* name, int threads) {
   if (threads < 0)

@@ -1,12 +1,15 @@
-// retention: the RMT attention layer (SPEC 4): q, k, v projections with bias, k scaled by
+// retention: the RMT attention layer (docs/math.md §4): q, k, v projections with bias, k scaled by
 // dk^(-1/2), rotation by raster index, per-head MaSA or MaSAD, local context enhancement (LCE, a
-// depthwise 5 x 5 convolution of the V map) added before the output projection. Weights load in
-// torch layout.
+// depthwise 5 x 5 convolution of the V map) added before the output projection. Parameters load by
+// the RMT code's names.
 #pragma once
 
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
+#include <retention/heads.hpp>
 #include <retention/masa.hpp>
+#include <retention/nn/linear.hpp>
+#include <retention/nn/parameters.hpp>
 #include <retention/nn/rotation.hpp>
 
 #include <cmath>
@@ -29,10 +32,14 @@ struct ManhattanAttentionConfig {
   Index heads = 4;
   /// v (and LCE) have value_factor * C channels.
   Index value_factor = 1;
-  /// gamma_h = 1 - 2^-(initial_value + heads_range * h / heads) (rmt_gammas).
+  /// gamma_h = 1 - 2^-(initial_value + heads_range * h / heads) (rmt_gammas), unless `gammas`
+  /// is given (one per head) or load() reads a checkpoint's decay buffer.
   double initial_value = 2.0;
   double heads_range = 4.0;
-  /// Tiling and threading of the MaSA kernel.
+  std::vector<double> gammas;
+  /// MaSA (full) or MaSAD (decomposed) when forward() is not told.
+  RmtMode mode = RmtMode::full;
+  /// Tiling and threading of the kernels (threads: 0 = OpenMP's default, capped by the work).
   MasaOptions tile;
 };
 
@@ -54,8 +61,9 @@ Matrix<typename DV::Scalar> local_context_enhancement(const Eigen::MatrixBase<DV
   detail::check_positive(fn, "batch", batch);
   detail::check_positive(fn, "height", height);
   detail::check_positive(fn, "width", width);
-  const Index C = v.cols(), N = height * width;
-  detail::check_shape(fn, "v", v, batch * N, -1);
+  const Index C = v.cols(), N = detail::checked_product(fn, "height * width", height, width);
+  detail::check_shape(fn, "v", v, detail::checked_product(fn, "batch * height * width", batch, N),
+                      -1);
   detail::check_shape(fn, "weight", weight, C, 25);
   detail::check_shape(fn, "bias", bias, 1, C);
   // Tap-major copy of the weights, so each tap scales a token's channels with one vector multiply.
@@ -78,27 +86,29 @@ Matrix<typename DV::Scalar> local_context_enhancement(const Eigen::MatrixBase<DV
   return out;
 }
 
-/// RMT's attention layer with Manhattan decay (SPEC 4), for one image or a batch of images.
+/// RMT's attention layer with Manhattan decay (docs/math.md §4), for one image or a batch.
 /// x [B * H * W, C] (each image's tokens in raster order) -> y [B * H * W, C]:
 /// q = x Wq^T + bq, k = (x Wk^T + bk) dk^(-1/2), v = x Wv^T + bv, q and k rotated by raster index,
-/// per head h: O_h = MaSA_h(q, k, v) or MaSAD_h(q, k, v) with gamma_h from rmt_gammas,
+/// per head h: O_h = MaSA_h(q, k, v) or MaSAD_h(q, k, v) with gamma_h,
 /// y = (concat_h O_h + LCE(v)) Wo^T + bo.
 template <class T>
 class ManhattanAttention {
  public:
   explicit ManhattanAttention(const ManhattanAttentionConfig& config)
       : config_(config), rotation_(checked_head_dim(config)) {
-    const Index C = config.embed_dim, Cv = config.value_factor * C;
-    gammas_ = rmt_gammas(config.heads, config.initial_value, config.heads_range);
-    detail::check_masa_options<T>("ManhattanAttention", config.tile);
-    wq_ = Matrix<T>::Zero(C, C);
-    wk_ = Matrix<T>::Zero(C, C);
-    wv_ = Matrix<T>::Zero(Cv, C);
-    wo_ = Matrix<T>::Zero(C, Cv);
-    bq_ = RowVector<T>::Zero(C);
-    bk_ = RowVector<T>::Zero(C);
-    bv_ = RowVector<T>::Zero(Cv);
-    bo_ = RowVector<T>::Zero(C);
+    const char* fn = "ManhattanAttention";
+    detail::check_masa_options(fn, config.tile);
+    if (config.mode != RmtMode::full && config.mode != RmtMode::decomposed)
+      detail::fail(fn, "mode is not one of full, decomposed");
+    if (config.gammas.empty())
+      gammas_ = rmt_gammas(config.heads, config.initial_value, config.heads_range);
+    else
+      set_gammas(config.gammas);
+    const Index C = config.embed_dim, Cv = value_dim();
+    q_proj_ = Linear<T>(C, C, true);
+    k_proj_ = Linear<T>(C, C, true);
+    v_proj_ = Linear<T>(C, Cv, true);
+    out_proj_ = Linear<T>(Cv, C, true);
     lce_w_ = Matrix<T>::Zero(Cv, 25);
     lce_b_ = RowVector<T>::Zero(Cv);
     fuse();
@@ -115,61 +125,62 @@ class ManhattanAttention {
   Index value_head_dim() const { return value_dim() / config_.heads; }
   /// gamma_h, h = 0..heads-1.
   const std::vector<double>& gammas() const { return gammas_; }
-
-  const Matrix<T>& q_weight() const { return wq_; }
-  const Matrix<T>& k_weight() const { return wk_; }
-  const Matrix<T>& v_weight() const { return wv_; }
-  const Matrix<T>& out_weight() const { return wo_; }
+  const Linear<T>& q_proj() const { return q_proj_; }
+  const Linear<T>& k_proj() const { return k_proj_; }
+  const Linear<T>& v_proj() const { return v_proj_; }
+  const Linear<T>& out_proj() const { return out_proj_; }
+  /// LCE depthwise kernel [Cv, 25] (torch's [Cv, 1, 5, 5]) and bias [Cv].
   const Matrix<T>& lce_weight() const { return lce_w_; }
+  const RowVector<T>& lce_bias() const { return lce_b_; }
 
-  /// Loads q_proj from torch arrays: weight [C, C] row-major (C * C values), bias [C].
-  template <class S>
-  void load_q_proj(const S* weight, Index weight_size, const S* bias, Index bias_size) {
-    load_raw("ManhattanAttention::load_q_proj", wq_, bq_, weight, weight_size, bias, bias_size);
-  }
-  /// Loads k_proj: weight [C, C], bias [C] (the dk^(-1/2) scaling is applied in forward, not
-  /// stored).
-  template <class S>
-  void load_k_proj(const S* weight, Index weight_size, const S* bias, Index bias_size) {
-    load_raw("ManhattanAttention::load_k_proj", wk_, bk_, weight, weight_size, bias, bias_size);
-  }
-  /// Loads v_proj: weight [Cv, C], bias [Cv].
-  template <class S>
-  void load_v_proj(const S* weight, Index weight_size, const S* bias, Index bias_size) {
-    load_raw("ManhattanAttention::load_v_proj", wv_, bv_, weight, weight_size, bias, bias_size);
-  }
-  /// Loads out_proj: weight [C, Cv], bias [C].
-  template <class S>
-  void load_out_proj(const S* weight, Index weight_size, const S* bias, Index bias_size) {
-    load_raw("ManhattanAttention::load_out_proj", wo_, bo_, weight, weight_size, bias, bias_size);
-  }
-  /// Loads the LCE convolution (torch Conv2d(Cv, Cv, 5, 1, 2, groups=Cv)): weight [Cv, 1, 5, 5],
-  /// bias [Cv].
-  template <class S>
-  void load_lce(const S* weight, Index weight_size, const S* bias, Index bias_size) {
-    load_raw("ManhattanAttention::load_lce", lce_w_, lce_b_, weight, weight_size, bias, bias_size);
+  /// Sets the per-head gammas (one per head, each in (0, 1]).
+  void set_gammas(const std::vector<double>& gammas) {
+    const char* fn = "ManhattanAttention::set_gammas";
+    if (static_cast<Index>(gammas.size()) != config_.heads)
+      detail::fail(fn, "gammas has " + std::to_string(gammas.size()) +
+                           " entries, expected heads = " + std::to_string(config_.heads));
+    for (double g : gammas) detail::check_gamma(fn, g);
+    gammas_ = gammas;
   }
 
-  /// Eigen overloads: weight [out, in] (LCE: [Cv, 25]) and bias [1, out] or [out, 1].
-  template <class W, class B>
-  void load_q_proj(const Eigen::MatrixBase<W>& weight, const Eigen::MatrixBase<B>& bias) {
-    load_dense("ManhattanAttention::load_q_proj", wq_, bq_, weight, bias);
-  }
-  template <class W, class B>
-  void load_k_proj(const Eigen::MatrixBase<W>& weight, const Eigen::MatrixBase<B>& bias) {
-    load_dense("ManhattanAttention::load_k_proj", wk_, bk_, weight, bias);
-  }
-  template <class W, class B>
-  void load_v_proj(const Eigen::MatrixBase<W>& weight, const Eigen::MatrixBase<B>& bias) {
-    load_dense("ManhattanAttention::load_v_proj", wv_, bv_, weight, bias);
-  }
-  template <class W, class B>
-  void load_out_proj(const Eigen::MatrixBase<W>& weight, const Eigen::MatrixBase<B>& bias) {
-    load_dense("ManhattanAttention::load_out_proj", wo_, bo_, weight, bias);
-  }
-  template <class W, class B>
-  void load_lce(const Eigen::MatrixBase<W>& weight, const Eigen::MatrixBase<B>& bias) {
-    load_dense("ManhattanAttention::load_lce", lce_w_, lce_b_, weight, bias);
+  /// Loads every parameter by the RMT code's names under `prefix` (e.g.
+  /// "layers.0.blocks.1.retention."): q_proj, k_proj, v_proj, out_proj (.weight [out, in],
+  /// .bias [out]) and lepe.conv (.weight [Cv, 1, 5, 5], .bias [Cv]). When `decay_name` is given
+  /// (RMT keeps it per stage, e.g. "layers.0.Relpos.decay"), that [heads] tensor holds ln gamma_h
+  /// and sets the gammas. The layer is unchanged unless everything loads.
+  template <class Source>
+  void load(const Source& source, const std::string& prefix = "",
+            const std::string& decay_name = "") {
+    const char* fn = "ManhattanAttention::load";
+    Linear<T> q = q_proj_, k = k_proj_, v = v_proj_, o = out_proj_;
+    q.load(source, prefix + "q_proj.", fn);
+    k.load(source, prefix + "k_proj.", fn);
+    v.load(source, prefix + "v_proj.", fn);
+    o.load(source, prefix + "out_proj.", fn);
+    const Index Cv = value_dim();
+    Matrix<T> lw(Cv, 25);
+    RowVector<T> lb(Cv);
+    read_tensor(fn, prefix + "lepe.conv.weight",
+                detail::require(fn, source, prefix + "lepe.conv.weight"), {Cv, 1, 5, 5},
+                lw.data());
+    read_tensor(fn, prefix + "lepe.conv.bias",
+                detail::require(fn, source, prefix + "lepe.conv.bias"), {Cv}, lb.data());
+    std::vector<double> gammas = gammas_;
+    if (!decay_name.empty()) {
+      std::vector<double> log_gamma(static_cast<std::size_t>(config_.heads));
+      read_tensor(fn, decay_name, detail::require(fn, source, decay_name), {config_.heads},
+                  log_gamma.data());
+      for (std::size_t h = 0; h < log_gamma.size(); ++h) {
+        gammas[h] = std::exp(log_gamma[h]);
+        if (!(gammas[h] > 0.0 && gammas[h] <= 1.0))
+          detail::fail(fn, "parameter '" + decay_name + "'[" + std::to_string(h) +
+                               "] = " + std::to_string(log_gamma[h]) +
+                               " is not ln gamma of a gamma in (0, 1]");
+      }
+    }
+    q_proj_ = std::move(q), k_proj_ = std::move(k), v_proj_ = std::move(v);
+    out_proj_ = std::move(o), lce_w_.swap(lw), lce_b_.swap(lb), gammas_.swap(gammas);
+    fuse();
   }
 
   /// Deterministic initialisation for examples and benchmarks: every weight and bias uniform in
@@ -182,61 +193,76 @@ class ManhattanAttention {
       for (Index i = 0; i < m.rows(); ++i)
         for (Index j = 0; j < m.cols(); ++j) m(i, j) = static_cast<T>(bound * dist(rng));
     };
-    fill(wq_, embed_dim());
-    fill(bq_, embed_dim());
-    fill(wk_, embed_dim());
-    fill(bk_, embed_dim());
-    fill(wv_, embed_dim());
-    fill(bv_, embed_dim());
-    fill(wo_, value_dim());
-    fill(bo_, value_dim());
+    for (Linear<T>* l : {&q_proj_, &k_proj_, &v_proj_, &out_proj_}) {
+      Matrix<T> w(l->out_features(), l->in_features());
+      RowVector<T> b(l->out_features());
+      fill(w, l->in_features());
+      fill(b, l->in_features());
+      l->set_weight(w);
+      l->set_bias(b);
+    }
     fill(lce_w_, 25);
     fill(lce_b_, 25);
     fuse();
   }
 
-  /// One image: x [height * width, C] in raster order -> [height * width, C].
+  /// One image: x [height * width, C] in raster order -> [height * width, C], in config().mode.
+  template <class Derived>
+  Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, Index height, Index width) const {
+    return forward(x, 1, height, width, config_.mode);
+  }
+  /// One image in the given mode.
   template <class Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, Index height, Index width,
-                    RmtMode mode = RmtMode::full) const {
+                    RmtMode mode) const {
     return forward(x, 1, height, width, mode);
   }
 
   /// A batch: x [batch * height * width, C], image b in rows [b H W, (b + 1) H W) -> [batch *
-  /// height * width, C].
+  /// height * width, C], in config().mode.
+  template <class Derived>
+  Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, Index batch, Index height,
+                    Index width) const {
+    return forward(x, batch, height, width, config_.mode);
+  }
+  /// A batch in the given mode.
   template <class Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, Index batch, Index height, Index width,
-                    RmtMode mode = RmtMode::full) const {
+                    RmtMode mode) const {
     detail::assert_same_scalar<T, typename Derived::Scalar>();
     const char* fn = "ManhattanAttention::forward";
     detail::check_positive(fn, "batch", batch);
     detail::check_positive(fn, "height", height);
     detail::check_positive(fn, "width", width);
-    const Index N = height * width, C = embed_dim(), Cv = value_dim();
-    detail::check_shape(fn, "x", x, batch * N, C);
-    // One GEMM for [q | k | v]; k's dk^(-1/2) is folded into the fused weights.
-    Matrix<T> qkv = x * w_qkv_t_;
-    qkv.rowwise() += b_qkv_;
+    if (mode != RmtMode::full && mode != RmtMode::decomposed)
+      detail::fail(fn, "mode is not one of full, decomposed");
+    const Index N = detail::checked_product(fn, "height * width", height, width);
+    const Index rows = detail::checked_product(fn, "batch * height * width", batch, N);
+    const Index C = embed_dim(), Cv = value_dim(), H = heads(), width3 = 2 * C + Cv;
+    detail::checked_product(fn, "rows * (2 C + Cv)", rows, width3);
+    detail::check_shape(fn, "x", x, rows, C);
+    // One projection into [q | k dk^-1/2 | v], q and k rotated in place by raster index.
+    Matrix<T> qkv(rows, width3);
+    fused_.forward_into(x, qkv);
     for (Index b = 0; b < batch; ++b)
-      rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);  // raster index
-    GridHeadsShape shape;
-    shape.batch = batch;
-    shape.height = height;
-    shape.width = width;
-    shape.heads = heads();
-    shape.key_dim = head_dim();
-    shape.value_dim = value_head_dim();
-    shape.qk_row_stride = shape.v_row_stride = 2 * C + Cv;
-    Matrix<T> mixed(batch * N, Cv);
+      rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);
+    std::vector<ManhattanDecay> masks;
+    masks.reserve(static_cast<std::size_t>(H));
+    for (double g : gammas_) masks.emplace_back(g, height, width);
+    const Index dk = head_dim(), dv = value_head_dim(), seq = N * width3;
     const T* base = qkv.data();
+    const HeadsView<const T> q{base, batch, N, H, dk, seq, width3, dk};
+    const HeadsView<const T> k{base + C, batch, N, H, dk, seq, width3, dk};
+    const HeadsView<const T> v{base + 2 * C, batch, N, H, dv, seq, width3, dv};
+    Matrix<T> mixed(rows, Cv);
+    const HeadsView<T> out = heads_view(mixed.data(), batch, N, H, dv);
     if (mode == RmtMode::full)
-      multi_head_masa(base, base + C, base + 2 * C, mixed.data(), shape, gammas_, config_.tile);
+      multi_head_masa(q, k, v, out, masks, config_.tile);
     else
-      multi_head_masad(base, base + C, base + 2 * C, mixed.data(), shape, gammas_, config_.tile);
-    mixed += local_context_enhancement(qkv.rightCols(Cv), batch, height, width, lce_w_, lce_b_);
-    Matrix<T> y = mixed * wo_.transpose();
-    y.rowwise() += bo_;
-    return y;
+      multi_head_masad(q, k, v, out, masks, config_.tile);
+    mixed += local_context_enhancement(qkv.rightCols(Cv), batch, height, width, lce_w_,
+                                       lce_b_);
+    return out_proj_.forward(mixed);
   }
 
  private:
@@ -245,6 +271,9 @@ class ManhattanAttention {
     detail::check_positive(fn, "embed_dim", c.embed_dim);
     detail::check_positive(fn, "heads", c.heads);
     detail::check_positive(fn, "value_factor", c.value_factor);
+    detail::checked_product(fn, "value_factor * embed_dim", c.value_factor, c.embed_dim);
+    detail::checked_product(fn, "embed_dim * value_factor * embed_dim", c.embed_dim,
+                            c.value_factor * c.embed_dim);
     if (c.embed_dim % c.heads != 0)
       detail::fail(fn, "embed_dim " + std::to_string(c.embed_dim) + " is not divisible by heads " +
                            std::to_string(c.heads));
@@ -254,59 +283,19 @@ class ManhattanAttention {
     return dk;
   }
 
-  template <class S>
-  void load_raw(const char* fn, Matrix<T>& w, RowVector<T>& b, const S* weight, Index weight_size,
-                const S* bias, Index bias_size) {
-    detail::assert_scalar<S>();
-    if (!weight || !bias) detail::fail(fn, "null weight or bias pointer");
-    if (weight_size != w.size())
-      detail::fail(fn, "weight has " + std::to_string(weight_size) + " values, expected " +
-                           detail::shape_string(w.rows(), w.cols()) + " = " +
-                           std::to_string(w.size()));
-    if (bias_size != b.size())
-      detail::fail(fn, "bias has " + std::to_string(bias_size) + " values, expected " +
-                           std::to_string(b.size()));
-    const Eigen::Map<const Matrix<S>> wm(weight, w.rows(), w.cols());
-    w = wm.template cast<T>();
-    b = Eigen::Map<const RowVector<S>>(bias, b.size()).template cast<T>();
-    fuse();
-  }
-
-  template <class W, class B>
-  void load_dense(const char* fn, Matrix<T>& w, RowVector<T>& b, const Eigen::MatrixBase<W>& weight,
-                  const Eigen::MatrixBase<B>& bias) {
-    detail::assert_scalar<typename W::Scalar>();
-    detail::check_shape(fn, "weight", weight, w.rows(), w.cols());
-    if (!((bias.rows() == 1 && bias.cols() == b.size()) ||
-          (bias.cols() == 1 && bias.rows() == b.size())))
-      detail::fail(fn, "bias is " + detail::shape_string(bias.rows(), bias.cols()) +
-                           ", expected [1 x " + std::to_string(b.size()) + "]");
-    w = weight.template cast<T>();
-    for (Index i = 0; i < b.size(); ++i)
-      b(i) = static_cast<T>(bias.rows() == 1 ? bias(0, i) : bias(i, 0));
-    fuse();
-  }
-
-  /// Rebuilds the fused [C, 2C + Cv] projection (transposed, so x * W is a row-major GEMM) and its
-  /// bias.
+  /// The fused [q | k dk^-1/2 | v] projection.
   void fuse() {
-    const Index C = embed_dim(), Cv = value_dim();
-    const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim())));
-    w_qkv_t_.resize(C, 2 * C + Cv);
-    w_qkv_t_.leftCols(C) = wq_.transpose();
-    w_qkv_t_.middleCols(C, C) = wk_.transpose() * scale;
-    w_qkv_t_.rightCols(Cv) = wv_.transpose();
-    b_qkv_.resize(2 * C + Cv);
-    b_qkv_ << bq_, bk_ * scale, bv_;
+    fused_ = Linear<T>::concat({{&q_proj_, 1.0},
+                                {&k_proj_, 1.0 / std::sqrt(static_cast<double>(head_dim()))},
+                                {&v_proj_, 1.0}});
   }
 
   ManhattanAttentionConfig config_;
   ThetaShift rotation_;
   std::vector<double> gammas_;
-  Matrix<T> wq_, wk_, wv_, wo_, lce_w_;
-  RowVector<T> bq_, bk_, bv_, bo_, lce_b_;
-  Matrix<T> w_qkv_t_;
-  RowVector<T> b_qkv_;
+  Linear<T> q_proj_, k_proj_, v_proj_, out_proj_, fused_;
+  Matrix<T> lce_w_;
+  RowVector<T> lce_b_;
 };
 
 }  // namespace retention

@@ -1,0 +1,199 @@
+// retention::detail: the MaSA tile driver (docs/math.md §4): for each query tile, logits + ln D by
+// the tile kernels, an online softmax over key tiles (running row max and sum), P V accumulated;
+// extra memory O(N d + tile), never [N, N]. Any separable 2-D mask (ManhattanDecay,
+// QuadrantCausalDecay) supplies ln D through its two axis masks.
+#pragma once
+
+#include <retention/core.hpp>
+#include <retention/decay.hpp>
+#include <retention/detail/manhattan/tile_kernels.hpp>
+#include <retention/detail/threading.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace retention {
+
+/// Tiling and threading of masa / masad. Any tile sizes >= 1 give the same result up to rounding.
+struct MasaOptions {
+  /// Queries per tile (rows of the logit tile).
+  Index query_tile = 64;
+  /// Keys per tile (columns of the logit tile); a tile of logits is query_tile x key_tile values.
+  Index key_tile = 256;
+  /// Threads for a single-head call made outside a parallel region; 0 = OpenMP's default,
+  /// 1 = serial; capped by the work (detail/threading.hpp).
+  int threads = 0;
+};
+
+namespace detail {
+
+template <class T>
+using MasaConstRef = Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>>;
+template <class T>
+using MasaMap = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
+
+/// ln D of a stationary 1-D axis mask (D depends on n - m only, as causal and symmetric masks do)
+/// at signed offset s = n - m, read from the axis' own [L, L] log tile.
+template <class T>
+T axis_log_weight(const Matrix<T>& tile, Index s) {
+  return s >= 0 ? tile(s, 0) : tile(0, -s);
+}
+
+/// columns past N (key tiles in whole SIMD packets), and V with its columns padded to a packet
+/// multiple when dv needs it.
+template <class T>
+struct MasaOperands {
+  Matrix<T> q, kt, v;
+  const T* v_data = nullptr;
+  Index ldv = 0, dvp = 0;
+  // ln D of a key tile starting at m0 = a W + b, as two small periodic tables (Manhattan =
+  // symmetric_H (x) symmetric_W, SPEC 1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n - a + H -
+  // 1, b + j), with log_x[x][c] = |x - c mod W| ln gamma  [W, W + key columns] and log_y[dy + H -
+  // 1][c] = |dy - floor(c / W)| ln gamma  [2H - 1, W + key columns]. O(H (W + key_tile)) values
+  // instead of a [query_tile, key_tile] tile rebuilt for every pair of tiles.
+  Matrix<T> log_x, log_y;
+};
+
+template <class T>
+struct MasaWorkspace {
+  Matrix<T> logits;  // [query rows, key columns] padded, then the tile's probabilities
+  Matrix<T> acc;     // [query rows, dvp] unnormalised output
+  Vector<T> row_max, row_sum, rescale, tile_max;
+  std::vector<const T*> lx_rows,
+      ly_rows;  // per query row: where its ln D terms start in the tables
+};
+
+/// One query tile [n0, n0 + rows) of MaSA, written to out.middleRows(n0, rows): for each key tile,
+/// logits
+/// + ln D by the micro-kernel (ln D as its initial value, the tile's row max on the way out),
+/// online softmax (running row max and sum), then acc = rescale * acc + P V by the attend kernel.
+template <class T>
+void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, Index height,
+                     Index width, Index key_tile, Index n0, Index rows, MasaWorkspace<T>& ws,
+                     MasaMap<T>& out) {
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  using Pk = Eigen::Array<T, P, 1>;
+  const Index rows_r = masa_round_up(rows, R), lds = ws.logits.cols(), lda = ws.acc.cols();
+  const Index ldk = ops.kt.cols(), ldx = ops.log_x.cols(), ldy = ops.log_y.cols();
+  T* s = ws.logits.data();
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (Index m0 = 0; m0 < N; m0 += key_tile) {
+    const Index cols = std::min(key_tile, N - m0), a = m0 / width, b = m0 % width;
+    for (Index i = 0; i < rows_r; ++i) {
+      // Rows past the tile's end (the kernel works in whole row blocks) reuse the last row's terms.
+      const Index n = n0 + std::min(i, rows - 1), yn = n / width, xn = n % width;
+      ws.lx_rows[static_cast<std::size_t>(i)] = ops.log_x.data() + xn * ldx + b;
+      ws.ly_rows[static_cast<std::size_t>(i)] = ops.log_y.data() + (yn - a + height - 1) * ldy + b;
+    }
+    const T* const* lx = ws.lx_rows.data();
+    const T* const* ly = ws.ly_rows.data();
+    masa_logits_kernel<T>(
+        ops.q.data() + n0 * dk, dk, ops.kt.data() + m0, ldk, dk,
+        [lx, ly](Index i, Index j0) {
+          return Pk(Eigen::Map<const Pk>(lx[i] + j0) + Eigen::Map<const Pk>(ly[i] + j0));
+        },
+        s, lds, rows_r, cols, ws.tile_max.data());
+    const Index cols_p = masa_round_up(cols, P);
+    for (Index i = 0; i < rows; ++i) {
+      T* s_row = s + i * lds;
+      // Online softmax: rescale what was accumulated under the old max (folded into the attend
+      // kernel's load). The new max is taken first, so exp never overflows; exp(-inf) = 0 on the
+      // first tile.
+      const T m_new = std::max(ws.row_max(i), ws.tile_max(i));
+      if (m_new == neg_inf) {  // every key so far masked out: weights 0, not NaN
+        std::fill(s_row, s_row + cols_p, T(0));
+        ws.rescale(i) = T(1);
+        continue;
+      }
+      ws.rescale(i) = std::exp(ws.row_max(i) - m_new);
+      ws.row_sum(i) = ws.row_sum(i) * ws.rescale(i) + masa_exp_sum(s_row, cols_p, m_new);
+      ws.row_max(i) = m_new;
+    }
+    // Rows past the tile's end belong to no query: keep them finite and zero.
+    for (Index i = rows; i < rows_r; ++i) {
+      std::fill(s + i * lds, s + i * lds + cols, T(0));
+      ws.rescale(i) = T(0);
+    }
+    masa_attend_kernel<T>(s, lds, ops.v_data + m0 * ops.ldv, ops.ldv, cols,
+                          m0 == 0 ? nullptr : ws.rescale.data(), ws.acc.data(), lda, rows_r,
+                          ops.dvp);
+  }
+  for (Index i = 0; i < rows; ++i)
+    out.row(n0 + i) =
+        Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(ws.acc.data() + i * lda, dv) /
+        ws.row_sum(i);
+}
+
+template <class T, class Mask2D>
+void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
+                    const Mask2D& decay, MasaMap<T> out, const MasaOptions& options) {
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
+  const Index H = decay.height(), W = decay.width();
+  const Index bq = std::min(options.query_tile, N), bk = std::min(options.key_tile, N);
+  MasaOperands<T> ops;
+  {
+    // Both axes' factors come from the decay's own tiles (no gamma formula here); table column c
+    // stands for key offset c from the start of a grid row.
+    const Index span = W + masa_round_up(bk, P);
+    const Matrix<T> lx = decay.column_axis().template log_weights<T>(0, W, 0, W);
+    const Matrix<T> ly = decay.row_axis().template log_weights<T>(0, H, 0, H);
+    ops.log_x.resize(W, span);
+    for (Index x = 0; x < W; ++x)
+      for (Index c = 0; c < span; ++c) ops.log_x(x, c) = lx(x, c % W);
+    ops.log_y.resize(2 * H - 1, span);
+    for (Index dy = -(H - 1); dy < H; ++dy)
+      for (Index c = 0; c < span; ++c) {
+        // Signed row offset dy - c / W; past the grid (c / W >= H) the value is never used
+        // unmasked, so it is clamped into the table.
+        const Index s = std::max<Index>(std::min<Index>(dy - c / W, H - 1), -(H - 1));
+        ops.log_y(dy + H - 1, c) = axis_log_weight(ly, s);
+      }
+  }
+  ops.q.resize(N + R, dk);
+  masa_copy_rows(Q.data(), Q.outerStride(), N, dk, ops.q.data(), dk);
+  ops.q.bottomRows(R).setZero();
+  ops.kt.resize(dk, N + P);
+  transpose_rows(K.data(), K.outerStride(), N, dk, ops.kt.data(), N + P);
+  ops.dvp = masa_round_up(dv, P);
+  if (ops.dvp == dv) {  // V is read in place
+    ops.v_data = V.data();
+    ops.ldv = V.outerStride();
+  } else {
+    ops.v.resize(N, ops.dvp);
+    masa_copy_rows(V.data(), V.outerStride(), N, dv, ops.v.data(), ops.dvp);
+    ops.v_data = ops.v.data();
+    ops.ldv = ops.dvp;
+  }
+  const Index tiles = (N + bq - 1) / bq;
+  const double work =
+      2.0 * static_cast<double>(N) * static_cast<double>(N) * static_cast<double>(dk + dv);
+  const int team = team_size(options.threads, tiles, work);
+  for_each_with_workspace(
+      team, tiles,
+      [&]() {
+        const Index bqr = masa_round_up(bq, R);
+        MasaWorkspace<T> ws;
+        ws.logits.resize(bqr, masa_round_up(bk, P));
+        ws.acc.resize(bqr, ops.dvp);
+        ws.row_max.resize(bqr);
+        ws.row_sum.resize(bqr);
+        ws.rescale.resize(bqr);
+        ws.tile_max.resize(bqr);
+        ws.lx_rows.resize(static_cast<std::size_t>(bqr));
+        ws.ly_rows.resize(static_cast<std::size_t>(bqr));
+        return ws;
+      },
+      [&](Index t, MasaWorkspace<T>& ws) {
+        const Index n0 = t * bq;
+        ws.row_max.setConstant(-std::numeric_limits<T>::infinity());
+        ws.row_sum.setZero();
+        masa_query_tile<T>(ops, N, dk, dv, H, W, bk, n0, std::min(bq, N - n0), ws, out);
+      });
+}
+
+
+}  // namespace detail
+}  // namespace retention

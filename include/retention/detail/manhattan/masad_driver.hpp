@@ -1,0 +1,385 @@
+// retention::detail: the MaSAD driver (docs/math.md §4): a softmax attention along every grid row
+// (into u), then along every grid column (reading u), per head, with the line kernels; lines are
+// scheduled over threads so that a unit's column lines start as soon as its own rows are done.
+#pragma once
+
+#include <retention/core.hpp>
+#include <retention/decay.hpp>
+#include <retention/detail/manhattan/line_kernels.hpp>
+#include <retention/detail/manhattan/tile_kernels.hpp>
+#include <retention/detail/simd/transpose.hpp>
+#include <retention/detail/threading.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+namespace retention {
+namespace detail {
+
+/// Per-thread buffers of MaSAD's line attentions, sized for the longest line.
+template <class T>
+struct MasadWorkspace {
+  Matrix<T> q;        // [L rounded to row blocks, dk] the line's queries, zero rows past L
+  Matrix<T> kt;       // [dk, L rounded to packets] the line's keys transposed, zero past L
+  Matrix<T> v;        // [L, dvp] the line's values, dense and zero-padded to whole packets
+  Matrix<T> logits;   // [rows, cols] logits, then probabilities
+  Matrix<T> acc;      // [rows, dvp] unnormalised output (lines too long for the fused kernels)
+  Vector<T> row_max;  // [rows] logit row maxima
+  Vector<T> inv_sum;  // [rows] 1 / softmax row sums
+};
+
+/// Line buffers for lines of up to `side` tokens.
+template <class T>
+MasadWorkspace<T> masad_workspace(Index side, Index dk, Index dv) {
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  const Index dvp = masa_round_up(dv, P), rows = masa_round_up(side, R);
+  MasadWorkspace<T> ws;
+  ws.q.resize(rows, dk);
+  ws.kt.resize(dk, masa_round_up(side, P));
+  ws.v.resize(side, dvp);
+  ws.logits.resize(rows, masa_round_up(side, P));
+  ws.acc.resize(rows, dvp);
+  ws.row_max.resize(rows);
+  ws.inv_sum.resize(rows);
+  return ws;
+}
+
+/// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the
+/// line is row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart. out[j,
+/// :] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's [L, L] symmetric
+/// log-weight tile padded with zeros to the kernels' block sizes.
+template <class T>
+void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
+                Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out, Index out_step,
+                MasadWorkspace<T>& ws) {
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
+  const Index lds = ws.logits.cols(), lda = ws.acc.cols(), ldk = ws.kt.cols();
+  // The logit kernel reads whole blocks of rows: a line of whole blocks is read in place, a ragged
+  // one is copied and padded with zero queries.
+  const T* qq = q;
+  Index ldq = q_step;
+  if (Lr != L) {
+    masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
+    std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
+    qq = ws.q.data();
+    ldq = dk;
+  }
+  transpose_rows(k, k_step, L, dk, ws.kt.data(), ldk);
+  T* s = ws.logits.data();
+  // The padded log-weight columns are -inf, so padding logits are -inf: they never win the max and
+  // weigh 0.
+  using Pk = Eigen::Array<T, P, 1>;
+  const T* lw = log_w.data();
+  const Index ldl = log_w.cols();
+  masa_logits_kernel<T>(
+      qq, ldq, ws.kt.data(), ldk, dk,
+      [lw, ldl](Index i, Index j0) { return Pk(Eigen::Map<const Pk>(lw + i * ldl + j0)); }, s, lds,
+      Lr, L, ws.row_max.data());
+  for (Index i = 0; i < L; ++i) {
+    const T sum = masa_exp_sum(s + i * lds, Lp, ws.row_max(i));
+    ws.inv_sum(i) = sum > T(0) ? T(1) / sum : T(0);  // 0 only if every logit were -inf
+  }
+  const T* vv = v;
+  Index ldv = v_step;
+  if (dvp != dv) {
+    masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
+    vv = ws.v.data();
+    ldv = dvp;
+  }
+  // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
+  masa_attend_kernel<T>(s, lds, vv, ldv, L, nullptr, ws.acc.data(), lda, Lr, dvp);
+  for (Index i = 0; i < L; ++i) {
+    const T* a = ws.acc.data() + i * lda;
+    T* o = out + i * out_step;
+    const T f = ws.inv_sum(i);
+    for (Index c = 0; c < dv; ++c) o[c] = a[c] * f;
+  }
+}
+
+/// Whether a line of L tokens goes through the fused kernels.
+template <class T>
+constexpr bool masad_fused_line(Index L) {
+#if defined(RETENTION_MASAD_FUSED_LINES)
+  return L <= MasadPacket<T>::max_line;
+#else
+  (void)L;
+  return false;
+#endif
+}
+
+/// The same line attention as masad_line through the fused kernels of masa_line_kernels.hpp, for
+/// lines of at most MasadPacket<T>::max_line tokens. Queries are read in place (each is read once
+/// per block of rows) unless the line is not whole row blocks; keys are transposed and values
+/// copied into the line buffers first: the kernels sweep them once per block of rows, and read in
+/// place at a grid's strides those sweeps would keep evicting each other from L1. The copy of v
+/// also lets out alias v.
+template <class T>
+void masad_line_fused(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
+                      Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out,
+                      Index out_step, MasadWorkspace<T>& ws) {
+#if defined(RETENTION_MASAD_FUSED_LINES)
+  constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
+  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
+  const T* qq = q;
+  Index ldq = q_step;
+  if (Lr != L) {
+    masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
+    std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
+    qq = ws.q.data();
+    ldq = dk;
+  }
+  transpose_rows(k, k_step, L, dk, ws.kt.data(), ws.kt.cols());
+  masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
+  masad_softmax_line<T>(Lp / P, qq, ldq, dk, ws.kt.data(), ws.kt.cols(), log_w.data(), log_w.cols(),
+                        ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());
+  // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
+  masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), ws.v.data(), dvp, L, ws.inv_sum.data(),
+                       out, out_step, Lr, L, dv, dvp);
+#else
+  masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, out, out_step, ws);
+#endif
+}
+
+/// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to
+/// packets]: padding columns -inf (they must weigh 0 and never be a row's max), padding rows 0
+/// (finite, dropped).
+template <class T, class Axis>
+Matrix<T> masad_log_tile(const Axis& axis, Index L) {
+  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaKernelShape<T>::rows),
+                                masa_round_up(L, MasaKernelShape<T>::width));
+  w.rightCols(w.cols() - L).setConstant(-std::numeric_limits<T>::infinity());
+  axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
+  return w;
+}
+
+/// Where the operands of a MaSAD call live: head h of image b's token n = y W + x starts at
+/// q + b bq + n ldq + h hq (likewise k, v, out).
+template <class T>
+struct MasadGrid {
+  const T* q = nullptr;
+  const T* k = nullptr;
+  const T* v = nullptr;
+  T* out = nullptr;
+  Index ldq = 0, ldk = 0, ldv = 0, ldo = 0;  // between consecutive tokens
+  Index hq = 0, hk = 0, hv = 0, ho = 0;      // between consecutive heads
+  Index bq = 0, bk = 0, bv = 0, bo = 0;      // between consecutive images
+  Index batch = 1, height = 0, width = 0, heads = 1, dk = 0, dv = 0;
+};
+
+/// Asks for `rows` rows of `cols` elements, `step` elements apart, to be brought into L2 (a line of
+/// all heads is larger than L1).
+template <class T>
+void masad_prefetch_rows(const T* p, Index step, Index rows, Index cols) {
+#if defined(__GNUC__) || defined(__clang__)
+  constexpr Index line = static_cast<Index>(64 / sizeof(T));
+  for (Index i = 0; i < rows; ++i) {
+    const T* r = p + i * step;
+    for (Index c = 0; c < cols; c += line) __builtin_prefetch(r + c, 0, 2);
+    __builtin_prefetch(r + cols - 1, 0, 2);
+  }
+#else
+  (void)p;
+  (void)step;
+  (void)rows;
+  (void)cols;
+#endif
+}
+
+/// MaSAD of every (image, head) of a grid (SPEC 4): for each image, every head's attention along
+/// each grid row, writing u into out, then along each grid column, reading u from out and
+/// overwriting it with the result. u lives in out itself: each line attention copies (fused) or
+/// reads into its accumulators (tiled) all its values before it writes its own rows, and the lines
+/// of one pass touch disjoint rows.
+///
+/// Threads take whole lines, each line for all heads of a head group in turn (all heads when
+/// serial, half of them with a team): a line of a [.., heads * d] buffer is then one contiguous
+/// block (a row line) or H blocks of heads * d (a column line), which the
+/// hardware prefetchers stream and the TLB covers, where one head's line is a 256-byte piece of
+/// every token's row (measured at 56 x 56, 8 heads, d = 64: a head at a time spent about a third
+/// of its time waiting on those pieces). Each line's whole block is prefetched in one sequential
+/// sweep before its first head: the kernels' own reads, a head at a time, leave the hardware
+/// prefetchers too little to follow (the same measurement: 1.60 against 1.80 ms per head).
+template <class T, class Mask2D>
+void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int threads) {
+  const Index H = g.height, W = g.width, N = H * W, heads = g.heads, dk = g.dk, dv = g.dv;
+  std::vector<Matrix<T>> log_x, log_y;
+  log_x.reserve(static_cast<std::size_t>(heads));
+  log_y.reserve(static_cast<std::size_t>(heads));
+  for (Index h = 0; h < heads; ++h) {
+    const Mask2D& mask = masks[static_cast<std::size_t>(h)];
+    log_x.push_back(masad_log_tile<T>(mask.column_axis(), W));
+    log_y.push_back(masad_log_tile<T>(mask.row_axis(), H));
+  }
+  const auto line = [&](const T* q, Index q_step, const T* k, Index k_step, const T* v,
+                        Index v_step, Index L, const Matrix<T>& log_w, T* o, Index o_step,
+                        MasadWorkspace<T>& ws) {
+    if (masad_fused_line<T>(L))
+      masad_line_fused<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
+    else
+      masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
+  };
+  const double work = 2.0 * static_cast<double>(g.batch * heads * N) * static_cast<double>(H + W) *
+                      static_cast<double>(dk + dv);
+  const int team = team_size(threads, g.batch * std::max(H, W), work);
+  // Units of work: image b's heads [h0, h0 + group). With a team, two groups per image when there
+  // are two heads or more, so that a thread that finishes one group's rows goes on to the next
+  // group's rows instead of waiting for the last row line of the first (see the schedule below).
+  const Index group = team > 1 && heads >= 2 ? (heads + 1) / 2 : heads;
+  const Index groups = (heads + group - 1) / group;
+  const Index units = g.batch * groups;
+  const auto unit_heads = [&](Index u, Index& b, Index& h0, Index& h1) {
+    b = u / groups;
+    h0 = (u % groups) * group;
+    h1 = std::min(heads, h0 + group);
+  };
+  // Span in elements of heads [h0, h1) of one token's row (for the prefetcher).
+  const auto span = [](Index h0, Index h1, Index head_stride, Index d) {
+    return (h1 - h0 - 1) * head_stride + d;
+  };
+  // Grid row y of unit u: tokens [y W, y W + W), consecutive rows.
+  const auto row = [&](Index u, Index y, MasadWorkspace<T>& ws) {
+    Index b = 0, h0 = 0, h1 = 0;
+    unit_heads(u, b, h0, h1);
+    const T* q = g.q + b * g.bq + y * W * g.ldq;
+    const T* k = g.k + b * g.bk + y * W * g.ldk;
+    const T* v = g.v + b * g.bv + y * W * g.ldv;
+    T* o = g.out + b * g.bo + y * W * g.ldo;
+    masad_prefetch_rows(q + h0 * g.hq, g.ldq, W, span(h0, h1, g.hq, dk));
+    masad_prefetch_rows(k + h0 * g.hk, g.ldk, W, span(h0, h1, g.hk, dk));
+    masad_prefetch_rows(v + h0 * g.hv, g.ldv, W, span(h0, h1, g.hv, dv));
+    for (Index h = h0; h < h1; ++h)
+      line(q + h * g.hq, g.ldq, k + h * g.hk, g.ldk, v + h * g.hv, g.ldv, W,
+           log_x[static_cast<std::size_t>(h)], o + h * g.ho, g.ldo, ws);
+  };
+  // Grid column x of unit u: tokens x, x + W, ..., every W-th row; u is read from out.
+  const auto column = [&](Index u, Index x, MasadWorkspace<T>& ws) {
+    Index b = 0, h0 = 0, h1 = 0;
+    unit_heads(u, b, h0, h1);
+    const T* q = g.q + b * g.bq + x * g.ldq;
+    const T* k = g.k + b * g.bk + x * g.ldk;
+    T* o = g.out + b * g.bo + x * g.ldo;
+    masad_prefetch_rows(q + h0 * g.hq, W * g.ldq, H, span(h0, h1, g.hq, dk));
+    masad_prefetch_rows(k + h0 * g.hk, W * g.ldk, H, span(h0, h1, g.hk, dk));
+    masad_prefetch_rows<T>(o + h0 * g.ho, W * g.ldo, H, span(h0, h1, g.ho, dv));
+    for (Index h = h0; h < h1; ++h) {
+      T* oh = o + h * g.ho;
+      line(q + h * g.hq, W * g.ldq, k + h * g.hk, W * g.ldk, oh, W * g.ldo, H,
+           log_y[static_cast<std::size_t>(h)], oh, W * g.ldo, ws);
+    }
+  };
+  // The schedule: phases rows(0), rows(1), columns(0), rows(2), columns(1), ..., columns(last),
+  // each phase H row lines or W column lines. A unit's columns need all of its rows done; placed
+  // one phase late, they find them done unless a thread holding one of those rows was held up
+  // (on a shared machine, descheduled), and only then wait. A barrier between a rows pass and a
+  // columns pass would wait at every call: the measured cost on a loaded 2-core machine was 2.5x.
+  const Index phases = 2 * units;
+  const auto phase_of = [&](Index p, Index& u, bool& is_row) {
+    if (p == 0) {
+      u = 0, is_row = true;
+    } else if (p == phases - 1) {
+      u = units - 1, is_row = false;
+    } else {
+      is_row = p % 2 == 1;
+      u = is_row ? (p + 1) / 2 : p / 2 - 1;
+    }
+  };
+  const auto make = [&] { return masad_workspace<T>(std::max(H, W), dk, dv); };
+  if (team > 1) {
+    // Lines are handed out one at a time from one counter over all phases (tasks [0, H) of
+    // phase 0, then phase 1, ...); rows_done[u] counts unit u's finished row lines. A column line
+    // whose unit still has rows in flight blocks on a condition variable (never spins: the thread
+    // it waits for may be the one that needs this core).
+    std::vector<Index> start(static_cast<std::size_t>(phases + 1), 0);
+    for (Index p = 0; p < phases; ++p) {
+      Index u = 0;
+      bool is_row = false;
+      phase_of(p, u, is_row);
+      start[static_cast<std::size_t>(p + 1)] =
+          start[static_cast<std::size_t>(p)] + (is_row ? H : W);
+    }
+    const Index tasks = start.back();
+    std::atomic<Index> next{0};
+    std::vector<Index> rows_done(static_cast<std::size_t>(units), 0);
+    std::mutex mutex;
+    std::condition_variable rows_finished;
+    bool failed = false;  // guarded by mutex: a failed line releases every waiter
+    parallel_region(team, [&](int, int) {
+      try {
+        MasadWorkspace<T> ws = make();
+        Index p = 0;
+        for (Index t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+             t = next.fetch_add(1, std::memory_order_relaxed)) {
+          while (start[static_cast<std::size_t>(p + 1)] <= t) ++p;  // tasks are taken in order
+          Index u = 0;
+          bool is_row = false;
+          phase_of(p, u, is_row);
+          const Index i = t - start[static_cast<std::size_t>(p)];
+          const std::size_t us = static_cast<std::size_t>(u);
+          if (is_row) {
+            row(u, i, ws);
+            std::lock_guard<std::mutex> lock(mutex);
+            if (++rows_done[us] == H) rows_finished.notify_all();
+          } else {
+            {
+              std::unique_lock<std::mutex> lock(mutex);
+              rows_finished.wait(lock, [&] { return failed || rows_done[us] == H; });
+              if (failed) return;
+            }
+            column(u, i, ws);
+          }
+        }
+      } catch (...) {
+        {
+          std::lock_guard<std::mutex> lock(mutex);
+          failed = true;
+        }
+        rows_finished.notify_all();
+        throw;
+      }
+    });
+    return;
+  }
+  MasadWorkspace<T> ws = make();
+  for (Index p = 0; p < phases; ++p) {
+    Index u = 0;
+    bool is_row = false;
+    phase_of(p, u, is_row);
+    if (is_row)
+      for (Index y = 0; y < H; ++y) row(u, y, ws);
+    else
+      for (Index x = 0; x < W; ++x) column(u, x, ws);
+  }
+}
+
+template <class T, class Mask2D>
+void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
+                     const Mask2D& mask, MasaMap<T> out, int threads) {
+  const Index H = mask.height(), W = mask.width();
+  MasadGrid<T> g;
+  g.q = Q.data();
+  g.k = K.data();
+  g.v = V.data();
+  g.out = out.data();
+  g.ldq = Q.outerStride();
+  g.ldk = K.outerStride();
+  g.ldv = V.outerStride();
+  g.ldo = out.outerStride();
+  g.hq = g.hk = Q.cols();
+  g.hv = g.ho = V.cols();
+  g.batch = 1;
+  g.height = H;
+  g.width = W;
+  g.heads = 1;
+  g.dk = Q.cols();
+  g.dv = V.cols();
+  masad_grid<T>(g, std::vector<Mask2D>{mask}, threads);
+}
+
+}  // namespace detail
+}  // namespace retention

@@ -1,0 +1,122 @@
+// retention: Linear, the one affine map every layer uses: y = x W^T + b with W in torch's [out, in]
+// layout, loadable by name ("<prefix>weight", "<prefix>bias") from any parameter source.
+#pragma once
+
+#include <retention/core.hpp>
+#include <retention/nn/parameters.hpp>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace retention {
+
+template <class T>
+class Linear {
+ public:
+  Linear() = default;
+  /// Zero weight [out, in] (and zero bias [out] when `bias`).
+  Linear(Index in_features, Index out_features, bool bias)
+      : weight_(zero_weight(in_features, out_features)), has_bias_(bias) {
+    detail::assert_scalar<T>();
+    if (bias) bias_ = RowVector<T>::Zero(out_features);
+  }
+
+  Index in_features() const { return weight_.cols(); }
+  Index out_features() const { return weight_.rows(); }
+  bool has_bias() const { return has_bias_; }
+  /// W [out, in] (torch layout).
+  const Matrix<T>& weight() const { return weight_; }
+  /// b [out]; empty without bias.
+  const RowVector<T>& bias() const { return bias_; }
+
+  /// Sets W from any [out, in] matrix expression (converted to T).
+  template <class D>
+  void set_weight(const Eigen::MatrixBase<D>& w) {
+    detail::check_shape("Linear::set_weight", "weight", w, out_features(), in_features());
+    weight_ = w.template cast<T>();
+  }
+  /// Sets b from any vector expression of out entries (row or column).
+  template <class D>
+  void set_bias(const Eigen::MatrixBase<D>& b) {
+    const char* fn = "Linear::set_bias";
+    if (!has_bias_) detail::fail(fn, "this Linear has no bias");
+    if (!(b.rows() == 1 || b.cols() == 1) || b.size() != out_features())
+      detail::fail(fn, "bias is " + detail::shape_string(b.rows(), b.cols()) + ", expected [1 x " +
+                           std::to_string(out_features()) + "]");
+    for (Index i = 0; i < b.size(); ++i)
+      bias_(i) = static_cast<T>(b.rows() == 1 ? b(0, i) : b(i, 0));
+  }
+
+  /// Reads "<prefix>weight" [out, in] and, when the layer has a bias, "<prefix>bias" [out] from a
+  /// source with find(name) -> const TensorRef* (ParameterMap, a safetensors file). `fn` names the
+  /// public call in errors. Nothing changes unless both are read successfully.
+  template <class Source>
+  void load(const Source& source, const std::string& prefix, const char* fn = "Linear::load") {
+    Matrix<T> w(out_features(), in_features());
+    read_tensor(fn, prefix + "weight", detail::require(fn, source, prefix + "weight"),
+                {out_features(), in_features()}, w.data());
+    RowVector<T> b;
+    if (has_bias_) {
+      b.resize(out_features());
+      read_tensor(fn, prefix + "bias", detail::require(fn, source, prefix + "bias"),
+                  {out_features()}, b.data());
+    }
+    weight_.swap(w);
+    if (has_bias_) bias_.swap(b);
+  }
+
+  /// y = x W^T + b into y [rows, out] (y must not overlap x).
+  template <class DX, class DY>
+  void forward_into(const Eigen::MatrixBase<DX>& x, DY&& y) const {
+    y.noalias() = x * weight_.transpose();
+    if (has_bias_) y.rowwise() += bias_;
+  }
+  /// y = x W^T + b; x [rows, in] -> [rows, out].
+  template <class DX>
+  Matrix<T> forward(const Eigen::MatrixBase<DX>& x) const {
+    detail::check_shape("Linear::forward", "x", x, -1, in_features());
+    Matrix<T> y(x.rows(), out_features());
+    forward_into(x, y);
+    return y;
+  }
+
+  /// One Linear whose outputs are the given Linears' outputs side by side, each scaled by its
+  /// factor (e.g. [q | k dk^-1/2 | v]); all must share in_features and have a bias or not alike.
+  static Linear concat(const std::vector<std::pair<const Linear*, double>>& parts) {
+    const char* fn = "Linear::concat";
+    if (parts.empty()) detail::fail(fn, "no parts");
+    Index out = 0;
+    const Index in = parts.front().first->in_features();
+    const bool bias = parts.front().first->has_bias();
+    for (const auto& p : parts) {
+      if (p.first->in_features() != in || p.first->has_bias() != bias)
+        detail::fail(fn, "parts differ in in_features or bias");
+      out += p.first->out_features();
+    }
+    Linear r(in, out, bias);
+    Index row = 0;
+    for (const auto& p : parts) {
+      const Index n = p.first->out_features();
+      r.weight_.middleRows(row, n) = p.first->weight_ * static_cast<T>(p.second);
+      if (bias) r.bias_.segment(row, n) = p.first->bias_ * static_cast<T>(p.second);
+      row += n;
+    }
+    return r;
+  }
+
+ private:
+  // Sizes are checked before anything is allocated.
+  static Matrix<T> zero_weight(Index in, Index out) {
+    detail::check_positive("Linear", "in_features", in);
+    detail::check_positive("Linear", "out_features", out);
+    detail::checked_product("Linear", "out_features * in_features", out, in);
+    return Matrix<T>::Zero(out, in);
+  }
+
+  Matrix<T> weight_;
+  RowVector<T> bias_;
+  bool has_bias_ = false;
+};
+
+}  // namespace retention

@@ -1,0 +1,185 @@
+// Exceptions and failed calls: an exception thrown on any thread reaches the caller, and a failed
+// prefill / step / forward leaves every state exactly as it was (strong guarantee). Allocation
+// failures are injected by interposing malloc: the n-th allocation of a call fails, for every n
+// until the call succeeds.
+#include <retention/retention.hpp>
+
+#include "support/test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+void __libc_free(void*);
+}
+
+namespace {
+std::atomic<long> g_countdown{-1};  // < 0: never fail; 0: fail this and every later allocation
+bool fail_now() {
+  long c = g_countdown.load(std::memory_order_relaxed);
+  while (c >= 0) {
+    if (c == 0) return true;
+    if (g_countdown.compare_exchange_weak(c, c - 1)) return false;
+  }
+  return false;
+}
+}  // namespace
+
+extern "C" {
+void* malloc(std::size_t n) { return fail_now() ? nullptr : __libc_malloc(n); }
+void* calloc(std::size_t a, std::size_t b) { return fail_now() ? nullptr : __libc_calloc(a, b); }
+void* realloc(void* p, std::size_t n) { return fail_now() ? nullptr : __libc_realloc(p, n); }
+int posix_memalign(void** out, std::size_t align, std::size_t n) {
+  *out = fail_now() ? nullptr : __libc_memalign(align, n);
+  return *out ? 0 : 12;
+}
+void* aligned_alloc(std::size_t align, std::size_t n) {
+  return fail_now() ? nullptr : __libc_memalign(align, n);
+}
+void free(void* p) { __libc_free(p); }
+}
+
+namespace {
+
+using retention::Form;
+using retention::Index;
+using retention::Matrix;
+
+/// Runs call() with its n-th allocation failing, n = 0, 1, ...: each failed run must throw
+/// std::bad_alloc and pass check_unchanged(); stops at the first run that succeeds. Returns how
+/// many runs failed.
+template <class Call, class Check>
+int inject_until_success(Call&& call, Check&& check_unchanged) {
+  for (int n = 0; n < 10000; ++n) {
+    g_countdown.store(n);
+    bool threw = false;
+    try {
+      call();
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    g_countdown.store(-1);
+    if (!threw) return n;
+    check_unchanged();
+  }
+  ADD_FAILURE() << "never succeeded";
+  return -1;
+}
+
+template <class T>
+bool same_state(const std::vector<retention::RetentionState<T>>& a,
+                const std::vector<retention::RetentionState<T>>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (a[i].position != b[i].position || a[i].S != b[i].S || a[i].z != b[i].z) return false;
+  return true;
+}
+
+TEST(Exceptions, MsrPrefillIsAllOrNothingUnderAllocationFailure) {
+  retention::MsrConfig cfg;
+  cfg.embed_dim = 16;
+  cfg.value_dim = 32;
+  cfg.heads = 2;
+  cfg.threads = 1;  // the OpenMP runtime aborts on its own allocation failures
+  retention::MultiScaleRetention<double> layer(cfg);
+  layer.init_random(3);
+  const Matrix<double> x = retention_test::random_matrix<double>(70, 16, 4);
+  for (Form form : {Form::parallel, Form::chunkwise, Form::recurrent}) {
+    auto state = layer.make_state();
+    layer.prefill(x.topRows(10), state, form);
+    const auto before = state;
+    Matrix<double> y;
+    const int failures = inject_until_success(
+        [&] { y = layer.prefill(x.bottomRows(60), state, form, 16); },
+        [&] {
+          EXPECT_EQ(state.position, before.position);
+          EXPECT_TRUE(same_state(state.heads, before.heads));
+        });
+    EXPECT_GT(failures, 3) << retention::to_string(form);
+    EXPECT_EQ(state.position, 70);
+    // The call that finally succeeded gives what an undisturbed one gives.
+    auto fresh = before;
+    EXPECT_EQ(y, layer.prefill(x.bottomRows(60), fresh, form, 16));
+  }
+}
+
+TEST(Exceptions, MultiHeadFinalStatesAreAllOrNothing) {
+  const Index B = 2, T = 40, H = 3, dk = 8, dv = 8;
+  const Matrix<float> q = retention_test::random_matrix<float>(B * T, H * dk, 5);
+  const Matrix<float> k = retention_test::random_matrix<float>(B * T, H * dk, 6);
+  const Matrix<float> v = retention_test::random_matrix<float>(B * T, H * dv, 7);
+  Matrix<float> out(B * T, H * dv);
+  std::vector<retention::RetentionState<float>> states(
+      static_cast<std::size_t>(B * H), retention::RetentionState<float>(dk, dv));
+  retention::MultiHeadOptions<float> opt;
+  opt.threads = 1;
+  opt.initial_states = &states;
+  opt.final_states = &states;
+  const retention::MultiHeadShape shape{B, T, H, dk, dv};
+  retention::multi_head_retention(q.data(), k.data(), v.data(), out.data(), shape,
+                                  retention::retnet_gammas(H), opt);
+  const auto before = states;
+  inject_until_success(
+      [&] {
+        retention::multi_head_retention(q.data(), k.data(), v.data(), out.data(), shape,
+                                        retention::retnet_gammas(H), opt);
+      },
+      [&] { EXPECT_TRUE(same_state(states, before)); });
+  EXPECT_EQ(states[0].position, 2 * T);
+}
+
+TEST(Exceptions, AnExceptionOnAWorkerThreadReachesTheCaller) {
+  for (int threads : {1, 2, 4}) {
+    std::atomic<int> ran{0};
+    EXPECT_THROW(retention::for_each_head(8, 4, 1e9, threads,
+                                          [&](Index b, Index h) {
+                                            ran.fetch_add(1);
+                                            if (b == 5 && h == 2) throw std::runtime_error("x");
+                                          }),
+                 std::runtime_error)
+        << threads;
+    EXPECT_GE(ran.load(), 1);
+  }
+  // Nothing thrown: every pair runs exactly once.
+  std::vector<std::atomic<int>> hits(32);
+  retention::for_each_head(8, 4, 1e9, 2, [&](Index b, Index h) { hits[static_cast<std::size_t>(b * 4 + h)]++; });
+  for (const auto& h : hits) EXPECT_EQ(h.load(), 1);
+}
+
+TEST(Exceptions, ThreadCountsFromZeroToAMillion) {
+  const Index B = 2, T = 33, H = 3, dk = 4, dv = 5;
+  const Matrix<double> q = retention_test::random_matrix<double>(B * T, H * dk, 8);
+  const Matrix<double> k = retention_test::random_matrix<double>(B * T, H * dk, 9);
+  const Matrix<double> v = retention_test::random_matrix<double>(B * T, H * dv, 10);
+  const retention::MultiHeadShape shape{B, T, H, dk, dv};
+  Matrix<double> ref(B * T, H * dv), out(B * T, H * dv);
+  retention::MultiHeadOptions<double> opt;
+  opt.threads = 1;
+  retention::multi_head_retention(q.data(), k.data(), v.data(), ref.data(), shape,
+                                  retention::retnet_gammas(H), opt);
+  for (int threads : {0, 1, 2, 3, 64, 1000, 1000000}) {
+    opt.threads = threads;
+    out.setConstant(-1);
+    retention::multi_head_retention(q.data(), k.data(), v.data(), out.data(), shape,
+                                    retention::retnet_gammas(H), opt);
+    EXPECT_EQ(out, ref) << threads;
+  }
+  opt.threads = -1;
+  retention_test::expect_shape_error(
+      [&] {
+        retention::multi_head_retention(q.data(), k.data(), v.data(), out.data(), shape,
+                                        retention::retnet_gammas(H), opt);
+      },
+      "multi_head_retention: options.threads must be >= 0");
+}
+
+}  // namespace
