@@ -6,6 +6,10 @@
 # Environment (mainly for testing this script):
 #   RETENTION_DEPS_SYSROOT=/dir   look for files under /dir instead of / (fake a bare system)
 #   RETENTION_DEPS_DRY_RUN=1      report what would be installed, install nothing, exit 0
+#   RETENTION_DEPS_OPTIONAL=1     also install what the optional parts need (CI tests them all):
+#                                 nlohmann-json (safetensors I/O), OpenBLAS (RETENTION_USE_BLAS),
+#                                 OpenMPI (context parallelism), pybind11 + NumPy + PyTorch +
+#                                 pytest (the Python module and its tests)
 set -euo pipefail
 
 sysroot="${RETENTION_DEPS_SYSROOT:-}"
@@ -63,6 +67,20 @@ fi
 have_file include/gtest/gtest.h || need "GoogleTest" libgtest-dev
 have_file include/benchmark/benchmark.h || need "Google Benchmark" libbenchmark-dev
 have_file include/stb/stb_image.h || need "stb (stb_image.h)" libstb-dev
+if [[ "${RETENTION_DEPS_OPTIONAL:-0}" == 1 ]]; then
+  have_file include/nlohmann/json.hpp || need "nlohmann-json" nlohmann-json3-dev
+  have_file 'lib/*/libopenblas.so' lib/libopenblas.so || need "OpenBLAS" libopenblas-dev
+  have_file 'lib/*/openmpi/include/mpi.h' include/mpi.h 'include/*/mpi.h' ||
+    need "OpenMPI" libopenmpi-dev
+  have_cmd mpirun || need "mpirun" openmpi-bin
+  have_file 'include/pybind11/pybind11.h' || need "pybind11" pybind11-dev
+  have_file 'lib/python3/dist-packages/pybind11/__init__.py' || need "pybind11 (Python)" python3-pybind11
+  have_file 'include/python3*/Python.h' || need "Python headers" python3-dev
+  have_file 'lib/python3/dist-packages/numpy/__init__.py' || need "NumPy" python3-numpy
+  have_file 'lib/python3/dist-packages/pytest/__init__.py' 'lib/python3/dist-packages/_pytest/__init__.py' ||
+    need "pytest" python3-pytest
+  have_file 'lib/python3/dist-packages/torch/__init__.py' || need "PyTorch" python3-torch
+fi
 
 if ((${#missing[@]} == 0)); then
   echo "ensure_deps: all dependencies present"

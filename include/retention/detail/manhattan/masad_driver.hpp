@@ -105,7 +105,7 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
 /// Whether a line of L tokens goes through the fused kernels.
 template <class T>
 constexpr bool masad_fused_line(Index L) {
-#if defined(RETENTION_MASAD_FUSED_LINES)
+#if defined(EIGEN_VECTORIZE)
   return L <= MasadPacket<T>::max_line;
 #else
   (void)L;
@@ -123,7 +123,7 @@ template <class T>
 void masad_line_fused(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
                       Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out,
                       Index out_step, MasadWorkspace<T>& ws) {
-#if defined(RETENTION_MASAD_FUSED_LINES)
+#if defined(EIGEN_VECTORIZE)
   constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
   const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
   const T* qq = q;
@@ -201,10 +201,9 @@ void masad_prefetch_rows(const T* p, Index step, Index rows, Index cols) {
 /// serial, half of them with a team): a line of a [.., heads * d] buffer is then one contiguous
 /// block (a row line) or H blocks of heads * d (a column line), which the
 /// hardware prefetchers stream and the TLB covers, where one head's line is a 256-byte piece of
-/// every token's row (measured at 56 x 56, 8 heads, d = 64: a head at a time spent about a third
-/// of its time waiting on those pieces). Each line's whole block is prefetched in one sequential
-/// sweep before its first head: the kernels' own reads, a head at a time, leave the hardware
-/// prefetchers too little to follow (the same measurement: 1.60 against 1.80 ms per head).
+/// every token's row. Each line's whole block is prefetched in one sequential sweep before its
+/// first head: the kernels' own reads, a head at a time, leave the hardware prefetchers too little
+/// to follow.
 template <class T, class Mask2D>
 void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int threads) {
   const Index H = g.height, W = g.width, N = H * W, heads = g.heads, dk = g.dk, dv = g.dv;
@@ -277,7 +276,7 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
   // each phase H row lines or W column lines. A unit's columns need all of its rows done; placed
   // one phase late, they find them done unless a thread holding one of those rows was held up
   // (on a shared machine, descheduled), and only then wait. A barrier between a rows pass and a
-  // columns pass would wait at every call: the measured cost on a loaded 2-core machine was 2.5x.
+  // columns pass would wait at every call.
   const Index phases = 2 * units;
   const auto phase_of = [&](Index p, Index& u, bool& is_row) {
     if (p == 0) {

@@ -1,0 +1,98 @@
+// The tour's layers at 1 and 2 threads (the argument), for bench/contention, which runs this
+// program on a quiet machine and beside a process that keeps one core busy: threads must never
+// make a layer slower, and must pay off when the cores are free.
+#include <benchmark/benchmark.h>
+
+#include <retention/retention.hpp>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using retention::Index;
+using Mat = retention::Matrix<float>;
+
+Mat sine_matrix(Index rows, Index cols, double f) {
+  Mat m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i)
+    m.data()[i] = static_cast<float>(std::sin(f * static_cast<double>(i + 1)));
+  return m;
+}
+
+/// ViR-S/16's multi-head retention at 224 px: 197 tokens, 6 heads of 64, chunkwise.
+void BM_vir_mhr(benchmark::State& state) {
+  const Index T = 197, H = 6, d = 64;
+  const Mat q = sine_matrix(T, H * d, 0.01), k = sine_matrix(T, H * d, 0.02),
+            v = sine_matrix(T, H * d, 0.03);
+  Mat out(T, H * d);
+  retention::MultiHeadOptions<float> o;
+  o.threads = static_cast<int>(state.range(0));
+  const auto masks = retention::causal_masks(retention::linspace_gammas(H));
+  for (auto _ : state) {
+    retention::multi_head_retention(retention::heads_view(q.data(), 1, T, H, d),
+                                    retention::heads_view(k.data(), 1, T, H, d),
+                                    retention::heads_view(v.data(), 1, T, H, d),
+                                    retention::heads_view(out.data(), 1, T, H, d), masks, o);
+    benchmark::DoNotOptimize(out.data());
+  }
+}
+
+/// The RMT attention layer on a 28 x 28 grid, C = 128, 4 heads (MaSA and MaSAD).
+void BM_rmt_layer(benchmark::State& state) {
+  retention::ManhattanAttentionConfig cfg;
+  cfg.embed_dim = 128;
+  cfg.heads = 4;
+  cfg.tile.threads = static_cast<int>(state.range(0));
+  cfg.mode = state.range(1) ? retention::RmtMode::decomposed : retention::RmtMode::full;
+  retention::ManhattanAttention<float> layer(cfg);
+  layer.init_random(1);
+  const Mat x = sine_matrix(28 * 28, 128, 0.01);
+  for (auto _ : state) benchmark::DoNotOptimize(layer.forward(x, 28, 28).data());
+}
+
+/// The MSR layer, T = 1024, d = 256, 4 heads, chunkwise.
+void BM_msr_layer(benchmark::State& state) {
+  retention::MsrConfig cfg;
+  cfg.embed_dim = 256;
+  cfg.value_dim = 512;
+  cfg.heads = 4;
+  cfg.threads = static_cast<int>(state.range(0));
+  retention::MultiScaleRetention<float> layer(cfg);
+  layer.init_random(2);
+  const Mat x = sine_matrix(1024, 256, 0.001);
+  for (auto _ : state) benchmark::DoNotOptimize(layer.forward(x).data());
+}
+
+/// Multi-head MaSAD, 56 x 56 grid, 8 heads of 64.
+void BM_masad(benchmark::State& state) {
+  const Index N = 56 * 56, H = 8, d = 64;
+  const Mat q = sine_matrix(N, H * d, 0.01), k = sine_matrix(N, H * d, 0.02),
+            v = sine_matrix(N, H * d, 0.03);
+  Mat out(N, H * d);
+  retention::MasaOptions o;
+  o.threads = static_cast<int>(state.range(0));
+  const auto masks = retention::manhattan_masks(retention::rmt_gammas(H, 2.0, 4.0), 56, 56);
+  for (auto _ : state) {
+    retention::multi_head_masad(retention::heads_view(q.data(), 1, N, H, d),
+                                retention::heads_view(k.data(), 1, N, H, d),
+                                retention::heads_view(v.data(), 1, N, H, d),
+                                retention::heads_view(out.data(), 1, N, H, d), masks, o);
+    benchmark::DoNotOptimize(out.data());
+  }
+}
+
+BENCHMARK(BM_vir_mhr)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_rmt_layer)
+    ->Args({1, 0})
+    ->Args({2, 0})
+    ->Args({1, 1})
+    ->Args({2, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_msr_layer)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_masad)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
