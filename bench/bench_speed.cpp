@@ -6,6 +6,13 @@
 //   bench_speed --dump_dir=DIR                   write inputs and our outputs as raw float32 files
 //                                                for bench/peers/torch_retention.py to verify
 //                                                against
+//   bench_speed --threads=N ...                  the multi-threaded rows at N threads (default: 2,
+//                                                or fewer when OpenMP offers fewer); every
+//                                                operator also runs at 1 thread
+//
+// Built twice: bench_speed, and bench_speed_blas with EIGEN_USE_BLAS (Eigen's products, the MSR
+// projections and the machine GEMM among them, go to the system BLAS); the JSON context says
+// which ("eigen_use_blas", and "blas_core": the kernel OpenBLAS picked).
 //
 // Counters: GFLOPS (rate by the FLOP counts below), GBps (bytes moved per second), extra_MiB.
 // FLOPs per token per head: parallel T(dk+dv) [the average causal cost: 2 T/2 (dk+dv)],
@@ -31,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include <dlfcn.h>
 #include <malloc.h>
 
 #if defined(_OPENMP)
@@ -486,15 +494,17 @@ retention::MultiScaleRetention<float> make_msr(Index d, Index value_dim, Index h
   cfg.heads = heads;
   cfg.threads = threads;
   retention::MultiScaleRetention<float> layer(cfg);
-  using P = retention::MsrProjection;
-  const P all[] = {P::q_proj, P::k_proj, P::v_proj, P::g_proj, P::out_proj};
-  for (P p : all) {
-    const Index rows = p == P::out_proj ? d : (p == P::q_proj || p == P::k_proj ? d : value_dim);
-    const Index cols = p == P::out_proj ? value_dim : d;
-    const std::vector<float> w = random_buffer(static_cast<std::size_t>(rows * cols), seed++,
-                                               1.0f / std::sqrt(static_cast<float>(cols)));
-    layer.load(p, w.data(), w.size());
+  const char* names[] = {"q_proj", "k_proj", "v_proj", "g_proj", "out_proj"};
+  std::vector<std::vector<float>> storage;
+  retention::ParameterMap params;
+  for (int p = 0; p < 5; ++p) {
+    const Index rows = p == 4 ? d : (p < 2 ? d : value_dim);
+    const Index cols = p == 4 ? value_dim : d;
+    storage.push_back(random_buffer(static_cast<std::size_t>(rows * cols), seed++,
+                                    1.0f / std::sqrt(static_cast<float>(cols))));
+    params.add(std::string(names[p]) + ".weight", storage.back().data(), {rows, cols});
   }
+  layer.load(params);
   return layer;
 }
 
@@ -564,11 +574,14 @@ int dump(const std::string& dir) {
     const Mat y = layer.forward(xm, retention::Form::chunkwise, 0);
     write_raw(dir + "/msr_x.f32", xs.data(), xs.size());
     write_raw(dir + "/msr_y.f32", y.data(), static_cast<std::size_t>(y.size()));
-    using P = retention::MsrProjection;
-    const std::pair<P, const char*> names[] = {
-        {P::q_proj, "q"}, {P::k_proj, "k"}, {P::v_proj, "v"}, {P::g_proj, "g"}, {P::out_proj, "o"}};
+    const std::pair<const retention::Linear<float>*, const char*> names[] = {
+        {&layer.q_proj(), "q"},
+        {&layer.k_proj(), "k"},
+        {&layer.v_proj(), "v"},
+        {&layer.g_proj(), "g"},
+        {&layer.out_proj(), "o"}};
     for (const auto& pn : names) {
-      const Mat w = layer.weight(pn.first);
+      const Mat w = pn.first->weight();
       write_raw(dir + "/msr_w" + pn.second + ".f32", w.data(), static_cast<std::size_t>(w.size()));
     }
     meta << "msr " << T << ' ' << d << ' ' << d << ' ' << heads << " 32\n";
@@ -577,8 +590,19 @@ int dump(const std::string& dir) {
   return 0;
 }
 
-void register_all() {
-  const int tmax = std::max(1, std::min(2, max_threads()));
+/// The kernel OpenBLAS chose at load time (its corename), when an OpenBLAS is linked in.
+std::string blas_core() {
+  using CoreName = char* (*)();
+  void* sym = dlsym(RTLD_DEFAULT, "openblas_get_corename");
+  if (sym == nullptr) return "none";
+  CoreName fn;
+  std::memcpy(&fn, &sym, sizeof fn);  // object to function pointer without a cast warning
+  const char* name = fn();
+  return name ? name : "unknown";
+}
+
+void register_all(int requested_threads) {
+  const int tmax = std::max(1, std::min(requested_threads, max_threads()));
   std::vector<int> thread_counts = {1};
   if (tmax > 1) thread_counts.push_back(tmax);
   for (int t : thread_counts) {
@@ -626,42 +650,59 @@ void register_all() {
       ->Args({16384})
       ->Iterations(1)
       ->Unit(benchmark::kMillisecond);
+  // Every operator compared with PyTorch runs at 1 thread and at tmax.
+  for (int t : thread_counts) {
 #if defined(RETENTION_BENCH_HAS_MASA)
-  for (Index side : {28, 56}) {
-    benchmark::RegisterBenchmark("masa", BM_masa)
-        ->Args({side, tmax})
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark("masad", BM_masad)
-        ->Args({side, tmax})
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark("masa_dense_reference", BM_masa_dense_reference)
-        ->Args({side, tmax})
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
-  }
+    for (Index side : {28, 56}) {
+      benchmark::RegisterBenchmark("masa", BM_masa)
+          ->Args({side, t})
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark("masad", BM_masad)
+          ->Args({side, t})
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark("masa_dense_reference", BM_masa_dense_reference)
+          ->Args({side, t})
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
 #endif
 #if defined(RETENTION_BENCH_HAS_MSR)
-  benchmark::RegisterBenchmark("machine/projection", BM_machine_projection)
-      ->Args({8192, 1024, 1024, tmax})
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("msr", BM_msr)
-      ->Args({8192, 1024, 8, tmax})
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("machine/projection", BM_machine_projection)
+        ->Args({8192, 1024, 1024, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("msr", BM_msr)
+        ->Args({8192, 1024, 8, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
 #endif
+  }
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  int threads = 2;
+  int kept = 1;  // our own flags are taken out before Google Benchmark sees the rest
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a.rfind("--dump_dir=", 0) == 0) return dump(a.substr(11));
+    if (a.rfind("--threads=", 0) == 0) {
+      threads = std::max(1, std::atoi(a.c_str() + 10));
+      continue;
+    }
+    argv[kept++] = argv[i];
   }
-  register_all();
+  argc = kept;
+  register_all(threads);
+#if defined(EIGEN_USE_BLAS)
+  benchmark::AddCustomContext("eigen_use_blas", "yes");
+#else
+  benchmark::AddCustomContext("eigen_use_blas", "no");
+#endif
+  benchmark::AddCustomContext("blas_core", blas_core());
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
