@@ -34,7 +34,7 @@ demo: configure
 
 bench: deps
 	$(CMAKE) -S . -B $(BENCH_DIR) -DCMAKE_BUILD_TYPE=Release -DRETENTION_BUILD_BENCHMARKS=ON \
-	  -DRETENTION_BUILD_TESTS=OFF -DRETENTION_BUILD_EXAMPLES=OFF $(CMAKE_ARGS)
+	  -DRETENTION_BUILD_TESTS=OFF -DRETENTION_BUILD_EXAMPLES=OFF -DRETENTION_BUILD_PYTHON=OFF $(CMAKE_ARGS)
 	$(CMAKE) --build $(BENCH_DIR) -j $(JOBS)
 	@set -e; found=0; for b in $(BENCH_DIR)/bench/bench_*; do \
 	  [ -f "$$b" ] && [ -x "$$b" ] || continue; found=1; \
