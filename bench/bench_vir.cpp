@@ -1,4 +1,4 @@
-// ViR-S/16 encoder (SPEC 5) on one image at 224, 448, 896 and 1024 px: the parallel form
+// ViR-S/16 encoder (docs/math.md §5) on one image at 224, 448, 896 and 1024 px: the parallel form
 // (layer-major) against chunk-major chunkwise with chunks of 64, 128 and 256 tokens. Counters:
 // images/s, tokens, and speed relative to the parallel form at the same size measured earlier in
 // this run (peak memory is reported by examples/03_vir_image, which measures each configuration in

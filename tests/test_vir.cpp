@@ -1,5 +1,8 @@
-// ViR (SPEC 5): MHR, block and encoder against the naive double reference; all encoder forms and
-// orders against each other; causality of the class token; torch-layout loading; every error path.
+// ViR (docs/math.md §5): MHR, block and encoder against the naive double reference; all encoder
+// forms and orders against each other; causality of the class token; loading by the ViR authors'
+// parameter names (with prefixes) through ParameterMap; every error path, hostile sizes and enum
+// values (issue 15), states unchanged by failed calls (also under injected allocation failures);
+// the threaded multi-head path equal to one thread.
 #include <retention/layers/vir.hpp>
 
 #include "reference/vir_reference.hpp"
@@ -7,8 +10,36 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <new>
 #include <string>
 #include <vector>
+
+namespace {
+
+/// Allocation failure injection: when set to n > 0, the n-th operator new from then on throws
+/// std::bad_alloc (Eigen's own buffers use malloc and are not counted).
+std::atomic<long> g_new_countdown{0};
+
+void* counted_new(std::size_t n) {
+  if (g_new_countdown.load() > 0 && g_new_countdown.fetch_sub(1) == 1) throw std::bad_alloc();
+  void* p = std::malloc(n ? n : 1);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+}  // namespace
+
+void* operator new(std::size_t n) { return counted_new(n); }
+void* operator new[](std::size_t n) { return counted_new(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -82,9 +113,17 @@ ref::Params random_params(const ref::Config& c, std::uint64_t seed) {
   return P;
 }
 
+/// A ParameterMap over the reference's double arrays (the model converts them to T on load),
+/// every name prefixed with `prefix`.
+retention::ParameterMap map_of(const ref::Params& P, const std::string& prefix = "") {
+  retention::ParameterMap m;
+  for (const auto& [name, p] : P) m.add(prefix + name, p.values.data(), p.shape);
+  return m;
+}
+
 template <class T>
 void load_all(retention::VirEncoder<T>& enc, const ref::Params& P) {
-  for (const auto& [name, p] : P) enc.load(name, p.values.data(), p.shape);
+  enc.load(map_of(P));
 }
 
 template <class T>
@@ -99,31 +138,11 @@ retention::RowVector<T> as_row(const ref::Param& p) {
 }
 
 template <class T>
-retention::VirRetentionWeights<T> mhr_weights(const ref::Params& P, const std::string& pre,
-                                              Index C) {
-  retention::VirRetentionWeights<T> w;
-  w.qkv_weight = as_matrix<T>(P.at(pre + "retention.qkv.weight"), 3 * C, C);
-  w.qkv_bias = as_row<T>(P.at(pre + "retention.qkv.bias"));
-  w.proj_weight = as_matrix<T>(P.at(pre + "retention.proj.weight"), C, C);
-  w.proj_bias = as_row<T>(P.at(pre + "retention.proj.bias"));
-  return w;
-}
-
-template <class T>
-void set_block(retention::VirBlock<T>& b, const ref::Params& P, const std::string& pre,
-               const ref::Config& c) {
-  b.retention().weights() = mhr_weights<T>(P, pre, c.dim);
-  auto& w = b.weights();
-  w.norm1_weight = as_row<T>(P.at(pre + "norm1.weight"));
-  w.norm1_bias = as_row<T>(P.at(pre + "norm1.bias"));
-  w.ls1 = as_row<T>(P.at(pre + "ls1.gamma"));
-  w.norm2_weight = as_row<T>(P.at(pre + "norm2.weight"));
-  w.norm2_bias = as_row<T>(P.at(pre + "norm2.bias"));
-  w.fc1_weight = as_matrix<T>(P.at(pre + "mlp.fc1.weight"), c.hidden, c.dim);
-  w.fc1_bias = as_row<T>(P.at(pre + "mlp.fc1.bias"));
-  w.fc2_weight = as_matrix<T>(P.at(pre + "mlp.fc2.weight"), c.dim, c.hidden);
-  w.fc2_bias = as_row<T>(P.at(pre + "mlp.fc2.bias"));
-  w.ls2 = as_row<T>(P.at(pre + "ls2.gamma"));
+retention::VirRetention<T> make_mhr(const ref::Params& P, const std::string& pre, Index C,
+                                    Index heads, const std::vector<double>& gammas = {}) {
+  retention::VirRetention<T> m(C, heads, gammas);
+  m.load(map_of(P), pre + "retention.");
+  return m;
 }
 
 /// Pixels in [0, 1), exactly representable in T; returned in double for the reference.
@@ -189,7 +208,7 @@ TYPED_TEST(Vir, MhrMatchesReference) {
        {Case{16, 2, 37}, Case{16, 2, 1}, Case{6, 6, 9}, Case{8, 1, 12}, Case{3, 1, 5}}) {
     const ref::Config rc = small_ref(cs.dim, cs.heads, 1);
     const ref::Params P = random_params<T>(rc, 11 + static_cast<std::uint64_t>(cs.dim + cs.heads));
-    const retention::VirRetention<T> mhr(cs.dim, cs.heads, mhr_weights<T>(P, "blocks.0.", cs.dim));
+    const retention::VirRetention<T> mhr = make_mhr<T>(P, "blocks.0.", cs.dim, cs.heads);
     const Matrix<T> x =
         random_matrix<T>(cs.T_len, cs.dim, 7 + static_cast<std::uint64_t>(cs.T_len));
     const Matrix<double> expected = ref::mhr(x.template cast<double>(), P, "blocks.0.", rc);
@@ -209,7 +228,7 @@ TYPED_TEST(Vir, MhrGammaOneAndGivenGammas) {
   ref::Config rc = small_ref(4, 2, 1);
   rc.gammas = {1.0, 0.5};
   const ref::Params P = random_params<T>(rc, 5);
-  const retention::VirRetention<T> mhr(4, 2, mhr_weights<T>(P, "blocks.0.", 4), rc.gammas);
+  const retention::VirRetention<T> mhr = make_mhr<T>(P, "blocks.0.", 4, 2, rc.gammas);
   EXPECT_EQ(mhr.gammas(), rc.gammas);
   const Matrix<T> x = random_matrix<T>(21, 4, 3);
   const Matrix<double> expected = ref::mhr(x.template cast<double>(), P, "blocks.0.", rc);
@@ -224,7 +243,7 @@ TYPED_TEST(Vir, MhrStateHandOffAndStep) {
   using T = TypeParam;
   const ref::Config rc = small_ref(12, 3, 1);
   const ref::Params P = random_params<T>(rc, 21);
-  const retention::VirRetention<T> mhr(12, 3, mhr_weights<T>(P, "blocks.0.", 12));
+  const retention::VirRetention<T> mhr = make_mhr<T>(P, "blocks.0.", 12, 3);
   const Index T_len = 23, split = 9;
   const Matrix<T> x = random_matrix<T>(T_len, 12, 77);
   const Matrix<double> expected = ref::mhr(x.template cast<double>(), P, "blocks.0.", rc);
@@ -259,7 +278,7 @@ TYPED_TEST(Vir, BlockMatchesReference) {
     const ref::Params P = random_params<T>(rc, 31);
     retention::VirConfig cfg = to_config(rc);
     retention::VirBlock<T> block(cfg);
-    set_block(block, P, "blocks.0.", rc);
+    block.load(map_of(P), "blocks.0.");
     const Matrix<T> x = random_matrix<T>(T_len, 16, 41, 2.0);
     const Matrix<double> expected = ref::block(x.template cast<double>(), P, "blocks.0.", rc);
     for (const VirOptions& o :
@@ -337,7 +356,9 @@ TEST(VirCausality, ClassTokenAndSinglePatches) {
     retention::VirEncoder<double> other = enc;
     std::vector<double> cls(16);
     for (std::size_t i = 0; i < cls.size(); ++i) cls[i] = 0.7 - 0.1 * static_cast<double>(i);
-    other.load("cls_token", cls.data(), {1, 1, 16});
+    retention::ParameterMap changed = map_of(P);  // every other parameter as in enc
+    changed.add("cls_token", cls.data(), {1, 1, 16});
+    other.load(changed);
     const retention::ImageView<double> view{img.data(), 16, 16, 3};
     const Matrix<double> a = enc.forward_tokens(view, o);
     const Matrix<double> b = other.forward_tokens(view, o);
@@ -374,19 +395,27 @@ TEST(VirEncoder, LoadParametersRoundTripAndDeterministicInit) {
   const retention::ImageView<double> view{img.data(), 8, 8, 3};
   EXPECT_TRUE((a.forward(view).array() == same.forward(view).array()).all());
   EXPECT_GT(relative_error(b.forward(view), a.forward(view)), 1e-3);
-  // Names and shapes are exactly the torch ones the reference lists, in order.
-  const auto params = a.parameters();
+  // Names and shapes are exactly the torch ones of the ViR authors' code that the reference lists.
+  const retention::ParameterMap params = a.parameters();
   const auto shapes = ref::parameter_shapes(rc);
   ASSERT_EQ(params.size(), shapes.size());
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    EXPECT_EQ(params[i].name, shapes[i].first);
-    EXPECT_EQ(params[i].shape, shapes[i].second) << params[i].name;
+  for (const auto& [name, shape] : shapes) {
+    const retention::TensorRef* t = params.find(name);
+    ASSERT_NE(t, nullptr) << name;
+    EXPECT_EQ(t->shape, shape) << name;
+    EXPECT_EQ(t->dtype, retention::DType::float64) << name;
   }
   // Copy every parameter of a into b through float arrays (a float checkpoint into a double model).
-  for (const auto& p : params) {
-    std::vector<float> buf(p.data, p.data + p.size());
-    b.load(p.name, buf.data(), p.shape);
+  std::vector<std::vector<float>> store;
+  store.reserve(params.size());
+  retention::ParameterMap floats;
+  for (const std::string& name : params.names()) {
+    const retention::TensorRef& t = *params.find(name);
+    store.emplace_back(static_cast<std::size_t>(t.numel()));
+    retention::read_tensor("test", name, t, t.shape, store.back().data());
+    floats.add(name, store.back().data(), t.shape);
   }
+  b.load(floats);
   EXPECT_LE(relative_error(b.forward(view), a.forward(view)), 1e-6);
   EXPECT_EQ(b.parameter_count(), a.parameter_count());
 }
@@ -467,58 +496,114 @@ TEST(VirErrors, ImageAndConfig) {
   expect_shape_error([&] { retention::VirEncoder<float> e(bad); }, "gamma must be in (0, 1]");
 }
 
-TEST(VirErrors, WeightShapes) {
+TEST(VirErrors, LoadMissingAndWrongShapes) {
   const ref::Config rc = small_ref(16, 2, 2, 4);
-  retention::VirEncoder<double> enc(to_config(rc));
+  const ref::Params P = random_params<double>(rc, 101);
+  retention::VirEncoder<double> enc(to_config(rc), 3);
+  const std::vector<double> img = random_image<double>(16, 16, 3, 102);
+  const retention::ImageView<double> view{img.data(), 16, 16, 3};
+  const Matrix<double> before = enc.forward_tokens(view);
   const std::vector<double> buf(48 * 17, 0.1);
+  auto with = [&](const std::string& name, std::vector<Index> shape) {
+    retention::ParameterMap m = map_of(P);
+    m.add(name, buf.data(), std::move(shape));
+    return m;
+  };
   expect_shape_error(
       [&] {
-        enc.load("blocks.1.retention.qkv.weight", buf.data(), {48, 17});
+        enc.load(with("blocks.1.retention.qkv.weight", {48, 17}));
       },
-      "VirEncoder::load: blocks.1.retention.qkv.weight is [48 x 17], expected [48 x 16]");
+      "VirEncoder::load: parameter 'blocks.1.retention.qkv.weight' has shape [48, 17], expected "
+      "[48, 16]");
   expect_shape_error(
       [&] {
-        enc.load("patch_embed.proj.weight", buf.data(), {16, 4, 4, 3});
+        enc.load(with("patch_embed.proj.weight", {16, 4, 4, 3}));
       },
-      "patch_embed.proj.weight is [16 x 4 x 4 x 3], expected [16 x 3 x 4 x 4]");
+      "parameter 'patch_embed.proj.weight' has shape [16, 4, 4, 3], expected [16, "
+      "3, 4, 4]");
   expect_shape_error(
       [&] {
-        enc.load("pos_embed", buf.data(), {16, 16});
+        enc.load(with("pos_embed", {16, 16}));
       },
-      "pos_embed is [16 x 16], expected [1 x 16 x 16]");
-  expect_shape_error([&] { enc.load("blocks.2.norm1.weight", buf.data(), {16}); },
-                     "VirEncoder::load: unknown parameter \"blocks.2.norm1.weight\"");
-  expect_shape_error([&] { enc.load<double>("norm.bias", nullptr, {16}); }, "null data pointer");
+      "parameter 'pos_embed' has shape [16, 16], expected [1, 16, 16]");
+  expect_shape_error([&] { enc.load(with("cls_token", {16})); },
+                     "parameter 'cls_token' has shape [16], expected [1, 1, 16]");
+  expect_shape_error(
+      [&] {
+        enc.load(with("blocks.0.mlp.fc1.weight", {63, 16}));
+      },
+      "VirEncoder::load: parameter 'blocks.0.mlp.fc1.weight' has shape [63, 16], "
+      "expected [64, 16]");
+  expect_shape_error(
+      [&] {
+        enc.load(with("blocks.1.ls2.gamma", {1, 16}));
+      },
+      "parameter 'blocks.1.ls2.gamma' has shape [1, 16], expected [16]");
+  // A missing parameter, and the old name `proj` (the authors' code says out_proj).
+  for (const std::string missing :
+       {"blocks.1.mlp.fc2.bias", "norm.weight", "blocks.0.retention.out_proj.weight"}) {
+    ref::Params Q = P;
+    Q.erase(missing);
+    if (missing == "blocks.0.retention.out_proj.weight")
+      Q["blocks.0.retention.proj.weight"] = P.at(missing);
+    expect_shape_error([&] { enc.load(map_of(Q)); },
+                       "VirEncoder::load: missing parameter '" + missing + "'");
+  }
+  // Nothing changed by the failed loads (all names and shapes are checked before any copy).
+  EXPECT_TRUE((enc.forward_tokens(view).array() == before.array()).all());
+  // Prefixes reach every name.
+  expect_shape_error([&] { enc.load(map_of(P), "model."); },
+                     "VirEncoder::load: missing parameter 'model.");
+  retention::VirRetention<double> mhr(16, 2);
+  expect_shape_error([&] { mhr.load(map_of(P), "blocks.0."); },
+                     "VirRetention::load: missing parameter 'blocks.0.");
+  retention::VirBlock<double> block(to_config(rc));
+  expect_shape_error([&] { block.load(map_of(P), "blocks.2."); },
+                     "VirBlock::load: missing parameter 'blocks.2.");
+  ref::Params Q = P;
+  Q["blocks.1.norm2.bias"].shape = {4, 4};
+  expect_shape_error([&] { block.load(map_of(Q), "blocks.1."); },
+                     "VirBlock::load: parameter 'blocks.1.norm2.bias' has shape [4, 4], expected "
+                     "[16]");
 
-  retention::VirRetentionWeights<double> w;
-  w.qkv_weight = Matrix<double>::Zero(48, 15);
-  w.qkv_bias = retention::RowVector<double>::Zero(48);
-  w.proj_weight = Matrix<double>::Zero(16, 16);
-  w.proj_bias = retention::RowVector<double>::Zero(16);
-  expect_shape_error([&] { retention::VirRetention<double> m(16, 2, w); },
-                     "VirRetention: qkv_weight is [48 x 15], expected [48 x 16]");
-  w.qkv_weight = Matrix<double>::Zero(48, 16);
-  w.proj_bias = retention::RowVector<double>::Zero(15);
-  expect_shape_error([&] { retention::VirRetention<double> m(16, 2, w); },
-                     "VirRetention: proj_bias is [1 x 15], expected [1 x 16]");
   expect_shape_error([&] { retention::VirRetention<double> m(16, 3); },
                      "VirRetention: dim 16 is not a multiple of heads 3");
+}
 
-  // Weights edited in place to a wrong shape are caught on the next forward.
-  enc.blocks()[1].weights().fc1_weight = Matrix<double>::Zero(63, 16);
-  const std::vector<double> img(16 * 16 * 3, 0.5);
-  expect_shape_error(
-      [&] {
-        enc.forward(retention::ImageView<double>{img.data(), 16, 16, 3});
-      },
-      "VirBlock::forward: fc1_weight is [63 x 16], expected [64 x 16]");
-  enc.blocks()[1].weights().fc1_weight = Matrix<double>::Zero(64, 16);
-  enc.blocks()[0].retention().weights().proj_weight = Matrix<double>::Zero(16, 8);
-  expect_shape_error(
-      [&] {
-        enc.forward(retention::ImageView<double>{img.data(), 16, 16, 3});
-      },
-      "VirRetention::forward: proj_weight is [16 x 8], expected [16 x 16]");
+TYPED_TEST(Vir, LoadByNamesWithPrefixes) {
+  using T = TypeParam;
+  // A depth-4 checkpoint: block 3 and its retention load from "blocks.3." alone, and the whole
+  // encoder from the same names under a prefix ("model."), as in a wrapper module's state_dict.
+  const ref::Config rc = small_ref(16, 2, 4, 4);
+  const ref::Params P = random_params<T>(rc, 111);
+  const retention::ParameterMap map = map_of(P), prefixed = map_of(P, "model.");
+  retention::VirBlock<T> block(to_config(rc));
+  block.load(map, "blocks.3.");
+  const Matrix<T> x = random_matrix<T>(11, 16, 112, 2.0);
+  EXPECT_LE(
+      relative_error(block.forward(x), ref::block(x.template cast<double>(), P, "blocks.3.", rc)),
+      spec_tolerance<T>());
+  retention::VirRetention<T> mhr(16, 2);
+  mhr.load(prefixed, "model.blocks.3.retention.");
+  EXPECT_LE(relative_error(mhr.forward(x), ref::mhr(x.template cast<double>(), P, "blocks.3.", rc)),
+            spec_tolerance<T>());
+  // The loaded values are the checkpoint's, in torch layout.
+  EXPECT_EQ(mhr.out_proj().weight(),
+            as_matrix<T>(P.at("blocks.3.retention.out_proj.weight"), 16, 16));
+  EXPECT_EQ(block.fc1().weight(), as_matrix<T>(P.at("blocks.3.mlp.fc1.weight"), 64, 16));
+  EXPECT_EQ(block.ls2(), as_row<T>(P.at("blocks.3.ls2.gamma")));
+
+  retention::VirEncoder<T> enc(to_config(rc));
+  enc.load(prefixed, "model.");
+  const std::vector<double> img = random_image<T>(16, 12, 3, 113);
+  const std::vector<T> img_t = cast_image<T>(img);
+  const retention::ImageView<T> view{img_t.data(), 16, 12, 3};
+  EXPECT_LE(relative_error(enc.forward_tokens(view), ref::encoder(img, 16, 12, P, rc)),
+            spec_tolerance<T>());
+  // Exported parameters carry the prefix too.
+  const retention::ParameterMap out = enc.parameters("model.");
+  EXPECT_EQ(out.size(), prefixed.size());
+  for (const std::string& name : prefixed.names()) EXPECT_TRUE(out.contains(name)) << name;
 }
 
 TEST(VirErrors, ChunkStatesAndInput) {
@@ -526,19 +611,21 @@ TEST(VirErrors, ChunkStatesAndInput) {
   const retention::VirEncoder<float> enc(to_config(rc));
   const std::vector<float> img(16 * 16 * 3, 0.5f);
   const retention::ImageView<float> view{img.data(), 16, 16, 3};
-  expect_shape_error([&] { enc.forward(view, opts(Form::chunkwise, 0)); },
-                     "VirEncoder::forward: options.chunk must be >= 1, got 0");
-  expect_shape_error([&] { enc.forward(view, opts(Form::parallel, 0, VirOrder::chunk_major)); },
-                     "VirEncoder::forward: options.chunk must be >= 1, got 0");
+  // chunk 0 is "automatic" (recommended_chunk) in every form and order; negative is an error.
+  expect_shape_error([&] { enc.forward(view, opts(Form::chunkwise, -1)); },
+                     "VirEncoder::forward: options.chunk must be >= 0 (0 = automatic), got -1");
+  expect_shape_error([&] { enc.forward(view, opts(Form::parallel, -1, VirOrder::chunk_major)); },
+                     "VirEncoder::forward: options.chunk must be >= 0 (0 = automatic), got -1");
   expect_shape_error(
       [&] { enc.forward_tokens(view, opts(Form::recurrent, -3, VirOrder::chunk_major)); },
-      "options.chunk must be >= 1, got -3");
-  EXPECT_NO_THROW(enc.forward(view, opts(Form::parallel, 0)));  // chunk unused layer-major parallel
+      "VirEncoder::forward_tokens: options.chunk must be >= 0 (0 = automatic), got -3");
+  EXPECT_NO_THROW(enc.forward(view, opts(Form::parallel, 0)));
+  EXPECT_NO_THROW(enc.forward(view, opts(Form::chunkwise, 0, VirOrder::chunk_major)));
 
   const retention::VirRetention<float> mhr(16, 2);
   const Matrix<float> x = random_matrix<float>(3, 16, 1);
-  expect_shape_error([&] { mhr.forward(x, opts(Form::chunkwise, 0)); },
-                     "VirRetention::forward: options.chunk must be >= 1, got 0");
+  expect_shape_error([&] { mhr.forward(x, opts(Form::chunkwise, -2)); },
+                     "VirRetention::forward: options.chunk must be >= 0 (0 = automatic), got -2");
   expect_shape_error([&] { mhr.forward(random_matrix<float>(3, 5, 2)); },
                      "VirRetention::forward: x is [3 x 5], expected [* x 16]");
   std::vector<RetentionState<float>> states(3, RetentionState<float>(8, 8));
@@ -550,6 +637,287 @@ TEST(VirErrors, ChunkStatesAndInput) {
   const retention::VirBlock<float> block(to_config(rc));
   expect_shape_error([&] { block.forward(random_matrix<float>(2, 15, 3)); },
                      "VirBlock::forward: x is [2 x 15], expected [* x 16]");
+}
+
+TYPED_TEST(Vir, AutomaticChunkIsRecommendedChunk) {
+  using T = TypeParam;
+  const ref::Config rc = small_ref(16, 2, 2, 8);  // 64 patches + class: several automatic chunks
+  const ref::Params P = random_params<T>(rc, 121);
+  retention::VirEncoder<T> enc(to_config(rc));
+  load_all(enc, P);
+  const Index c = retention::recommended_chunk(8, 8);
+  const std::vector<T> img = cast_image<T>(random_image<T>(32, 32, 3, 122));
+  const retention::ImageView<T> view{img.data(), 32, 32, 3};
+  for (VirOrder order : {VirOrder::layer_major, VirOrder::chunk_major}) {
+    const Matrix<T> automatic = enc.forward_tokens(view, opts(Form::chunkwise, 0, order));
+    const Matrix<T> given = enc.forward_tokens(view, opts(Form::chunkwise, c, order));
+    EXPECT_TRUE((automatic.array() == given.array()).all()) << retention::to_string(order);
+  }
+  const retention::VirRetention<T> mhr = make_mhr<T>(P, "blocks.1.", 16, 2);
+  const Matrix<T> x = random_matrix<T>(70, 16, 123);
+  EXPECT_TRUE((mhr.forward(x, opts(Form::chunkwise, 0)).array() ==
+               mhr.forward(x, opts(Form::chunkwise, c)).array())
+                  .all());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Hostile input (issue 15): rejected before anything is allocated or any state changes
+// ------------------------------------------------------------------------------------------------
+
+template <class T>
+bool same_states(const std::vector<RetentionState<T>>& a, const std::vector<RetentionState<T>>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (a[i].position != b[i].position || !(a[i].S.array() == b[i].S.array()).all() ||
+        !(a[i].z.array() == b[i].z.array()).all())
+      return false;
+  return true;
+}
+
+TEST(VirHostile, StepRejectsSeveralRows) {
+  const ref::Config rc = small_ref(16, 2, 1);
+  const ref::Params P = random_params<double>(rc, 131);
+  const retention::VirRetention<double> mhr = make_mhr<double>(P, "blocks.0.", 16, 2);
+  std::vector<RetentionState<double>> states;
+  mhr.forward(random_matrix<double>(5, 16, 132), opts(Form::recurrent), &states);
+  const auto saved = states;
+  expect_shape_error([&] { mhr.step(random_matrix<double>(3, 16, 133), states); },
+                     "VirRetention::step: x_t is [3 x 16], expected [1 x 16]");
+  expect_shape_error([&] { mhr.step(Matrix<double>(0, 16), states); },
+                     "VirRetention::step: x_t is [0 x 16], expected [1 x 16]");
+  EXPECT_TRUE(same_states(states, saved));
+}
+
+TEST(VirHostile, MlpRatioAndConfigValues) {
+  const ref::Config rc = small_ref(16, 2, 1, 4);
+  for (double ratio :
+       {std::nan(""), -1.0, 0.0, std::numeric_limits<double>::infinity(), 1e300, 0.01}) {
+    retention::VirConfig c = to_config(rc);
+    c.mlp_ratio = ratio;
+    EXPECT_EQ(c.mlp_hidden(), 0) << ratio;  // defined for any value, no float-to-int overflow
+    expect_shape_error([&] { retention::VirEncoder<float> e(c); }, "VirEncoder: ");
+    expect_shape_error([&] { retention::VirBlock<float> b(c); }, "VirBlock: ");
+  }
+  retention::VirConfig c = to_config(rc);
+  c.mlp_ratio = std::nan("");
+  expect_shape_error([&] { retention::VirEncoder<float> e(c); },
+                     "VirEncoder: config.mlp_ratio must be positive and finite, got nan");
+  c = to_config(rc);
+  c.layer_norm_eps = -1e-6;
+  expect_shape_error([&] { retention::VirBlock<float> b(c); },
+                     "VirBlock: config.layer_norm_eps must be >= 0 and finite");
+  c = to_config(rc);
+  c.layer_scale_init = std::numeric_limits<double>::infinity();
+  expect_shape_error([&] { retention::VirEncoder<float> e(c); },
+                     "VirEncoder: config.layer_scale_init must be finite");
+}
+
+TEST(VirHostile, SizeProductsOverflowBeforeAllocating) {
+  const ref::Config rc = small_ref(16, 2, 1, 4);
+  retention::VirConfig c = to_config(rc);
+  c.image_size = Index(1) << 32;
+  c.patch_size = 1;
+  expect_shape_error([&] { retention::VirEncoder<float> e(c); },
+                     "VirEncoder: grid * grid (patches) overflows");
+  c.image_size = Index(1) << 31;  // 2^62 patches fit; times embed_dim does not
+  expect_shape_error([&] { retention::VirEncoder<float> e(c); },
+                     "VirEncoder: patches * embed_dim (pos_embed) overflows");
+  c = to_config(rc);
+  c.patch_size = Index(1) << 32;
+  c.image_size = c.patch_size;
+  expect_shape_error([&] { retention::VirEncoder<float> e(c); },
+                     "VirEncoder: in_channels * patch_size");
+  c = to_config(rc);
+  c.embed_dim = Index(1) << 40;
+  c.heads = 1;
+  expect_shape_error([&] { retention::VirBlock<float> b(c); }, "VirBlock: 3 * dim * dim");
+  expect_shape_error([&] { retention::VirRetention<float> m(Index(1) << 62, 1); },
+                     "VirRetention: 3 * dim overflows");
+
+  // Images whose sizes overflow are rejected before a pixel is read (the buffer is tiny).
+  const retention::VirEncoder<float> enc(to_config(rc));
+  const std::vector<float> px(48, 0.f);
+  const Index big = Index(1) << 40;  // multiple of the patch 4
+  expect_shape_error(
+      [&] {
+        enc.forward(retention::ImageView<float>{px.data(), big, big, 3});
+      },
+      "VirEncoder::forward: image height * width overflows");
+  expect_shape_error(
+      [&] {
+        enc.tokens(retention::ImageView<float>{px.data(), 16, 16, 3}, 1, INT64_MAX);
+      },
+      "VirEncoder::tokens: rows [1, overflow) outside the 17 tokens");
+  expect_shape_error(
+      [&] {
+        enc.tokens(retention::ImageView<float>{px.data(), 16, 16, 3}, -1, 2);
+      },
+      "VirEncoder::tokens: rows [-1, 1) outside");
+}
+
+TEST(VirHostile, InvalidEnumsAndThreadsBeforeStateChanges) {
+  const ref::Config rc = small_ref(16, 2, 1, 4);
+  const ref::Params P = random_params<double>(rc, 141);
+  const retention::VirRetention<double> mhr = make_mhr<double>(P, "blocks.0.", 16, 2);
+  retention::VirBlock<double> block(to_config(rc));
+  block.load(map_of(P), "blocks.0.");
+  const Matrix<double> x = random_matrix<double>(6, 16, 142);
+  std::vector<RetentionState<double>> states, block_states;
+  mhr.forward(x, VirOptions(), &states);
+  block.forward(x, VirOptions(), &block_states);
+  const auto saved = states, block_saved = block_states;
+  VirOptions bad;
+  bad.form = static_cast<Form>(7);
+  expect_shape_error([&] { mhr.forward(x, bad, &states); },
+                     "VirRetention::forward: form is not one of parallel, recurrent, chunkwise "
+                     "(value 7)");
+  expect_shape_error([&] { block.forward(x, bad, &block_states); }, "VirBlock::forward: form");
+  bad = VirOptions();
+  bad.order = static_cast<VirOrder>(5);
+  const retention::VirEncoder<double> enc(to_config(rc));
+  const std::vector<double> img(16 * 16 * 3, 0.25);
+  const retention::ImageView<double> view{img.data(), 16, 16, 3};
+  expect_shape_error([&] { enc.forward(view, bad); },
+                     "VirEncoder::forward: options.order is not one of layer_major, chunk_major");
+  bad = VirOptions();
+  bad.form = static_cast<Form>(-1);
+  expect_shape_error([&] { enc.forward_tokens(view, bad); }, "VirEncoder::forward_tokens: form");
+  bad = VirOptions();
+  bad.threads = -1;
+  expect_shape_error([&] { mhr.forward(x, bad, &states); },
+                     "VirRetention::forward: options.threads must be >= 0");
+  expect_shape_error([&] { block.forward(x, bad, &block_states); },
+                     "VirBlock::forward: options.threads must be >= 0");
+  expect_shape_error([&] { enc.forward(view, bad); },
+                     "VirEncoder::forward: options.threads must be >= 0");
+  EXPECT_TRUE(same_states(states, saved));
+  EXPECT_TRUE(same_states(block_states, block_saved));
+  // Zero rows: an empty output, and the states pass through unchanged.
+  EXPECT_EQ(mhr.forward(Matrix<double>(0, 16), VirOptions(), &states).rows(), 0);
+  EXPECT_TRUE(same_states(states, saved));
+}
+
+TYPED_TEST(Vir, ThreadedHeadsEqualOneThread) {
+  using T = TypeParam;
+  // Enough work per head that the thread rule starts a team (8 heads of T = 1024 in the parallel
+  // and chunkwise forms), so the multi-head path really runs threaded where OpenMP is on.
+  const Index C = 256, H = 8, T_len = 1024;
+  // Heads are computed alike on any thread; the projections' row blocks may change the GEMM's
+  // blocking, so the last bits may differ.
+  const double tight = sizeof(T) == sizeof(double) ? 1e-14 : 1e-6;
+#if defined(_OPENMP)
+  EXPECT_GT(retention::detail::team_size(
+                4, H,
+                static_cast<double>(H) *
+                    retention::detail::retention_flops(Form::chunkwise, T_len, 32, 32, 32)),
+            1);
+#endif
+  ref::Config rc = small_ref(C, H, 1);
+  const ref::Params P = random_params<T>(rc, 151);
+  const retention::VirRetention<T> mhr = make_mhr<T>(P, "blocks.0.", C, H);
+  const Matrix<T> x = random_matrix<T>(T_len, C, 152);
+  for (Form f : {Form::parallel, Form::chunkwise, Form::recurrent}) {
+    VirOptions o = opts(f, 0);
+    o.threads = 1;
+    std::vector<RetentionState<T>> s1;
+    const Matrix<T> one = mhr.forward(x, o, &s1);
+    for (int threads : {0, 2, 4, 1000000}) {
+      o.threads = threads;
+      std::vector<RetentionState<T>> sn;
+      const Matrix<T> many = mhr.forward(x, o, &sn);
+      EXPECT_LE(relative_error(many, one), tight)
+          << retention::to_string(f) << " threads " << threads;
+      ASSERT_EQ(sn.size(), s1.size());
+      for (std::size_t h = 0; h < sn.size(); ++h) {
+        EXPECT_EQ(sn[h].position, s1[h].position);
+        EXPECT_LE(relative_error(sn[h].S, s1[h].S), tight)
+            << retention::to_string(f) << " head " << h;
+      }
+    }
+  }
+  // And through the encoder (chunk-major keeps several states per block).
+  const ref::Config erc = small_ref(32, 4, 2, 6);
+  const ref::Params EP = random_params<T>(erc, 153);
+  retention::VirEncoder<T> enc(to_config(erc));
+  load_all(enc, EP);
+  const std::vector<T> img = cast_image<T>(random_image<T>(24, 24, 3, 154));
+  const retention::ImageView<T> view{img.data(), 24, 24, 3};
+  for (VirOrder order : {VirOrder::layer_major, VirOrder::chunk_major}) {
+    VirOptions o = opts(Form::chunkwise, 8, order);
+    o.threads = 1;
+    const Matrix<T> one = enc.forward_tokens(view, o);
+    o.threads = 3;
+    EXPECT_LE(relative_error(enc.forward_tokens(view, o), one), tight);
+  }
+}
+
+TYPED_TEST(Vir, FailedCallsLeaveStatesUnchanged) {
+  using T = TypeParam;
+  // Every allocation point (operator new) of a forward with states fails in turn: each failure
+  // reaches the caller as std::bad_alloc and leaves the states bitwise as they were.
+  const ref::Config rc = small_ref(16, 2, 1);
+  const ref::Params P = random_params<T>(rc, 161);
+  const retention::VirRetention<T> mhr = make_mhr<T>(P, "blocks.0.", 16, 2);
+  retention::VirBlock<T> block(to_config(rc));
+  block.load(map_of(P), "blocks.0.");
+  const Matrix<T> x = random_matrix<T>(9, 16, 162);
+  for (Form f : {Form::parallel, Form::recurrent, Form::chunkwise}) {
+    for (int which = 0; which < 3; ++which) {
+      std::vector<RetentionState<T>> states;
+      mhr.forward(random_matrix<T>(4, 16, 163), opts(f), &states);
+      const auto saved = states;
+      VirOptions o = opts(f, 3);
+      o.threads = 1;
+      int failures = 0;
+      for (long n = 1; n < 1000; ++n) {
+        bool failed = false;
+        g_new_countdown = n;
+        try {
+          if (which == 0) mhr.forward(x, o, &states);
+          if (which == 1) block.forward(x, o, &states);
+          if (which == 2) mhr.step(x.row(0), states);
+        } catch (const std::bad_alloc&) {
+          failed = true;
+        }
+        g_new_countdown = 0;
+        if (!failed) break;
+        ++failures;
+        ASSERT_TRUE(same_states(states, saved))
+            << retention::to_string(f) << " call " << which << " allocation " << n;
+      }
+      EXPECT_GT(failures, 0) << retention::to_string(f) << " call " << which;
+      EXPECT_FALSE(same_states(states, saved));  // the successful call advanced them
+    }
+  }
+}
+
+TYPED_TEST(Vir, ActivationsInPlaceOnBlocks) {
+  using T = TypeParam;
+  // gelu_inplace and silu_inplace on a block change that block only, as the formulas in double say.
+  const Matrix<T> x = random_matrix<T>(5, 7, 171, 4.0);
+  Matrix<T> g = x, s = x;
+  retention::gelu_inplace(g.block(1, 2, 3, 4));
+  retention::silu_inplace(s.middleCols(3, 2));
+  for (Index i = 0; i < 5; ++i)
+    for (Index j = 0; j < 7; ++j) {
+      const double v = static_cast<double>(x(i, j));
+      const bool in_g = i >= 1 && i < 4 && j >= 2 && j < 6, in_s = j >= 3 && j < 5;
+      const double eg = in_g ? 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))) : v;
+      const double es = in_s ? v / (1.0 + std::exp(-v)) : v;
+      EXPECT_NEAR(static_cast<double>(g(i, j)), eg, 4 * spec_tolerance<T>() * (1 + std::abs(v)));
+      EXPECT_NEAR(static_cast<double>(s(i, j)), es, 4 * spec_tolerance<T>() * (1 + std::abs(v)));
+    }
+  Matrix<T> e(1, 3);
+  e << T(-1000), std::numeric_limits<T>::quiet_NaN(), T(1000);
+  Matrix<T> es = e;
+  retention::silu_inplace(es);
+  EXPECT_EQ(es(0, 0), T(0));
+  EXPECT_TRUE(std::isnan(es(0, 1)));
+  EXPECT_EQ(es(0, 2), T(1000));
+  retention::gelu_inplace(e);
+  EXPECT_EQ(e(0, 0), T(0));
+  EXPECT_TRUE(std::isnan(e(0, 1)));
+  EXPECT_EQ(e(0, 2), T(1000));
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
-// Tour section: ViR (SPEC 5). One line for multi-head retention on ViR-S/16's token count and one
-// for the whole ViR-S/16 encoder at 224 px: each form's time and the worst disagreement between
-// forms.
+// Tour section: ViR (docs/math.md §5). One line for multi-head retention on ViR-S/16's token count
+// and one for the whole ViR-S/16 encoder at 224 px: each form's time and the worst disagreement
+// between forms.
 #pragma once
 
 #include <retention/layers/vir.hpp>

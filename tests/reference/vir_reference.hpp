@@ -1,7 +1,8 @@
-// Naive double-precision evaluation of SPEC section 5 (ViR: MHR, block, encoder), written straight
+// Naive double-precision evaluation of docs/math.md §5 (ViR: MHR, block, encoder), written straight
 // from the formulas with explicit loops: a literal stride-p convolution over the [C, ch, p, p]
 // weight, explicit causal decay sums gamma^(n-m), explicit LayerNorm and erf GELU. Parameters are
-// addressed by their torch names and shapes. It shares no code with the library.
+// addressed by the torch names and shapes of the ViR authors' code (models/vir.py: the output
+// projection is retention.out_proj). It shares no code with the library.
 #pragma once
 
 #include <retention/core.hpp>
@@ -60,8 +61,8 @@ inline std::vector<std::pair<std::string, std::vector<Index>>> parameter_shapes(
     s.push_back({p + "norm1.bias", {C}});
     s.push_back({p + "retention.qkv.weight", {3 * C, C}});
     s.push_back({p + "retention.qkv.bias", {3 * C}});
-    s.push_back({p + "retention.proj.weight", {C, C}});
-    s.push_back({p + "retention.proj.bias", {C}});
+    s.push_back({p + "retention.out_proj.weight", {C, C}});
+    s.push_back({p + "retention.out_proj.bias", {C}});
     s.push_back({p + "ls1.gamma", {C}});
     s.push_back({p + "norm2.weight", {C}});
     s.push_back({p + "norm2.bias", {C}});
@@ -116,7 +117,7 @@ inline Mat layer_norm(const Mat& x, const std::vector<double>& w, const std::vec
 inline double gelu(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
 
 /// MHR (SPEC 5): [q|k|v] = x Wqkv^T + b, q *= head_dim^-1/2, per head
-/// o_n = sum_{m <= n} gamma_h^(n-m) (q_n . k_m) v_m, y = concat(o) Wproj^T + b. `prefix` e.g.
+/// o_n = sum_{m <= n} gamma_h^(n-m) (q_n . k_m) v_m, y = concat(o) Wout^T + b. `prefix` e.g.
 /// "blocks.0.".
 inline Mat mhr(const Mat& x, const Params& P, const std::string& prefix, const Config& c) {
   const Index C = c.dim, H = c.heads, hd = C / H, T = x.rows();
@@ -133,8 +134,8 @@ inline Mat mhr(const Mat& x, const Params& P, const std::string& prefix, const C
         const double w = std::pow(g[static_cast<std::size_t>(h)], static_cast<double>(n - m)) * qk;
         for (Index j = 0; j < hd; ++j) o(n, h * hd + j) += w * qkv(m, 2 * C + h * hd + j);
       }
-  return linear(o, get(P, prefix + "retention.proj.weight"), get(P, prefix + "retention.proj.bias"),
-                C);
+  return linear(o, get(P, prefix + "retention.out_proj.weight"),
+                get(P, prefix + "retention.out_proj.bias"), C);
 }
 
 /// Block (SPEC 5): x += ls1 * MHR(LN1 x); x += ls2 * fc2(GELU(fc1(LN2 x))).

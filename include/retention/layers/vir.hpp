@@ -1,23 +1,25 @@
-// retention: ViR (Vision Retention Networks, SPEC 5): multi-head retention (MHR), the pre-norm
-// block and the encoder, each runnable in the parallel, recurrent and chunkwise forms, and the
+// retention: ViR (Vision Retention Networks, docs/math.md §5): multi-head retention (MHR), the
+// pre-norm block and the encoder, each runnable in the parallel, recurrent and chunkwise forms; the
 // encoder also chunk-major (each chunk of tokens through every block, one state per block and
-// head), which bounds activation memory by the chunk instead of the image. Retention itself is the
-// library's kernels.
+// head), which bounds activation memory by the chunk instead of the image. Parameters load by the
+// names of the ViR authors' code (anom63931/ViR models/vir.py, docs/math.md §5).
 #pragma once
 
 #include <retention/chunkwise.hpp>
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
+#include <retention/detail/threading.hpp>
+#include <retention/heads.hpp>
 #include <retention/multihead.hpp>
-#include <retention/nn/norms.hpp>
-#include <retention/parallel.hpp>
-#include <retention/recurrent.hpp>
+#include <retention/nn/activations.hpp>
+#include <retention/nn/layer_norm.hpp>
+#include <retention/nn/linear.hpp>
+#include <retention/nn/parameters.hpp>
 #include <retention/state.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -31,22 +33,31 @@ namespace retention {
 enum class VirOrder { layer_major, chunk_major };
 
 inline const char* to_string(VirOrder o) {
-  return o == VirOrder::layer_major ? "layer-major" : "chunk-major";
+  switch (o) {
+    case VirOrder::layer_major:
+      return "layer-major";
+    case VirOrder::chunk_major:
+      return "chunk-major";
+  }
+  return "?";
 }
 
-/// Run options shared by VirRetention, VirBlock and VirEncoder.
+/// Run options of VirRetention, VirBlock and VirEncoder (the layers' sizes are a VirConfig).
 struct VirOptions {
   Form form = Form::parallel;
-  /// Chunkwise form: the kernel's chunk length. Chunk-major order: tokens per chunk (then the
-  /// chunkwise kernel sees each chunk whole). Must be >= 1 whenever it is used.
-  Index chunk = 64;
+  /// Chunkwise form: the kernel's chunk length. Chunk-major order: tokens per chunk (the chunkwise
+  /// kernel then sees each chunk whole). 0 = automatic: recommended_chunk(head_dim, head_dim).
+  Index chunk = 0;
   /// Encoder only; MHR and a block always see the rows they are given.
   VirOrder order = VirOrder::layer_major;
-  /// OpenMP threads over heads; 0 = OpenMP's default. Ignored without OpenMP.
+  /// Threads over heads and over row blocks of the projections and the MLP; 0 = OpenMP's
+  /// default; capped by the work (detail/threading.hpp). Row blocks may change a GEMM's blocking,
+  /// so results with several threads can differ from one thread's in the last bits.
   int threads = 0;
 };
 
-/// Sizes and constants of a ViR encoder.
+/// Sizes and constants of ViR: the encoder reads every field, a block all but the image fields, an
+/// MHR layer embed_dim, heads and gammas.
 struct VirConfig {
   /// Training resolution: the learned position embedding covers (image_size / patch_size)^2
   /// patches. Other resolutions (multiples of the patch) resample it bilinearly.
@@ -56,20 +67,23 @@ struct VirConfig {
   Index embed_dim = 384;
   Index heads = 6;
   Index depth = 12;
-  /// MLP hidden width = embed_dim * mlp_ratio (truncated, as timm does).
+  /// MLP hidden width = embed_dim * mlp_ratio (truncated, as timm does); positive and finite.
   double mlp_ratio = 4.0;
-  /// SPEC 5: the ViR encoder builds every LayerNorm (both of each block and the final one) with eps
-  /// 1e-6. The issue text's block default 1e-5 is a bare torch LayerNorm's default; SPEC wins, and
-  /// a loader of weights trained with 1e-5 must set it here.
+  /// docs/math.md §5: the ViR encoder builds every LayerNorm with eps 1e-6 (a bare torch LayerNorm
+  /// defaults to 1e-5; a loader of weights trained with 1e-5 must set it here).
   double layer_norm_eps = 1e-6;
   /// Initial value of every layer-scale entry ls1, ls2 (1 = no layer scale).
   double layer_scale_init = 1.0;
-  /// Per-head gammas; empty = linspace_gammas(heads) (SPEC 1, ViR).
+  /// Per-head gammas; empty = linspace_gammas(heads) (docs/math.md §1.5).
   std::vector<double> gammas;
 
   Index head_dim() const { return heads > 0 ? embed_dim / heads : 0; }
+  /// 0 when mlp_ratio is not positive and finite or the width would not fit in Index (the layers
+  /// reject such configs; the float-to-integer cast is only made when it is defined).
   Index mlp_hidden() const {
-    return static_cast<Index>(static_cast<double>(embed_dim) * mlp_ratio);
+    const double h = static_cast<double>(embed_dim) * mlp_ratio;
+    if (!(h >= 0.0 && h < 9.0e18)) return 0;
+    return static_cast<Index>(h);
   }
   Index grid() const { return patch_size > 0 ? image_size / patch_size : 0; }
 };
@@ -111,71 +125,30 @@ struct ImageView {
   Index channels = 3;
 };
 
-/// Weights of the MHR layer, torch layout [out, in]: qkv = Linear(C -> 3C), proj = Linear(C -> C).
 template <class T>
-struct VirRetentionWeights {
-  Matrix<T> qkv_weight;    // [3C, C], rows (q | k | v) x heads x head_dim
-  RowVector<T> qkv_bias;   // [3C]
-  Matrix<T> proj_weight;   // [C, C]
-  RowVector<T> proj_bias;  // [C]
-};
-
-/// Weights of a block other than its MHR: two affine LayerNorms, two layer scales, the MLP.
+class VirBlock;
 template <class T>
-struct VirBlockWeights {
-  RowVector<T> norm1_weight, norm1_bias;  // [C]
-  RowVector<T> ls1;                       // [C]
-  RowVector<T> norm2_weight, norm2_bias;  // [C]
-  Matrix<T> fc1_weight;                   // [hidden, C]
-  RowVector<T> fc1_bias;                  // [hidden]
-  Matrix<T> fc2_weight;                   // [C, hidden]
-  RowVector<T> fc2_bias;                  // [C]
-  RowVector<T> ls2;                       // [C]
-};
-
-/// One named parameter of the encoder: its torch name and shape, and where its values live
-/// (contiguous, row-major = torch's contiguous layout).
-template <class P>
-struct VirParameter {
-  std::string name;
-  std::vector<Index> shape;
-  P* data;
-  Index size() const {
-    Index n = 1;
-    for (Index s : shape) n *= s;
-    return n;
-  }
-};
+class VirEncoder;
 
 namespace detail {
 
-inline std::string dims_string(const std::vector<Index>& dims) {
-  std::ostringstream s;
-  s << '[';
-  for (std::size_t i = 0; i < dims.size(); ++i) s << (i ? " x " : "") << dims[i];
-  s << ']';
-  return s.str();
-}
-
-/// Throws unless the vector-like `v` has n entries.
-template <class Derived>
-void check_vector(const char* fn, const char* name, const Eigen::MatrixBase<Derived>& v, Index n) {
-  if (v.size() != n || (v.rows() != 1 && v.cols() != 1))
-    fail(fn, std::string(name) + " is " + shape_string(v.rows(), v.cols()) + ", expected " +
-                 shape_string(1, n));
-}
-
-inline void check_vir_options(const char* fn, const VirOptions& o, bool encoder) {
-  const bool uses_chunk =
-      o.form == Form::chunkwise || (encoder && o.order == VirOrder::chunk_major);
-  if (uses_chunk && o.chunk < 1)
-    fail(fn, "options.chunk must be >= 1, got " + std::to_string(o.chunk));
-  if (o.threads < 0) fail(fn, "options.threads must be >= 0, got " + std::to_string(o.threads));
+/// Rejects invalid enum values, a negative chunk and a negative thread count before anything runs.
+inline void check_vir_options(const char* fn, const VirOptions& o) {
+  check_form(fn, o.form);
+  if (o.order != VirOrder::layer_major && o.order != VirOrder::chunk_major)
+    fail(fn, "options.order is not one of layer_major, chunk_major (value " +
+                 std::to_string(static_cast<int>(o.order)) + ")");
+  if (o.chunk < 0)
+    fail(fn, "options.chunk must be >= 0 (0 = automatic), got " + std::to_string(o.chunk));
+  check_threads(fn, "options.threads", o.threads);
 }
 
 inline std::vector<double> vir_gammas(const char* fn, Index heads,
                                       const std::vector<double>& given) {
-  if (given.empty()) return linspace_gammas(heads);
+  if (given.empty()) {
+    check_schedule_heads(fn, heads);
+    return linspace_gammas(heads);
+  }
   if (static_cast<Index>(given.size()) != heads)
     fail(fn, "gammas has " + std::to_string(given.size()) +
                  " entries, expected heads = " + std::to_string(heads));
@@ -183,12 +156,88 @@ inline std::vector<double> vir_gammas(const char* fn, Index heads,
   return given;
 }
 
-/// Exact (erf) GELU in place: x * (1 + erf(x / sqrt 2)) / 2.
-template <class T>
-void gelu_inplace(Matrix<T>& x) {
-  const T r = static_cast<T>(0.70710678118654752440);
-  x = x.unaryExpr(
-      [r](T v) { return static_cast<T>(0.5) * v * (static_cast<T>(1) + std::erf(v * r)); });
+/// Checks the MHR fields (dim, heads, gammas) and the sizes its weights need.
+inline void check_vir_retention_sizes(const char* fn, const char* dim_name, const char* heads_name,
+                                      Index dim, Index heads) {
+  check_positive(fn, dim_name, dim);
+  check_positive(fn, heads_name, heads);
+  if (dim % heads != 0)
+    fail(fn, std::string(dim_name) + " " + std::to_string(dim) + " is not a multiple of " +
+                 heads_name + " " + std::to_string(heads));
+  checked_product(fn, "3 * dim * dim (qkv weight)", checked_product(fn, "3 * dim", 3, dim), dim);
+}
+
+/// Checks the block fields of a config (everything but the image fields) before any size is used.
+inline void check_vir_block_config(const char* fn, const VirConfig& c) {
+  check_vir_retention_sizes(fn, "config.embed_dim", "config.heads", c.embed_dim, c.heads);
+  if (!(c.mlp_ratio > 0.0) || !std::isfinite(c.mlp_ratio)) {
+    std::ostringstream s;
+    s << "config.mlp_ratio must be positive and finite, got " << c.mlp_ratio;
+    fail(fn, s.str());
+  }
+  if (!(static_cast<double>(c.embed_dim) * c.mlp_ratio < 9.0e18))
+    fail(fn, "config.embed_dim * config.mlp_ratio overflows the index type");
+  const Index hidden = c.mlp_hidden();
+  if (hidden < 1) {
+    std::ostringstream s;
+    s << "MLP hidden width embed_dim * mlp_ratio = " << c.embed_dim << " * " << c.mlp_ratio
+      << " truncates to 0, expected >= 1";
+    fail(fn, s.str());
+  }
+  checked_product(fn, "mlp hidden * embed_dim (fc1 weight)", hidden, c.embed_dim);
+  if (!(c.layer_norm_eps >= 0.0) || !std::isfinite(c.layer_norm_eps)) {
+    std::ostringstream s;
+    s << "config.layer_norm_eps must be >= 0 and finite, got " << c.layer_norm_eps;
+    fail(fn, s.str());
+  }
+  if (!std::isfinite(c.layer_scale_init)) {
+    std::ostringstream s;
+    s << "config.layer_scale_init must be finite, got " << c.layer_scale_init;
+    fail(fn, s.str());
+  }
+}
+
+/// Every parameter of `own` (the layer's own views: names and shapes) is in `source` with the same
+/// shape; checked before a load changes anything, so a failed load leaves the layer as it was.
+template <class Source>
+void check_parameters(const char* fn, const Source& source, const ParameterMap& own) {
+  for (const std::string& name : own.names()) {
+    const TensorRef& t = require(fn, source, name);
+    const std::vector<Index>& expected = own.find(name)->shape;
+    if (t.shape != expected)
+      fail(fn, "parameter '" + name + "' has shape " + dims_string(t.shape) + ", expected " +
+                   dims_string(expected));
+    if (!t.data) fail(fn, "parameter '" + name + "' has no data");
+  }
+}
+
+/// Reads a vector parameter of n entries with the given torch shape into `out` (resized to n).
+template <class T, class Source>
+void read_vector(const char* fn, const Source& source, const std::string& name,
+                 const std::vector<Index>& shape, Index n, RowVector<T>& out) {
+  RowVector<T> v(n);
+  read_tensor(fn, name, require(fn, source, name), shape, v.data());
+  out.swap(v);
+}
+
+/// Runs body(first_row, rows) over row blocks of a per-row computation (projections, the MLP): one
+/// static block per thread of a team sized by the one thread rule (at least vir_rows_per_thread
+/// rows each), every product inside single-threaded; a team of one is one call over all rows.
+constexpr Index vir_rows_per_thread = 32;
+
+template <class Body>
+void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body) {
+  const int team =
+      team_size(threads, rows / vir_rows_per_thread, flops_per_row * static_cast<double>(rows));
+  if (team <= 1) {
+    const SerialEigenScope serial_products;  // Eigen's own GEMM threads would be a second team
+    body(Index(0), rows);
+    return;
+  }
+  parallel_region(team, [&](int t, int n) {
+    const Index r0 = rows * t / n, r1 = rows * (t + 1) / n;
+    body(r0, r1 - r0);
+  });
 }
 
 /// Deterministic pseudo-random numbers (splitmix64), independent of the standard library's
@@ -228,6 +277,13 @@ class VirRng {
     for (Index i = 0; i < m.size(); ++i)
       m.data()[i] = static_cast<typename M::Scalar>(trunc_normal(std_dev));
   }
+  /// A Linear's weight [out, in] filled in row-major order.
+  template <class T>
+  void fill(Linear<T>& linear, double std_dev) {
+    Matrix<T> w(linear.out_features(), linear.in_features());
+    fill(w, std_dev);
+    linear.set_weight(w);
+  }
 
  private:
   std::uint64_t s_;
@@ -241,299 +297,463 @@ class VirRng {
 // MHR
 // =================================================================================================
 
-/// ViR multi-head retention (SPEC 5): [q | k | v] = x Wqkv^T + b (C -> 3C), q scaled by
-/// head_dim^-1/2, per head plain causal retention o_n = sum_{m<=n} gamma_h^(n-m) (q_n . k_m) v_m (+
-/// the carried-in state, SPEC 2), normalisation none, no gate, norm or rotation; y = concat_h(o_h)
-/// Wproj^T + b.
+/// ViR multi-head retention (docs/math.md §5): [q | k | v] = x Wqkv^T + b (C -> 3C), q scaled by
+/// head_dim^-1/2, per head plain causal retention o_n = sum_{m<=n} gamma_h^(n-m) (q_n . k_m) v_m
+/// (+ the carried-in state, docs/math.md §2.3), normalisation none; y = concat_h(o_h) Wout^T + b.
+/// Parameters (under a prefix such as "blocks.3.retention."): qkv.weight [3C, C], qkv.bias [3C],
+/// out_proj.weight [C, C], out_proj.bias [C].
 template <class T>
 class VirRetention {
  public:
-  /// Zero weights (fill through weights()); dim = C, heads divides C; gammas empty = linspace.
-  VirRetention(Index dim, Index heads, std::vector<double> gammas = {}) : dim_(dim), heads_(heads) {
+  using State = RetentionState<T>;
+
+  /// Zero weights (fill them with load()); config.embed_dim = C, a multiple of config.heads;
+  /// config.gammas empty = linspace_gammas(heads). The per-head masks are built here, once.
+  explicit VirRetention(const VirConfig& config)
+      : VirRetention(config.embed_dim, config.heads, config.gammas) {}
+  /// The same with the three MHR sizes given directly.
+  VirRetention(Index dim, Index heads, const std::vector<double>& gammas = {})
+      : dim_(checked_dim("VirRetention", dim, heads)),
+        heads_(heads),
+        gammas_(detail::vir_gammas("VirRetention", heads, gammas)),
+        masks_(causal_masks(gammas_)),
+        qkv_(dim, 3 * dim, true),
+        out_proj_(dim, dim, true) {
     detail::assert_scalar<T>();
-    const char* fn = "VirRetention";
-    detail::check_positive(fn, "dim", dim);
-    detail::check_positive(fn, "heads", heads);
-    if (dim % heads != 0)
-      detail::fail(fn, "dim " + std::to_string(dim) + " is not a multiple of heads " +
-                           std::to_string(heads));
-    gammas_ = detail::vir_gammas(fn, heads, gammas);
-    w_.qkv_weight = Matrix<T>::Zero(3 * dim, dim);
-    w_.qkv_bias = RowVector<T>::Zero(3 * dim);
-    w_.proj_weight = Matrix<T>::Zero(dim, dim);
-    w_.proj_bias = RowVector<T>::Zero(dim);
-  }
-  /// With the given weights (shapes checked here and on every forward).
-  VirRetention(Index dim, Index heads, VirRetentionWeights<T> weights,
-               std::vector<double> gammas = {})
-      : VirRetention(dim, heads, std::move(gammas)) {
-    w_ = std::move(weights);
-    check_weights("VirRetention");
   }
 
   Index dim() const { return dim_; }
   Index heads() const { return heads_; }
   Index head_dim() const { return dim_ / heads_; }
   const std::vector<double>& gammas() const { return gammas_; }
-  VirRetentionWeights<T>& weights() { return w_; }
-  const VirRetentionWeights<T>& weights() const { return w_; }
+  /// Per-head masks, masks()[h] = CausalDecay(gammas()[h]).
+  const std::vector<CausalDecay>& masks() const { return masks_; }
+  /// The fused projection: W [3C, C], rows (q | k | v) x heads x head_dim; bias [3C].
+  const Linear<T>& qkv() const { return qkv_; }
+  /// The output projection: W [C, C], bias [C].
+  const Linear<T>& out_proj() const { return out_proj_; }
+
+  /// Reads "<prefix>qkv.weight" [3C, C], "<prefix>qkv.bias" [3C], "<prefix>out_proj.weight"
+  /// [C, C], "<prefix>out_proj.bias" [C] from any source with find(name) -> const TensorRef*
+  /// (ParameterMap, a safetensors file). All are checked before any changes.
+  template <class Source>
+  void load(const Source& source, const std::string& prefix = "") {
+    const char* fn = "VirRetention::load";
+    detail::check_parameters(fn, source, parameters(prefix));
+    load_checked(fn, source, prefix);
+  }
+
+  /// Views of this layer's parameters under their torch names (valid while the layer lives and is
+  /// not reloaded), e.g. to export them or to count them.
+  ParameterMap parameters(const std::string& prefix = "") const {
+    ParameterMap m;
+    add_parameters(m, prefix);
+    return m;
+  }
 
   /// Zero states for all heads (S [head_dim, head_dim], position 0), index h.
-  std::vector<RetentionState<T>> zero_states() const {
-    return std::vector<RetentionState<T>>(static_cast<std::size_t>(heads_),
-                                          RetentionState<T>(head_dim(), head_dim()));
+  std::vector<State> zero_states() const {
+    return std::vector<State>(static_cast<std::size_t>(heads_), State(head_dim(), head_dim()));
   }
 
   /// x [T, C] -> y [T, C] in options.form. `states` (optional, one per head): if non-empty, the
-  /// state carried in from earlier tokens; always replaced by the state after the last row, so that
-  /// consecutive calls equal one call over the concatenated rows.
+  /// state carried in from earlier tokens; replaced by the state after the last row only when the
+  /// call succeeds, so that consecutive calls equal one call over the concatenated rows.
   template <class Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, const VirOptions& options = VirOptions(),
-                    std::vector<RetentionState<T>>* states = nullptr) const {
+                    std::vector<State>* states = nullptr) const {
     detail::assert_same_scalar<T, typename Derived::Scalar>();
     const char* fn = "VirRetention::forward";
-    check_weights(fn);
     detail::check_shape(fn, "x", x, -1, dim_);
-    detail::check_vir_options(fn, options, false);
-    const Index hd = head_dim();
-    const bool has_initial = states && !states->empty();
-    if (has_initial) {
-      if (static_cast<Index>(states->size()) != heads_)
-        detail::fail(fn, "states has " + std::to_string(states->size()) +
-                             " entries, expected heads = " + std::to_string(heads_));
-      for (const auto& s : *states) detail::check_state(fn, s, hd, hd, "states[h]");
-    }
-    const Index T_len = x.rows(), C = dim_;
-    if (states && !has_initial) *states = zero_states();
-
-    Matrix<T> qkv(T_len, 3 * C);
-    qkv.noalias() = x * w_.qkv_weight.transpose();
-    qkv.rowwise() += w_.qkv_bias;
-    qkv.leftCols(C) *= static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    Matrix<T> o(T_len, C);
-    const int threads = detail::thread_count(options.threads);
-    (void)threads;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads)
-#endif
-    for (Index h = 0; h < heads_; ++h) {
-      const CausalDecay decay(gammas_[static_cast<std::size_t>(h)]);
-      RetentionOptions<T> ro;
-      ro.normalization = Normalization::none;
-      if (has_initial) ro.initial_state = &(*states)[static_cast<std::size_t>(h)];
-      if (states) ro.final_state = &(*states)[static_cast<std::size_t>(h)];
-      const auto Q = qkv.middleCols(h * hd, hd);
-      const auto K = qkv.middleCols(C + h * hd, hd);
-      const auto V = qkv.middleCols(2 * C + h * hd, hd);
-      switch (options.form) {
-        case Form::parallel:
-          parallel_retention_into(Q, K, V, decay, o.middleCols(h * hd, hd), ro);
-          break;
-        case Form::recurrent:
-          recurrent_retention_into(Q, K, V, decay, o.middleCols(h * hd, hd), ro);
-          break;
-        case Form::chunkwise:
-          chunkwise_retention_into(Q, K, V, decay, options.chunk, o.middleCols(h * hd, hd), ro);
-          break;
-      }
-    }
-    qkv.resize(0, 0);  // release before the projection: peak activation stays ~ 4 [T, C]
-    Matrix<T> y(T_len, C);
-    y.noalias() = o * w_.proj_weight.transpose();
-    y.rowwise() += w_.proj_bias;
+    detail::check_vir_options(fn, options);
+    check_rows(fn, x.rows());
+    const bool has_initial = check_states(fn, states);
+    std::vector<State> finals;
+    Matrix<T> y;
+    run(x, options, has_initial ? states : nullptr, states ? &finals : nullptr, y);
+    if (states) states->swap(finals);
     return y;
   }
 
-  /// One token x_t [1, C] -> [1, C] through the recurrent form, advancing `states` (one per head).
+  /// One token x_t [1, C] -> [1, C] through the recurrent form, advancing `states` (one per head;
+  /// empty = zero states) only if the step succeeds.
   template <class Derived>
-  RowVector<T> step(const Eigen::MatrixBase<Derived>& x_t,
-                    std::vector<RetentionState<T>>& states) const {
+  RowVector<T> step(const Eigen::MatrixBase<Derived>& x_t, std::vector<State>& states) const {
+    detail::assert_same_scalar<T, typename Derived::Scalar>();
+    const char* fn = "VirRetention::step";
+    detail::check_shape(fn, "x_t", x_t, 1, dim_);
+    const bool has_initial = check_states(fn, &states);
     VirOptions o;
     o.form = Form::recurrent;
     o.threads = 1;
-    return forward(x_t, o, &states);
+    std::vector<State> finals;
+    Matrix<T> y;
+    run(x_t, o, has_initial ? &states : nullptr, &finals, y);
+    states.swap(finals);
+    return y;
   }
 
  private:
-  void check_weights(const char* fn) const {
-    const Index C = dim_;
-    detail::check_shape(fn, "qkv_weight", w_.qkv_weight, 3 * C, C);
-    detail::check_vector(fn, "qkv_bias", w_.qkv_bias, 3 * C);
-    detail::check_shape(fn, "proj_weight", w_.proj_weight, C, C);
-    detail::check_vector(fn, "proj_bias", w_.proj_bias, C);
+  friend class VirBlock<T>;
+  friend class VirEncoder<T>;
+
+  static Index checked_dim(const char* fn, Index dim, Index heads) {
+    detail::check_vir_retention_sizes(fn, "dim", "heads", dim, heads);
+    return dim;
+  }
+
+  /// rows * 3C (the fused buffer) fits in Index.
+  void check_rows(const char* fn, Index rows) const {
+    detail::checked_product(fn, "rows * 3 * embed_dim", rows, 3 * dim_);
+  }
+
+  /// Checks given states; true when there are some (empty = start from zero).
+  bool check_states(const char* fn, const std::vector<State>* states) const {
+    if (!states || states->empty()) return false;
+    if (static_cast<Index>(states->size()) != heads_)
+      detail::fail(fn, "states has " + std::to_string(states->size()) +
+                           " entries, expected heads = " + std::to_string(heads_));
+    for (const auto& s : *states) detail::check_state(fn, s, head_dim(), head_dim(), "states[h]");
+    return true;
+  }
+
+  void add_parameters(ParameterMap& m, const std::string& prefix) const {
+    m.add_dense(prefix + "qkv.weight", qkv_.weight());
+    m.add_dense(prefix + "qkv.bias", qkv_.bias());
+    m.add_dense(prefix + "out_proj.weight", out_proj_.weight());
+    m.add_dense(prefix + "out_proj.bias", out_proj_.bias());
+  }
+
+  template <class Source>
+  void load_checked(const char* fn, const Source& source, const std::string& prefix) {
+    qkv_.load(source, prefix + "qkv.", fn);
+    out_proj_.load(source, prefix + "out_proj.", fn);
+  }
+
+  void init_random(detail::VirRng& rng, double std_dev) {
+    rng.fill(qkv_, std_dev);
+    rng.fill(out_proj_, std_dev);
+  }
+
+  /// The forward without checks (callers checked x, options and states): one fused projection
+  /// into [T, 3C], q scaled in place, three HeadsViews over that buffer (no copies) through
+  /// multi_head_retention, then the output projection. Final states go to `finals` (if set).
+  template <class Derived>
+  void run(const Eigen::MatrixBase<Derived>& x, const VirOptions& options,
+           const std::vector<State>* initial, std::vector<State>* finals, Matrix<T>& y) const {
+    const Index T_len = x.rows(), C = dim_, hd = head_dim(), width = 3 * dim_;
+    if (T_len == 0) {  // nothing to retain: the state passes through unchanged
+      y.resize(0, C);
+      if (finals) *finals = initial ? *initial : zero_states();
+      return;
+    }
+    Matrix<T> qkv(T_len, width);
+    const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
+    const double dim = static_cast<double>(C);
+    detail::for_row_blocks(options.threads, T_len, 6.0 * dim * dim, [&](Index r0, Index n) {
+      auto rows = qkv.middleRows(r0, n);
+      qkv_.forward_into(x.middleRows(r0, n), rows);
+      rows.leftCols(C) *= scale;
+    });
+    Matrix<T> o(T_len, C);
+    {
+      const T* base = qkv.data();
+      const Index seq = T_len * width;
+      const HeadsView<const T> q{base, 1, T_len, heads_, hd, seq, width, hd};
+      const HeadsView<const T> k{base + C, 1, T_len, heads_, hd, seq, width, hd};
+      const HeadsView<const T> v{base + 2 * C, 1, T_len, heads_, hd, seq, width, hd};
+      MultiHeadOptions<T> mo;
+      mo.form = options.form;
+      mo.chunk = options.chunk;
+      mo.normalization = Normalization::none;
+      mo.initial_states = initial;
+      mo.final_states = finals;
+      mo.threads = options.threads;
+      multi_head_retention(q, k, v, heads_view(o.data(), 1, T_len, heads_, hd), masks_, mo);
+    }
+    qkv.resize(0, 0);  // released before the projection: peak activation stays ~ 4 [T, C]
+    y.resize(T_len, C);
+    detail::for_row_blocks(options.threads, T_len, 2.0 * dim * dim, [&](Index r0, Index n) {
+      out_proj_.forward_into(o.middleRows(r0, n), y.middleRows(r0, n));
+    });
   }
 
   Index dim_, heads_;
   std::vector<double> gammas_;
-  VirRetentionWeights<T> w_;
+  std::vector<CausalDecay> masks_;
+  Linear<T> qkv_, out_proj_;
 };
 
 // =================================================================================================
 // Block
 // =================================================================================================
 
-/// ViR block (SPEC 5, pre-norm): x += ls1 (.) MHR(LN1(x)); x += ls2 (.) fc2(GELU(fc1(LN2(x)))),
-/// exact erf GELU, affine LayerNorms with eps = config.layer_norm_eps. x [T, C].
+/// ViR block (docs/math.md §5, pre-norm): x += ls1 (.) MHR(LN1(x)); x += ls2 (.)
+/// fc2(GELU(fc1(LN2(x)))), exact erf GELU, affine LayerNorms with eps = config.layer_norm_eps.
+/// x [T, C]. Parameters (under a prefix such as "blocks.3."): norm1.{weight,bias} [C],
+/// retention.{qkv,out_proj}.*, ls1.gamma [C], norm2.{weight,bias} [C], mlp.fc1.weight [hidden, C],
+/// mlp.fc1.bias [hidden], mlp.fc2.weight [C, hidden], mlp.fc2.bias [C], ls2.gamma [C].
 template <class T>
 class VirBlock {
  public:
+  using State = RetentionState<T>;
+
   /// LayerNorm weights 1 and biases 0, layer scales config.layer_scale_init, all else 0.
   explicit VirBlock(const VirConfig& config)
-      : config_(config), retention_(config.embed_dim, config.heads, config.gammas) {
+      : config_(checked_config(config)),
+        norm1_(config.embed_dim, config.layer_norm_eps),
+        retention_(config.embed_dim, config.heads, config.gammas),
+        norm2_(config.embed_dim, config.layer_norm_eps),
+        fc1_(config.embed_dim, config.mlp_hidden(), true),
+        fc2_(config.mlp_hidden(), config.embed_dim, true),
+        ls1_(RowVector<T>::Constant(config.embed_dim, static_cast<T>(config.layer_scale_init))),
+        ls2_(ls1_) {
     detail::assert_scalar<T>();
-    const Index C = config.embed_dim, Hd = config.mlp_hidden();
-    detail::check_positive("VirBlock", "mlp hidden width", Hd);
-    w_.norm1_weight = RowVector<T>::Ones(C);
-    w_.norm1_bias = RowVector<T>::Zero(C);
-    w_.norm2_weight = RowVector<T>::Ones(C);
-    w_.norm2_bias = RowVector<T>::Zero(C);
-    w_.ls1 = RowVector<T>::Constant(C, static_cast<T>(config.layer_scale_init));
-    w_.ls2 = RowVector<T>::Constant(C, static_cast<T>(config.layer_scale_init));
-    w_.fc1_weight = Matrix<T>::Zero(Hd, C);
-    w_.fc1_bias = RowVector<T>::Zero(Hd);
-    w_.fc2_weight = Matrix<T>::Zero(C, Hd);
-    w_.fc2_bias = RowVector<T>::Zero(C);
   }
 
   const VirConfig& config() const { return config_; }
-  VirRetention<T>& retention() { return retention_; }
+  const LayerNorm<T>& norm1() const { return norm1_; }
   const VirRetention<T>& retention() const { return retention_; }
-  VirBlockWeights<T>& weights() { return w_; }
-  const VirBlockWeights<T>& weights() const { return w_; }
+  /// Layer scale after the retention branch [C].
+  const RowVector<T>& ls1() const { return ls1_; }
+  const LayerNorm<T>& norm2() const { return norm2_; }
+  /// MLP: fc1 [hidden, C] + bias, GELU, fc2 [C, hidden] + bias.
+  const Linear<T>& fc1() const { return fc1_; }
+  const Linear<T>& fc2() const { return fc2_; }
+  /// Layer scale after the MLP branch [C].
+  const RowVector<T>& ls2() const { return ls2_; }
+
+  /// Reads every parameter of the block under `prefix` (names in the class comment) from any
+  /// source with find(name) -> const TensorRef*. All are checked before any changes.
+  template <class Source>
+  void load(const Source& source, const std::string& prefix = "") {
+    const char* fn = "VirBlock::load";
+    detail::check_parameters(fn, source, parameters(prefix));
+    load_checked(fn, source, prefix);
+  }
+
+  /// Views of this block's parameters under their torch names (valid while the block lives and is
+  /// not reloaded).
+  ParameterMap parameters(const std::string& prefix = "") const {
+    ParameterMap m;
+    add_parameters(m, prefix);
+    return m;
+  }
 
   /// x [T, C] -> [T, C]; `states` as in VirRetention::forward.
   template <class Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, const VirOptions& options = VirOptions(),
-                    std::vector<RetentionState<T>>* states = nullptr) const {
+                    std::vector<State>* states = nullptr) const {
     detail::assert_same_scalar<T, typename Derived::Scalar>();
+    const char* fn = "VirBlock::forward";
+    detail::check_shape(fn, "x", x, -1, config_.embed_dim);
     Matrix<T> y = x;
-    forward_inplace(y, options, states);
+    forward_checked(fn, y, options, states);
     return y;
   }
 
-  /// In place on x [T, C] (the encoder's path: no copy of the residual stream).
+  /// In place on x [T, C] (no copy of the residual stream). On failure x is unspecified but the
+  /// states are unchanged.
   void forward_inplace(Matrix<T>& x, const VirOptions& options = VirOptions(),
-                       std::vector<RetentionState<T>>* states = nullptr) const {
-    const char* fn = "VirBlock::forward";
-    check_weights(fn);
+                       std::vector<State>* states = nullptr) const {
+    const char* fn = "VirBlock::forward_inplace";
     detail::check_shape(fn, "x", x, -1, config_.embed_dim);
-    const double eps = config_.layer_norm_eps;
-    {
-      const Matrix<T> h = layer_norm(x, w_.norm1_weight, w_.norm1_bias, eps);
-      const Matrix<T> a = retention_.forward(h, options, states);
-      x.array() += a.array().rowwise() * w_.ls1.array();
-    }
-    {
-      Matrix<T> u(x.rows(), w_.fc1_weight.rows());
-      {
-        const Matrix<T> h = layer_norm(x, w_.norm2_weight, w_.norm2_bias, eps);
-        u.noalias() = h * w_.fc1_weight.transpose();
-      }
-      u.rowwise() += w_.fc1_bias;
-      detail::gelu_inplace(u);
-      Matrix<T> m(x.rows(), x.cols());
-      m.noalias() = u * w_.fc2_weight.transpose();
-      m.rowwise() += w_.fc2_bias;
-      x.array() += m.array().rowwise() * w_.ls2.array();
-    }
+    forward_checked(fn, x, options, states);
   }
 
  private:
-  void check_weights(const char* fn) const {
-    const Index C = config_.embed_dim, Hd = config_.mlp_hidden();
-    detail::check_vector(fn, "norm1_weight", w_.norm1_weight, C);
-    detail::check_vector(fn, "norm1_bias", w_.norm1_bias, C);
-    detail::check_vector(fn, "ls1", w_.ls1, C);
-    detail::check_vector(fn, "norm2_weight", w_.norm2_weight, C);
-    detail::check_vector(fn, "norm2_bias", w_.norm2_bias, C);
-    detail::check_shape(fn, "fc1_weight", w_.fc1_weight, Hd, C);
-    detail::check_vector(fn, "fc1_bias", w_.fc1_bias, Hd);
-    detail::check_shape(fn, "fc2_weight", w_.fc2_weight, C, Hd);
-    detail::check_vector(fn, "fc2_bias", w_.fc2_bias, C);
-    detail::check_vector(fn, "ls2", w_.ls2, C);
+  friend class VirEncoder<T>;
+
+  static const VirConfig& checked_config(const VirConfig& c) {
+    detail::check_vir_block_config("VirBlock", c);
+    detail::vir_gammas("VirBlock", c.heads, c.gammas);
+    return c;
+  }
+
+  /// The widest buffers of a forward over `rows` rows fit in Index.
+  void check_rows(const char* fn, Index rows) const {
+    retention_.check_rows(fn, rows);
+    detail::checked_product(fn, "rows * mlp hidden", rows, fc1_.out_features());
+  }
+
+  void forward_checked(const char* fn, Matrix<T>& x, const VirOptions& options,
+                       std::vector<State>* states) const {
+    detail::check_vir_options(fn, options);
+    check_rows(fn, x.rows());
+    const bool has_initial = retention_.check_states(fn, states);
+    std::vector<State> finals;
+    run(x, options, has_initial ? states : nullptr, states ? &finals : nullptr);
+    if (states) states->swap(finals);
+  }
+
+  void add_parameters(ParameterMap& m, const std::string& prefix) const {
+    m.add_dense(prefix + "norm1.weight", norm1_.weight());
+    m.add_dense(prefix + "norm1.bias", norm1_.bias());
+    retention_.add_parameters(m, prefix + "retention.");
+    m.add_dense(prefix + "ls1.gamma", ls1_);
+    m.add_dense(prefix + "norm2.weight", norm2_.weight());
+    m.add_dense(prefix + "norm2.bias", norm2_.bias());
+    m.add_dense(prefix + "mlp.fc1.weight", fc1_.weight());
+    m.add_dense(prefix + "mlp.fc1.bias", fc1_.bias());
+    m.add_dense(prefix + "mlp.fc2.weight", fc2_.weight());
+    m.add_dense(prefix + "mlp.fc2.bias", fc2_.bias());
+    m.add_dense(prefix + "ls2.gamma", ls2_);
+  }
+
+  template <class Source>
+  void load_checked(const char* fn, const Source& source, const std::string& prefix) {
+    const Index C = config_.embed_dim;
+    norm1_.load(source, prefix + "norm1.", fn);
+    retention_.load_checked(fn, source, prefix + "retention.");
+    detail::read_vector(fn, source, prefix + "ls1.gamma", {C}, C, ls1_);
+    norm2_.load(source, prefix + "norm2.", fn);
+    fc1_.load(source, prefix + "mlp.fc1.", fn);
+    fc2_.load(source, prefix + "mlp.fc2.", fn);
+    detail::read_vector(fn, source, prefix + "ls2.gamma", {C}, C, ls2_);
+  }
+
+  void init_random(detail::VirRng& rng, double std_dev) {
+    retention_.init_random(rng, std_dev);
+    rng.fill(fc1_, std_dev);
+    rng.fill(fc2_, std_dev);
+  }
+
+  /// The forward without checks, in place on x; final states to `finals` (if set).
+  void run(Matrix<T>& x, const VirOptions& options, const std::vector<State>* initial,
+           std::vector<State>* finals) const {
+    {
+      const Matrix<T> h = norm1_.forward(x);
+      Matrix<T> a;
+      retention_.run(h, options, initial, finals, a);
+      x.array() += a.array().rowwise() * ls1_.array();
+    }
+    // The MLP acts per row: each row block runs LN2, fc1, GELU, fc2 and the residual on its own.
+    const double dim = static_cast<double>(x.cols()),
+                 hidden = static_cast<double>(fc1_.out_features());
+    detail::for_row_blocks(options.threads, x.rows(), 4.0 * dim * hidden + 20.0 * hidden,
+                           [&](Index r0, Index n) { mlp_rows(x.middleRows(r0, n)); });
+  }
+
+  /// x += ls2 (.) fc2(GELU(fc1(LN2(x)))) on a block of rows.
+  template <class Rows>
+  void mlp_rows(Rows&& x) const {
+    Matrix<T> u(x.rows(), fc1_.out_features());
+    {
+      const Matrix<T> h = norm2_.forward(x);
+      fc1_.forward_into(h, u);
+    }
+    gelu_inplace(u);
+    Matrix<T> m(x.rows(), x.cols());
+    fc2_.forward_into(u, m);
+    x.array() += m.array().rowwise() * ls2_.array();
   }
 
   VirConfig config_;
+  LayerNorm<T> norm1_;
   VirRetention<T> retention_;
-  VirBlockWeights<T> w_;
+  LayerNorm<T> norm2_;
+  Linear<T> fc1_, fc2_;
+  RowVector<T> ls1_, ls2_;
 };
 
 // =================================================================================================
 // Encoder
 // =================================================================================================
 
-/// ViR encoder (SPEC 5): tokens = patch embedding (stride-p p x p convolution = a linear map of
-/// each flattened patch) + learned position embedding, then the class token appended at the END
-/// (after the position embedding, so the class token gets none: SPEC 5 adds the position embedding
-/// to the patches and appends the class token afterwards); depth blocks; final LayerNorm; the class
-/// token's row is the image feature. Image [H, W, in_channels] -> tokens [N + 1, C], N =
-/// (H/p)(W/p), raster order.
+/// ViR encoder (docs/math.md §5): tokens = patch embedding (stride-p p x p convolution = a linear
+/// map of each flattened patch) + learned position embedding, then the class token appended at
+/// the END (with no position embedding); depth blocks; final LayerNorm; the class token's row is
+/// the image feature. Image [H, W, in_channels] -> tokens [N + 1, C], N = (H/p)(W/p), raster order.
+/// Parameters (the ViR authors' names, under an optional prefix): patch_embed.proj.weight
+/// [C, in_channels, p, p], patch_embed.proj.bias [C], pos_embed [1, G*G, C], cls_token [1, 1, C],
+/// blocks.{d}.* (see VirBlock), norm.weight [C], norm.bias [C].
 template <class T>
 class VirEncoder {
  public:
   /// Deterministic random model: every weight and embedding ~ N(0, 0.02^2) truncated at 2 std,
   /// biases 0, LayerNorms (1, 0), layer scales config.layer_scale_init; same seed, same model.
-  explicit VirEncoder(const VirConfig& config, std::uint64_t seed = 0) : config_(config) {
+  /// Every size product of the config is checked before anything is allocated.
+  explicit VirEncoder(const VirConfig& config, std::uint64_t seed = 0)
+      : config_(checked_config(config)),
+        patch_(config.in_channels * config.patch_size * config.patch_size, config.embed_dim, true),
+        pos_embed_(Matrix<T>::Zero(config.grid() * config.grid(), config.embed_dim)),
+        cls_token_(RowVector<T>::Zero(config.embed_dim)),
+        norm_(config.embed_dim, config.layer_norm_eps) {
     detail::assert_scalar<T>();
-    check_config();
-    const Index C = config.embed_dim, p = config.patch_size, G = config.grid();
-    patch_weight_ = Matrix<T>::Zero(C, config.in_channels * p * p);
-    patch_bias_ = RowVector<T>::Zero(C);
-    pos_embed_ = Matrix<T>::Zero(G * G, C);
-    cls_token_ = RowVector<T>::Zero(C);
-    norm_weight_ = RowVector<T>::Ones(C);
-    norm_bias_ = RowVector<T>::Zero(C);
     blocks_.reserve(static_cast<std::size_t>(config.depth));
     for (Index d = 0; d < config.depth; ++d) blocks_.emplace_back(config_);
     detail::VirRng rng(seed);
     const double s = 0.02;
-    rng.fill(patch_weight_, s);
+    rng.fill(patch_, s);
     rng.fill(pos_embed_, s);
     rng.fill(cls_token_, s);
-    for (auto& b : blocks_) {
-      rng.fill(b.retention().weights().qkv_weight, s);
-      rng.fill(b.retention().weights().proj_weight, s);
-      rng.fill(b.weights().fc1_weight, s);
-      rng.fill(b.weights().fc2_weight, s);
-    }
+    for (auto& b : blocks_) b.init_random(rng, s);
   }
 
   const VirConfig& config() const { return config_; }
   Index depth() const { return config_.depth; }
-  std::vector<VirBlock<T>>& blocks() { return blocks_; }
   const std::vector<VirBlock<T>>& blocks() const { return blocks_; }
+  /// Patch embedding as a Linear over flattened patches: W [C, in_channels * p * p] (torch's
+  /// [C, in_channels, p, p] flattened), bias [C].
+  const Linear<T>& patch_embed() const { return patch_; }
+  /// Position embedding of the training grid [G * G, C] (patches only).
+  const Matrix<T>& pos_embed() const { return pos_embed_; }
+  const RowVector<T>& cls_token() const { return cls_token_; }
+  const LayerNorm<T>& norm() const { return norm_; }
 
-  /// Every parameter with its torch name and shape (timm ViT naming; the class token is separate
-  /// from pos_embed, which covers the patches only), in a fixed order. Data is row-major, so a
-  /// contiguous torch tensor's buffer copies in unchanged, e.g. patch_embed.proj.weight [C, 3, p,
-  /// p].
-  std::vector<VirParameter<T>> parameters() { return parameter_table<T>(*this); }
-  std::vector<VirParameter<const T>> parameters() const { return parameter_table<const T>(*this); }
+  /// Reads every parameter (names in the class comment, each under `prefix`) from any source with
+  /// find(name) -> const TensorRef* (ParameterMap, a safetensors file); dtypes convert to T. All
+  /// names and shapes are checked before anything changes.
+  template <class Source>
+  void load(const Source& source, const std::string& prefix = "") {
+    const char* fn = "VirEncoder::load";
+    detail::check_parameters(fn, source, parameters(prefix));
+    const Index C = config_.embed_dim, p = config_.patch_size, G = config_.grid();
+    {
+      Matrix<T> w(C, config_.in_channels * p * p);
+      read_tensor(fn, prefix + "patch_embed.proj.weight",
+                  detail::require(fn, source, prefix + "patch_embed.proj.weight"),
+                  {C, config_.in_channels, p, p}, w.data());
+      RowVector<T> b;
+      detail::read_vector(fn, source, prefix + "patch_embed.proj.bias", {C}, C, b);
+      patch_.set_weight(w);
+      patch_.set_bias(b);
+    }
+    {
+      Matrix<T> pos(G * G, C);
+      read_tensor(fn, prefix + "pos_embed", detail::require(fn, source, prefix + "pos_embed"),
+                  {1, G * G, C}, pos.data());
+      pos_embed_.swap(pos);
+    }
+    detail::read_vector(fn, source, prefix + "cls_token", {1, 1, C}, C, cls_token_);
+    for (std::size_t d = 0; d < blocks_.size(); ++d)
+      blocks_[d].load_checked(fn, source, prefix + "blocks." + std::to_string(d) + ".");
+    norm_.load(source, prefix + "norm.", fn);
+  }
+
+  /// Views of every parameter under its torch name (valid while the encoder lives and is not
+  /// reloaded): export them, count them, or load another model from them.
+  ParameterMap parameters(const std::string& prefix = "") const {
+    const Index C = config_.embed_dim, p = config_.patch_size;
+    ParameterMap m;
+    m.add(prefix + "patch_embed.proj.weight", patch_.weight().data(),
+          {C, config_.in_channels, p, p});
+    m.add_dense(prefix + "patch_embed.proj.bias", patch_.bias());
+    m.add(prefix + "pos_embed", pos_embed_.data(), {1, pos_embed_.rows(), C});
+    m.add(prefix + "cls_token", cls_token_.data(), {1, 1, C});
+    for (std::size_t d = 0; d < blocks_.size(); ++d)
+      blocks_[d].add_parameters(m, prefix + "blocks." + std::to_string(d) + ".");
+    m.add_dense(prefix + "norm.weight", norm_.weight());
+    m.add_dense(prefix + "norm.bias", norm_.bias());
+    return m;
+  }
 
   /// Number of scalars over all parameters.
   Index parameter_count() const {
+    const ParameterMap m = parameters();
     Index n = 0;
-    for (const auto& p : parameters()) n += p.size();
+    for (const std::string& name : m.names()) n += m.find(name)->numel();
     return n;
-  }
-
-  /// Copies a torch-layout array into the parameter `name`; `shape` must equal the torch shape
-  /// listed by parameters() exactly. S may differ from T (e.g. float checkpoints into a double
-  /// model).
-  template <class S>
-  void load(const std::string& name, const S* data, const std::vector<Index>& shape) {
-    const char* fn = "VirEncoder::load";
-    if (!data) detail::fail(fn, name + ": null data pointer");
-    for (auto& p : parameters()) {
-      if (p.name != name) continue;
-      if (p.shape != shape)
-        detail::fail(fn, name + " is " + detail::dims_string(shape) + ", expected " +
-                             detail::dims_string(p.shape));
-      const Index n = p.size();
-      for (Index i = 0; i < n; ++i) p.data[i] = static_cast<T>(data[i]);
-      return;
-    }
-    detail::fail(fn, "unknown parameter \"" + name + "\"");
   }
 
   /// Input tokens [count, C], rows [first, first + count) of the sequence: row n < N is patch n
@@ -543,10 +763,14 @@ class VirEncoder {
   Matrix<T> tokens(const ImageView<P>& image, Index first, Index count) const {
     const char* fn = "VirEncoder::tokens";
     const Grid g = check_image(fn, image);
-    if (first < 0 || count < 0 || first + count > g.tokens())
-      detail::fail(fn, "rows [" + std::to_string(first) + ", " + std::to_string(first + count) +
-                           ") outside the " + std::to_string(g.tokens()) + " tokens");
-    return make_tokens(image, g, first, count);
+    if (first < 0 || count < 0 || first > g.tokens() || count > g.tokens() - first) {
+      Index end = 0;
+      const std::string last =
+          detail::add_overflows(first, count, end) ? std::string("overflow") : std::to_string(end);
+      detail::fail(fn, "rows [" + std::to_string(first) + ", " + last + ") outside the " +
+                           std::to_string(g.tokens()) + " tokens");
+    }
+    return make_tokens(image, g, first, count, 0);
   }
 
   /// Image [H, W, in_channels] (H, W multiples of patch_size) -> all output tokens [N + 1, C] after
@@ -569,15 +793,17 @@ class VirEncoder {
   }
 
  private:
+  using State = RetentionState<T>;
+
   struct Grid {
     Index h, w;
     Index patches() const { return h * w; }
     Index tokens() const { return h * w + 1; }
   };
 
-  void check_config() const {
+  /// Checks every field and every size product the encoder allocates, before any allocation.
+  static const VirConfig& checked_config(const VirConfig& c) {
     const char* fn = "VirEncoder";
-    const VirConfig& c = config_;
     detail::check_positive(fn, "config.image_size", c.image_size);
     detail::check_positive(fn, "config.patch_size", c.patch_size);
     detail::check_positive(fn, "config.in_channels", c.in_channels);
@@ -591,13 +817,25 @@ class VirEncoder {
     if (c.embed_dim % c.heads != 0)
       detail::fail(fn, "config.embed_dim " + std::to_string(c.embed_dim) +
                            " is not a multiple of config.heads " + std::to_string(c.heads));
-    if (!(c.layer_norm_eps >= 0.0)) detail::fail(fn, "config.layer_norm_eps must be >= 0");
+    detail::check_vir_block_config(fn, c);
+    detail::vir_gammas(fn, c.heads, c.gammas);
+    const Index G = c.grid();
+    const Index patches = detail::checked_product(fn, "grid * grid (patches)", G, G);
+    detail::checked_product(fn, "patches * embed_dim (pos_embed)", patches, c.embed_dim);
+    const Index patch_in = detail::checked_product(
+        fn, "in_channels * patch_size^2",
+        detail::checked_product(fn, "in_channels * patch_size", c.in_channels, c.patch_size),
+        c.patch_size);
+    detail::checked_product(fn, "embed_dim * in_channels * patch_size^2 (patch_embed)", c.embed_dim,
+                            patch_in);
+    return c;
   }
 
   template <class P>
   Grid check_image(const char* fn, const ImageView<P>& im) const {
     const Index p = config_.patch_size;
-    const std::string got = detail::dims_string({im.height, im.width, im.channels});
+    const std::string got = "[" + std::to_string(im.height) + " x " + std::to_string(im.width) +
+                            " x " + std::to_string(im.channels) + "]";
     if (im.channels != config_.in_channels)
       detail::fail(fn, "image is " + got + ", expected [H x W x " +
                            std::to_string(config_.in_channels) + "]");
@@ -606,7 +844,16 @@ class VirEncoder {
                            ", expected height and width positive multiples of patch_size " +
                            std::to_string(p));
     if (!im.data) detail::fail(fn, "image data is a null pointer");
-    return Grid{im.height / p, im.width / p};
+    // Pixel offsets and the token count must fit in Index before anything is indexed.
+    detail::checked_product(
+        fn, "image height * width * channels",
+        detail::checked_product(fn, "image height * width", im.height, im.width), im.channels);
+    const Grid g{im.height / p, im.width / p};
+    Index tokens = 0;
+    if (detail::add_overflows(detail::checked_product(fn, "patches", g.h, g.w), 1, tokens))
+      detail::fail(fn, "image has too many patches");
+    detail::checked_product(fn, "tokens * embed_dim", tokens, config_.embed_dim);
+    return g;
   }
 
   /// Position embedding of patch (gy, gx) on a gh x gw grid: the learned row when the grid is the
@@ -637,124 +884,83 @@ class VirEncoder {
   }
 
   template <class P>
-  Matrix<T> make_tokens(const ImageView<P>& im, const Grid& g, Index first, Index count) const {
+  Matrix<T> make_tokens(const ImageView<P>& im, const Grid& g, Index first, Index count,
+                        int threads) const {
     const Index p = config_.patch_size, ch = config_.in_channels, C = config_.embed_dim;
-    const Index N = g.patches();
+    const Index N = g.patches(), width = ch * p * p;
     const Index np = std::max<Index>(std::min(first + count, N) - first, 0);
     Matrix<T> x(count, C);
-    if (np > 0) {
-      // Row r holds patch first + r flattened as torch's Conv2d weight [C, ch, p, p] is:
+    const double flops_per_row = 2.0 * static_cast<double>(C) * static_cast<double>(width);
+    detail::for_row_blocks(threads, np, flops_per_row, [&](Index r0, Index rows) {
+      // Row r holds patch first + r0 + r flattened as torch's Conv2d weight [C, ch, p, p] is:
       // index (c * p + ky) * p + kx, pixel (gy p + ky, gx p + kx, c) of the HWC image.
-      Matrix<T> patches(np, ch * p * p);
-      for (Index r = 0; r < np; ++r) {
-        const Index n = first + r, gy = n / g.w, gx = n % g.w;
+      Matrix<T> patches(rows, width);
+      for (Index r = 0; r < rows; ++r) {
+        const Index n = first + r0 + r, gy = n / g.w, gx = n % g.w;
         for (Index c = 0; c < ch; ++c)
           for (Index ky = 0; ky < p; ++ky) {
             const P* src = im.data + ((gy * p + ky) * im.width + gx * p) * ch + c;
-            T* dst = patches.data() + r * ch * p * p + (c * p + ky) * p;
+            T* dst = patches.data() + r * width + (c * p + ky) * p;
             for (Index kx = 0; kx < p; ++kx) dst[kx] = static_cast<T>(src[kx * ch]);
           }
       }
-      x.topRows(np).noalias() = patches * patch_weight_.transpose();
-      x.topRows(np).rowwise() += patch_bias_;
+      patch_.forward_into(patches, x.middleRows(r0, rows));
       RowVector<T> pos(C);
-      for (Index r = 0; r < np; ++r) {
-        const Index n = first + r;
+      for (Index r = 0; r < rows; ++r) {
+        const Index n = first + r0 + r;
         position_row(n / g.w, n % g.w, g, pos);
-        x.row(r) += pos;
+        x.row(r0 + r) += pos;
       }
-    }
+    });
     if (np < count) x.row(np) = cls_token_;  // only row N can follow the patches
     return x;
   }
 
-  void check_weights(const char* fn) const {
-    const Index C = config_.embed_dim, p = config_.patch_size, G = config_.grid();
-    detail::check_shape(fn, "patch_weight", patch_weight_, C, config_.in_channels * p * p);
-    detail::check_vector(fn, "patch_bias", patch_bias_, C);
-    detail::check_shape(fn, "pos_embed", pos_embed_, G * G, C);
-    detail::check_vector(fn, "cls_token", cls_token_, C);
-    detail::check_vector(fn, "norm_weight", norm_weight_, C);
-    detail::check_vector(fn, "norm_bias", norm_bias_, C);
-    if (static_cast<Index>(blocks_.size()) != config_.depth)
-      detail::fail(fn, "blocks has " + std::to_string(blocks_.size()) +
-                           " entries, expected depth = " + std::to_string(config_.depth));
-  }
+  /// The widest buffers of a forward over `rows` rows (the fused qkv buffer, the MLP) fit.
+  void check_rows(const char* fn, Index rows) const { blocks_.front().check_rows(fn, rows); }
 
   template <class P>
   void run(const char* fn, const ImageView<P>& image, const VirOptions& options, Matrix<T>* all,
            RowVector<T>* feature) const {
-    check_weights(fn);
-    detail::check_vir_options(fn, options, true);
+    detail::check_vir_options(fn, options);
     const Grid g = check_image(fn, image);
-    const Index T_len = g.tokens(), C = config_.embed_dim;
-    const double eps = config_.layer_norm_eps;
-    if (all) all->resize(T_len, C);
-
+    const Index T_len = g.tokens();
     if (options.order == VirOrder::layer_major) {
-      Matrix<T> x = make_tokens(image, g, 0, T_len);
-      for (const auto& b : blocks_) b.forward_inplace(x, options, nullptr);
-      if (all) *all = layer_norm(x, norm_weight_, norm_bias_, eps);
-      if (feature) *feature = layer_norm(x.bottomRows(1), norm_weight_, norm_bias_, eps);
+      check_rows(fn, T_len);
+      Matrix<T> x = make_tokens(image, g, 0, T_len, options.threads);
+      for (const auto& b : blocks_) b.run(x, options, nullptr, nullptr);
+      if (all) *all = norm_.forward(x);
+      if (feature) *feature = norm_.forward(x.bottomRows(1));
       return;
     }
     // Chunk-major: chunk i through all blocks, block d continuing from its own per-head states.
+    const Index hd = config_.head_dim();
+    const Index chunk = options.chunk > 0 ? options.chunk : recommended_chunk(hd, hd);
+    check_rows(fn, std::min(chunk, T_len));
     VirOptions inner = options;
     inner.order = VirOrder::layer_major;
-    std::vector<std::vector<RetentionState<T>>> states(static_cast<std::size_t>(config_.depth));
-    for (Index i0 = 0; i0 < T_len; i0 += options.chunk) {
-      const Index L = std::min(options.chunk, T_len - i0);
-      Matrix<T> x = make_tokens(image, g, i0, L);
-      for (Index d = 0; d < config_.depth; ++d)
-        blocks_[static_cast<std::size_t>(d)].forward_inplace(x, inner,
-                                                             &states[static_cast<std::size_t>(d)]);
-      if (all) all->middleRows(i0, L) = layer_norm(x, norm_weight_, norm_bias_, eps);
-      if (feature && i0 + L == T_len)
-        *feature = layer_norm(x.bottomRows(1), norm_weight_, norm_bias_, eps);
+    inner.chunk = chunk;  // the chunkwise kernel sees each chunk whole
+    if (all) all->resize(T_len, config_.embed_dim);
+    std::vector<std::vector<State>> states(static_cast<std::size_t>(config_.depth));
+    std::vector<State> next;
+    for (Index i0 = 0; i0 < T_len; i0 += std::min(chunk, T_len - i0)) {
+      const Index L = std::min(chunk, T_len - i0);
+      Matrix<T> x = make_tokens(image, g, i0, L, options.threads);
+      for (std::size_t d = 0; d < blocks_.size(); ++d) {
+        blocks_[d].run(x, inner, i0 == 0 ? nullptr : &states[d], &next);
+        states[d].swap(next);
+      }
+      if (all) all->middleRows(i0, L) = norm_.forward(x);
+      if (feature && i0 + L == T_len) *feature = norm_.forward(x.bottomRows(1));
     }
-  }
-
-  template <class P, class Self>
-  static std::vector<VirParameter<P>> parameter_table(Self& self) {
-    const VirConfig& c = self.config_;
-    const Index C = c.embed_dim, p = c.patch_size, G = c.grid(), Hd = c.mlp_hidden();
-    std::vector<VirParameter<P>> t;
-    t.push_back({"patch_embed.proj.weight", {C, c.in_channels, p, p}, self.patch_weight_.data()});
-    t.push_back({"patch_embed.proj.bias", {C}, self.patch_bias_.data()});
-    t.push_back({"pos_embed", {1, G * G, C}, self.pos_embed_.data()});
-    t.push_back({"cls_token", {1, 1, C}, self.cls_token_.data()});
-    for (std::size_t d = 0; d < self.blocks_.size(); ++d) {
-      auto& b = self.blocks_[d];
-      auto& w = b.weights();
-      auto& r = b.retention().weights();
-      const std::string pre = "blocks." + std::to_string(d) + ".";
-      t.push_back({pre + "norm1.weight", {C}, w.norm1_weight.data()});
-      t.push_back({pre + "norm1.bias", {C}, w.norm1_bias.data()});
-      t.push_back({pre + "retention.qkv.weight", {3 * C, C}, r.qkv_weight.data()});
-      t.push_back({pre + "retention.qkv.bias", {3 * C}, r.qkv_bias.data()});
-      t.push_back({pre + "retention.proj.weight", {C, C}, r.proj_weight.data()});
-      t.push_back({pre + "retention.proj.bias", {C}, r.proj_bias.data()});
-      t.push_back({pre + "ls1.gamma", {C}, w.ls1.data()});
-      t.push_back({pre + "norm2.weight", {C}, w.norm2_weight.data()});
-      t.push_back({pre + "norm2.bias", {C}, w.norm2_bias.data()});
-      t.push_back({pre + "mlp.fc1.weight", {Hd, C}, w.fc1_weight.data()});
-      t.push_back({pre + "mlp.fc1.bias", {Hd}, w.fc1_bias.data()});
-      t.push_back({pre + "mlp.fc2.weight", {C, Hd}, w.fc2_weight.data()});
-      t.push_back({pre + "mlp.fc2.bias", {C}, w.fc2_bias.data()});
-      t.push_back({pre + "ls2.gamma", {C}, w.ls2.data()});
-    }
-    t.push_back({"norm.weight", {C}, self.norm_weight_.data()});
-    t.push_back({"norm.bias", {C}, self.norm_bias_.data()});
-    return t;
   }
 
   VirConfig config_;
-  Matrix<T> patch_weight_;   // [C, in_channels * p * p] = torch [C, in_channels, p, p] flattened
-  RowVector<T> patch_bias_;  // [C]
-  Matrix<T> pos_embed_;      // [G * G, C], patches only
-  RowVector<T> cls_token_;   // [C]
+  Linear<T> patch_;         // [C, in_channels * p * p] = torch [C, in_channels, p, p] flattened
+  Matrix<T> pos_embed_;     // [G * G, C], patches only
+  RowVector<T> cls_token_;  // [C]
   std::vector<VirBlock<T>> blocks_;
-  RowVector<T> norm_weight_, norm_bias_;  // [C]
+  LayerNorm<T> norm_;
 };
 
 }  // namespace retention
