@@ -132,9 +132,23 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     T* o = Oc.data();
     const Index ldq = dk, ldv = dv, out_ld = dv;
 
-    transpose_rows(Kc.data(), dk, L, dk, Kt.data(), Cp);
+    // Row j of the chunk may see keys and values up to j only. The kernels mask by multiplying
+    // (0 x Inf = NaN) and a row block reads a few values past its rows, so a chunk whose keys or
+    // values hold an Inf or NaN (an O(L d) scan of rows already in L1) takes an exact path that
+    // never reads past the diagonal.
+    const bool safe = has_nonfinite(Kc.topRows(L)) || has_nonfinite(Vc.topRows(L));
     Kw.topRows(L).noalias() = kf.head(L).asDiagonal() * Kc.topRows(L);
-    chunk_scores(q, ldq, Kt.data(), D.data(), A.data(), Cp, L, dk, score ? r.data() : nullptr);
+    if (!safe) {
+      transpose_rows(Kc.data(), dk, L, dk, Kt.data(), Cp);
+      chunk_scores(q, ldq, Kt.data(), D.data(), A.data(), Cp, L, dk, score ? r.data() : nullptr);
+    } else {
+      for (Index j = 0; j < L; ++j) {
+        auto a = A.row(j).head(j + 1);
+        a.noalias() = Qc.row(j) * Kc.topRows(j + 1).transpose();
+        a.array() *= D.row(j).head(j + 1).array();
+        r(j) = a.sum();
+      }
+    }
 
     if (normalize) {
       if (score && state_nonzero) {
@@ -151,10 +165,20 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
 
     const T* qf_state = state_nonzero ? qf.data() : nullptr;
     const T* norm_rows = normalize ? norm.data() : nullptr;
+    if (safe) {
+      // Output rows first (they read the state before this chunk), each from its own prefix.
+      for (Index j = 0; j < L; ++j) {
+        auto oj = Oc.row(j);
+        oj.noalias() = A.row(j).head(j + 1) * Vc.topRows(j + 1);
+        if (state_nonzero) oj.noalias() += qf(j) * (Qc.row(j) * S);
+        if (normalize) oj *= norm(j);
+      }
+    }
     chunk_for_columns<T>(dv, [&](auto w_tag, auto np_tag, Index j0) {
       constexpr int W = decltype(w_tag)::value, NP = decltype(np_tag)::value;
-      chunk_output_columns<T, W, NP>(q, ldq, S.data(), lds, qf_state, A.data(), Cp, v, ldv,
-                                     norm_rows, o, out_ld, L, dk, j0, prefetcher);
+      if (!safe)
+        chunk_output_columns<T, W, NP>(q, ldq, S.data(), lds, qf_state, A.data(), Cp, v, ldv,
+                                       norm_rows, o, out_ld, L, dk, j0, prefetcher);
       chunk_state_columns<T, W, NP>(Kw.data(), dk, v, ldv, S.data(), lds, gL, !state_nonzero, L, dk,
                                     j0, prefetcher);
     });
@@ -167,8 +191,11 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   }
 
   if (final_state) {
-    final_state->S = S;
-    final_state->z = z;
+    // Copies made first, then swapped in: an allocation failure leaves *final_state untouched.
+    Matrix<T> S_final = S;
+    Vector<T> z_final = z;
+    final_state->S.swap(S_final);
+    final_state->z.swap(z_final);
     final_state->position = p0 + T_len;
   }
 }
@@ -209,8 +236,16 @@ void chunkwise_wide_state(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBas
     auto Oi = out.middleRows(i0, L);
     auto Ai = A.topLeftCorner(L, L);
     Ai.noalias() = Qi * Ki.transpose();
+    // As in chunkwise_same_type: a chunk with a non-finite key or value must not multiply it by
+    // the mask's zeros; its masked scores are set to 0 and each output row reads its own prefix.
+    const bool safe = has_nonfinite(Ki) || has_nonfinite(Vi);
+    if (safe) Ai.template triangularView<Eigen::StrictlyUpper>().setZero();
     Ai.array() *= D.topLeftCorner(L, L).array();
-    Oi.noalias() = Ai * Vi;
+    if (!safe) {
+      Oi.noalias() = Ai * Vi;
+    } else {
+      for (Index j = 0; j < L; ++j) Oi.row(j).noalias() = Ai.row(j).head(j + 1) * Vi.topRows(j + 1);
+    }
     r.head(L) = Ai.rowwise().sum();
     if (state_nonzero) {
       auto Qs = Qa.topRows(L);
@@ -240,47 +275,77 @@ void chunkwise_wide_state(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBas
   }
 }
 
+/// Checks of chunkwise_retention and chunkwise_retention_into (shape errors name
+/// "chunkwise_retention").
+template <class DQ, class DK, class DV, class StateScalar>
+void check_chunkwise(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                     const Eigen::MatrixBase<DV>& V, Index chunk,
+                     const RetentionOptions<StateScalar>& options) {
+  const char* fn = "chunkwise_retention";
+  check_qkv(fn, Q, K, V);
+  check_positive(fn, "chunk", chunk);
+  check_normalization_value(fn, options.normalization);
+  if (options.initial_state) {
+    check_state(fn, *options.initial_state, Q.cols(), V.cols());
+    check_position_range(fn, "initial_state.position", options.initial_state->position, Q.rows());
+  }
+}
+
+template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
+void chunkwise_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                              const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk,
+                              DOut& out, const RetentionOptions<StateScalar>& options) {
+  using T = typename DQ::Scalar;
+  const RetentionState<StateScalar>* init = options.initial_state;
+  const SerialEigenScope serial_products;  // threads belong over heads, not small chunks
+  const Index p0 = init ? init->position : 0;
+  // Both paths read the initial state before writing the final one, so they may alias.
+  if constexpr (std::is_same<T, StateScalar>::value) {
+    chunkwise_same_type(Q, K, V, decay, chunk, out, options.normalization, p0, init,
+                        options.final_state);
+  } else {
+    chunkwise_wide_state(Q, K, V, decay, chunk, out, options.normalization, p0, init,
+                         options.final_state);
+  }
+}
+
 }  // namespace detail
 
-/// Chunkwise retention, writing into `out` [T, dv]. See chunkwise_retention.
+/// Chunkwise retention, writing into `out` [T, dv] (a matrix, Map or Block). See
+/// chunkwise_retention. `out` must not share memory with Q, K, V or the states: an in-place call
+/// throws shape_error ("chunkwise_retention_into: out overlaps Q; in-place calls are not
+/// supported"); detected for every operand with direct access (matrices, Maps, Blocks), not for
+/// lazy expressions over out's memory. options.final_state may point to *options.initial_state.
 template <class DQ, class DK, class DV, class DOut, class Mask,
           class StateScalar = typename DQ::Scalar>
 void chunkwise_retention_into(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
-    const Mask& decay, Index chunk, const Eigen::MatrixBase<DOut>& out_,
+    const Mask& decay, Index chunk, DOut&& out,
     const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
   detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
-  using T = typename DQ::Scalar;
-  const char* fn = "chunkwise_retention";
-  detail::check_qkv(fn, Q, K, V);
-  detail::check_positive(fn, "chunk", chunk);
-  detail::check_shape(fn, "out", out_, Q.rows(), V.cols());
-  auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
-  const RetentionState<StateScalar>* init = options.initial_state;
-  if (init) detail::check_state(fn, *init, Q.cols(), V.cols());
-  const detail::SerialEigenScope serial_products;  // threads belong over heads, not small chunks
-  const Index p0 = init ? init->position : 0;
-  // Both paths read the initial state before writing the final one, so they may alias.
-  if constexpr (std::is_same<T, StateScalar>::value) {
-    detail::chunkwise_same_type(Q, K, V, decay, chunk, out, options.normalization, p0, init,
-                                options.final_state);
-  } else {
-    detail::chunkwise_wide_state(Q, K, V, decay, chunk, out, options.normalization, p0, init,
-                                 options.final_state);
-  }
+  detail::assert_dense_output<DOut>();
+  detail::check_qkv("chunkwise_retention", Q, K, V);
+  detail::check_positive("chunkwise_retention", "chunk", chunk);
+  detail::check_shape("chunkwise_retention", "out", out, Q.rows(), V.cols());
+  detail::check_chunkwise(Q, K, V, chunk, options);
+  detail::check_retention_aliasing("chunkwise_retention_into", out, Q, K, V, options.initial_state,
+                                   options.final_state);
+  detail::chunkwise_retention_impl(Q, K, V, decay, chunk, out, options);
 }
 
 /// Chunkwise retention of one head, SPEC 2, chunk length `chunk` >= 1 (need not divide T, may
 /// exceed it): O_i = (Q_i K_i^T (.) D_L) V_i + diag(gamma^(j+1)) Q_i S_prev,
 /// S_next = gamma^L S_prev + K_i^T diag(gamma^(L-1-l)) V_i. Q [T, dk], K [T, dk], V [T, dv] -> [T,
-/// dv].
+/// dv]. An Inf or NaN in a token reaches its own row and later ones only.
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> chunkwise_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
     const Mask& decay, Index chunk,
     const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+  detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
+  detail::check_chunkwise(Q, K, V, chunk, options);
   Matrix<typename DQ::Scalar> out(Q.rows(), V.cols());
-  chunkwise_retention_into(Q, K, V, decay, chunk, out, options);
+  detail::chunkwise_retention_impl(Q, K, V, decay, chunk, out, options);
   return out;
 }
 

@@ -16,27 +16,18 @@ namespace retention {
 /// Default query/key block size of the parallel form.
 constexpr Index default_parallel_tile = 128;
 
-/// Parallel retention, writing into `out` [T, dv]. See parallel_retention.
-template <class DQ, class DK, class DV, class DOut, class Mask,
-          class StateScalar = typename DQ::Scalar>
-void parallel_retention_into(
-    const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
-    const Mask& decay, const Eigen::MatrixBase<DOut>& out_,
-    const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
-  detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
+namespace detail {
+
+template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
+void parallel_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                             const Eigen::MatrixBase<DV>& V, const Mask& decay, DOut& out,
+                             const RetentionOptions<StateScalar>& options) {
   using T = typename DQ::Scalar;
   using Acc = StateScalar;
-  const char* fn = "parallel_retention";
-  detail::check_qkv(fn, Q, K, V);
-  detail::check_shape(fn, "out", out_, Q.rows(), V.cols());
-  if (options.tile < 0)
-    detail::fail(fn, "options.tile must be >= 0, got " + std::to_string(options.tile));
-  auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
-  const detail::SerialEigenScope serial_products;  // threads belong over heads, not small tiles
+  const SerialEigenScope serial_products;  // threads belong over heads, not small tiles
 
   const RetentionState<Acc>* init = options.initial_state;
-  if (init) detail::check_state(fn, *init, dk, dv);
   const Index p0 = init ? init->position : 0;
 
   // Query blocks of B rows against all earlier keys at once: one wide GEMM for the scores and one
@@ -52,7 +43,7 @@ void parallel_retention_into(
   // horizon, where the factor is below the smallest normal number of T, contribute less than 1e-38
   // (float) of a weight each and are skipped; denormals that still arise are flushed (see
   // DenormalsFlushed).
-  const detail::DenormalsFlushed flush_guard;
+  const DenormalsFlushed flush_guard;
   Vector<T> pw(T_len + 1);
   Index horizon = T_len + 1;
   for (Index d = 0; d <= T_len; ++d) {
@@ -83,9 +74,25 @@ void parallel_retention_into(
       for (Index l = 0; l < Moff; ++l) kf(l) = pw(n0 - m_start - l);
       for (Index j = 0; j < Ln; ++j) Am.row(j).head(Moff).array() *= pw(j) * kf.head(Moff).array();
     }
-    Am.rightCols(Ln).array() *= D.topLeftCorner(Ln, Ln).array();
+    // Row j may see keys and values up to n0 + j only. The mask is a product, and 0 x Inf = NaN:
+    // a non-finite key or value in the diagonal block would reach the earlier rows of the block
+    // through the masked scores and through the zero-weighted terms of the output product. Blocks
+    // that hold one (found by an O(Ln d) scan) take a path that never reads past the diagonal.
+    const bool safe = has_nonfinite(K.middleRows(n0, Ln)) || has_nonfinite(V.middleRows(n0, Ln));
+    auto Ad = Am.rightCols(Ln);
+    if (safe) Ad.template triangularView<Eigen::StrictlyUpper>().setZero();
+    Ad.array() *= D.topLeftCorner(Ln, Ln).array();
     if (score) r.head(Ln) = Am.rowwise().sum();
-    On.noalias() = Am * V.middleRows(m_start, M);
+    if (!safe) {
+      On.noalias() = Am * V.middleRows(m_start, M);
+    } else {
+      if (Moff > 0)
+        On.noalias() = Am.leftCols(Moff) * V.middleRows(m_start, Moff);
+      else
+        On.setZero();
+      for (Index j = 0; j < Ln; ++j)
+        On.row(j).noalias() += Ad.row(j).head(j + 1) * V.middleRows(n0, j + 1);
+    }
     if (init) {
       // diag(gamma^(n+1)) Q S_init with n = n0 + j, and the score term gamma^(n+1) q . z_init.
       const auto gq = pw.segment(n0 + 1, Ln);
@@ -100,7 +107,7 @@ void parallel_retention_into(
         r.head(Ln).array() += gq.array() * Qz.head(Ln).array();
       }
     }
-    detail::normalize_rows(decay, options.normalization, p0 + n0, On, r.head(Ln));
+    normalize_rows(decay, options.normalization, p0 + n0, On, r.head(Ln));
   }
 
   if (options.final_state) {
@@ -128,16 +135,56 @@ void parallel_retention_into(
   }
 }
 
+/// Checks of parallel_retention and parallel_retention_into (shape errors name
+/// "parallel_retention").
+template <class DQ, class DK, class DV, class StateScalar>
+void check_parallel(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                    const Eigen::MatrixBase<DV>& V, const RetentionOptions<StateScalar>& options) {
+  const char* fn = "parallel_retention";
+  check_qkv(fn, Q, K, V);
+  if (options.tile < 0) fail(fn, "options.tile must be >= 0, got " + std::to_string(options.tile));
+  check_normalization_value(fn, options.normalization);
+  if (options.initial_state) {
+    check_state(fn, *options.initial_state, Q.cols(), V.cols());
+    check_position_range(fn, "initial_state.position", options.initial_state->position, Q.rows());
+  }
+}
+
+}  // namespace detail
+
+/// Parallel retention, writing into `out` [T, dv] (a matrix, Map or Block). See
+/// parallel_retention. `out` must not share memory with Q, K, V or the states: an in-place call
+/// throws shape_error ("parallel_retention_into: out overlaps V; in-place calls are not
+/// supported"); detected for every operand with direct access (matrices, Maps, Blocks), not for
+/// lazy expressions over out's memory. options.final_state may point to *options.initial_state.
+template <class DQ, class DK, class DV, class DOut, class Mask,
+          class StateScalar = typename DQ::Scalar>
+void parallel_retention_into(
+    const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
+    const Mask& decay, DOut&& out,
+    const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+  detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
+  detail::assert_dense_output<DOut>();
+  detail::check_parallel(Q, K, V, options);
+  detail::check_shape("parallel_retention", "out", out, Q.rows(), V.cols());
+  detail::check_retention_aliasing("parallel_retention_into", out, Q, K, V, options.initial_state,
+                                   options.final_state);
+  detail::parallel_retention_impl(Q, K, V, decay, out, options);
+}
+
 /// Parallel retention of one head, SPEC 2: O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init, then
 /// the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]; extra memory O(T *
-/// tile).
+/// tile). Row n depends on tokens <= n only, for any input values: an Inf or NaN reaches its own
+/// row and later ones (as in the recurrent form), never earlier rows.
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> parallel_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
     const Mask& decay,
     const RetentionOptions<StateScalar>& options = RetentionOptions<StateScalar>()) {
+  detail::assert_retention_types<DQ, DK, DV, Mask, StateScalar>();
+  detail::check_parallel(Q, K, V, options);
   Matrix<typename DQ::Scalar> out(Q.rows(), V.cols());
-  parallel_retention_into(Q, K, V, decay, out, options);
+  detail::parallel_retention_impl(Q, K, V, decay, out, options);
   return out;
 }
 

@@ -1,4 +1,4 @@
-// retention: the recurrent state of one head and the options shared by the three forms (SPEC 2).
+// retention: the recurrent state of one head and the options shared by the three forms (docs/math.md §2).
 #pragma once
 
 #include <retention/core.hpp>
@@ -9,7 +9,7 @@ namespace retention {
 
 /// State of one retention head after `position` tokens: S [dk, dv] (sum of decayed k^T v),
 /// z [dk] (sum of decayed k, needed by the score normalisation) and the absolute position.
-/// Scalar may be wider than the inputs' (e.g. a double state for float inputs, see SPEC 1).
+/// Scalar may be wider than the inputs' (e.g. a double state for float inputs, see docs/math.md §1).
 template <class T>
 struct RetentionState {
   Matrix<T> S;
@@ -19,7 +19,7 @@ struct RetentionState {
   RetentionState() = default;
   /// A zero state for heads with key dim dk and value dim dv.
   RetentionState(Index dk, Index dv)
-      : S(Matrix<T>::Zero(checked("dk", dk), checked("dv", dv))),
+      : S(Matrix<T>::Zero(checked("dk", dk), checked_cols(dk, dv))),
         z(Vector<T>::Zero(dk)),
         position(0) {}
 
@@ -39,6 +39,11 @@ struct RetentionState {
   static Index checked(const char* name, Index value) {
     detail::check_positive("RetentionState", name, value);
     return value;
+  }
+  static Index checked_cols(Index dk, Index dv) {
+    checked("dv", dv);
+    detail::checked_product("RetentionState", "dk * dv", dk, dv);
+    return dv;
   }
 };
 

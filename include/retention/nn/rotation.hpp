@@ -3,6 +3,7 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/overlap.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -18,9 +19,16 @@ namespace retention {
 /// Angles are formed in double from the integer position, so long positions keep full accuracy.
 class ThetaShift {
  public:
+  /// Largest head_dim accepted (the angle table holds head_dim / 2 doubles).
+  static constexpr Index max_head_dim = Index(1) << 20;
+
+  /// head_dim even, 2 <= head_dim <= max_head_dim.
   explicit ThetaShift(Index head_dim) : head_dim_(head_dim) {
     if (head_dim < 2 || head_dim % 2 != 0)
       detail::fail("ThetaShift", "head_dim must be even and >= 2 (rotation acts on pairs), got " +
+                                     std::to_string(head_dim));
+    if (head_dim > max_head_dim)
+      detail::fail("ThetaShift", "head_dim must be <= " + std::to_string(max_head_dim) + ", got " +
                                      std::to_string(head_dim));
     const Index half = head_dim / 2;
     theta_.resize(static_cast<std::size_t>(half));
@@ -34,25 +42,28 @@ class ThetaShift {
   /// theta_j, j = 0..head_dim/2-1.
   const std::vector<double>& thetas() const { return theta_; }
 
-  /// Rotates every row of x [T, k*head_dim] in place: row t is at position first_position + t;
+  /// Rotates every row of x [T, k*head_dim] (a matrix, Map or Block) in place: row t is at
+  /// position first_position + t (first_position >= 0, first_position + T must fit in an Index);
   /// every head_dim-wide group of columns (one head) gets the same rotation.
   template <class Derived>
-  void apply(const Eigen::MatrixBase<Derived>& x_, Index first_position) const {
-    auto& x = const_cast<Eigen::MatrixBase<Derived>&>(x_);
+  void apply(Derived&& x, Index first_position) const {
+    detail::assert_dense_output<Derived>();
     check("ThetaShift::apply", "x", x.rows(), x.cols(), first_position);
-    // The same matrix as both operands would rotate twice; a 0-column dummy keeps one code path.
-    Matrix<typename Derived::Scalar> none(x.rows(), 0);
+    // A 0-column dummy as the second operand keeps one code path.
+    Matrix<typename std::decay_t<Derived>::Scalar> none(x.rows(), 0);
     rotate(x, none, first_position);
   }
 
   /// Rotates x [T, a*head_dim] and y [T, b*head_dim] (e.g. q and k) in place with the same angles,
-  /// row t at position first_position + t. Each cos/sin is computed once for both.
+  /// row t at position first_position + t. Each cos/sin is computed once for both. x and y must
+  /// not share memory (the shared part would be rotated twice): shape_error
+  /// "ThetaShift::apply_pair: y overlaps x"; disjoint column blocks of one matrix are fine.
   template <class DX, class DY>
-  void apply_pair(const Eigen::MatrixBase<DX>& x_, const Eigen::MatrixBase<DY>& y_,
-                  Index first_position) const {
-    auto& x = const_cast<Eigen::MatrixBase<DX>&>(x_);
-    auto& y = const_cast<Eigen::MatrixBase<DY>&>(y_);
-    detail::assert_same_scalar<typename DX::Scalar, typename DY::Scalar>();
+  void apply_pair(DX&& x, DY&& y, Index first_position) const {
+    detail::assert_dense_output<DX>();
+    detail::assert_dense_output<DY>();
+    detail::assert_same_scalar<typename std::decay_t<DX>::Scalar,
+                               typename std::decay_t<DY>::Scalar>();
     check("ThetaShift::apply_pair", "x", x.rows(), x.cols(), first_position);
     check("ThetaShift::apply_pair", "y", y.rows(), y.cols(), first_position);
     if (y.rows() != x.rows())
@@ -60,6 +71,9 @@ class ThetaShift {
                                                  ", expected [" + std::to_string(x.rows()) +
                                                  " x *] (x is " +
                                                  detail::shape_string(x.rows(), x.cols()) + ")");
+    if (detail::shares_memory(x, y))
+      detail::fail("ThetaShift::apply_pair",
+                   "y overlaps x; in-place pairs are not supported (rotate one matrix with apply)");
     rotate(x, y, first_position);
   }
 
@@ -70,6 +84,10 @@ class ThetaShift {
                            ", columns not a multiple of head_dim " + std::to_string(head_dim_));
     if (first_position < 0)
       detail::fail(fn, "first_position must be >= 0, got " + std::to_string(first_position));
+    Index end = 0;
+    if (detail::add_overflows(first_position, rows, end))
+      detail::fail(fn, "first_position + rows overflows: " + std::to_string(first_position) +
+                           " + " + std::to_string(rows));
   }
 
   /// Rows are rotated in spans of kSpan consecutive positions. The angle of row t0 + l of a span is
@@ -83,10 +101,11 @@ class ThetaShift {
 
   template <class DX, class DY>
   void rotate(DX& x, DY& y, Index first_position) const {
-    using T = typename DX::Scalar;
+    using T = typename std::decay_t<DX>::Scalar;
     const Index half = head_dim_ / 2;
     const Index gx = x.cols() / head_dim_, gy = y.cols() / head_dim_;
     const Index rows = x.rows();
+    if (gx == 0 && gy == 0) return;  // nothing to rotate (rows may still be huge)
     if (rows < 2 * kSpan) {
       // Short inputs (a decoding token): one sin/cos pair per row and frequency, no allocation.
       for (Index t = 0; t < rows; ++t) {

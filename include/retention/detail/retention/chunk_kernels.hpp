@@ -184,7 +184,9 @@ class ChunkPrefetcher {
 /// q [rows, dk] (row stride ldq), kt = K_i^T [dk, ld] (zero or finite beyond the chunk's keys), d
 /// and a [.., ld] with ld a multiple of ChunkKernelShape<T>::width; d is 0 above the diagonal. With
 /// row_sum != nullptr also writes row_sum[i] = sum_j A[i, j] (decay_and_score's r without the
-/// state part).
+/// state part). The mask is applied by multiplication, so the chunk's keys must be finite (0 x Inf
+/// = NaN would reach earlier rows); chunkwise_same_type sends chunks holding an Inf or NaN down an
+/// exact path instead.
 template <class T>
 void chunk_scores(const T* q, Index ldq, const T* kt, const T* d, T* a, Index ld, Index rows,
                   Index dk, T* row_sum) {
@@ -222,6 +224,8 @@ void chunk_scores(const T* q, Index ldq, const T* kt, const T* d, T* a, Index ld
 /// q [rows, dk] (ldq), s [dk, ..] (lds; not read when qf == nullptr: zero state), a [rows, lda]
 /// (the score tile, read below the causal limit only), v [rows, ..] (ldv), o (ldo); norm ==
 /// nullptr: no normalisation. Each row block first calls prefetcher.step(its reduction length).
+/// A row block reads the values of keys up to its last row, weighted by zero scores above the
+/// diagonal: finite values only (see chunk_scores).
 template <class T, int W, int NP>
 void chunk_output_columns(const T* q, Index ldq, const T* s, Index lds, const T* qf, const T* a,
                           Index lda, const T* v, Index ldv, const T* norm, T* o, Index ldo,

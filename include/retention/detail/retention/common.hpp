@@ -2,16 +2,13 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/overlap.hpp>
 #include <retention/state.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <type_traits>
-
-#if defined(__SSE__) || defined(_M_X64)
-#include <xmmintrin.h>
-#define RETENTION_HAS_MXCSR 1
-#endif
 
 namespace retention {
 namespace detail {
@@ -44,15 +41,23 @@ void check_qkv(const char* function, const Eigen::MatrixBase<DQ>& Q, const Eigen
     fail(function, "V is " + shape_string(V.rows(), V.cols()) + ", expected dv >= 1 columns");
 }
 
+/// Rejects a Normalization value outside the enum (a cast integer), which would otherwise fall
+/// through to one of the branches.
+inline void check_normalization_value(const char* function, Normalization n) {
+  if (n != Normalization::none && n != Normalization::decay && n != Normalization::decay_and_score)
+    fail(function, "normalization is not one of none, decay, decay_and_score (value " +
+                       std::to_string(static_cast<int>(n)) + ")");
+}
+
 /// Rescales output rows per SPEC 2: row j (absolute position p0 + j) is divided by
 /// sqrt(sum_{i<=p} gamma^i) and, for decay_and_score, further by max(|r_j| / sqrt(...), 1),
 /// where r_j is the raw (not yet decay-normalised) signed score row sum.
 template <class Mask, class DOut, class DR>
-void normalize_rows(const Mask& decay, Normalization normalization, Index p0,
-                    const Eigen::MatrixBase<DOut>& out_, const Eigen::MatrixBase<DR>& r) {
+void normalize_rows(const Mask& decay, Normalization normalization, Index p0, DOut&& out,
+                    const Eigen::MatrixBase<DR>& r) {
+  assert_dense_output<DOut>();
   if (normalization == Normalization::none) return;
-  auto& out = const_cast<Eigen::MatrixBase<DOut>&>(out_);
-  using T = typename DOut::Scalar;
+  using T = typename std::decay_t<DOut>::Scalar;
   for (Index j = 0; j < out.rows(); ++j) {
     const double s = std::sqrt(decay.decay_sum(p0 + j));
     double scale = 1.0 / s;
@@ -65,30 +70,71 @@ void normalize_rows(const Mask& decay, Normalization normalization, Index p0,
 }
 
 /// While alive, denormal results and operands are flushed to zero on this thread (x86 MXCSR FTZ and
-/// DAZ); the caller's mode comes back on exit. Decay weights far from the diagonal pass through the
-/// denormal range (float: gamma^d below 1.2e-38) on their way to exactly 0, and every arithmetic
-/// operation on a denormal costs a microcode assist (measured: 6.7x slower for a whole head at
-/// gamma = 0.96875, T = 4096). The flushed values are below 1.2e-38 (float) / 2.2e-308 (double)
-/// in absolute value. No effect on other architectures.
+/// DAZ); the caller's FTZ and DAZ bits come back on exit, and nothing else of the MXCSR is touched:
+/// exception flags raised meanwhile (FE_INVALID from a NaN input) stay raised for the caller. Decay
+/// weights far from the diagonal pass through the denormal range (float: gamma^d below 1.2e-38) on
+/// their way to exactly 0, and every arithmetic operation on a denormal costs a microcode assist
+/// (measured: 6.7x slower for a whole head at gamma = 0.96875, T = 4096). The flushed values are
+/// below 1.2e-38 (float) / 2.2e-308 (double) in absolute value. No effect on other architectures.
 class DenormalsFlushed {
  public:
+  // The compiler's builtins rather than <xmmintrin.h>: no header and no macro of ours reaches the
+  // user's translation unit.
   DenormalsFlushed() {
-#if defined(RETENTION_HAS_MXCSR)
-    saved_ = _mm_getcsr();
-    _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+#if defined(__SSE__) && (defined(__GNUC__) || defined(__clang__))
+    saved_ = __builtin_ia32_stmxcsr() & kFlushBits;
+    __builtin_ia32_ldmxcsr(__builtin_ia32_stmxcsr() | kFlushBits);
 #endif
   }
   ~DenormalsFlushed() {
-#if defined(RETENTION_HAS_MXCSR)
-    _mm_setcsr(saved_);
+#if defined(__SSE__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_ia32_ldmxcsr((__builtin_ia32_stmxcsr() & ~kFlushBits) | saved_);
 #endif
   }
   DenormalsFlushed(const DenormalsFlushed&) = delete;
   DenormalsFlushed& operator=(const DenormalsFlushed&) = delete;
 
  private:
+  static constexpr unsigned kFlushBits = 0x8040u;  // FTZ (bit 15) | DAZ (bit 6)
   unsigned saved_ = 0;
 };
+
+/// True when x holds an Inf or a NaN: x * 0 is 0 for every finite entry and NaN otherwise, so one
+/// vectorised sum answers it. O(size), next to nothing beside the products it guards.
+template <class Derived>
+bool has_nonfinite(const Eigen::MatrixBase<Derived>& x) {
+  using T = typename Derived::Scalar;
+  if (x.size() == 0) return false;
+  return !((x.array() * T(0)).sum() == T(0));
+}
+
+/// Throws unless position + count fits in an Index (positions index the decay and the rotation).
+inline void check_position_range(const char* function, const char* name, Index position,
+                                 Index count) {
+  Index end = 0;
+  if (add_overflows(position, count, end))
+    fail(function, std::string(name) + " + " + std::to_string(count) + " overflows (" + name +
+                       " is " + std::to_string(position) + ")");
+}
+
+/// Rejects an output that shares memory with an input or a state of a retention call.
+template <class DOut, class DQ, class DK, class DV, class Acc>
+void check_retention_aliasing(const char* function, const Eigen::MatrixBase<DOut>& out,
+                              const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                              const Eigen::MatrixBase<DV>& V, const RetentionState<Acc>* init,
+                              const RetentionState<Acc>* final_state) {
+  check_no_overlap(function, "out", out, "Q", Q);
+  check_no_overlap(function, "out", out, "K", K);
+  check_no_overlap(function, "out", out, "V", V);
+  if (init) {
+    check_no_overlap(function, "out", out, "initial_state.S", init->S);
+    check_no_overlap(function, "out", out, "initial_state.z", init->z);
+  }
+  if (final_state) {
+    check_no_overlap(function, "out", out, "final_state.S", final_state->S);
+    check_no_overlap(function, "out", out, "final_state.z", final_state->z);
+  }
+}
 
 /// Casts an expression to the accumulator type; a no-op when the types agree.
 template <class Acc, class Derived>
