@@ -1,4 +1,4 @@
-// retention: decay masks, the one place in the library that knows about gamma (SPEC section 1).
+// retention: decay masks, the one place in the library that knows about gamma (docs/math.md §1).
 #pragma once
 
 #include <retention/core.hpp>
@@ -108,7 +108,7 @@ inline std::vector<double> rmt_gammas(Index heads, double initial_value, double 
 namespace detail {
 
 /// ln(gamma) in double: log1p(gamma - 1) near 1, where it is exact (gamma - 1 is exact by
-/// Sterbenz's lemma for gamma >= 1/2) and log(gamma) would lose the decay (SPEC 1); log(gamma)
+/// Sterbenz's lemma for gamma >= 1/2) and log(gamma) would lose the decay (docs/math.md §1); log(gamma)
 /// below 1/2, where gamma - 1 may round to -1 (gamma = 1e-30) and log1p would give -inf.
 inline double log_gamma_of(const char* function, double gamma) {
   check_gamma(function, gamma);
@@ -290,7 +290,7 @@ class DecayMaskBase {
 }  // namespace detail
 
 /// Causal 1-D decay: D[n, m] = gamma^(n-m) for m <= n, else 0 (RetNet MSR, ViR MHR).
-/// Besides tiles it supplies the factors of the recurrent and chunkwise forms (SPEC 1).
+/// Besides tiles it supplies the factors of the recurrent and chunkwise forms (docs/math.md §1).
 /// Positions n, m >= 0.
 class CausalDecay : public detail::DecayMaskBase<CausalDecay> {
  public:
@@ -321,7 +321,7 @@ class CausalDecay : public detail::DecayMaskBase<CausalDecay> {
     return f;
   }
   /// sum_{i=0}^{p} gamma^i = (1 - gamma^(p+1)) / (1 - gamma), or p + 1 at gamma = 1
-  /// (the `decay` normalisation of SPEC 2), computed without cancellation through expm1; p >= 0
+  /// (the `decay` normalisation of docs/math.md §2), computed without cancellation through expm1; p >= 0
   /// (p + 1 is formed in double, so p up to the largest Index is fine).
   double decay_sum(Index p) const {
     check_nonnegative("decay_sum", "p", p);

@@ -1,4 +1,4 @@
-// retention: the parallel form (SPEC 2): O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init,
+// retention: the parallel form (docs/math.md §2): O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init,
 // computed block by block so that extra memory is O(T * tile), never T x T.
 #pragma once
 
@@ -172,7 +172,7 @@ void parallel_retention_into(
   detail::parallel_retention_impl(Q, K, V, decay, out, options);
 }
 
-/// Parallel retention of one head, SPEC 2: O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init, then
+/// Parallel retention of one head, docs/math.md §2: O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init, then
 /// the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]; extra memory O(T *
 /// tile). Row n depends on tokens <= n only, for any input values: an Inf or NaN reaches its own
 /// row and later ones (as in the recurrent form), never earlier rows.

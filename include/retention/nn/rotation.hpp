@@ -1,9 +1,10 @@
-// retention: the "theta shift" rotation of RetNet (SPEC 3), also used by RMT by raster index (SPEC
-// 4).
+// retention: the "theta shift" rotation of RetNet (docs/math.md §3), also used by RMT by raster
+// index (docs/math.md §4).
 #pragma once
 
 #include <retention/core.hpp>
 #include <retention/detail/overlap.hpp>
+#include <retention/detail/threading.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -130,11 +131,9 @@ class ThetaShift {
         step_cos[static_cast<std::size_t>(l * half + j)] = std::cos(a);
         step_sin[static_cast<std::size_t>(l * half + j)] = std::sin(a);
       }
-      // Spans are independent; long prompts spread them over threads.
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (rows * half * (gx + gy) > 65536)
-#endif
-    for (Index sp = 0; sp < spans; ++sp) {
+    // Spans are independent; long prompts spread them over threads (the library's thread rule).
+    const double work = 8.0 * static_cast<double>(rows * half * (gx + gy));
+    detail::parallel_tasks(detail::team_size(0, spans, work), spans, [&](Index sp) {
       std::vector<double> base_cos(static_cast<std::size_t>(half)),
           base_sin(static_cast<std::size_t>(half));
       std::vector<T> c(static_cast<std::size_t>(half)), s(static_cast<std::size_t>(half));
@@ -155,7 +154,7 @@ class ThetaShift {
         rotate_row(x, t, gx, c.data(), s.data());
         rotate_row(y, t, gy, c.data(), s.data());
       }
-    }
+    });
   }
 
   /// Pair j of every head group of row t rotated by (c, s).

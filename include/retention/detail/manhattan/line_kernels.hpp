@@ -1,4 +1,4 @@
-// retention: MaSAD's fused line kernels (SPEC section 4).
+// retention: MaSAD's fused line kernels (docs/math.md §4).
 //
 // One MaSAD line (a grid row or column of L tokens) is a small softmax attention: an [L, dk] x [dk,
 // L] logit product, a row softmax, an [L, L] x [L, dv] product. For lines of up to four SIMD

@@ -49,7 +49,7 @@ struct MasaOperands {
   const T* v_data = nullptr;
   Index ldv = 0, dvp = 0;
   // ln D of a key tile starting at m0 = a W + b, as two small periodic tables (Manhattan =
-  // symmetric_H (x) symmetric_W, SPEC 1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n - a + H -
+  // symmetric_H (x) symmetric_W, docs/math.md §1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n - a + H -
   // 1, b + j), with log_x[x][c] = |x - c mod W| ln gamma  [W, W + key columns] and log_y[dy + H -
   // 1][c] = |dy - floor(c / W)| ln gamma  [2H - 1, W + key columns]. O(H (W + key_tile)) values
   // instead of a [query_tile, key_tile] tile rebuilt for every pair of tiles.

@@ -191,7 +191,7 @@ void masad_prefetch_rows(const T* p, Index step, Index rows, Index cols) {
 #endif
 }
 
-/// MaSAD of every (image, head) of a grid (SPEC 4): for each image, every head's attention along
+/// MaSAD of every (image, head) of a grid (docs/math.md §4): for each image, every head's attention along
 /// each grid row, writing u into out, then along each grid column, reading u from out and
 /// overwriting it with the result. u lives in out itself: each line attention copies (fused) or
 /// reads into its accumulators (tiled) all its values before it writes its own rows, and the lines

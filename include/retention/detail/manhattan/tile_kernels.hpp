@@ -1,4 +1,4 @@
-// retention: register-blocked micro-kernels shared by MaSA and MaSAD (SPEC section 4).
+// retention: register-blocked micro-kernels shared by MaSA and MaSAD (docs/math.md §4).
 //
 // MaSAD's row and column attentions are many small products ([W, dk] x [dk, W], then [W, W] x [W,
 // dv]); MaSA's streaming tiles are a few larger ones. Eigen's GEMM packs both operands on every

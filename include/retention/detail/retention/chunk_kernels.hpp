@@ -1,4 +1,4 @@
-// retention: register-blocked micro-kernels of the chunkwise form (SPEC section 2).
+// retention: register-blocked micro-kernels of the chunkwise form (docs/math.md §2).
 //
 // One chunk of the chunkwise form is three small products (C = 32..64 rows against dk, dv of about
 // 128): the score tile Q_i K_i^T, the output (Q_i K_i^T (.) D) V_i + diag(gamma^(j+1)) Q_i S, and

@@ -49,7 +49,7 @@ inline void check_normalization_value(const char* function, Normalization n) {
                        std::to_string(static_cast<int>(n)) + ")");
 }
 
-/// Rescales output rows per SPEC 2: row j (absolute position p0 + j) is divided by
+/// Rescales output rows per docs/math.md §2: row j (absolute position p0 + j) is divided by
 /// sqrt(sum_{i<=p} gamma^i) and, for decay_and_score, further by max(|r_j| / sqrt(...), 1),
 /// where r_j is the raw (not yet decay-normalised) signed score row sum.
 template <class Mask, class DOut, class DR>

@@ -1,0 +1,221 @@
+// retention::detail: the parallel backward pass (docs/math.md §7), in query and key blocks so that
+// no T x T matrix is ever formed.
+//   Query blocks (rows n0..n0+B): the forward quantities of the block (score row sums s_n and, on
+//   the exact score path, the rows u_n) give the row factors, then
+//     dP = (Gu V^T + gs 1^T) (.) D,   dQ_n = dP K + diag(gamma^(n+1)) (Gu S_init^T + gs z_init^T),
+//     dS_init += (diag(gamma^(n+1)) Q_n)^T Gu  (dz_init likewise with gs).
+//   Key blocks (rows m0..m0+B), over the later queries:
+//     dK_m = ((V_m Gu^T + 1 gs^T) (.) D^T) Q + diag(gamma^(T-1-m)) (V_m dS_final^T + 1 dz_final^T)
+//     dV_m = ((K_m Q^T) (.) D^T) Gu + diag(gamma^(T-1-m)) K_m dS_final.
+// Pairs whose decay factor is below the smallest normal number of T are skipped, as in the forward.
+#pragma once
+
+#include <retention/detail/retention/backward_kernels.hpp>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+namespace retention {
+namespace detail {
+
+/// Parallel backward of one head into dQ, dK [T, dk] and dV [T, dv]; the inputs are checked.
+/// Extra memory: T dv + T (the scaled upstream gradient and gs) plus three B x (T + B) tiles.
+template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, class Mask,
+          class Acc>
+void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                       const Eigen::MatrixBase<DV>& V, const Mask& decay, Index tile,
+                       const Eigen::MatrixBase<DG>& G, const Eigen::MatrixBase<OQ>& dQ_,
+                       const Eigen::MatrixBase<OK>& dK_, const Eigen::MatrixBase<OV>& dV_,
+                       const BackwardArgs<Acc>& args) {
+  using T = typename DQ::Scalar;
+  auto& dQ = const_cast<Eigen::MatrixBase<OQ>&>(dQ_);
+  auto& dK = const_cast<Eigen::MatrixBase<OK>&>(dK_);
+  auto& dV = const_cast<Eigen::MatrixBase<OV>&>(dV_);
+  const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
+  const Index p0 = args.start_position();
+  const Normalization norm = args.normalization;
+  const bool score = norm == Normalization::decay_and_score;
+  const bool exact = args.score_path();
+  const RetentionState<Acc>* init = args.init;
+  const RetentionState<Acc>* fin = args.final_grad;
+  const Index B = std::min(tile, std::max<Index>(T_len, 1));
+
+  // pw[d] = gamma^d = exp(d ln gamma); horizon = the first distance whose factor is below T's
+  // smallest normal number (T_len + 1 if none).
+  Vector<T> pw(T_len + 1);
+  Index horizon = T_len + 1;
+  for (Index d = 0; d <= T_len; ++d) {
+    pw(d) = static_cast<T>(decay.factor(d));
+    if (pw(d) < std::numeric_limits<T>::min() && horizon > T_len) horizon = d;
+  }
+  const Matrix<T> D = decay.template weights<T>(0, B, 0, B);
+  const Index width = std::min(T_len, horizon + B);
+  Matrix<T> A(B, width), dP(B, width), U;
+  Matrix<T> Gu(T_len, dv);
+  Vector<T> gs = Vector<T>::Zero(T_len);
+  Vector<T> s(B);
+  Matrix<Acc> Qg, Guq, inter;
+  Vector<Acc> qz, gsq;
+  Matrix<Acc> dS0;
+  Vector<Acc> dz0;
+  if (exact) U.resize(B, dv);
+  if (init) {
+    Qg.resize(B, dk);
+    Guq.resize(B, dv);
+    gsq = Vector<Acc>::Zero(B);
+    qz.resize(B);
+    if (exact) inter.resize(B, dv);
+    if (args.d_init) {
+      dS0 = Matrix<Acc>::Zero(dk, dv);
+      dz0 = Vector<Acc>::Zero(dk);
+    }
+  }
+
+  // Decay of a query-block tile against keys [m_start, n0 + Ln): earlier keys m < n0 factor as
+  // gamma^(n-m) = gamma^(n-n0) gamma^(n0-m) (both <= 1), the diagonal block is D.
+  auto decay_query_tile = [&](auto& tile_, Index n0, Index Ln, Index m_start) {
+    const Index Moff = n0 - m_start;
+    for (Index j = 0; j < Ln; ++j) {
+      if (Moff > 0)
+        tile_.row(j).head(Moff).array() *=
+            pw(j) * pw.segment(1, Moff).reverse().transpose().array();
+      tile_.row(j).segment(Moff, Ln).array() *= D.row(j).head(Ln).array();
+    }
+  };
+
+  for (Index n0 = 0; n0 < T_len; n0 += B) {
+    const Index Ln = std::min(B, T_len - n0);
+    const Index m_start = std::max<Index>(0, n0 - horizon + 1);
+    const Index M = n0 + Ln - m_start;
+    const auto Qn = Q.middleRows(n0, Ln);
+    const auto Gn = G.middleRows(n0, Ln);
+    const auto Km = K.middleRows(m_start, M);
+    const auto Vm = V.middleRows(m_start, M);
+    const auto gq = pw.segment(n0 + 1, Ln);  // gamma^(n+1)
+    auto Gun = Gu.middleRows(n0, Ln);
+    auto Am = A.topLeftCorner(Ln, M);
+    if (init) Qg.topRows(Ln) = gq.template cast<Acc>().asDiagonal() * Qn.template cast<Acc>();
+
+    if (norm == Normalization::none) {
+      Gun = Gn;
+    } else {
+      if (score) {
+        Am.noalias() = Qn * Km.transpose();
+        decay_query_tile(Am, n0, Ln, m_start);
+        s.head(Ln) = Am.rowwise().sum();
+        if (init) qz.head(Ln).noalias() = Qg.topRows(Ln) * init->z;
+      }
+      if (exact) {
+        auto Un = U.topRows(Ln);
+        Un.noalias() = Am * Vm;
+        if (init) {
+          inter.topRows(Ln).noalias() = Qg.topRows(Ln) * init->S;
+          Un += inter.topRows(Ln).template cast<T>();
+        }
+      }
+      for (Index j = 0; j < Ln; ++j) {
+        double sj = 0.0, gu = 0.0;
+        if (score) {
+          sj = static_cast<double>(s(j));
+          if (init) sj += static_cast<double>(qz(j));
+        }
+        if (exact) gu = static_cast<double>(Gn.row(j).dot(U.row(j)));
+        const BackwardRowFactors f =
+            backward_row_factors(decay, norm, args.detach_score_normalizer, p0 + n0 + j, sj, gu);
+        Gun.row(j) = static_cast<T>(f.a) * Gn.row(j);
+        gs(n0 + j) = static_cast<T>(f.gs);
+      }
+    }
+
+    auto dPm = dP.topLeftCorner(Ln, M);
+    dPm.noalias() = Gun * Vm.transpose();
+    if (exact) dPm.colwise() += gs.segment(n0, Ln);
+    decay_query_tile(dPm, n0, Ln, m_start);
+    auto dQn = dQ.middleRows(n0, Ln);
+    dQn.noalias() = dPm * Km;
+    if (init) {
+      // diag(gamma^(n+1)) Gu S_init^T, and the same with gs and z_init.
+      Guq.topRows(Ln) = gq.template cast<Acc>().asDiagonal() * Gun.template cast<Acc>();
+      if (exact)
+        gsq.head(Ln) =
+            gq.template cast<Acc>().cwiseProduct(gs.segment(n0, Ln).template cast<Acc>());
+      add_product(dQn, Guq.topRows(Ln), init->S.transpose());
+      if (exact) add_product(dQn, gsq.head(Ln), init->z.transpose());
+      if (args.d_init) {
+        dS0.noalias() += Qn.template cast<Acc>().transpose() * Guq.topRows(Ln);
+        if (exact) dz0.noalias() += Qn.template cast<Acc>().transpose() * gsq.head(Ln);
+      }
+    }
+  }
+
+  // Key blocks: key m0 + l against queries n in [m0, n_end); the diagonal block is D^T, a later
+  // query n >= m0 + Lm factors as gamma^(n-m) = gamma^(n-m0-Lm) gamma^(m0+Lm-m).
+  Matrix<T> Vk, Kk;
+  Vector<T> lk;
+  if (fin) {
+    Vk.resize(B, dv);
+    Kk.resize(B, dk);
+    lk.resize(B);
+  }
+  RowVector<T> later(width);
+  for (Index m0 = 0; m0 < T_len; m0 += B) {
+    const Index Lm = std::min(B, T_len - m0);
+    const Index n_end = std::min(T_len, m0 + Lm - 1 + horizon);
+    const Index N = n_end - m0;
+    const auto Km = K.middleRows(m0, Lm);
+    const auto Vm = V.middleRows(m0, Lm);
+    const auto Qn = Q.middleRows(m0, N);
+    const auto Gun = Gu.middleRows(m0, N);
+    auto Pt = dP.topLeftCorner(Lm, N);
+    auto At = A.topLeftCorner(Lm, N);
+    Pt.noalias() = Vm * Gun.transpose();
+    if (exact) Pt.rowwise() += gs.segment(m0, N).transpose();
+    At.noalias() = Km * Qn.transpose();
+    for (Index l = 0; l < Lm; ++l) {
+      const auto dl = D.col(l).head(Lm).transpose();
+      Pt.row(l).head(Lm).array() *= dl.array();
+      At.row(l).head(Lm).array() *= dl.array();
+      if (N > Lm) {
+        later.head(N - Lm) = pw(Lm - l) * pw.head(N - Lm).transpose();
+        Pt.row(l).tail(N - Lm).array() *= later.head(N - Lm).array();
+        At.row(l).tail(N - Lm).array() *= later.head(N - Lm).array();
+      }
+    }
+    auto dKm = dK.middleRows(m0, Lm);
+    auto dVm = dV.middleRows(m0, Lm);
+    dKm.noalias() = Pt * Qn;
+    dVm.noalias() = At * Gun;
+    if (fin) {
+      // The final state: S_final = gamma^T S_init + sum_m gamma^(T-1-m) k_m^T v_m.
+      lk.head(Lm) = pw.segment(T_len - m0 - Lm, Lm).reverse();  // gamma^(T-1-m)
+      Vk.topRows(Lm) = lk.head(Lm).asDiagonal() * Vm;
+      Kk.topRows(Lm) = lk.head(Lm).asDiagonal() * Km;
+      if constexpr (std::is_same<T, Acc>::value) {
+        dKm.noalias() += Vk.topRows(Lm) * fin->S.transpose();
+        dKm.noalias() += lk.head(Lm) * fin->z.transpose();
+        dVm.noalias() += Kk.topRows(Lm) * fin->S;
+      } else {
+        const Matrix<Acc> a = Vk.topRows(Lm).template cast<Acc>() * fin->S.transpose() +
+                              lk.head(Lm).template cast<Acc>() * fin->z.transpose();
+        const Matrix<Acc> b = Kk.topRows(Lm).template cast<Acc>() * fin->S;
+        dKm += a.template cast<T>();
+        dVm += b.template cast<T>();
+      }
+    }
+  }
+
+  if (args.d_init) {
+    const Acc gT = static_cast<Acc>(decay.factor(T_len));
+    if (fin) {
+      dS0 += gT * fin->S;
+      dz0 += gT * fin->z;
+    }
+    args.d_init->S = std::move(dS0);
+    args.d_init->z = std::move(dz0);
+    args.d_init->position = p0;
+  }
+}
+
+}  // namespace detail
+}  // namespace retention
