@@ -26,7 +26,7 @@ using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 /// Which of the three equivalent computations of retention to run.
 enum class Form { parallel, recurrent, chunkwise };
 
-/// Output-row rescaling of SPEC section 2 ("Normalisation").
+/// Output-row rescaling of docs/math.md §2 ("Normalisation").
 enum class Normalization { none, decay, decay_and_score };
 
 inline const char* to_string(Form f) {

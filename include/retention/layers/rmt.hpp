@@ -43,7 +43,7 @@ struct ManhattanAttentionConfig {
   MasaOptions tile;
 };
 
-/// Local context enhancement (SPEC 4): depthwise 5 x 5 convolution with padding 2 and bias of each
+/// Local context enhancement (docs/math.md §4): depthwise 5 x 5 convolution with padding 2 and bias of each
 /// [height, width, C] map in v [batch * height * width, C] (torch cross-correlation, zeros
 /// outside): out[y, x, c] = bias[c] + sum_{i,j<5} weight(c, 5 i + j) v[y + i - 2, x + j - 2, c].
 /// weight [C, 25] is torch's [C, 1, 5, 5] reshaped; bias [1, C]. Returns [batch * height * width,
