@@ -91,9 +91,8 @@ struct AccRows<T, T> {
 /// dst (type T) += lhs * rhs (type Acc): in place when the types agree, through a temporary in
 /// Acc otherwise.
 template <class Dst, class Lhs, class Rhs>
-void add_product(const Eigen::MatrixBase<Dst>& dst_, const Lhs& lhs, const Rhs& rhs) {
-  auto& dst = const_cast<Eigen::MatrixBase<Dst>&>(dst_);
-  using T = typename Dst::Scalar;
+void add_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
+  using T = typename std::decay_t<Dst>::Scalar;
   using Acc = typename Lhs::Scalar;
   if constexpr (std::is_same<T, Acc>::value) {
     dst.noalias() += lhs * rhs;

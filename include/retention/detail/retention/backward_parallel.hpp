@@ -25,13 +25,10 @@ template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, 
           class Acc>
 void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                        const Eigen::MatrixBase<DV>& V, const Mask& decay, Index tile,
-                       const Eigen::MatrixBase<DG>& G, const Eigen::MatrixBase<OQ>& dQ_,
-                       const Eigen::MatrixBase<OK>& dK_, const Eigen::MatrixBase<OV>& dV_,
+                       const Eigen::MatrixBase<DG>& G, OQ&& dQ,
+                       OK&& dK, OV&& dV,
                        const BackwardArgs<Acc>& args) {
   using T = typename DQ::Scalar;
-  auto& dQ = const_cast<Eigen::MatrixBase<OQ>&>(dQ_);
-  auto& dK = const_cast<Eigen::MatrixBase<OK>&>(dK_);
-  auto& dV = const_cast<Eigen::MatrixBase<OV>&>(dV_);
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index p0 = args.start_position();
   const Normalization norm = args.normalization;
