@@ -41,6 +41,13 @@ using Mat = Matrix<double>;
 
 const Form kForms[] = {Form::parallel, Form::recurrent, Form::chunkwise};
 
+/// One causal mask per head.
+std::vector<CausalDecay> masks(const std::vector<double>& gammas) {
+  std::vector<CausalDecay> m;
+  for (double g : gammas) m.emplace_back(g);
+  return m;
+}
+
 /// One form's backward of one head, chunk 6 / tile 5 so that the segments have several blocks.
 template <class T, class S>
 RetentionGradients<T, S> backward(Form form, const Matrix<T>& Q, const Matrix<T>& K,
@@ -232,9 +239,9 @@ TYPED_TEST(BackwardMultiHead, EqualsPerHeadCalls) {
       opt.final_state_gradients = &fgrad;
       opt.initial_state_gradients = &dinit;
       opt.threads = 1;
-      retention::multi_head_retention_backward(buf.q(), buf.k(), buf.v(), buf.g(), gammas,
+      retention::multi_head_retention_backward(buf.q(), buf.k(), buf.v(), buf.g(),
                                                buf.out(buf.dq, buf.dk), buf.out(buf.dkb, buf.dk),
-                                               buf.out(buf.dvb, buf.dv), opt);
+                                               buf.out(buf.dvb, buf.dv), masks(gammas), opt);
       ASSERT_EQ(static_cast<Index>(dinit.size()), pairs);
       const auto dq = retention::heads_view<const T>(buf.dq.data(), buf.B, buf.len, buf.H, buf.dk);
       const auto dkv =
@@ -289,13 +296,13 @@ TYPED_TEST(BackwardMultiHead, ThreadCountDoesNotChangeTheResult) {
     opt.form = form;
     opt.normalization = Normalization::decay_and_score;
     opt.threads = 1;
-    retention::multi_head_retention_backward(one.q(), one.k(), one.v(), one.g(), gammas,
+    retention::multi_head_retention_backward(one.q(), one.k(), one.v(), one.g(),
                                              one.out(one.dq, 32), one.out(one.dkb, 32),
-                                             one.out(one.dvb, 32), opt);
+                                             one.out(one.dvb, 32), masks(gammas), opt);
     opt.threads = 2;
-    retention::multi_head_retention_backward(two.q(), two.k(), two.v(), two.g(), gammas,
+    retention::multi_head_retention_backward(two.q(), two.k(), two.v(), two.g(),
                                              two.out(two.dq, 32), two.out(two.dkb, 32),
-                                             two.out(two.dvb, 32), opt);
+                                             two.out(two.dvb, 32), masks(gammas), opt);
     EXPECT_TRUE(one.dq == two.dq) << retention::to_string(form);
     EXPECT_TRUE(one.dkb == two.dkb) << retention::to_string(form);
     EXPECT_TRUE(one.dvb == two.dvb) << retention::to_string(form);
@@ -314,9 +321,9 @@ TEST(BackwardMultiHeadWideState, FloatInputsDoubleState) {
   opt.normalization = Normalization::decay;
   opt.initial_states = &init;
   opt.initial_state_gradients = &dinit;
-  retention::multi_head_retention_backward(buf.q(), buf.k(), buf.v(), buf.g(), gammas,
-                                           buf.out(buf.dq, 3), buf.out(buf.dkb, 3),
-                                           buf.out(buf.dvb, 4), opt);
+  retention::multi_head_retention_backward(buf.q(), buf.k(), buf.v(), buf.g(), buf.out(buf.dq, 3),
+                                           buf.out(buf.dkb, 3), buf.out(buf.dvb, 4), masks(gammas),
+                                           opt);
   const auto dq = retention::heads_view<const float>(buf.dq.data(), 1, 29, 2, 3);
   for (Index h = 0; h < 2; ++h) {
     RetentionBackwardOptions<double> o;
@@ -464,7 +471,7 @@ TEST(BackwardErrors, MultiHeadShapes) {
   const char* fn = "multi_head_retention_backward: ";
   auto call = [&](const std::vector<double>& gm, const MultiHeadBackwardOptions<double>& o,
                   HeadsView<const double> kk, HeadsView<const double> gg) {
-    retention::multi_head_retention_backward(qv, kk, vv, gg, gm, dqv, dkv, dvv, o);
+    retention::multi_head_retention_backward(qv, kk, vv, gg, dqv, dkv, dvv, masks(gm), o);
   };
   MultiHeadBackwardOptions<double> opt;
   call(gammas, opt, kv, gv);  // valid
@@ -472,12 +479,11 @@ TEST(BackwardErrors, MultiHeadShapes) {
       [&] {
         call({0.9, 0.8}, opt, kv, gv);
       },
-      std::string(fn) + "gammas has 2 entries, expected heads = 3");
-  expect_error(
-      [&] {
-        call({0.9, 0.8, 1.5}, opt, kv, gv);
-      },
-      std::string(fn) + "gamma must be in (0, 1], got 1.5");
+      std::string(fn) + "masks has 2 entries, expected heads = 3");
+  opt.form = static_cast<Form>(5);
+  expect_error([&] { call(gammas, opt, kv, gv); },
+               std::string(fn) + "form is not one of parallel, recurrent, chunkwise (value 5)");
+  opt.form = Form::chunkwise;
   auto k_bad = kv;
   k_bad.dim = 3;
   expect_error([&] { call(gammas, opt, k_bad, gv); },

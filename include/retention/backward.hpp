@@ -220,15 +220,17 @@ struct MultiHeadBackwardOptions {
   int threads = 0;
 };
 
-/// Gradients of multi-head retention: q, k [B, T, H, dk], v and d_out = dL/dO [B, T, H, dv] as
-/// views (heads_view(p, B, T, H, D), or any strides), head h with CausalDecay(gammas[h]); writes
-/// dq, dk [B, T, H, dk] and dv [B, T, H, dv]. Each (batch, head) pair runs the chosen form's
-/// backward on strided views, pairs spread over threads by for_each_head.
-template <class T, class StateScalar = T>
+/// Gradients of multi-head retention (docs/math.md §7): q, k [B, T, H, dk], v and d_out = dL/dO
+/// [B, T, H, dv] as views (heads_view(p, B, T, H, D), or any strides), head h with masks[h]
+/// (e.g. CausalDecay(gammas[h])); writes dq, dk [B, T, H, dk] and dv [B, T, H, dv], which must not
+/// share memory with the inputs or each other. Each (batch, head) pair runs the chosen form's
+/// backward on strided views (no copies), pairs spread over threads by for_each_head; as in
+/// multi_head_retention, the argument order is inputs, outputs, masks, options.
+template <class T, class Mask, class StateScalar = T>
 void multi_head_retention_backward(const HeadsView<const T>& q, const HeadsView<const T>& k,
                                    const HeadsView<const T>& v, const HeadsView<const T>& d_out,
-                                   const std::vector<double>& gammas, const HeadsView<T>& dq,
-                                   const HeadsView<T>& dk, const HeadsView<T>& dv,
+                                   const HeadsView<T>& dq, const HeadsView<T>& dk,
+                                   const HeadsView<T>& dv, const std::vector<Mask>& masks,
                                    const MultiHeadBackwardOptions<StateScalar>& options =
                                        MultiHeadBackwardOptions<StateScalar>()) {
   detail::assert_scalar<T>();
@@ -245,10 +247,14 @@ void multi_head_retention_backward(const HeadsView<const T>& q, const HeadsView<
   detail::check_view_shape(fn, "dq", dq, B, T_len, H, Dk);
   detail::check_view_shape(fn, "dk", dk, B, T_len, H, Dk);
   detail::check_view_shape(fn, "dv", dv, B, T_len, H, Dv);
-  if (static_cast<Index>(gammas.size()) != H)
-    detail::fail(fn, "gammas has " + std::to_string(gammas.size()) +
+  if (static_cast<Index>(masks.size()) != H)
+    detail::fail(fn, "masks has " + std::to_string(masks.size()) +
                          " entries, expected heads = " + std::to_string(H));
-  for (double g : gammas) detail::check_gamma(fn, g);
+  if (options.form != Form::parallel && options.form != Form::recurrent &&
+      options.form != Form::chunkwise)
+    detail::fail(fn, "form is not one of parallel, recurrent, chunkwise (value " +
+                         std::to_string(static_cast<int>(options.form)) + ")");
+  detail::check_normalization_value(fn, options.normalization);
   if (options.chunk < 0)
     detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " + std::to_string(options.chunk));
   if (options.tile < 0)
@@ -267,16 +273,15 @@ void multi_head_retention_backward(const HeadsView<const T>& q, const HeadsView<
   const Index chunk = options.chunk > 0 ? options.chunk : recommended_chunk(Dk, Dv);
   const Index tile = options.tile > 0 ? options.tile : default_parallel_tile;
 
-  // About 5 products of chunk blocks (2 C (dk + dv) flops per token each) and 5 with the state
-  // (2 dk dv each) per token; the parallel form's blocks are wider.
+  // About 10 products per token of (width x (dk + dv)) and of the state (dk x dv): width = the
+  // chunk, or all earlier tokens for the parallel form.
   const double d_sum = static_cast<double>(Dk + Dv), d_prod = static_cast<double>(Dk * Dv);
-  const double width = options.form == Form::parallel
-                           ? static_cast<double>(std::min(T_len, tile)) * 2.0
-                           : static_cast<double>(chunk);
+  const double width =
+      static_cast<double>(options.form == Form::parallel ? T_len : std::min(chunk, T_len));
   const double flops = static_cast<double>(T_len) * (10.0 * width * d_sum + 10.0 * d_prod);
   for_each_head(B, H, flops, options.threads, [&](Index b, Index h) {
     const Index pair = b * H + h;
-    const CausalDecay decay(gammas[static_cast<std::size_t>(h)]);
+    const Mask& decay = masks[static_cast<std::size_t>(h)];
     RetentionBackwardOptions<StateScalar> o;
     o.normalization = options.normalization;
     o.detach_score_normalizer = options.detach_score_normalizer;
@@ -305,6 +310,21 @@ void multi_head_retention_backward(const HeadsView<const T>& q, const HeadsView<
         break;
     }
   });
+}
+
+/// multi_head_retention_backward with head h on CausalDecay(gammas[h]) (each gamma checked here).
+template <class T, class StateScalar = T>
+void multi_head_retention_backward(const HeadsView<const T>& q, const HeadsView<const T>& k,
+                                   const HeadsView<const T>& v, const HeadsView<const T>& d_out,
+                                   const std::vector<double>& gammas, const HeadsView<T>& dq,
+                                   const HeadsView<T>& dk, const HeadsView<T>& dv,
+                                   const MultiHeadBackwardOptions<StateScalar>& options =
+                                       MultiHeadBackwardOptions<StateScalar>()) {
+  for (double g : gammas) detail::check_gamma("multi_head_retention_backward", g);
+  std::vector<CausalDecay> masks;
+  masks.reserve(gammas.size());
+  for (double g : gammas) masks.emplace_back(g);
+  multi_head_retention_backward(q, k, v, d_out, dq, dk, dv, masks, options);
 }
 
 }  // namespace retention
