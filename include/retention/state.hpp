@@ -41,6 +41,7 @@ struct RetentionState {
     return value;
   }
   static Index checked_cols(Index dk, Index dv) {
+    checked("dk", dk);  // argument evaluation order is unspecified: check dk here too
     checked("dv", dv);
     detail::checked_product("RetentionState", "dk * dv", dk, dv);
     return dv;
