@@ -6,6 +6,7 @@
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
 #include <retention/detail/manhattan/line_kernels.hpp>
+#include <retention/detail/manhattan/masa_driver.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
 #include <retention/detail/simd/transpose.hpp>
 #include <retention/detail/threading.hpp>
