@@ -149,8 +149,8 @@ std::string read_file(const std::filesystem::path& p) {
 
 /// Every header under include/retention, as (path relative to include/retention, text).
 std::vector<std::pair<std::string, std::string>> headers() {
-  const std::filesystem::path root = std::filesystem::path(RETENTION_SOURCE_DIR) / "include" /
-                                     "retention";
+  const std::filesystem::path root =
+      std::filesystem::path(RETENTION_SOURCE_DIR) / "include" / "retention";
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& e : std::filesystem::recursive_directory_iterator(root))
     if (e.is_regular_file() && e.path().extension() == ".hpp")

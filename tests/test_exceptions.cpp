@@ -98,12 +98,12 @@ TEST(Exceptions, MsrPrefillIsAllOrNothingUnderAllocationFailure) {
     layer.prefill(x.topRows(10), state, form);
     const auto before = state;
     Matrix<double> y;
-    const int failures = inject_until_success(
-        [&] { y = layer.prefill(x.bottomRows(60), state, form, 16); },
-        [&] {
-          EXPECT_EQ(state.position, before.position);
-          EXPECT_TRUE(same_state(state.heads, before.heads));
-        });
+    const int failures =
+        inject_until_success([&] { y = layer.prefill(x.bottomRows(60), state, form, 16); },
+                             [&] {
+                               EXPECT_EQ(state.position, before.position);
+                               EXPECT_TRUE(same_state(state.heads, before.heads));
+                             });
     EXPECT_GT(failures, 3) << retention::to_string(form);
     EXPECT_EQ(state.position, 70);
     // The call that finally succeeded gives what an undisturbed one gives.
@@ -118,8 +118,8 @@ TEST(Exceptions, MultiHeadFinalStatesAreAllOrNothing) {
   const Matrix<float> k = retention_test::random_matrix<float>(B * T, H * dk, 6);
   const Matrix<float> v = retention_test::random_matrix<float>(B * T, H * dv, 7);
   Matrix<float> out(B * T, H * dv);
-  std::vector<retention::RetentionState<float>> states(
-      static_cast<std::size_t>(B * H), retention::RetentionState<float>(dk, dv));
+  std::vector<retention::RetentionState<float>> states(static_cast<std::size_t>(B * H),
+                                                       retention::RetentionState<float>(dk, dv));
   retention::MultiHeadOptions<float> opt;
   opt.threads = 1;
   opt.initial_states = &states;
@@ -151,7 +151,8 @@ TEST(Exceptions, AnExceptionOnAWorkerThreadReachesTheCaller) {
   }
   // Nothing thrown: every pair runs exactly once.
   std::vector<std::atomic<int>> hits(32);
-  retention::for_each_head(8, 4, 1e9, 2, [&](Index b, Index h) { hits[static_cast<std::size_t>(b * 4 + h)]++; });
+  retention::for_each_head(8, 4, 1e9, 2,
+                           [&](Index b, Index h) { hits[static_cast<std::size_t>(b * 4 + h)]++; });
   for (const auto& h : hits) EXPECT_EQ(h.load(), 1);
 }
 

@@ -91,8 +91,7 @@ TEST(HostileLayers, MultiHead) {
   });
   s.error("multi_head_retention", "null q", "null", [&] {
     Matrix<double> out(B * T, H * dv);
-    retention::multi_head_retention<double>(nullptr, k.data(), v.data(), out.data(), shape,
-                                            gammas);
+    retention::multi_head_retention<double>(nullptr, k.data(), v.data(), out.data(), shape, gammas);
   });
   s.error("multi_head_retention", "negative head stride", "negative stride", [&] {
     Matrix<double> out(B * T, H * dv);
@@ -103,13 +102,13 @@ TEST(HostileLayers, MultiHead) {
                                     retention::heads_view(out.data(), B, T, H, dv),
                                     retention::causal_masks(gammas));
   });
-  s.error_any("heads_view", "2^32 x 2^32 x 1 x 4", {"overflow"}, [&] {
-    retention::heads_view(q.data(), k2p32, k2p32, 1, 4);
-  });
+  s.error_any("heads_view", "2^32 x 2^32 x 1 x 4", {"overflow"},
+              [&] { retention::heads_view(q.data(), k2p32, k2p32, 1, 4); });
   // Decoding.
   std::vector<retention::RetentionState<double>> states(static_cast<std::size_t>(B * H),
                                                         retention::RetentionState<double>(dk, dv));
-  const Matrix<double> qs = random_matrix<double>(B, H * dk, 4), ks = random_matrix<double>(B, H * dk, 5),
+  const Matrix<double> qs = random_matrix<double>(B, H * dk, 4),
+                       ks = random_matrix<double>(B, H * dk, 5),
                        vs = random_matrix<double>(B, H * dv, 6);
   for (int threads : {0, 1000000})
     s.result("multi_head_step", "threads = " + std::to_string(threads), [&, threads] {
@@ -170,12 +169,10 @@ TEST(HostileLayers, Manhattan) {
   s.error("multi_head_masa", "gamma NaN", "gamma", [&] {
     retention::multi_head_masa(q, q, q, ok, {0.9, std::nan("")});
   });
-  s.error("masa", "mask grid 3x5 for 12 tokens", "Q", [&] {
-    retention::masa(q, q, q, retention::ManhattanDecay(0.9, 3, 5));
-  });
-  s.error_any("masad", "height * width overflow", {"overflow"}, [&] {
-    retention::masad(q, q, q, 0.9, k2p32, k2p32);
-  });
+  s.error("masa", "mask grid 3x5 for 12 tokens", "Q",
+          [&] { retention::masa(q, q, q, retention::ManhattanDecay(0.9, 3, 5)); });
+  s.error_any("masad", "height * width overflow", {"overflow"},
+              [&] { retention::masad(q, q, q, 0.9, k2p32, k2p32); });
   s.error("masa", "query_tile 0", "query_tile", [&] {
     retention::MasaOptions o;
     o.query_tile = 0;
@@ -195,9 +192,8 @@ TEST(HostileLayers, Manhattan) {
   cfg.embed_dim = 16;
   cfg.heads = 2;
   retention::ManhattanAttention<float> layer(cfg);
-  s.error_any("ManhattanAttention::forward", "x [0 x 16], batch 2^62 of 2x2", {"overflow"}, [&] {
-    layer.forward(Matrix<float>(0, 16), kHuge, 2, 2);
-  });
+  s.error_any("ManhattanAttention::forward", "x [0 x 16], batch 2^62 of 2x2", {"overflow"},
+              [&] { layer.forward(Matrix<float>(0, 16), kHuge, 2, 2); });
   s.error("ManhattanAttention::forward", "mode 5", "mode", [&] {
     layer.forward(random_matrix<float>(4, 16, 3), 2, 2, static_cast<retention::RmtMode>(5));
   });

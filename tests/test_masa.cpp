@@ -362,7 +362,6 @@ TYPED_TEST(MasaTest, ShapeErrors) {
       "multi_head_masa: v is [12 x 4], expected [12 x 6]");
 }
 
-
 // --- Masks compose: MaSA and MaSAD with the quadrant-causal mask (causal along y and x) --------
 namespace quadrant_reference {
 
@@ -464,8 +463,7 @@ TYPED_TEST(MasaTest, QuadrantCausalMaskInMasaAndMasad) {
                     k = random_matrix<T>(2 * N, heads * g.dk, ++seed),
                     v = random_matrix<T>(2 * N, heads * g.dv, ++seed);
     Matrix<T> out(2 * N, heads * g.dv), outd(2 * N, heads * g.dv);
-    const std::vector<retention::QuadrantCausalDecay> masks(static_cast<std::size_t>(heads),
-                                                            mask);
+    const std::vector<retention::QuadrantCausalDecay> masks(static_cast<std::size_t>(heads), mask);
     retention::MasaOptions o;
     o.threads = 2;
     const auto view = [&](const Matrix<T>& m, Index d) {
@@ -475,8 +473,8 @@ TYPED_TEST(MasaTest, QuadrantCausalMaskInMasaAndMasad) {
                                retention::heads_view(out.data(), Index(2), N, heads, g.dv), masks,
                                o);
     retention::multi_head_masad(view(q, g.dk), view(k, g.dk), view(v, g.dv),
-                                retention::heads_view(outd.data(), Index(2), N, heads, g.dv),
-                                masks, o);
+                                retention::heads_view(outd.data(), Index(2), N, heads, g.dv), masks,
+                                o);
     for (Index b = 0; b < 2; ++b)
       for (Index h = 0; h < heads; ++h) {
         const auto blk = [&](const Matrix<T>& m, Index d) {

@@ -258,12 +258,18 @@ TYPED_TEST(RmtTest, ShapeErrors) {
     return p;
   };
   const std::vector<float> w(63), b(8), big(200);
-  expect_shape_error([&] { layer.load(replaced("q_proj.weight", w, {7, 9})); },
-                     "ManhattanAttention::load: parameter 'q_proj.weight' has shape [7, 9], "
-                     "expected [8, 8]");
-  expect_shape_error([&] { layer.load(replaced("lepe.conv.weight", big, {8, 25})); },
-                     "ManhattanAttention::load: parameter 'lepe.conv.weight' has shape [8, 25], "
-                     "expected [8, 1, 5, 5]");
+  expect_shape_error(
+      [&] {
+        layer.load(replaced("q_proj.weight", w, {7, 9}));
+      },
+      "ManhattanAttention::load: parameter 'q_proj.weight' has shape [7, 9], "
+      "expected [8, 8]");
+  expect_shape_error(
+      [&] {
+        layer.load(replaced("lepe.conv.weight", big, {8, 25}));
+      },
+      "ManhattanAttention::load: parameter 'lepe.conv.weight' has shape [8, 25], "
+      "expected [8, 1, 5, 5]");
   expect_shape_error([&] { layer.load(replaced("out_proj.bias", w, {7})); },
                      "parameter 'out_proj.bias' has shape [7], expected [8]");
   expect_shape_error([&] { layer.load(params, "x."); },

@@ -2,8 +2,8 @@
 // give the same result; MaSAD is a different operator that equals MaSA exactly when q = 0 (SPEC 4).
 #pragma once
 
-#include <retention/masa.hpp>
 #include <retention/layers/rmt.hpp>
+#include <retention/masa.hpp>
 
 #include "tour_common.hpp"
 

@@ -1,4 +1,5 @@
-// retention: the chunkwise form (docs/math.md §2): parallel inside a chunk, recurrent across chunks.
+// retention: the chunkwise form (docs/math.md §2): parallel inside a chunk, recurrent across
+// chunks.
 #pragma once
 
 #include <retention/decay.hpp>
@@ -333,10 +334,10 @@ void chunkwise_retention_into(
   detail::chunkwise_retention_impl(Q, K, V, decay, chunk, out, options);
 }
 
-/// Chunkwise retention of one head, docs/math.md §2, chunk length `chunk` >= 1 (need not divide T, may
-/// exceed it): O_i = (Q_i K_i^T (.) D_L) V_i + diag(gamma^(j+1)) Q_i S_prev,
-/// S_next = gamma^L S_prev + K_i^T diag(gamma^(L-1-l)) V_i. Q [T, dk], K [T, dk], V [T, dv] -> [T,
-/// dv]. An Inf or NaN in a token reaches its own row and later ones only.
+/// Chunkwise retention of one head, docs/math.md §2, chunk length `chunk` >= 1 (need not divide T,
+/// may exceed it): O_i = (Q_i K_i^T (.) D_L) V_i + diag(gamma^(j+1)) Q_i S_prev, S_next = gamma^L
+/// S_prev + K_i^T diag(gamma^(L-1-l)) V_i. Q [T, dk], K [T, dk], V [T, dv] -> [T, dv]. An Inf or
+/// NaN in a token reaches its own row and later ones only.
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> chunkwise_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,

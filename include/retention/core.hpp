@@ -111,7 +111,8 @@ inline bool add_mul_overflows(Index acc, Index a, Index b, Index& r) {
 inline Index checked_product(const char* function, const char* what, Index a, Index b) {
   Index r = 0;
   if (a < 0 || b < 0 || mul_overflows(a, b, r))
-    fail(function, std::string(what) + " overflows: " + std::to_string(a) + " x " + std::to_string(b));
+    fail(function,
+         std::string(what) + " overflows: " + std::to_string(a) + " x " + std::to_string(b));
   return r;
 }
 

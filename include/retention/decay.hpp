@@ -108,8 +108,8 @@ inline std::vector<double> rmt_gammas(Index heads, double initial_value, double 
 namespace detail {
 
 /// ln(gamma) in double: log1p(gamma - 1) near 1, where it is exact (gamma - 1 is exact by
-/// Sterbenz's lemma for gamma >= 1/2) and log(gamma) would lose the decay (docs/math.md §1); log(gamma)
-/// below 1/2, where gamma - 1 may round to -1 (gamma = 1e-30) and log1p would give -inf.
+/// Sterbenz's lemma for gamma >= 1/2) and log(gamma) would lose the decay (docs/math.md §1);
+/// log(gamma) below 1/2, where gamma - 1 may round to -1 (gamma = 1e-30) and log1p would give -inf.
 inline double log_gamma_of(const char* function, double gamma) {
   check_gamma(function, gamma);
   return gamma >= 0.5 ? std::log1p(gamma - 1.0) : std::log(gamma);
@@ -321,8 +321,8 @@ class CausalDecay : public detail::DecayMaskBase<CausalDecay> {
     return f;
   }
   /// sum_{i=0}^{p} gamma^i = (1 - gamma^(p+1)) / (1 - gamma), or p + 1 at gamma = 1
-  /// (the `decay` normalisation of docs/math.md §2), computed without cancellation through expm1; p >= 0
-  /// (p + 1 is formed in double, so p up to the largest Index is fine).
+  /// (the `decay` normalisation of docs/math.md §2), computed without cancellation through expm1; p
+  /// >= 0 (p + 1 is formed in double, so p up to the largest Index is fine).
   double decay_sum(Index p) const {
     check_nonnegative("decay_sum", "p", p);
     const double count = static_cast<double>(p) + 1.0;

@@ -19,9 +19,9 @@ namespace retention {
 template <class T>
 struct HeadsView {
   using Scalar = std::remove_const_t<T>;
-  using HeadMap = Eigen::Map<std::conditional_t<std::is_const<T>::value, const Matrix<Scalar>,
-                                                Matrix<Scalar>>,
-                             0, Eigen::OuterStride<>>;
+  using HeadMap =
+      Eigen::Map<std::conditional_t<std::is_const<T>::value, const Matrix<Scalar>, Matrix<Scalar>>,
+                 0, Eigen::OuterStride<>>;
 
   T* data = nullptr;
   Index batch = 0, time = 0, heads = 0, dim = 0;
@@ -64,16 +64,16 @@ void check_view(const char* fn, const char* name, const HeadsView<T>& v) {
       {"batch", v.batch}, {"time", v.time}, {"heads", v.heads}, {"dim", v.dim}};
   for (const auto& s : sizes)
     if (s.second < 1)
-      fail(fn, std::string(name) + "." + s.first + " must be >= 1, got " +
-                   std::to_string(s.second));
+      fail(fn,
+           std::string(name) + "." + s.first + " must be >= 1, got " + std::to_string(s.second));
   if (v.batch_stride < 0 || v.time_stride < 0 || v.head_stride < 0)
     fail(fn, std::string(name) + ": negative stride");
   // The last element's offset must be representable.
   Index last = 0;
-  const bool overflow =
-      mul_overflows(v.batch - 1, v.batch_stride, last) ||
-      add_mul_overflows(last, v.time - 1, v.time_stride, last) ||
-      add_mul_overflows(last, v.heads - 1, v.head_stride, last) || add_overflows(last, v.dim, last);
+  const bool overflow = mul_overflows(v.batch - 1, v.batch_stride, last) ||
+                        add_mul_overflows(last, v.time - 1, v.time_stride, last) ||
+                        add_mul_overflows(last, v.heads - 1, v.head_stride, last) ||
+                        add_overflows(last, v.dim, last);
   if (overflow)
     fail(fn, std::string(name) + ": sizes and strides overflow the index type (batch " +
                  std::to_string(v.batch) + ", time " + std::to_string(v.time) + ", heads " +
@@ -121,8 +121,9 @@ void check_no_overlap(const char* fn, const HeadsView<T>& out, const HeadsView<U
 template <class Body>
 void for_each_head(Index batch, Index heads, double flops_per_pair, int threads, Body&& body) {
   const Index pairs = batch * heads;
-  detail::parallel_tasks(detail::team_size(threads, pairs, flops_per_pair * static_cast<double>(pairs)),
-                         pairs, [&](Index pair) { body(pair / heads, pair % heads); });
+  detail::parallel_tasks(
+      detail::team_size(threads, pairs, flops_per_pair * static_cast<double>(pairs)), pairs,
+      [&](Index pair) { body(pair / heads, pair % heads); });
 }
 
 }  // namespace retention

@@ -105,9 +105,9 @@ HeadsView<T> grid_view(const char* fn, T* p, const GridHeadsShape& s, Index dim,
   const Index dense = checked_product(fn, "heads * dim", s.heads, dim);
   const Index ld = row_stride > 0 ? row_stride : dense;
   if (row_stride != 0 && row_stride < dense)
-    fail(fn, "row stride " + std::to_string(row_stride) + " is below heads * dim = " +
-                 std::to_string(dense));
-  return {p, s.batch, N, s.heads, dim, checked_product(fn, "height * width * row stride", N, ld),
+    fail(fn, "row stride " + std::to_string(row_stride) +
+                 " is below heads * dim = " + std::to_string(dense));
+  return {p,  s.batch, N, s.heads, dim, checked_product(fn, "height * width * row stride", N, ld),
           ld, dim};
 }
 
@@ -259,8 +259,8 @@ namespace detail {
 /// [B*H*W, heads*d] operands before allocating the output.
 template <class T, class Run>
 Matrix<T> multi_head_grid_dense(const char* fn, const Matrix<T>& q, const Matrix<T>& k,
-                                const Matrix<T>& v, const GridHeadsShape& shape,
-                                std::size_t gammas, Run run) {
+                                const Matrix<T>& v, const GridHeadsShape& shape, std::size_t gammas,
+                                Run run) {
   check_grid_shape(fn, shape, gammas);
   const Index N = checked_product(fn, "height * width", shape.height, shape.width);
   const Index rows = checked_product(fn, "batch * height * width", shape.batch, N);

@@ -129,8 +129,7 @@ void multi_head_retention(const HeadsView<const T>& q, const HeadsView<const T>&
   detail::check_normalization(fn, options.normalization);
   detail::check_threads(fn, "options.threads", options.threads);
   if (options.chunk < 0)
-    detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " +
-                         std::to_string(options.chunk));
+    detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " + std::to_string(options.chunk));
   if (options.initial_states)
     detail::check_states(fn, *options.initial_states, B, H, dk, dv, "initial_states");
   const Index chunk = options.chunk > 0 ? options.chunk : recommended_chunk(dk, dv);
@@ -177,20 +176,19 @@ void multi_head_retention(const T* q, const T* k, const T* v, T* out, const Mult
   const char* fn = "multi_head_retention";
   if (!q || !k || !v || !out) detail::fail(fn, "null buffer pointer");
   const Index B = shape.batch, T_len = shape.time, H = shape.heads;
-  for (const auto& s : {std::make_pair("batch", B), std::make_pair("time", T_len),
-                        std::make_pair("heads", H), std::make_pair("key_dim", shape.key_dim),
-                        std::make_pair("value_dim", shape.value_dim)})
+  for (const auto& s :
+       {std::make_pair("batch", B), std::make_pair("time", T_len), std::make_pair("heads", H),
+        std::make_pair("key_dim", shape.key_dim), std::make_pair("value_dim", shape.value_dim)})
     detail::check_positive(fn, s.first, s.second);
   if (static_cast<Index>(gammas.size()) != H)
     detail::fail(fn, "gammas has " + std::to_string(gammas.size()) +
                          " entries, expected heads = " + std::to_string(H));
   for (double g : gammas) detail::check_gamma(fn, g);
   detail::check_dense_sizes(fn, B, T_len, H, std::max(shape.key_dim, shape.value_dim));
-  multi_head_retention(heads_view(q, B, T_len, H, shape.key_dim),
-                       heads_view(k, B, T_len, H, shape.key_dim),
-                       heads_view(v, B, T_len, H, shape.value_dim),
-                       heads_view(out, B, T_len, H, shape.value_dim), causal_masks(gammas),
-                       options);
+  multi_head_retention(
+      heads_view(q, B, T_len, H, shape.key_dim), heads_view(k, B, T_len, H, shape.key_dim),
+      heads_view(v, B, T_len, H, shape.value_dim), heads_view(out, B, T_len, H, shape.value_dim),
+      causal_masks(gammas), options);
 }
 
 /// Scratch of multi_head_step: one set of row buffers per thread, allocated on first use and kept,
@@ -199,8 +197,8 @@ template <class T>
 struct StepWorkspace {
   std::vector<detail::RecurrentBuffers<T>> buffers;
   void reserve(int team, Index value_dim) {
-    if (static_cast<int>(buffers.size()) < team || (!buffers.empty() &&
-                                                     buffers.front().v.size() != value_dim)) {
+    if (static_cast<int>(buffers.size()) < team ||
+        (!buffers.empty() && buffers.front().v.size() != value_dim)) {
       buffers.clear();
       for (int t = 0; t < team; ++t) buffers.emplace_back(value_dim);
     }

@@ -172,10 +172,10 @@ void parallel_retention_into(
   detail::parallel_retention_impl(Q, K, V, decay, out, options);
 }
 
-/// Parallel retention of one head, docs/math.md §2: O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init, then
-/// the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]; extra memory O(T *
-/// tile). Row n depends on tokens <= n only, for any input values: an Inf or NaN reaches its own
-/// row and later ones (as in the recurrent form), never earlier rows.
+/// Parallel retention of one head, docs/math.md §2: O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q
+/// S_init, then the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]; extra
+/// memory O(T * tile). Row n depends on tokens <= n only, for any input values: an Inf or NaN
+/// reaches its own row and later ones (as in the recurrent form), never earlier rows.
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> parallel_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,

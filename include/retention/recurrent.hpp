@@ -92,9 +92,9 @@ void recurrent_retention_into(
   detail::recurrent_retention_impl(Q, K, V, decay, out, options);
 }
 
-/// Recurrent retention of one head, docs/math.md §2: S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n,
-/// then the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]. An Inf or NaN in
-/// a token reaches its own row and later ones only.
+/// Recurrent retention of one head, docs/math.md §2: S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n
+/// S_n, then the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]. An Inf or NaN
+/// in a token reaches its own row and later ones only.
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> recurrent_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,

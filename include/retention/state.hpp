@@ -1,4 +1,5 @@
-// retention: the recurrent state of one head and the options shared by the three forms (docs/math.md §2).
+// retention: the recurrent state of one head and the options shared by the three forms
+// (docs/math.md §2).
 #pragma once
 
 #include <retention/core.hpp>
@@ -9,7 +10,8 @@ namespace retention {
 
 /// State of one retention head after `position` tokens: S [dk, dv] (sum of decayed k^T v),
 /// z [dk] (sum of decayed k, needed by the score normalisation) and the absolute position.
-/// Scalar may be wider than the inputs' (e.g. a double state for float inputs, see docs/math.md §1).
+/// Scalar may be wider than the inputs' (e.g. a double state for float inputs, see docs/math.md
+/// §1).
 template <class T>
 struct RetentionState {
   Matrix<T> S;

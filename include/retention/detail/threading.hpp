@@ -121,7 +121,8 @@ void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
 /// Rejects a negative thread request (0 = default) with shape_error naming the function.
 inline void check_threads(const char* function, const char* name, int threads) {
   if (threads < 0)
-    fail(function, std::string(name) + " must be >= 0 (0 = default), got " + std::to_string(threads));
+    fail(function,
+         std::string(name) + " must be >= 0 (0 = default), got " + std::to_string(threads));
 }
 
 /// For its lifetime, Eigen's products on the calling thread run single-threaded.

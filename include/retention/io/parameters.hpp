@@ -34,7 +34,8 @@ inline ParameterMap parameters(const TensorSource& source) {
       default:
         continue;
     }
-    if (!detail::host_little_endian()) continue;  // raw little-endian bytes cannot be viewed in place
+    if (!detail::host_little_endian())
+      continue;  // raw little-endian bytes cannot be viewed in place
     t.shape = v.shape();
     static const unsigned char empty = 0;  // a non-null address for tensors of no elements
     t.data = v.numel() == 0 ? &empty : v.data();

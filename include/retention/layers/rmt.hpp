@@ -43,8 +43,8 @@ struct ManhattanAttentionConfig {
   MasaOptions tile;
 };
 
-/// Local context enhancement (docs/math.md §4): depthwise 5 x 5 convolution with padding 2 and bias of each
-/// [height, width, C] map in v [batch * height * width, C] (torch cross-correlation, zeros
+/// Local context enhancement (docs/math.md §4): depthwise 5 x 5 convolution with padding 2 and bias
+/// of each [height, width, C] map in v [batch * height * width, C] (torch cross-correlation, zeros
 /// outside): out[y, x, c] = bias[c] + sum_{i,j<5} weight(c, 5 i + j) v[y + i - 2, x + j - 2, c].
 /// weight [C, 25] is torch's [C, 1, 5, 5] reshaped; bias [1, C]. Returns [batch * height * width,
 /// C].
@@ -161,8 +161,7 @@ class ManhattanAttention {
     Matrix<T> lw(Cv, 25);
     RowVector<T> lb(Cv);
     read_tensor(fn, prefix + "lepe.conv.weight",
-                detail::require(fn, source, prefix + "lepe.conv.weight"), {Cv, 1, 5, 5},
-                lw.data());
+                detail::require(fn, source, prefix + "lepe.conv.weight"), {Cv, 1, 5, 5}, lw.data());
     read_tensor(fn, prefix + "lepe.conv.bias",
                 detail::require(fn, source, prefix + "lepe.conv.bias"), {Cv}, lb.data());
     std::vector<double> gammas = gammas_;
@@ -244,8 +243,7 @@ class ManhattanAttention {
     // One projection into [q | k dk^-1/2 | v], q and k rotated in place by raster index.
     Matrix<T> qkv(rows, width3);
     fused_.forward_into(x, qkv);
-    for (Index b = 0; b < batch; ++b)
-      rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);
+    for (Index b = 0; b < batch; ++b) rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);
     std::vector<ManhattanDecay> masks;
     masks.reserve(static_cast<std::size_t>(H));
     for (double g : gammas_) masks.emplace_back(g, height, width);
@@ -260,8 +258,7 @@ class ManhattanAttention {
       multi_head_masa(q, k, v, out, masks, config_.tile);
     else
       multi_head_masad(q, k, v, out, masks, config_.tile);
-    mixed += local_context_enhancement(qkv.rightCols(Cv), batch, height, width, lce_w_,
-                                       lce_b_);
+    mixed += local_context_enhancement(qkv.rightCols(Cv), batch, height, width, lce_w_, lce_b_);
     return out_proj_.forward(mixed);
   }
 

@@ -1,4 +1,5 @@
-// retention: row-wise normalisations used by the layers (docs/math.md §3 head norm, docs/math.md §5 LayerNorm).
+// retention: row-wise normalisations used by the layers (docs/math.md §3 head norm, docs/math.md §5
+// LayerNorm).
 #pragma once
 
 #include <retention/core.hpp>

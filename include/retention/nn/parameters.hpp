@@ -42,11 +42,10 @@ inline std::size_t dtype_size(DType t) {
 template <class S>
 constexpr DType dtype_of() {
   static_assert(std::is_same<S, double>::value || std::is_same<S, float>::value ||
-                    std::is_same<S, Eigen::half>::value ||
-                    std::is_same<S, Eigen::bfloat16>::value,
+                    std::is_same<S, Eigen::half>::value || std::is_same<S, Eigen::bfloat16>::value,
                 "retention: tensors are float64, float32, float16 (Eigen::half) or bfloat16");
-  return std::is_same<S, double>::value  ? DType::float64
-         : std::is_same<S, float>::value ? DType::float32
+  return std::is_same<S, double>::value        ? DType::float64
+         : std::is_same<S, float>::value       ? DType::float32
          : std::is_same<S, Eigen::half>::value ? DType::float16
                                                : DType::bfloat16;
 }

@@ -49,10 +49,10 @@ struct MasaOperands {
   const T* v_data = nullptr;
   Index ldv = 0, dvp = 0;
   // ln D of a key tile starting at m0 = a W + b, as two small periodic tables (Manhattan =
-  // symmetric_H (x) symmetric_W, docs/math.md §1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n - a + H -
-  // 1, b + j), with log_x[x][c] = |x - c mod W| ln gamma  [W, W + key columns] and log_y[dy + H -
-  // 1][c] = |dy - floor(c / W)| ln gamma  [2H - 1, W + key columns]. O(H (W + key_tile)) values
-  // instead of a [query_tile, key_tile] tile rebuilt for every pair of tiles.
+  // symmetric_H (x) symmetric_W, docs/math.md §1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n
+  // - a + H - 1, b + j), with log_x[x][c] = |x - c mod W| ln gamma  [W, W + key columns] and
+  // log_y[dy + H - 1][c] = |dy - floor(c / W)| ln gamma  [2H - 1, W + key columns]. O(H (W +
+  // key_tile)) values instead of a [query_tile, key_tile] tile rebuilt for every pair of tiles.
   Matrix<T> log_x, log_y;
 };
 
@@ -193,7 +193,6 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
         masa_query_tile<T>(ops, N, dk, dv, H, W, bk, n0, std::min(bq, N - n0), ws, out);
       });
 }
-
 
 }  // namespace detail
 }  // namespace retention

@@ -192,8 +192,8 @@ void masad_prefetch_rows(const T* p, Index step, Index rows, Index cols) {
 #endif
 }
 
-/// MaSAD of every (image, head) of a grid (docs/math.md §4): for each image, every head's attention along
-/// each grid row, writing u into out, then along each grid column, reading u from out and
+/// MaSAD of every (image, head) of a grid (docs/math.md §4): for each image, every head's attention
+/// along each grid row, writing u into out, then along each grid column, reading u from out and
 /// overwriting it with the result. u lives in out itself: each line attention copies (fused) or
 /// reads into its accumulators (tiled) all its values before it writes its own rows, and the lines
 /// of one pass touch disjoint rows.

@@ -31,8 +31,7 @@ template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, 
           class Acc>
 void recurrent_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                         const Eigen::MatrixBase<DV>& V, const Mask& decay,
-                        const Eigen::MatrixBase<DG>& G, OQ&& dQ,
-                        OK&& dK, OV&& dV,
+                        const Eigen::MatrixBase<DG>& G, OQ&& dQ, OK&& dK, OV&& dV,
                         const BackwardArgs<Acc>& args) {
   using T = typename DQ::Scalar;
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();

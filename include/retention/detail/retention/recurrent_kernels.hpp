@@ -49,10 +49,11 @@ void recurrent_block(Acc* s0, Index dk, Index dv, Index j0, Acc g, const DQ& q, 
 
 /// One token through the state in a single pass over S: each element of S is decayed, updated with
 /// k_i v_j and accumulated into o_j = sum_i q_i S_ij while it is in a register, so S is read and
-/// written exactly once (the step is bound by moving S, docs/math.md §2 recurrence S_n = gamma S_{n-1} +
-/// k_n^T v_n). Columns go in blocks of RecurrentBlockShape::wide, then single packets; one-column
-/// blocks take the rest. Each o_j sums over i in order, as the plain loop does. Writes `out`
-/// [1, dv] (which must not alias q, k, v, S or z) and returns the raw score r = q . z (z updated).
+/// written exactly once (the step is bound by moving S, docs/math.md §2 recurrence S_n = gamma
+/// S_{n-1} + k_n^T v_n). Columns go in blocks of RecurrentBlockShape::wide, then single packets;
+/// one-column blocks take the rest. Each o_j sums over i in order, as the plain loop does. Writes
+/// `out` [1, dv] (which must not alias q, k, v, S or z) and returns the raw score r = q . z (z
+/// updated).
 template <class Acc, class DQ, class DK, class DV, class DOut>
 Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBase<DQ>& q,
                     const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, DOut&& out,
