@@ -46,8 +46,7 @@ Matrix<float> normal_matrix(Index rows, Index cols, double std, std::mt19937_64&
 
 /// x <- RMSNorm(x) (.) w, per row (the model's pre-norms; the MSR head norm has no weight).
 template <class D>
-void rms_norm(const Eigen::MatrixBase<D>& x_, const RowVector<float>& w) {
-  auto& x = const_cast<Eigen::MatrixBase<D>&>(x_);
+void rms_norm(Eigen::MatrixBase<D>& x, const RowVector<float>& w) {
   retention::rms_norm_groups(x, x.cols(), kNormEps);
   x.array().rowwise() *= w.array();
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace retention {
 namespace detail {
@@ -113,10 +114,16 @@ void check_no_overlap(const char* function, const char* out_name, const Eigen::D
 
 /// Compile-time check that an output parameter taken by forwarding reference is a writable Eigen
 /// dense object (a matrix, a Map, a Block or a Ref).
+// True for any type derived from Eigen::DenseBase<X> for some X: a Matrix, Map, Block or Ref, and
+// also a MatrixBase<X>& or ArrayBase<X>& that a user's own template forwards.
+template <class X>
+std::true_type derives_from_dense(const Eigen::DenseBase<X>*);
+std::false_type derives_from_dense(...);
+
 template <class Out>
 constexpr void assert_dense_output() {
   using D = std::decay_t<Out>;
-  static_assert(std::is_base_of<Eigen::DenseBase<D>, D>::value,
+  static_assert(decltype(derives_from_dense(std::declval<const D*>()))::value,
                 "retention: the output must be an Eigen dense matrix, Map, Block or Ref");
   static_assert(!std::is_const<std::remove_reference_t<Out>>::value,
                 "retention: the output must not be const");
