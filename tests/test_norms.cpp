@@ -92,6 +92,34 @@ TYPED_TEST(NormsTest, LayerNormWithAffine) {
   EXPECT_LE(relative_error(y, ref), spec_tolerance<T>());
 }
 
+// A user's template that takes Eigen::MatrixBase<D>& and forwards it (the pattern of
+// examples/02_generate.cpp) must compile and normalise in place: the output check accepts any
+// DenseBase-derived type, not only concrete matrices, Maps, Blocks and Refs.
+template <class D>
+void user_rms(Eigen::MatrixBase<D>& x, double eps) {
+  retention::rms_norm_groups(x, x.cols(), eps);
+}
+
+TEST(Norms, AcceptsMatrixBaseReferences) {
+  Mat x = random_matrix<double>(3, 4, 91);
+  const Mat x0 = x;
+  user_rms(x, 0.0);
+  for (Index t = 0; t < 3; ++t) {
+    const double rms = std::sqrt(x0.row(t).squaredNorm() / 4.0);
+    EXPECT_LE(relative_error(x.row(t), x0.row(t) / rms), 1e-15);
+  }
+  retention::RowVector<float> r = random_matrix<float>(1, 6, 92);
+  const retention::RowVector<float> r0 = r;
+  Eigen::MatrixBase<retention::RowVector<float>>& rb = r;
+  retention::layer_norm_groups(rb, 3, 0.0);
+  for (Index g = 0; g < 6; g += 3) {
+    const Eigen::VectorXd in = r0.segment(g, 3).cast<double>().transpose();
+    const double mean = in.mean();
+    const double var = (in.array() - mean).square().mean();
+    for (Index j = 0; j < 3; ++j) EXPECT_NEAR(r(g + j), (in(j)-mean) / std::sqrt(var), 1e-5);
+  }
+}
+
 TEST(Norms, Errors) {
   Mat x = random_matrix<double>(2, 6, 1);
   expect_shape_error([&] { retention::rms_norm_groups(x, 4, 1e-6); },
