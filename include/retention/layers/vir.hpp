@@ -16,12 +16,15 @@
 #include <retention/nn/linear.hpp>
 #include <retention/nn/parameters.hpp>
 #include <retention/state.hpp>
+#include <retention/varlen.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -390,6 +393,95 @@ class VirRetention {
     Matrix<T> y;
     run(x_t, o, has_initial ? &states : nullptr, &finals, y);
     states.swap(finals);
+    return y;
+  }
+
+  /// Scratch of step_batch(), shared by the whole batch: the fused projection and head outputs of
+  /// the batch, the state pointers and the per-thread step buffers. Grows to the largest batch seen
+  /// and is then reused while sequences join and leave.
+  struct BatchWorkspace {
+    Matrix<T> qkv, o;  // [capacity, 3C], [capacity, C]
+    std::vector<State*> heads;
+    std::vector<const void*> sorted;
+    VarlenStepWorkspace<T> step;
+  };
+
+  /// Batched decoding: x [B, C] holds one token of each of B sequences; states[b] points to
+  /// sequence b's per-head states (heads entries, or empty = zero states: the sequence's first
+  /// token), each sequence at its own position; y [B, C] receives the outputs. Equal to B calls of
+  /// step(). The pointers must be non-null and distinct, so sequences join and leave between calls
+  /// without copies; `work` is reused across calls. threads: over the B * heads state updates and
+  /// the projections' row blocks (0 = OpenMP's default, capped by the work). If it throws, no state
+  /// changes.
+  template <class D, class DOut>
+  void step_batch(const Eigen::MatrixBase<D>& x, const std::vector<std::vector<State>*>& states,
+                  DOut&& y, BatchWorkspace& work, int threads = 0) const {
+    detail::assert_same_scalar<T, typename D::Scalar>();
+    detail::assert_same_scalar<T, typename std::decay_t<DOut>::Scalar>();
+    const char* fn = "VirRetention::step_batch";
+    const Index B = static_cast<Index>(states.size()), C = dim_, hd = head_dim(), width = 3 * C;
+    detail::check_positive(fn, "states.size()", B);
+    detail::check_shape(fn, "x", x, B, C);
+    detail::check_shape(fn, "y", y, B, C);
+    detail::check_threads(fn, "threads", threads);
+    check_rows(fn, B);
+    detail::check_distinct_states(fn, states, "states", work.sorted);
+    // Names are built only for a failing state: a valid call makes no strings.
+    const auto head_name = [](Index b, Index h) {
+      return "states[" + std::to_string(b) + "][" + std::to_string(h) + "]";
+    };
+    for (Index b = 0; b < B; ++b) {
+      const std::vector<State>& s = *states[static_cast<std::size_t>(b)];
+      if (s.empty()) continue;
+      if (static_cast<Index>(s.size()) != heads_)
+        detail::fail(fn, "states[" + std::to_string(b) + "] has " + std::to_string(s.size()) +
+                             " entries, expected heads = " + std::to_string(heads_));
+      for (Index h = 0; h < heads_; ++h) {
+        const State& sh = s[static_cast<std::size_t>(h)];
+        if (sh.S.rows() != hd || sh.S.cols() != hd || sh.z.size() != hd || sh.position < 0)
+          detail::check_state(fn, sh, hd, hd, head_name(b, h).c_str());
+        if (sh.position > std::numeric_limits<Index>::max() - 1)
+          detail::fail(fn, head_name(b, h) + ".position would overflow");
+      }
+    }
+    if (work.qkv.rows() < B || work.qkv.cols() != width) work.qkv.resize(B, width);
+    if (work.o.rows() < B || work.o.cols() != C) work.o.resize(B, C);
+    auto qkv = work.qkv.topRows(B);
+    auto o = work.o.topRows(B);
+    const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
+    const double dim = static_cast<double>(C);
+    detail::for_row_blocks(threads, B, 6.0 * dim * dim, [&](Index r0, Index n) {
+      auto rows = qkv.middleRows(r0, n);
+      qkv_.forward_into(x.middleRows(r0, n), rows);
+      rows.leftCols(C) *= scale;
+    });
+    // Only allocation failures remain possible from here; an empty vector becoming zero states
+    // is the same state, so the guarantee holds.
+    work.heads.resize(static_cast<std::size_t>(B * heads_));
+    for (Index b = 0; b < B; ++b) {
+      std::vector<State>& s = *states[static_cast<std::size_t>(b)];
+      if (s.empty()) s = zero_states();
+      for (Index h = 0; h < heads_; ++h)
+        work.heads[static_cast<std::size_t>(b * heads_ + h)] = &s[static_cast<std::size_t>(h)];
+    }
+    const T* base = qkv.data();
+    varlen_step(HeadsView<const T>{base, B, 1, heads_, hd, width, width, hd},
+                HeadsView<const T>{base + C, B, 1, heads_, hd, width, width, hd},
+                HeadsView<const T>{base + 2 * C, B, 1, heads_, hd, width, width, hd},
+                heads_view(o.data(), B, 1, heads_, hd), masks_, work.heads, Normalization::none,
+                threads, &work.step);
+    detail::for_row_blocks(threads, B, 2.0 * dim * dim, [&](Index r0, Index n) {
+      out_proj_.forward_into(o.middleRows(r0, n), y.middleRows(r0, n));
+    });
+  }
+
+  /// step_batch() returning y [B, C], with a workspace of its own (allocates on every call).
+  template <class D>
+  Matrix<T> step_batch(const Eigen::MatrixBase<D>& x,
+                       const std::vector<std::vector<State>*>& states, int threads = 0) const {
+    BatchWorkspace work;
+    Matrix<T> y(x.rows(), dim_);
+    step_batch(x, states, y, work, threads);
     return y;
   }
 
