@@ -2,6 +2,7 @@
 // forms' worst relative disagreement. Each section lives in examples/tour/ next to this file.
 #include <retention/retention.hpp>
 
+#include "tour/tour_backward.hpp"
 #include "tour/tour_common.hpp"
 #include "tour/tour_msr.hpp"
 #include "tour/tour_retention.hpp"
@@ -17,5 +18,6 @@ int main() {
   tour::tour_msr();
   tour::tour_rmt();
   tour::tour_vir();
+  tour::tour_backward();
   return 0;
 }
