@@ -16,18 +16,10 @@ namespace retention {
 
 /// Chunk size used when the caller passes none (chunk = 0 in the multi-head API).
 /// Per token and head the chunkwise form costs 2C(dk+dv) (intra-chunk) + 4 dk dv (state) FLOPs, so
-/// a smaller C does less work, while GEMMs shorter than about 32 rows lose their efficiency.
-/// Measured on Sapphire Rapids (fp32, one head, T = 8192, time in ms for C = 16 / 32 / 64 / 128 /
-/// 256, medians of 7, three runs on a shared machine): dk = dv = 32: 1.5-4 / 2.0 / 2.4 / 3.5-8 /
-/// 10; dk = dv = 64: 8-9 / 4.2-8.8 / 9.2 / 11 / 15; dk = dv = 128: 21 / 21 / 22 / 19-25 / 38; dk =
-/// dv = 256: 69-73 / 63-75 / 64-81 / 85-97 / 95-132; and 8 heads of 128 through
-/// multi_head_retention (bench_speed): 153 / 156 / 185 / 274 ms for C = 32 / 64 / 128 / 256.
-/// In four full bench/compare runs (8 heads of 128, 2 threads) C = 32 beat C = 64 every time, by
-/// 2 / 2 / 10 / 13 %; single heads of 256 show 32 and 64 level. Hence 32 up to dk + dv = 256, and
-/// 64 for wider heads, where the 4 dk dv state work per token dominates and longer GEMMs pay.
-/// Re-measured with the register-blocked kernels (chunk_kernels.hpp; 8 heads of 128, 1 thread,
-/// min CPU time of interleaved runs on the shared machine): C = 32 / 64 / 128 took 80-96 / 100-106
-/// / 114-127 ms in four runs, 32 fastest every time, so the heuristic stands.
+/// a smaller C does less work, while GEMMs shorter than about 32 rows lose their efficiency:
+/// 32 up to dk + dv = 256, and 64 for wider heads, where the 4 dk dv state work per token
+/// dominates and longer products pay. The measurements behind the choice are in
+/// bench/results/design-measurements.md.
 inline Index recommended_chunk(Index key_dim, Index value_dim) {
   return key_dim + value_dim <= 256 ? 32 : 64;
 }

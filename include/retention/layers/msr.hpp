@@ -488,7 +488,7 @@ class MultiScaleRetention {
 
   /// project() for a batch of decoding tokens. Below two row blocks the product runs on this
   /// thread alone: Eigen would otherwise split a thin [B, d] product over all OpenMP threads,
-  /// which for a few rows costs more than the product (10x slower at B = 16, d = 128 on 2 cores).
+  /// which for a few rows costs more than the product itself.
   template <class D, class DOut>
   void project_tokens(const Linear<T>& l, const Eigen::MatrixBase<D>& x, DOut& out) const {
     if (x.rows() >= 2 * kRowsPerProjectionBlock) {

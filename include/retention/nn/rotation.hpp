@@ -94,8 +94,8 @@ class ThetaShift {
   /// Rows are rotated in spans of kSpan consecutive positions. The angle of row t0 + l of a span is
   /// (first_position + t0) theta_j + l theta_j, so its cos and sin follow from the span's base pair
   /// and a per-call table of l theta_j by the angle-addition formulas, in double: rows / kSpan +
-  /// kSpan sin/cos pairs per frequency instead of one per row (sin/cos of large angles dominated
-  /// the rotation: 8192 rows of 1024 + 1024 columns took 30 ms, mostly in libm). Both angles are
+  /// kSpan sin/cos pairs per frequency instead of one per row (sin/cos of large angles in libm
+  /// dominated the rotation). Both angles are
   /// formed in double from integers as before; the sums differ from cos(p theta) computed directly
   /// by a few ulps of double.
   static constexpr Index kSpan = 64;

@@ -111,11 +111,9 @@ EIGEN_STRONG_INLINE void chunk_for_rows(Index m, Body&& body) {
 /// Brings the next chunk's token rows into the caches while this chunk computes, a few cache lines
 /// per kernel block. In the multi-head layout [B, T, H, D] consecutive rows of a head lie one page
 /// apart (4 KiB for 8 heads of 128 floats), so the hardware's streaming prefetch, which stays
-/// within a page, hardly helps, and a core keeps only a handful of misses in flight: measured on
-/// the benchmark machine, copying those rows costs about a quarter of the chunkwise time when
-/// nothing fetches them ahead, and as much again when all of a chunk's prefetches are issued at
-/// once (they wait for line-fill buffers and stall the core). Spread over the blocks they overlap
-/// with the arithmetic.
+/// within a page, hardly helps, and a core keeps only a handful of misses in flight. Issuing all of
+/// a chunk's prefetches at once stalls the core on line-fill buffers; spread over the blocks they
+/// overlap with the arithmetic (bench/results/design-measurements.md).
 template <class T>
 class ChunkPrefetcher {
  public:

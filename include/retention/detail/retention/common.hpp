@@ -74,7 +74,7 @@ void normalize_rows(const Mask& decay, Normalization normalization, Index p0, DO
 /// exception flags raised meanwhile (FE_INVALID from a NaN input) stay raised for the caller. Decay
 /// weights far from the diagonal pass through the denormal range (float: gamma^d below 1.2e-38) on
 /// their way to exactly 0, and every arithmetic operation on a denormal costs a microcode assist
-/// (measured: 6.7x slower for a whole head at gamma = 0.96875, T = 4096). The flushed values are
+/// (bench/results/design-measurements.md). The flushed values are
 /// below 1.2e-38 (float) / 2.2e-308 (double) in absolute value. No effect on other architectures.
 class DenormalsFlushed {
  public:

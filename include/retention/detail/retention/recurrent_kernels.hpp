@@ -29,9 +29,7 @@ struct RecurrentBlockShape {
 /// o[j0, j0 + W) = q S[:, j0 + W) after S[:, j0 + W) = g S + k^T v, for one block of W columns:
 /// the block's v and its output accumulators stay in registers while the rows of S stream through,
 /// so each element of S costs one load, one store and two FMAs. (Accumulating o in memory instead
-/// adds a load and a store of o per element, which on AVX-512 made the step 1.5x slower than a
-/// plain read+write pass over the same bytes; with registers it runs at 1.0-1.05x of that pass,
-/// one head of 128 x 128 per call, 128 heads, measured on this repo's 2-core Sapphire Rapids.)
+/// would add a load and a store of o per element; see bench/results/design-measurements.md.)
 template <Index W, class Acc, class DQ, class DK>
 void recurrent_block(Acc* s0, Index dk, Index dv, Index j0, Acc g, const DQ& q, const DK& k,
                      const Acc* v, Acc* o) {
