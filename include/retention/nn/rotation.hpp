@@ -95,9 +95,8 @@ class ThetaShift {
   /// (first_position + t0) theta_j + l theta_j, so its cos and sin follow from the span's base pair
   /// and a per-call table of l theta_j by the angle-addition formulas, in double: rows / kSpan +
   /// kSpan sin/cos pairs per frequency instead of one per row (sin/cos of large angles in libm
-  /// dominated the rotation). Both angles are
-  /// formed in double from integers as before; the sums differ from cos(p theta) computed directly
-  /// by a few ulps of double.
+  /// dominated the rotation). Both angles are formed in double from integers as before; the sums
+  /// differ from cos(p theta) computed directly by a few ulps of double.
   static constexpr Index kSpan = 64;
 
   template <class DX, class DY>
