@@ -14,9 +14,14 @@
 // projections and the machine GEMM among them, go to the system BLAS); the JSON context says
 // which ("eigen_use_blas", and "blas_core": the kernel OpenBLAS picked).
 //
+// Training rows (issue 11): chunkwise forward + multi_head_retention_backward on the same
+// buffers, the backward alone, and the backward's extra heap bytes; the Python module's rows
+// (issue 12) compare with decode_kept, the step as the module calls it (masks and workspace kept).
+//
 // Counters: GFLOPS (rate by the FLOP counts below), GBps (bytes moved per second), extra_MiB.
 // FLOPs per token per head: parallel T(dk+dv) [the average causal cost: 2 T/2 (dk+dv)],
 // chunkwise 2C(dk+dv) + 4 dk dv; decode moves 2 * (dk dv + dk) * sizeof(T) state bytes per head.
+#include <retention/backward.hpp>
 #include <retention/chunkwise.hpp>
 #include <retention/multihead.hpp>
 #include <retention/parallel.hpp>
@@ -56,8 +61,9 @@
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Heap accounting: malloc/free are interposed so that the parallel form's extra memory (its work
-// buffers, not its inputs or output) can be measured as a peak of live heap bytes.
+// Heap accounting: malloc/free are interposed so that the parallel form's and the chunkwise
+// backward's extra memory (their work buffers, not inputs or outputs) can be measured as a peak of
+// live heap bytes.
 // ---------------------------------------------------------------------------------------------
 extern "C" void* __libc_malloc(std::size_t);
 extern "C" void* __libc_calloc(std::size_t, std::size_t);
@@ -302,6 +308,8 @@ struct Heads {
     out.assign(nv, 0.0f);
     gammas = retention::retnet_gammas(h);
   }
+  // Training: dL/dO (random, like a loss gradient) and the gradients, allocated on first use.
+  std::vector<float> d_out, grad_q, grad_k, grad_v;
   retention::MultiHeadShape shape() const { return {batch, time, heads, dk, dv}; }
   void run(retention::Form form, Index chunk, int threads,
            retention::Normalization norm = retention::Normalization::none) {
@@ -311,6 +319,32 @@ struct Heads {
     opt.threads = threads;
     opt.normalization = norm;
     retention::multi_head_retention(q.data(), k.data(), v.data(), out.data(), shape(), gammas, opt);
+  }
+  /// multi_head_retention_backward of the same form over the same buffers, into grad_q/k/v.
+  void run_backward(retention::Form form, Index chunk, int threads,
+                    retention::Normalization norm = retention::Normalization::none) {
+    const auto nk = static_cast<std::size_t>(batch * time * heads * dk),
+               nv = static_cast<std::size_t>(batch * time * heads * dv);
+    if (d_out.size() != nv) {
+      d_out = random_buffer(nv, 977);
+      grad_q.assign(nk, 0.0f);
+      grad_k.assign(nk, 0.0f);
+      grad_v.assign(nv, 0.0f);
+    }
+    retention::MultiHeadBackwardOptions<float> opt;
+    opt.form = form;
+    opt.chunk = chunk;
+    opt.threads = threads;
+    opt.normalization = norm;
+    const auto in = [&](const std::vector<float>& x, Index d) {
+      return retention::heads_view(x.data(), batch, time, heads, d);
+    };
+    const auto out_view = [&](std::vector<float>& x, Index d) {
+      return retention::heads_view(x.data(), batch, time, heads, d);
+    };
+    retention::multi_head_retention_backward(in(q, dk), in(k, dk), in(v, dv), in(d_out, dv), gammas,
+                                             out_view(grad_q, dk), out_view(grad_k, dk),
+                                             out_view(grad_v, dv), opt);
   }
 };
 
@@ -328,6 +362,58 @@ void BM_chunkwise(benchmark::State& state) {
   state.counters["GFLOPS"] =
       benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["chunk"] = static_cast<double>(C);
+}
+
+/// Chunkwise forward then multi_head_retention_backward (one training step of the operator).
+void BM_chunkwise_train(benchmark::State& state) {
+  const Index T = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  Heads x(1, T, kHeads, kDim, kDim, 11);
+  for (auto _ : state) {
+    x.run(retention::Form::chunkwise, 0, threads);
+    x.run_backward(retention::Form::chunkwise, 0, threads);
+    benchmark::DoNotOptimize(x.grad_q.data());
+  }
+  state.counters["chunk"] = static_cast<double>(retention::recommended_chunk(kDim, kDim));
+}
+
+/// multi_head_retention_backward alone (chunkwise), the forward's outputs not needed.
+void BM_chunkwise_backward(benchmark::State& state) {
+  const Index T = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  Heads x(1, T, kHeads, kDim, kDim, 11);
+  for (auto _ : state) {
+    x.run_backward(retention::Form::chunkwise, 0, threads);
+    benchmark::DoNotOptimize(x.grad_q.data());
+  }
+  state.counters["chunk"] = static_cast<double>(retention::recommended_chunk(kDim, kDim));
+}
+
+/// Extra heap bytes of one chunkwise_retention_backward_into call of one head (inputs, dO and
+/// the gradients excluded), beside the bytes the (T / C) chunk-boundary states would take.
+void BM_chunkwise_backward_memory(benchmark::State& state) {
+  const Index T = state.range(0), C = retention::recommended_chunk(kDim, kDim);
+  const std::vector<float> q = random_buffer(static_cast<std::size_t>(T * kDim), 61);
+  const std::vector<float> k = random_buffer(static_cast<std::size_t>(T * kDim), 62, 0.1f);
+  const std::vector<float> v = random_buffer(static_cast<std::size_t>(T * kDim), 63);
+  const std::vector<float> g = random_buffer(static_cast<std::size_t>(T * kDim), 64);
+  Mat dq(T, kDim), dk(T, kDim), dv(T, kDim);
+  const Eigen::Map<const Mat> Q(q.data(), T, kDim), K(k.data(), T, kDim), V(v.data(), T, kDim),
+      G(g.data(), T, kDim);
+  const retention::CausalDecay decay(retention::retnet_gammas(kHeads).back());
+  double extra = 0;
+  for (auto _ : state) {
+    const long long base = heap::live.load();
+    heap::peak.store(base);
+    retention::chunkwise_retention_backward_into(Q, K, V, decay, C, G, dq, dk, dv);
+    extra = static_cast<double>(heap::peak.load() - base);
+    benchmark::DoNotOptimize(dq.data());
+  }
+  state.counters["extra_MiB"] = extra / (1024.0 * 1024.0);
+  state.counters["chunk"] = static_cast<double>(C);
+  state.counters["states_MiB"] = static_cast<double>((T + C - 1) / C) *
+                                 static_cast<double>(kDim * kDim) * sizeof(float) /
+                                 (1024.0 * 1024.0);
 }
 
 void BM_parallel(benchmark::State& state) {
@@ -404,6 +490,42 @@ void BM_decode(benchmark::State& state) {
   state.counters["GBps"] =
       benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["state_bytes"] = bytes / 2.0;
+}
+
+/// The same step as BM_decode the way a decoding loop (and the Python module) runs it: masks and
+/// the StepWorkspace built once, the HeadsView overload called per step.
+void BM_decode_kept(benchmark::State& state) {
+  const Index B = state.range(0), H = state.range(1), position = state.range(2);
+  const int threads = static_cast<int>(state.range(3));
+  const Index dk = kDim, dv = kDim;
+  const auto nk = static_cast<std::size_t>(B * H * dk), nv = static_cast<std::size_t>(B * H * dv);
+  const std::vector<float> q = random_buffer(nk, 31), k = random_buffer(nk, 32, 0.05f),
+                           v = random_buffer(nv, 33);
+  std::vector<float> out(nv);
+  const std::vector<retention::CausalDecay> masks =
+      retention::causal_masks(retention::retnet_gammas(H));
+  std::vector<retention::RetentionState<float>> states(static_cast<std::size_t>(B * H),
+                                                       retention::RetentionState<float>(dk, dv));
+  std::mt19937_64 rng(34);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (auto& s : states) {
+    for (Index i = 0; i < s.S.size(); ++i) s.S.data()[i] = dist(rng);
+    for (Index i = 0; i < s.z.size(); ++i) s.z(i) = dist(rng);
+    s.position = position;
+  }
+  retention::StepWorkspace<float> ws;
+  const auto qv = retention::heads_view(q.data(), B, 1, H, dk),
+             kv = retention::heads_view(k.data(), B, 1, H, dk),
+             vv = retention::heads_view(v.data(), B, 1, H, dv);
+  const auto ov = retention::heads_view(out.data(), B, 1, H, dv);
+  for (auto _ : state) {
+    retention::multi_head_step(qv, kv, vv, ov, masks, states,
+                               retention::Normalization::decay_and_score, threads, &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double bytes = 2.0 * static_cast<double>(B * H * (dk * dv + dk)) * sizeof(float);
+  state.counters["GBps"] =
+      benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 #if defined(RETENTION_BENCH_HAS_MASA)
@@ -549,6 +671,13 @@ int dump(const std::string& dir) {
   }
   std::ofstream meta(dir + "/meta.txt");
   meta << "ret 2 300 4 32 48 64\n";
+  // Gradients of the same call for a random dO (the peer's autograd must agree with them).
+  x.run_backward(retention::Form::chunkwise, 64, 2);
+  write_raw(dir + "/ret_dout.f32", x.d_out.data(), x.d_out.size());
+  write_raw(dir + "/ret_dq.f32", x.grad_q.data(), x.grad_q.size());
+  write_raw(dir + "/ret_dk.f32", x.grad_k.data(), x.grad_k.size());
+  write_raw(dir + "/ret_dv.f32", x.grad_v.data(), x.grad_v.size());
+  meta << "retgrad 2 300 4 32 48 64\n";
 #if defined(RETENTION_BENCH_HAS_MASA)
   {
     Grid g(12, 201);
@@ -640,6 +769,17 @@ void register_all(int requested_threads) {
         ->Unit(benchmark::kMillisecond);
     for (Index pos : {100, 100000})
       benchmark::RegisterBenchmark("decode", BM_decode)->Args({8, 16, pos, t})->UseRealTime();
+    benchmark::RegisterBenchmark("decode_kept", BM_decode_kept)
+        ->Args({8, 16, 100, t})
+        ->UseRealTime();
+    benchmark::RegisterBenchmark("chunkwise_train", BM_chunkwise_train)
+        ->Args({8192, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("chunkwise_backward", BM_chunkwise_backward)
+        ->Args({8192, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   }
   for (Index c : {32, 64, 128, 256})
     benchmark::RegisterBenchmark("chunkwise", BM_chunkwise)
@@ -648,6 +788,10 @@ void register_all(int requested_threads) {
         ->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("parallel_memory", BM_parallel_memory)
       ->Args({16384})
+      ->Iterations(1)
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("chunkwise_backward_memory", BM_chunkwise_backward_memory)
+      ->Args({8192})
       ->Iterations(1)
       ->Unit(benchmark::kMillisecond);
   // Every operator compared with PyTorch runs at 1 thread and at tmax.

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""PyTorch peer of bench/bench_speed.cpp (issues 6, 13): the same operators, batched over heads, on the CPU.
+"""PyTorch peer of bench/bench_speed.cpp (issues 6, 11, 13): the same operators, batched over heads, on the CPU.
 
     torch_retention.py verify DIR            compare with the raw float32 files bench_speed --dump_dir wrote
     torch_retention.py bench --threads N     time every operator at the benchmark shapes, print JSON
@@ -13,6 +13,11 @@ has a faster way to write the same operator, that one is timed too and the faste
              batched, a scan over chunks for the state, then (Q * gamma^(j+1)) S_prev batched;
              loop: a Python loop over chunks, each chunk's products one bmm over B*H (the state carried
              in place), optionally with OpenBLAS held to one thread
+  training   forward + backward through PyTorch autograd (issue 11) of the two chunkwise forms written
+             without in-place updates (autograd needs every intermediate state): batched (states by a scan
+             of out-of-place updates, stacked) and loop (the carried state replaced per chunk, the
+             outputs concatenated), C = 64, 128, 256 and for the loop also 32; o.backward(dO) with a random
+             dO, verified against our gradients
   recurrent  S = gamma S + k^T v (in place, batched rank-1 update), o = q S; the decode step also keeps
              z = gamma z + k and applies the decay_and_score normalisation, like the C++ benchmark
   masa       softmax(Q K^T + L) V with L[n, m] = (|dy| + |dx|) ln gamma, masad rows then columns.
@@ -133,6 +138,67 @@ def chunkwise_loop(q, k, v, f, row_sums=False):
                 z.mul_(gc).add_(kw.sum(1)[:, :, None])
     out = out.reshape(b, h, t, dv)
     return (out, rs.reshape(b, h, t, 1)) if row_sums else out
+
+
+def chunkwise_train_batched(q, k, v, f):
+    """The batched chunkwise form with out-of-place updates only, for autograd: the chunk states come
+    from a scan of s = s * gamma^C + K_i^T diag(gamma^(C-1-l)) V_i and are stacked, not written into.
+    The per-chunk terms come from one unbind (indexing kv[:, :, i] would make autograd build a zero
+    tensor of kv's full size for every chunk's gradient)."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    c = f.c
+    pad = (-t) % c
+    if pad:
+        q, k, v = (torch.cat([x, x.new_zeros(b, h, pad, x.shape[-1])], dim=2) for x in (q, k, v))
+    n = (t + pad) // c
+    qc, kc, vc = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))
+    inner = ((qc @ kc.transpose(-1, -2)) * f.mask) @ vc
+    kv = (kc * f.kf).transpose(-1, -2) @ vc  # [B, H, n, dk, dv]
+    s = q.new_zeros(b, h, dk, dv)
+    states = [s]
+    for kv_i in kv.unbind(2)[:-1]:
+        s = s * f.gc + kv_i
+        states.append(s)
+    out = inner + (qc * f.qf) @ torch.stack(states, dim=2)
+    return out.reshape(b, h, n * c, dv)[:, :, :t]
+
+
+def chunkwise_train_loop(q, k, v, f):
+    """The loop over chunks (one bmm over B*H per product) with out-of-place updates, for autograd:
+    each chunk's state is a new tensor, the chunk outputs are concatenated at the end. The chunks come
+    from one split per input (slicing each chunk would make autograd build a full-size gradient per
+    slice)."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    c = f.c
+    bh = b * h
+    q3, k3, v3 = (x.reshape(bh, t, x.shape[-1]) for x in (q, k, v))
+    mask = f.mask.expand(h, b, c, c).transpose(0, 1).reshape(bh, c, c)
+    qf = f.qf.expand(h, b, c, 1).transpose(0, 1).reshape(bh, c, 1)
+    kf = f.kf.expand(h, b, c, 1).transpose(0, 1).reshape(bh, c, 1)
+    gc = f.gc[:, None].expand(h, b, 1, 1).transpose(0, 1).reshape(bh, 1, 1)
+    s = q.new_zeros(bh, dk, dv)
+    outs = []
+    chunks = list(zip(q3.split(c, 1), k3.split(c, 1), v3.split(c, 1)))
+    for i, (qi, ki, vi) in enumerate(chunks):
+        n = qi.shape[1]
+        a = torch.bmm(qi, ki.transpose(1, 2)) * mask[:, :n, :n]
+        outs.append(torch.baddbmm(torch.bmm(qi * qf[:, :n], s), a, vi))
+        if i + 1 < len(chunks):
+            s = torch.baddbmm(s * gc, (ki * kf).transpose(1, 2), vi)
+    return torch.cat(outs, dim=1).reshape(b, h, t, dv)
+
+
+TRAIN_FORMS = {"batched": chunkwise_train_batched, "loop": chunkwise_train_loop}
+
+
+def train_step(form, q, k, v, f, d_out):
+    """One forward + backward through autograd; q, k, v are leaves [B, H, T, D] (grads reset first)."""
+    for x in (q, k, v):
+        x.grad = None
+    with torch.enable_grad():
+        TRAIN_FORMS[form](q, k, v, f).backward(d_out)
 
 
 def parallel_blocked(q, k, v, mask, block=512):
@@ -267,6 +333,21 @@ def verify(directory):
                 e = rel_err(from_heads(out), ours[name])
                 worst = max(worst, e)
                 print(f"verify {name:10s} {form:8s} B={b} T={t} H={h} dk={dk} dv={dv}: rel err {e:.2e}")
+        elif f[0] == "retgrad":
+            # Gradients (issue 11): autograd through every training form against our backward.
+            b, t, h, dk, dv, c = map(int, f[1:])
+            q, k, v = (to_heads(load(f"{directory}/ret_{x}.f32", (b, t, h * d)), b, t, h).requires_grad_()
+                       for x, d in (("q", dk), ("k", dk), ("v", dv)))
+            d_out = to_heads(load(f"{directory}/ret_dout.f32", (b, t, h * dv)), b, t, h)
+            ours = {x: load(f"{directory}/ret_d{x}.f32", (b, t, h * d)) for x, d in (("q", dk), ("k", dk), ("v", dv))}
+            lg = log_gammas(retnet_gammas(h))
+            for form in TRAIN_FORMS:
+                for cc in sorted({c, 32}):
+                    train_step(form, q, k, v, ChunkFactors(lg, cc), d_out)
+                    e = max(rel_err(from_heads(x.grad), ours[n]) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+                    worst = max(worst, e)
+                    print(f"verify grad      {form:8s} C={cc:<3d} B={b} T={t} H={h} dk={dk} dv={dv}: "
+                          f"dq, dk, dv worst rel err {e:.2e}")
         elif f[0] == "masa":
             side, h, d = map(int, f[1:])
             shape = (1, side, side, h, d)
@@ -492,6 +573,22 @@ def bench(threads, which):
             mine = [(r["seconds"], r["chunk"]) for key, r in res.items()
                     if key.startswith(f"chunkwise_T8192/{form} ") and "blas_threads" not in r]
             best_chunk[form] = min(mine)[1]
+    if want("train"):
+        # Forward + backward through autograd, each training form at each chunk (issue 11).
+        t = 8192
+        q, k, v = (x.requires_grad_() for x in (rnd(1, h, t, d), rnd(1, h, t, d, scale=d ** -0.5), rnd(1, h, t, d)))
+        d_out = rnd(1, h, t, d)
+        variants = []
+        # Chunks as for the forward rows, and C=32 (ours at d=128) for the loop (batched at C=32 is several
+        # times slower than at 128: its per-chunk states dominate).
+        for c in (32, 64, 128, 256):
+            f = ChunkFactors(lg, c)
+            for form in TRAIN_FORMS if c > 32 else ["loop"]:
+                for one in (blas1 if form == "loop" else [False]):
+                    variants.append((f"{form} C={c}" + (", OpenBLAS on 1 thread" if one else ""),
+                                     lambda form=form, f=f: train_step(form, q, k, v, f, d_out), one,
+                                     dict(chunk=c, **({"blas_threads": 1} if one else {}))))
+        fastest(res, "train_T8192", variants)
     if want("parallel"):
         t = 4096
         q, k, v = rnd(1, h, t, d), rnd(1, h, t, d, scale=d ** -0.5), rnd(1, h, t, d)
