@@ -15,11 +15,19 @@
 // Recomputing A and dP (2 L^2 (dk + dv) flops per chunk) costs less than storing the ceil(T/C)
 // chunk-boundary states would: megabytes per head, freshly allocated and page-faulted on each call.
 // Products with the state run in the state's type.
+//
+// chunkwise_backward sends a CausalDecay head with the state in the inputs' type to
+// backward_chunkwise_fast.hpp instead (three retentions on the forward's register-blocked kernels)
+// where those kernels have packets of 32 bytes or more; with narrower SIMD (SSE), other masks, a
+// wider state or no tokens it runs the two sweeps below.
 #pragma once
 
+#include <retention/decay.hpp>
+#include <retention/detail/retention/backward_chunkwise_fast.hpp>
 #include <retention/detail/retention/backward_kernels.hpp>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace retention {
 namespace detail {
@@ -54,15 +62,15 @@ struct ChunkBackwardBuffers {
         Gua(C, dv) {}
 };
 
-/// Chunkwise backward of one head into dQ, dK [T, dk] and dV [T, dv]; the inputs are checked.
-/// Extra memory: 2 T scalars (row factors) + dk dv + dk of Acc (the state or its gradient) +
-/// O(C (C + dk + dv)) buffers.
+/// The two-sweep chunkwise backward of one head into dQ, dK [T, dk] and dV [T, dv]; the inputs
+/// are checked. Extra memory: 2 T scalars (row factors) + dk dv + dk of Acc (the state or its
+/// gradient) + O(C (C + dk + dv)) buffers.
 template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, class Mask,
           class Acc>
-void chunkwise_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                        const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk,
-                        const Eigen::MatrixBase<DG>& G, OQ&& dQ, OK&& dK, OV&& dV,
-                        const BackwardArgs<Acc>& args) {
+void chunkwise_backward_sweeps(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                               const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk,
+                               const Eigen::MatrixBase<DG>& G, OQ&& dQ, OK&& dK, OV&& dV,
+                               const BackwardArgs<Acc>& args) {
   using T = typename DQ::Scalar;
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index C = std::min(chunk, std::max<Index>(T_len, 1));
@@ -227,6 +235,32 @@ void chunkwise_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<
     args.d_init->z = std::move(dz);
     args.d_init->position = p0;
   }
+}
+
+/// Whether chunkwise_backward runs a head as three retentions (backward_chunkwise_fast.hpp): a
+/// CausalDecay mask, the state in the inputs' type, and SIMD packets of at least 32 bytes (with
+/// SSE's 16 the forward kernels' register blocks do not fit the register file, and the sweeps'
+/// Eigen products are faster).
+template <class T, class Mask, class Acc>
+constexpr bool chunkwise_backward_by_retention_applies() {
+  return std::is_same<Mask, CausalDecay>::value && std::is_same<T, Acc>::value &&
+         Eigen::internal::packet_traits<T>::size * static_cast<int>(sizeof(T)) >= 32;
+}
+
+/// Chunkwise backward of one head into dQ, dK [T, dk] and dV [T, dv]; the inputs are checked.
+template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, class Mask,
+          class Acc>
+void chunkwise_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                        const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk,
+                        const Eigen::MatrixBase<DG>& G, OQ&& dQ, OK&& dK, OV&& dV,
+                        const BackwardArgs<Acc>& args) {
+  if constexpr (chunkwise_backward_by_retention_applies<typename DQ::Scalar, Mask, Acc>()) {
+    if (Q.rows() > 0) {
+      chunkwise_backward_by_retention(Q, K, V, decay, chunk, G, dQ, dK, dV, args);
+      return;
+    }
+  }
+  chunkwise_backward_sweeps(Q, K, V, decay, chunk, G, dQ, dK, dV, args);
 }
 
 }  // namespace detail
