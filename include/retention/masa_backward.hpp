@@ -13,6 +13,8 @@
 #include <retention/detail/manhattan/backward_attention.hpp>
 #include <retention/detail/manhattan/backward_heads.hpp>
 #include <retention/detail/manhattan/backward_log_tiles.hpp>
+#include <retention/detail/manhattan/masa_driver.hpp>
+#include <retention/detail/manhattan/masad_driver.hpp>
 #include <retention/detail/threading.hpp>
 #include <retention/heads.hpp>
 
@@ -177,6 +179,42 @@ double masad_pair_count(const Mask& mask) {
   return n * static_cast<double>(mask.height() + mask.width());
 }
 
+/// masa_forward_head, or MaSA's careful path when Q, K or V holds an Inf or NaN (docs/math.md
+/// §2.6): the tiled forward meets masked keys as -inf + q.k and 0 * v, which a bad key or value
+/// turns into NaN in rows that do not weigh it.
+template <class T, class Mask>
+void masa_forward_head_checked(const GradConstMap<T>& Q, const GradConstMap<T>& K,
+                               const GradConstMap<T>& V, const Mask& mask, Index query_tile,
+                               Index key_tile, GradMap<T> out, GradVec<T> lse) {
+  const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
+  if (masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
+                         V.outerStride(), N, dk, dv)) {
+    masa_forward_head<T>(Q, K, V, mask, query_tile, key_tile, out, lse);
+    return;
+  }
+  masa_careful<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(), V.outerStride(),
+                  dk, dv, mask, out.data(), out.outerStride(), lse.data(), lse.innerStride());
+}
+
+/// masad_forward_head, or MaSAD's careful path when Q, K or V holds an Inf or NaN (a bad q makes
+/// its u row bad, which the column pass then reads as a value).
+template <class T, class Mask>
+void masad_forward_head_checked(const GradConstMap<T>& Q, const GradConstMap<T>& K,
+                                const GradConstMap<T>& V, const Mask& mask, Index query_tile,
+                                Index key_tile, GradMap<T> out, GradMap<T> u, GradVec<T> row_lse,
+                                GradVec<T> column_lse) {
+  const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
+  if (masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
+                         V.outerStride(), N, dk, dv)) {
+    masad_forward_head<T>(Q, K, V, mask, query_tile, key_tile, out, u, row_lse, column_lse);
+    return;
+  }
+  masad_careful_head<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
+                        V.outerStride(), dk, dv, mask, out.data(), out.outerStride(), u.data(),
+                        u.outerStride(), row_lse.data(), row_lse.innerStride(), column_lse.data(),
+                        column_lse.innerStride());
+}
+
 }  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
@@ -203,9 +241,9 @@ MasaForward<typename DQ::Scalar> masa_forward_train(const Eigen::MatrixBase<DQ>&
   MasaForward<T> f;
   f.out.resize(Q.rows(), V.cols());
   f.lse.resize(Q.rows());
-  detail::masa_forward_head<T>(detail::grad_map<T>(q), detail::grad_map<T>(k),
-                               detail::grad_map<T>(v), mask, options.query_tile, options.key_tile,
-                               detail::grad_map(f.out), detail::grad_vec(f.lse));
+  detail::masa_forward_head_checked<T>(
+      detail::grad_map<T>(q), detail::grad_map<T>(k), detail::grad_map<T>(v), mask,
+      options.query_tile, options.key_tile, detail::grad_map(f.out), detail::grad_vec(f.lse));
   return f;
 }
 
@@ -287,10 +325,10 @@ MasadForward<typename DQ::Scalar> masad_forward_train(const Eigen::MatrixBase<DQ
   f.u.resize(N, V.cols());
   f.row_lse.resize(N);
   f.column_lse.resize(N);
-  detail::masad_forward_head<T>(detail::grad_map<T>(q), detail::grad_map<T>(k),
-                                detail::grad_map<T>(v), mask, options.query_tile, options.key_tile,
-                                detail::grad_map(f.out), detail::grad_map(f.u),
-                                detail::grad_vec(f.row_lse), detail::grad_vec(f.column_lse));
+  detail::masad_forward_head_checked<T>(
+      detail::grad_map<T>(q), detail::grad_map<T>(k), detail::grad_map<T>(v), mask,
+      options.query_tile, options.key_tile, detail::grad_map(f.out), detail::grad_map(f.u),
+      detail::grad_vec(f.row_lse), detail::grad_vec(f.column_lse));
   return f;
 }
 
@@ -367,9 +405,9 @@ void multi_head_masa_forward_train(const HeadsView<const T>& q, const HeadsView<
   detail::check_view_shape(fn, "lse", lse, q.batch, N, q.heads, 1);
   const double flops = 2.0 * detail::masa_pair_count(masks[0]) * static_cast<double>(q.dim + v.dim);
   for_each_head(q.batch, q.heads, flops, options.threads, [&](Index b, Index h) {
-    detail::masa_forward_head<T>(q.head(b, h), k.head(b, h), v.head(b, h),
-                                 masks[static_cast<std::size_t>(h)], options.query_tile,
-                                 options.key_tile, out.head(b, h), detail::head_vector(lse, b, h));
+    detail::masa_forward_head_checked<T>(
+        q.head(b, h), k.head(b, h), v.head(b, h), masks[static_cast<std::size_t>(h)],
+        options.query_tile, options.key_tile, out.head(b, h), detail::head_vector(lse, b, h));
   });
 }
 
@@ -424,8 +462,9 @@ void multi_head_masa_backward(const HeadsView<const T>& q, const HeadsView<const
     const Mask& mask = masks[static_cast<std::size_t>(h)];
     Matrix<T> o(N, v.dim);
     Vector<T> l(N);
-    detail::masa_forward_head<T>(q.head(b, h), k.head(b, h), v.head(b, h), mask, options.query_tile,
-                                 options.key_tile, detail::grad_map(o), detail::grad_vec(l));
+    detail::masa_forward_head_checked<T>(q.head(b, h), k.head(b, h), v.head(b, h), mask,
+                                         options.query_tile, options.key_tile, detail::grad_map(o),
+                                         detail::grad_vec(l));
     detail::masa_backward_head<T>(
         q.head(b, h), k.head(b, h), v.head(b, h), mask, detail::grad_const(detail::grad_map(o)),
         detail::grad_vec(static_cast<const Vector<T>&>(l)), d_out.head(b, h), options.query_tile,
@@ -452,7 +491,7 @@ void multi_head_masad_forward_train(const HeadsView<const T>& q, const HeadsView
   const double flops =
       2.0 * detail::masad_pair_count(masks[0]) * static_cast<double>(q.dim + v.dim);
   for_each_head(q.batch, q.heads, flops, options.threads, [&](Index b, Index h) {
-    detail::masad_forward_head<T>(
+    detail::masad_forward_head_checked<T>(
         q.head(b, h), k.head(b, h), v.head(b, h), masks[static_cast<std::size_t>(h)],
         options.query_tile, options.key_tile, out.head(b, h), u.head(b, h),
         detail::head_vector(row_lse, b, h), detail::head_vector(column_lse, b, h));
@@ -516,9 +555,9 @@ void multi_head_masad_backward(const HeadsView<const T>& q, const HeadsView<cons
     const Mask& mask = masks[static_cast<std::size_t>(h)];
     Matrix<T> o(N, v.dim), uu(N, v.dim);
     Vector<T> lr(N), lc(N);
-    detail::masad_forward_head<T>(q.head(b, h), k.head(b, h), v.head(b, h), mask,
-                                  options.query_tile, options.key_tile, detail::grad_map(o),
-                                  detail::grad_map(uu), detail::grad_vec(lr), detail::grad_vec(lc));
+    detail::masad_forward_head_checked<T>(
+        q.head(b, h), k.head(b, h), v.head(b, h), mask, options.query_tile, options.key_tile,
+        detail::grad_map(o), detail::grad_map(uu), detail::grad_vec(lr), detail::grad_vec(lc));
     detail::masad_backward_head<T>(
         q.head(b, h), k.head(b, h), v.head(b, h), mask, detail::grad_const(detail::grad_map(o)),
         detail::grad_const(detail::grad_map(uu)),

@@ -56,10 +56,11 @@ struct MasadExp<float> {
   /// third of the whole logit kernel's time). Arguments are clamped at -86 so that 2^n stays a
   /// normal number: exp(-inf) gives 4.5e-38 instead of 0, a weight 1e-38 of the row's largest
   /// (which is 1), far below float's rounding of the row sum; no denormal ever reaches the P V
-  /// product. Largest relative error over [-86, 0]: 1.2e-7.
+  /// product. Largest relative error over [-86, 0]: 1.2e-7. vmaxps returns its second operand
+  /// when either is NaN: x_in goes second, so a NaN argument gives NaN, not the clamp's exp(-86).
   static EIGEN_STRONG_INLINE Eigen::internal::Packet16f run(
       const Eigen::internal::Packet16f& x_in) {
-    const __m512 x = _mm512_max_ps(x_in, _mm512_set1_ps(-86.0f));
+    const __m512 x = _mm512_max_ps(_mm512_set1_ps(-86.0f), x_in);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     // r = x - n ln 2 in two steps (ln 2 split into a high part exact in float and a low part).
@@ -123,22 +124,28 @@ void masad_softmax_rows(const T* q, Index ldq, Index dk, const T* kt, Index ldk,
         sum = padd(sum, e);
       }
       const T s = predux(sum);
-      inv_sum[i0 + r] = s > T(0) ? T(1) / s : T(0);  // s >= 1 (the max weighs 1) unless NaN
+      // s >= 1 (the max weighs 1); a NaN s stays NaN (s > 0 would turn it into a weight of 0).
+      inv_sum[i0 + r] = s == T(0) ? T(0) : T(1) / s;
     }
   }
 }
 
 /// out[i, d0 + :] = inv_sum[i] sum_{j < L} p[i, j] v[j, d0 + :] over ND packets of columns, for the
 /// valid rows i < rows_valid (rows, a multiple of R, are computed). Columns [d0, d0 + ND * size)
-/// past `store_cols` are not written (a ragged dv); out rows are out_step elements apart.
+/// past `store_cols` are not written (a ragged dv); out rows are out_step elements apart. Returns
+/// whether every valid row's outputs are finite: their sum, one add per stored packet, is finite
+/// (a finite sum that overflows only sends the line to the careful path for nothing).
 template <class T, int R, int ND>
-void masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum,
+bool masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum,
                        T* out, Index out_step, Index rows, Index rows_valid, Index d0,
                        Index store_cols) {
   using namespace Eigen::internal;
   using Packet = typename MasadPacket<T>::type;
   constexpr Index PS = MasadPacket<T>::size;
   const T* vb = v + d0;
+  Packet check[ND];
+  RETENTION_MASAD_UNROLL
+  for (int u = 0; u < ND; ++u) check[u] = pset1<Packet>(T(0));
   for (Index i0 = 0; i0 < rows; i0 += R) {
     Packet a[R][ND];
     RETENTION_MASAD_UNROLL
@@ -164,6 +171,7 @@ void masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv, Index L, co
       RETENTION_MASAD_UNROLL
       for (int u = 0; u < ND; ++u) {
         const Packet y = pmul(a[r][u], f);
+        check[u] = padd(check[u], y);
         const Index c0 = d0 + u * PS;
         if (c0 + PS <= store_cols) {
           pstoreu(o + u * PS, y);
@@ -175,6 +183,10 @@ void masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv, Index L, co
       }
     }
   }
+  RETENTION_MASAD_UNROLL
+  for (int u = 1; u < ND; ++u) check[0] = padd(check[0], check[u]);
+  const T sum = predux(check[0]);
+  return sum - sum == T(0);
 }
 
 /// Logit-softmax of a line whose logits fit NP packets: picks the row block R (4 rows for 3 or 4
@@ -201,32 +213,39 @@ void masad_softmax_line(Index np, const T* q, Index ldq, Index dk, const T* kt, 
 
 /// out[i, :dv] = inv_sum[i] sum_{j < L} p[i, j] v[j, :] for i < rows_valid; v [L, ldv >= dvp]
 /// holds dvp = dv rounded up to packets readable columns (zeros past dv), out rows are out_step
-/// apart. dv is processed 4 packets at a time (16 accumulators at 4 rows).
+/// apart. dv is processed 4 packets at a time (16 accumulators at 4 rows). Returns whether every
+/// output written is finite.
 template <class T>
-void masad_attend_line(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum,
+bool masad_attend_line(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum,
                        T* out, Index out_step, Index rows, Index rows_valid, Index dv, Index dvp) {
   constexpr Index PS = MasadPacket<T>::size;
   const Index store_cols = dv;
+  bool finite = true;
   for (Index d0 = 0; d0 < dvp; d0 += 4 * PS) {
     switch (std::min<Index>(4, (dvp - d0) / PS)) {
       case 1:
-        masad_attend_rows<T, 8, 1>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0,
-                                   store_cols);
+        finite = masad_attend_rows<T, 8, 1>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows,
+                                            rows_valid, d0, store_cols) &&
+                 finite;
         break;
       case 2:
-        masad_attend_rows<T, 8, 2>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0,
-                                   store_cols);
+        finite = masad_attend_rows<T, 8, 2>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows,
+                                            rows_valid, d0, store_cols) &&
+                 finite;
         break;
       case 3:
-        masad_attend_rows<T, 4, 3>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0,
-                                   store_cols);
+        finite = masad_attend_rows<T, 4, 3>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows,
+                                            rows_valid, d0, store_cols) &&
+                 finite;
         break;
       default:
-        masad_attend_rows<T, 4, 4>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0,
-                                   store_cols);
+        finite = masad_attend_rows<T, 4, 4>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows,
+                                            rows_valid, d0, store_cols) &&
+                 finite;
         break;
     }
   }
+  return finite;
 }
 #endif  // EIGEN_VECTORIZE
 

@@ -126,12 +126,96 @@ void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, In
         ws.row_sum(i);
 }
 
+/// The careful path of docs/math.md §2.6 ("masked entries are skipped or selected, never
+/// multiplied away"), taken only when some input holds an Inf or NaN: for each query n < rows, a
+/// softmax over the keys m < keys whose log-weight log_weight(n, m) is > -inf, in double with
+/// std::exp. A masked key is skipped (never a logit -inf + q.k nor a term 0 * v), so a bad key or
+/// value reaches only the queries that weigh it; a NaN logit makes its row NaN (the max propagates
+/// it), as +-Inf logits give whatever IEEE arithmetic gives, identically for float and double.
+/// q [rows, dk], k [keys, dk], v [keys, dv] at row strides ldq, ldk, ldv; out [rows, dv] at ldo
+/// may alias v (everything is copied before the first write). With lse != nullptr, also lse[n *
+/// lse_step] = log sum_m exp(logit[n, m]). A row whose keys are all masked gets 0 and lse -inf.
+/// Never inlined: inlined into MaSAD's line functions, this rare path slowed their finite case.
+template <class T, class LogWeight>
+EIGEN_DONT_INLINE void masa_careful_rows(const T* q, Index ldq, const T* k, Index ldk, const T* v,
+                                         Index ldv, Index rows, Index keys, Index dk, Index dv,
+                                         const LogWeight& log_weight, T* out, Index ldo,
+                                         T* lse = nullptr, Index lse_step = 0) {
+  using A = double;
+  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  const Matrix<A> qd = Strided(q, rows, dk, Eigen::OuterStride<>(ldq)).template cast<A>();
+  const Matrix<A> kd = Strided(k, keys, dk, Eigen::OuterStride<>(ldk)).template cast<A>();
+  const Matrix<A> vd = Strided(v, keys, dv, Eigen::OuterStride<>(ldv)).template cast<A>();
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  std::vector<A> logit(static_cast<std::size_t>(keys));
+  std::vector<Index> key(static_cast<std::size_t>(keys));
+  Eigen::Matrix<A, 1, Eigen::Dynamic> acc(dv);
+  for (Index n = 0; n < rows; ++n) {
+    std::size_t seen = 0;
+    A mx = neg_inf;
+    for (Index m = 0; m < keys; ++m) {
+      const A w = static_cast<A>(log_weight(n, m));
+      if (w == neg_inf) continue;  // masked: skipped
+      const A l = w + qd.row(n).dot(kd.row(m));
+      logit[seen] = l;
+      key[seen++] = m;
+      if (std::isnan(l) || l > mx) mx = l;  // once NaN, l > mx is false: mx stays NaN
+    }
+    T* o = out + n * ldo;
+    if (seen == 0) {
+      std::fill(o, o + dv, T(0));
+      if (lse) lse[n * lse_step] = -std::numeric_limits<T>::infinity();
+      continue;
+    }
+    A sum = 0;
+    acc.setZero();
+    for (std::size_t i = 0; i < seen; ++i) {
+      const A p = std::exp(logit[i] - mx);
+      sum += p;
+      acc += p * vd.row(key[i]);
+    }
+    for (Index c = 0; c < dv; ++c) o[c] = static_cast<T>(acc(c) / sum);
+    if (lse) lse[n * lse_step] = static_cast<T>(mx + std::log(sum));
+  }
+}
+
+/// MaSA of one head by the careful path (masa_careful_rows over the whole grid), ln D from the
+/// mask's axis tables in double. Shapes as masa_careful_rows with rows = keys = H W.
+template <class T, class Mask2D>
+void masa_careful(const T* q, Index ldq, const T* k, Index ldk, const T* v, Index ldv, Index dk,
+                  Index dv, const Mask2D& mask, T* out, Index ldo, T* lse = nullptr,
+                  Index lse_step = 0) {
+  const Index H = mask.height(), W = mask.width();
+  const Matrix<double> ly = mask.row_axis().template log_weights<double>(0, H, 0, H);
+  const Matrix<double> lx = mask.column_axis().template log_weights<double>(0, W, 0, W);
+  masa_careful_rows<T>(
+      q, ldq, k, ldk, v, ldv, H * W, H * W, dk, dv,
+      [&](Index n, Index m) { return ly(n / W, m / W) + lx(n % W, m % W); }, out, ldo, lse,
+      lse_step);
+}
+
+/// Whether MaSA's fast kernels may run on Q, K, V: all finite (an O(N d) scan against the
+/// O(N^2 d) attention). A bad q only reaches its own row there, but the scan covers it too so that
+/// one path, the same for float and double, defines every output that depends on a bad token.
+template <class T>
+bool masa_inputs_finite(const T* q, Index ldq, const T* k, Index ldk, const T* v, Index ldv,
+                        Index N, Index dk, Index dv) {
+  return masa_rows_finite(q, ldq, N, dk) && masa_rows_finite(k, ldk, N, dk) &&
+         masa_rows_finite(v, ldv, N, dv);
+}
+
 template <class T, class Mask2D>
 void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
                     const Mask2D& decay, MasaMap<T> out, const MasaOptions& options) {
   constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
   const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index H = decay.height(), W = decay.width();
+  if (!masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
+                          V.outerStride(), N, dk, dv)) {
+    masa_careful<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(), V.outerStride(),
+                    dk, dv, decay, out.data(), out.outerStride());
+    return;
+  }
   const Index bq = std::min(options.query_tile, N), bk = std::min(options.key_tile, N);
   MasaOperands<T> ops;
   {

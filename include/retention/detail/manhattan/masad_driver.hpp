@@ -50,6 +50,24 @@ MasadWorkspace<T> masad_workspace(Index side, Index dk, Index dv) {
   return ws;
 }
 
+/// The careful path of one line (docs/math.md §2.6): masa_careful_rows with the line's [L, L]
+/// log-weights lw (row stride ldl). The fast kernels meet a masked key as -inf + q.k and p * v
+/// with p = exp(-inf) (0, or float AVX-512's negligible exp(-86)): with finite inputs a weight of
+/// 0, and with a non-finite key, value or query either still that (a logit -inf, a finite v) or a
+/// non-finite output in the row (a NaN logit gives a NaN exp, as every kernel exp keeps NaN, hence
+/// a NaN row sum; p * Inf is NaN or Inf). So a line whose outputs all come out finite is exact for
+/// every row that does not depend on a bad token, and a line with any non-finite output is redone
+/// here: no scan of the inputs on the fast path. (In the column pass the values are the row
+/// pass's u.)
+template <class T>
+void masad_line_careful(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
+                        Index v_step, Index dv, Index L, const T* lw, Index ldl, T* out,
+                        Index out_step) {
+  masa_careful_rows<T>(
+      q, q_step, k, k_step, v, v_step, L, L, dk, dv,
+      [lw, ldl](Index i, Index j) { return lw[i * ldl + j]; }, out, out_step);
+}
+
 /// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the
 /// line is row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart. out[j,
 /// :] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's [L, L] symmetric
@@ -84,7 +102,7 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
       Lr, L, ws.row_max.data());
   for (Index i = 0; i < L; ++i) {
     const T sum = masa_exp_sum(s + i * lds, Lp, ws.row_max(i));
-    ws.inv_sum(i) = sum > T(0) ? T(1) / sum : T(0);  // 0 only if every logit were -inf
+    ws.inv_sum(i) = sum == T(0) ? T(0) : T(1) / sum;  // 0 only if every logit were -inf; NaN stays
   }
   const T* vv = v;
   Index ldv = v_step;
@@ -95,6 +113,13 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
   }
   // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
   masa_attend_kernel<T>(s, lds, vv, ldv, L, nullptr, ws.acc.data(), lda, Lr, dvp);
+  // Checked before out is written: out may be v itself (the column pass), which the careful path
+  // then still reads.
+  if (!masa_all_finite(ws.acc.data(), L * lda) || !masa_all_finite(ws.inv_sum.data(), L)) {
+    masad_line_careful<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w.data(), log_w.cols(),
+                          out, out_step);
+    return;
+  }
   for (Index i = 0; i < L; ++i) {
     const T* a = ws.acc.data() + i * lda;
     T* o = out + i * out_step;
@@ -140,8 +165,11 @@ void masad_line_fused(const T* q, Index q_step, const T* k, Index k_step, Index 
   masad_softmax_line<T>(Lp / P, qq, ldq, dk, ws.kt.data(), ws.kt.cols(), log_w.data(), log_w.cols(),
                         ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());
   // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
-  masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), ws.v.data(), dvp, L, ws.inv_sum.data(),
-                       out, out_step, Lr, L, dv, dvp);
+  if (!masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), ws.v.data(), dvp, L,
+                            ws.inv_sum.data(), out, out_step, Lr, L, dv, dvp))
+    // out may have overwritten v (the column pass): the careful path reads the copy in ws.v.
+    masad_line_careful<T>(q, q_step, k, k_step, dk, ws.v.data(), dvp, dv, L, log_w.data(),
+                          log_w.cols(), out, out_step);
 #else
   masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, out, out_step, ws);
 #endif
@@ -355,6 +383,30 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
     else
       for (Index x = 0; x < W; ++x) column(u, x, ws);
   }
+}
+
+/// MaSAD of one head by the careful path (docs/math.md §2.6), for the training forward, whose
+/// batched line groups share one logit product across lines (a bad key or value would reach the
+/// other lines of its group through their -inf entries): every grid row of q, k, v into u (ldu)
+/// and row_lse (row_step apart), then every grid column of q, k, u into out (ldo) and column_lse
+/// (column_step apart), by masa_careful_rows with the mask's axis tables in double.
+template <class T, class Mask2D>
+void masad_careful_head(const T* q, Index ldq, const T* k, Index ldk, const T* v, Index ldv,
+                        Index dk, Index dv, const Mask2D& mask, T* out, Index ldo, T* u, Index ldu,
+                        T* row_lse, Index row_step, T* column_lse, Index column_step) {
+  const Index H = mask.height(), W = mask.width();
+  const Matrix<double> lx = mask.column_axis().template log_weights<double>(0, W, 0, W);
+  const Matrix<double> ly = mask.row_axis().template log_weights<double>(0, H, 0, H);
+  for (Index y = 0; y < H; ++y)
+    masa_careful_rows<T>(
+        q + y * W * ldq, ldq, k + y * W * ldk, ldk, v + y * W * ldv, ldv, W, W, dk, dv,
+        [&](Index i, Index j) { return lx(i, j); }, u + y * W * ldu, ldu,
+        row_lse + y * W * row_step, row_step);
+  for (Index x = 0; x < W; ++x)
+    masa_careful_rows<T>(
+        q + x * ldq, W * ldq, k + x * ldk, W * ldk, u + x * ldu, W * ldu, H, H, dk, dv,
+        [&](Index i, Index j) { return ly(i, j); }, out + x * ldo, W * ldo,
+        column_lse + x * column_step, W * column_step);
 }
 
 template <class T, class Mask2D>

@@ -156,7 +156,8 @@ void masa_attend_kernel(const T* p, Index ldp, const T* v, Index ldv, Index cols
 /// with 2^n formed directly in the exponent bits. Eigen's generic ldexp guards against overflow and
 /// denormal results that cannot occur here; dropping it makes the softmax's exp about twice as
 /// fast. Arguments below -88 (including -inf) give exactly 0: they lie below float's normal range,
-/// and the weight they stand for is below 1e-38 of the row's largest weight, which is 1.
+/// and the weight they stand for is below 1e-38 of the row's largest weight, which is 1. A NaN
+/// argument stays NaN: Eigen's pmax(a, b) returns a when either is NaN (std::max's order).
 template <class Packet>
 EIGEN_STRONG_INLINE Packet masa_exp_nonpositive(const Packet& x_in) {
   using namespace Eigen::internal;
@@ -219,6 +220,27 @@ inline float masa_exp_sum<float>(float* s, Index cols_p, float m) {
   return Eigen::internal::predux(Eigen::internal::padd(acc0, acc1));
 }
 #endif
+
+/// Whether n contiguous values are all finite: x * 0 is 0 for a finite x and NaN for Inf or NaN,
+/// and a sum of them vectorises (no reassociation can change whether it is NaN). The kernels above
+/// meet masked entries as -inf + q.k and 0 * v, which a non-finite k or v turns into NaN: MaSA's
+/// drivers scan their inputs with this and take their careful path when it fails, MaSAD's tiled
+/// lines check their outputs (docs/math.md §2.6).
+template <class T>
+bool masa_all_finite(const T* x, Index n) {
+  const T s = (Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(x, n) * T(0)).sum();
+  return s == s;
+}
+
+/// masa_all_finite over `rows` rows of `cols` values, `ld` apart.
+template <class T>
+bool masa_rows_finite(const T* x, Index ld, Index rows, Index cols) {
+  if (ld == cols || rows == 1) return masa_all_finite(x, rows * cols);
+  const Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>> m(x, rows, cols,
+                                                               Eigen::OuterStride<>(ld));
+  const T s = (m.array() * T(0)).sum();
+  return s == s;
+}
 
 /// Copies `rows` rows of x (row stride ldx, `cols` columns) into dst [.., ld] and zero-fills its
 /// remaining columns up to ld: the padded operand layout the kernels read.
