@@ -5,7 +5,9 @@
 // Training runs the forward once with *_forward_train, which returns the output together with what
 // the backward needs (MaSA: the per-row log-sum-exp; MaSAD: the row pass's output u and both
 // passes' log-sum-exps), then *_backward with dL/dO. The backward recomputes the softmax tile by
-// tile from the saved log-sum-exp: nothing of size N x N is ever formed.
+// tile from the saved log-sum-exp: nothing of size N x N is ever formed. A head whose inputs (q, k,
+// v, dO or the saved state) hold an Inf or NaN runs a careful per-row path instead (docs/math.md
+// §2.6): a gradient entry that does not depend on the bad entry stays finite and exact.
 #pragma once
 
 #include <retention/core.hpp>

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace retention {
 namespace detail {
@@ -99,12 +100,14 @@ void attention_forward(const GradConstMap<T>& Q, const GradConstMap<T>& K, const
       }
     }
     for (Index i = 0; i < rows; ++i) {
-      if (row_sum(i) > T(0)) {
-        out.row(n0 + i) = acc.row(i) / row_sum(i);
-        lse(n0 + i) = row_max(i) + std::log(row_sum(i));
-      } else {
+      // Exactly 0 only when every key is masked (the row max contributes exp(0) = 1 otherwise); a
+      // NaN sum is not such a row and must reach out and lse (docs/math.md §2.6).
+      if (row_sum(i) == T(0)) {
         out.row(n0 + i).setZero();
         lse(n0 + i) = neg_inf;
+      } else {
+        out.row(n0 + i) = acc.row(i) / row_sum(i);
+        lse(n0 + i) = row_max(i) + std::log(row_sum(i));
       }
     }
   }
@@ -145,6 +148,87 @@ void attention_backward(const GradConstMap<T>& Q, const GradConstMap<T>& K,
       dKj.noalias() += dS.transpose() * Qi;
     }
   }
+}
+
+/// Whether every entry of a strided matrix is finite (an O(rows cols) scan): x * 0 is NaN exactly
+/// for an Inf or NaN x.
+template <class T>
+bool grad_all_finite(const GradConstMap<T>& m) {
+  if (m.rows() == 0 || m.cols() == 0) return true;
+  const T s = (m.array() * T(0)).sum();
+  return s == s;
+}
+
+/// Whether a saved log-sum-exp holds only finite values or -inf (a fully masked row).
+template <class T>
+bool grad_lse_usable(const GradConstVec<T>& lse) {
+  for (Index n = 0; n < lse.size(); ++n) {
+    const T l = lse(n);
+    if (std::isnan(l) || l == std::numeric_limits<T>::infinity()) return false;
+  }
+  return true;
+}
+
+/// The careful backward of docs/math.md §2.6, taken only when some input of a head is Inf or NaN:
+/// for each query n < rows, the softmax over the keys m whose log_weight(n, m) is > -inf is
+/// recomputed in double from q and k (nothing saved is read), then dZ[n, m] = P (dP - delta) with
+/// dP = g_n . v_m and delta = sum_m P dP, over those keys only. A masked pair is skipped (never
+/// -inf + q.k, 0 * Inf or 0 * NaN), so dQ_n reads only the keys row n weighs, and dK_m, dV_m only
+/// the queries that weigh key m; a NaN logit makes its row's P NaN. ADDS into dq [rows, dk], dk
+/// [keys, dk], dv [keys, dv] (row strides lddq, lddk, lddv); q [rows, dk], k [keys, dk], v [keys,
+/// dv], g [rows, dv] at row strides ldq, ldk, ldv, ldg. The outputs must not overlap the inputs.
+/// Never inlined: the rare path stays out of the fast kernels' code.
+template <class T, class LogWeight>
+EIGEN_DONT_INLINE void attention_backward_careful(const T* q, Index ldq, const T* k, Index ldk,
+                                                  const T* v, Index ldv, const T* g, Index ldg,
+                                                  Index rows, Index keys, Index dk, Index dv,
+                                                  const LogWeight& log_weight, T* dq, Index lddq,
+                                                  T* dkey, Index lddk, T* dval, Index lddv) {
+  using A = double;
+  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  using StridedOut = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
+  const Matrix<A> qd = Strided(q, rows, dk, Eigen::OuterStride<>(ldq)).template cast<A>();
+  const Matrix<A> kd = Strided(k, keys, dk, Eigen::OuterStride<>(ldk)).template cast<A>();
+  const Matrix<A> vd = Strided(v, keys, dv, Eigen::OuterStride<>(ldv)).template cast<A>();
+  const Matrix<A> gd = Strided(g, rows, dv, Eigen::OuterStride<>(ldg)).template cast<A>();
+  Matrix<A> dk_acc = Matrix<A>::Zero(keys, dk), dv_acc = Matrix<A>::Zero(keys, dv);
+  Eigen::Matrix<A, 1, Eigen::Dynamic> dq_row(dk);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  std::vector<A> p(static_cast<std::size_t>(keys)), dp(static_cast<std::size_t>(keys));
+  std::vector<Index> key(static_cast<std::size_t>(keys));
+  StridedOut dQ(dq, rows, dk, Eigen::OuterStride<>(lddq));
+  for (Index n = 0; n < rows; ++n) {
+    std::size_t seen = 0;
+    A mx = neg_inf;
+    for (Index m = 0; m < keys; ++m) {
+      const A w = static_cast<A>(log_weight(n, m));
+      if (w == neg_inf) continue;  // masked: skipped
+      const A l = w + qd.row(n).dot(kd.row(m));
+      p[seen] = l;
+      key[seen++] = m;
+      if (std::isnan(l) || l > mx) mx = l;  // once NaN, l > mx is false: mx stays NaN
+    }
+    if (seen == 0) continue;  // no key: P = 0, nothing to add
+    A sum = 0;
+    for (std::size_t i = 0; i < seen; ++i) sum += (p[i] = std::exp(p[i] - mx));
+    A delta = 0;
+    for (std::size_t i = 0; i < seen; ++i) {
+      p[i] /= sum;
+      dp[i] = gd.row(n).dot(vd.row(key[i]));
+      delta += p[i] * dp[i];
+    }
+    dq_row.setZero();
+    for (std::size_t i = 0; i < seen; ++i) {
+      const Index m = key[i];
+      const A dz = p[i] * (dp[i] - delta);
+      dq_row += dz * kd.row(m);
+      dk_acc.row(m) += dz * qd.row(n);
+      dv_acc.row(m) += p[i] * gd.row(n);
+    }
+    dQ.row(n) += dq_row.template cast<T>();
+  }
+  StridedOut(dkey, keys, dk, Eigen::OuterStride<>(lddk)) += dk_acc.template cast<T>();
+  StridedOut(dval, keys, dv, Eigen::OuterStride<>(lddv)) += dv_acc.template cast<T>();
 }
 
 /// shift and delta of attention_backward for rows [0, N) (both must hold at least N entries):

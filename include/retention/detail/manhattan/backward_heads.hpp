@@ -57,7 +57,28 @@ void masa_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K, const
   attention_forward<T>(Q, K, V, log_tile, bq, bk, out, lse, ws);
 }
 
-/// MaSA backward of one head; overwrites dQ, dK, dV. Extra memory: shift and delta [N], the axis
+/// MaSA backward of one head by the careful path (attention_backward_careful over the whole grid,
+/// ln D from the mask's axis tables in double); dQ, dK, dV zeroed by the caller. Dependencies
+/// (docs/math.md §2.6, §7.5): dQ_n reads only q_n, dO_n and the keys and values row n weighs;
+/// dK_m and dV_m only what the queries that weigh key m read (dV reads no value at all).
+template <class T, class Mask>
+void masa_backward_careful(const GradConstMap<T>& Q, const GradConstMap<T>& K,
+                           const GradConstMap<T>& V, const Mask& mask, const GradConstMap<T>& G,
+                           GradMap<T> dQ, GradMap<T> dK, GradMap<T> dV) {
+  const Index H = mask.height(), W = mask.width();
+  const Matrix<double> ly = mask.row_axis().template log_weights<double>(0, H, 0, H);
+  const Matrix<double> lx = mask.column_axis().template log_weights<double>(0, W, 0, W);
+  attention_backward_careful<T>(
+      Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(), V.outerStride(), G.data(),
+      G.outerStride(), H * W, H * W, Q.cols(), V.cols(),
+      [&](Index n, Index m) { return ly(n / W, m / W) + lx(n % W, m % W); }, dQ.data(),
+      dQ.outerStride(), dK.data(), dK.outerStride(), dV.data(), dV.outerStride());
+}
+
+/// MaSA backward of one head; overwrites dQ, dK, dV. When Q, K, V, G or the saved out hold an Inf
+/// or NaN, or lse a NaN or +inf (an O(N d) scan), the careful path runs instead: the tiles meet a
+/// masked pair as -inf + q.k and 0 * (g.v - delta), which a bad entry turns into NaN in rows that
+/// do not depend on it. Extra memory: shift and delta [N], the axis
 /// tables and two [query_tile, key_tile] tiles.
 template <class T, class Mask>
 void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
@@ -70,6 +91,11 @@ void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   dQ.setZero();
   dK.setZero();
   dV.setZero();
+  if (!(grad_all_finite(Q) && grad_all_finite(K) && grad_all_finite(V) && grad_all_finite(G) &&
+        grad_all_finite(out) && grad_lse_usable(lse))) {
+    masa_backward_careful<T>(Q, K, V, mask, G, dQ, dK, dV);
+    return;
+  }
   Vector<T> shift(N), delta(N);
   attention_row_terms<T>(out, G, lse, shift, delta);
   const GridLogTile<T> log_tile(mask);
@@ -176,10 +202,44 @@ void masad_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   }
 }
 
-/// MaSAD backward of one head; overwrites dQ, dK, dV. The column pass runs backward first (dQ, dK
-/// and dU = dL/du, kept in dV's buffer), then the row pass (dQ, dK added, dV from dU). Extra
-/// memory: the axis tables, one workspace and O(group tokens * (dk + dv)) packed buffers; no [N,
-/// dv] dU.
+/// MaSAD backward of one head by the careful path: attention_backward_careful on every grid column
+/// (queries q, keys k, values the saved u, upstream G; gives dQ, dK parts and dU [N, dv]), then on
+/// every grid row (values V, upstream dU; gives the other dQ, dK parts and dV), each line alone
+/// with its axis table in double. Overwrites dQ, dK, dV; an extra [N, dv] dU.
+template <class T, class Mask>
+void masad_backward_careful(const GradConstMap<T>& Q, const GradConstMap<T>& K,
+                            const GradConstMap<T>& V, const Mask& mask, const GradConstMap<T>& u,
+                            const GradConstMap<T>& G, GradMap<T> dQ, GradMap<T> dK, GradMap<T> dV) {
+  const Index H = mask.height(), W = mask.width(), dk = Q.cols(), dv = V.cols();
+  const Matrix<double> lx = mask.column_axis().template log_weights<double>(0, W, 0, W);
+  const Matrix<double> ly = mask.row_axis().template log_weights<double>(0, H, 0, H);
+  const Index lq = Q.outerStride(), lk = K.outerStride(), lv = V.outerStride(),
+              lu = u.outerStride(), lg = G.outerStride(), ldq = dQ.outerStride(),
+              ldk = dK.outerStride(), ldv = dV.outerStride();
+  dQ.setZero();
+  dK.setZero();
+  dV.setZero();
+  Matrix<T> dU = Matrix<T>::Zero(H * W, dv);
+  for (Index x = 0; x < W; ++x)
+    attention_backward_careful<T>(
+        Q.data() + x * lq, W * lq, K.data() + x * lk, W * lk, u.data() + x * lu, W * lu,
+        G.data() + x * lg, W * lg, H, H, dk, dv, [&](Index i, Index j) { return ly(i, j); },
+        dQ.data() + x * ldq, W * ldq, dK.data() + x * ldk, W * ldk, dU.data() + x * dv, W * dv);
+  for (Index y = 0; y < H; ++y) {
+    const Index n0 = y * W;
+    attention_backward_careful<T>(
+        Q.data() + n0 * lq, lq, K.data() + n0 * lk, lk, V.data() + n0 * lv, lv, dU.data() + n0 * dv,
+        dv, W, W, dk, dv, [&](Index i, Index j) { return lx(i, j); }, dQ.data() + n0 * ldq, ldq,
+        dK.data() + n0 * ldk, ldk, dV.data() + n0 * ldv, ldv);
+  }
+}
+
+/// MaSAD backward of one head; overwrites dQ, dK, dV. Inputs with an Inf or NaN (Q, K, V, G, the
+/// saved out and u; a NaN or +inf lse) take masad_backward_careful: a packed line group shares
+/// one product across lines, through which a bad entry would reach the group's other lines. The
+/// column pass runs backward first (dQ, dK and dU = dL/du, kept in dV's buffer), then the row pass
+/// (dQ, dK added, dV from dU). Extra memory: the axis tables, one workspace and O(group tokens *
+/// (dk + dv)) packed buffers; no [N, dv] dU.
 template <class T, class Mask>
 void masad_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                          const GradConstMap<T>& V, const Mask& mask, const GradConstMap<T>& out,
@@ -189,6 +249,12 @@ void masad_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                          GradMap<T> dV) {
   SerialEigenScope serial;
   const Index H = mask.height(), W = mask.width(), dk = Q.cols(), dv = V.cols();
+  if (!(grad_all_finite(Q) && grad_all_finite(K) && grad_all_finite(V) && grad_all_finite(G) &&
+        grad_all_finite(out) && grad_all_finite(u) && grad_lse_usable(row_lse) &&
+        grad_lse_usable(column_lse))) {
+    masad_backward_careful<T>(Q, K, V, mask, u, G, dQ, dK, dV);
+    return;
+  }
   MasadHeadBuffers<T> b(mask, dk, dv, query_tile, key_tile, true);
   dQ.setZero();
   dK.setZero();

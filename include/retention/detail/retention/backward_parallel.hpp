@@ -46,6 +46,9 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
     if (pw(d) < std::numeric_limits<T>::min() && horizon > T_len) horizon = d;
   }
   const Matrix<T> D = decay.template weights<T>(0, B, 0, B);
+  // With a non-finite input the products over a diagonal block run row by row over the causal
+  // range only, so that a masked 0 never meets a later token's Inf or NaN (docs/math.md §2.6).
+  const bool finite = Q.allFinite() && K.allFinite() && V.allFinite() && G.allFinite();
   const Index width = std::min(T_len, horizon + B);
   Matrix<T> A(B, width), dP(B, width), U;
   Matrix<T> Gu(T_len, dv);
@@ -76,7 +79,11 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
       if (Moff > 0)
         tile_.row(j).head(Moff).array() *=
             pw(j) * pw.segment(1, Moff).reverse().transpose().array();
-      tile_.row(j).segment(Moff, Ln).array() *= D.row(j).head(Ln).array();
+      // Masked entries are selected to 0, not multiplied by it: a non-finite later token must
+      // not reach earlier rows (docs/math.md §2.6).
+      auto diag = tile_.row(j).segment(Moff, Ln).array();
+      const auto d = D.row(j).head(Ln).array();
+      diag = (d == T(0)).select(T(0), diag * d);
     }
   };
 
@@ -104,7 +111,14 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
       }
       if (exact) {
         auto Un = U.topRows(Ln);
-        Un.noalias() = Am * Vm;
+        if (finite) {
+          Un.noalias() = Am * Vm;
+        } else {
+          for (Index j = 0; j < Ln; ++j) {
+            const Index c = n0 - m_start + j + 1;  // keys up to query n0 + j
+            Un.row(j).noalias() = Am.row(j).head(c) * Vm.topRows(c);
+          }
+        }
         if (init) {
           inter.topRows(Ln).noalias() = Qg.topRows(Ln) * init->S;
           Un += inter.topRows(Ln).template cast<T>();
@@ -129,7 +143,14 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
     if (exact) dPm.colwise() += gs.segment(n0, Ln);
     decay_query_tile(dPm, n0, Ln, m_start);
     auto dQn = dQ.middleRows(n0, Ln);
-    dQn.noalias() = dPm * Km;
+    if (finite) {
+      dQn.noalias() = dPm * Km;
+    } else {
+      for (Index j = 0; j < Ln; ++j) {
+        const Index c = n0 - m_start + j + 1;
+        dQn.row(j).noalias() = dPm.row(j).head(c) * Km.topRows(c);
+      }
+    }
     if (init) {
       // diag(gamma^(n+1)) Gu S_init^T, and the same with gs and z_init.
       Guq.topRows(Ln) = gq.template cast<Acc>().asDiagonal() * Gun.template cast<Acc>();
@@ -170,8 +191,12 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
     At.noalias() = Km * Qn.transpose();
     for (Index l = 0; l < Lm; ++l) {
       const auto dl = D.col(l).head(Lm).transpose();
-      Pt.row(l).head(Lm).array() *= dl.array();
-      At.row(l).head(Lm).array() *= dl.array();
+      // Selected, not multiplied, as in decay_query_tile: a bad earlier token stays out of dK_m
+      // and dV_m.
+      Pt.row(l).head(Lm).array() =
+          (dl.array() == T(0)).select(T(0), Pt.row(l).head(Lm).array() * dl.array());
+      At.row(l).head(Lm).array() =
+          (dl.array() == T(0)).select(T(0), At.row(l).head(Lm).array() * dl.array());
       if (N > Lm) {
         later.head(N - Lm) = pw(Lm - l) * pw.head(N - Lm).transpose();
         Pt.row(l).tail(N - Lm).array() *= later.head(N - Lm).array();
@@ -180,8 +205,15 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
     }
     auto dKm = dK.middleRows(m0, Lm);
     auto dVm = dV.middleRows(m0, Lm);
-    dKm.noalias() = Pt * Qn;
-    dVm.noalias() = At * Gun;
+    if (finite) {
+      dKm.noalias() = Pt * Qn;
+      dVm.noalias() = At * Gun;
+    } else {
+      for (Index l = 0; l < Lm; ++l) {  // queries from key m0 + l on
+        dKm.row(l).noalias() = Pt.row(l).tail(N - l) * Qn.bottomRows(N - l);
+        dVm.row(l).noalias() = At.row(l).tail(N - l) * Gun.bottomRows(N - l);
+      }
+    }
     if (fin) {
       // The final state: S_final = gamma^T S_init + sum_m gamma^(T-1-m) k_m^T v_m.
       lk.head(Lm) = pw.segment(T_len - m0 - Lm, Lm).reverse();  // gamma^(T-1-m)
