@@ -367,8 +367,6 @@ TYPED_TEST(NonFiniteGradients, RetentionChunkwiseAndRecurrentCausal) {
   check_retention_forms<TypeParam>({1, 2, 3});
 }
 
-TYPED_TEST(NonFiniteGradients, RetentionParallelCausal) {
-  check_retention_forms<TypeParam>({0});
-}
+TYPED_TEST(NonFiniteGradients, RetentionParallelCausal) { check_retention_forms<TypeParam>({0}); }
 
 }  // namespace
