@@ -57,6 +57,26 @@ void assert_backward_types() {
   assert_same_scalar<typename DQ::Scalar, typename DG::Scalar>();
 }
 
+/// The checks every per-head backward front runs, in this order: the types, the inputs and states,
+/// form_checks() (the form's own arguments), the outputs. OQ, OK, OV are the fronts' forwarding
+/// types (an output must be a writable dense object).
+template <class OQ, class OK, class OV, class Mask, class DQ, class DK, class DV, class DG,
+          class StateScalar, class FormChecks>
+void check_backward_front(const char* fn, const Eigen::MatrixBase<DQ>& Q,
+                          const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
+                          const Eigen::MatrixBase<DG>& dO, const OQ& dQ, const OK& dK, const OV& dV,
+                          const RetentionBackwardOptions<StateScalar>& options,
+                          FormChecks&& form_checks) {
+  assert_backward_types<DQ, DK, DV, DG, Mask, StateScalar>();
+  assert_dense_output<OQ>();
+  assert_dense_output<OK>();
+  assert_dense_output<OV>();
+  check_backward(fn, Q, K, V, dO, options.normalization, options.initial_state,
+                 options.final_state_gradient);
+  form_checks();
+  check_gradient_outputs(fn, dQ, dK, dV, Q, K, V, dO);
+}
+
 template <class StateScalar>
 BackwardArgs<StateScalar> backward_args(const RetentionBackwardOptions<StateScalar>& o,
                                         RetentionState<StateScalar>* d_init) {
@@ -83,14 +103,8 @@ void parallel_retention_backward_into(
     const Mask& decay, const Eigen::MatrixBase<DG>& dO, OQ&& dQ, OK&& dK, OV&& dV,
     const RetentionBackwardOptions<StateScalar>& options = RetentionBackwardOptions<StateScalar>(),
     RetentionState<StateScalar>* d_initial_state = nullptr) {
-  detail::assert_backward_types<DQ, DK, DV, DG, Mask, StateScalar>();
-  detail::assert_dense_output<OQ>();
-  detail::assert_dense_output<OK>();
-  detail::assert_dense_output<OV>();
   const char* fn = "parallel_retention_backward";
-  detail::check_backward(fn, Q, K, V, dO, options.normalization, options.initial_state,
-                         options.final_state_gradient);
-  detail::check_gradient_outputs(fn, dQ, dK, dV, Q, K, V, dO);
+  detail::check_backward_front<OQ, OK, OV, Mask>(fn, Q, K, V, dO, dQ, dK, dV, options, [] {});
   if (options.tile < 0)
     detail::fail(fn, "options.tile must be >= 0, got " + std::to_string(options.tile));
   const detail::SerialEigenScope serial_products;  // threads belong over heads, not small tiles
@@ -108,15 +122,9 @@ void chunkwise_retention_backward_into(
     const Mask& decay, Index chunk, const Eigen::MatrixBase<DG>& dO, OQ&& dQ, OK&& dK, OV&& dV,
     const RetentionBackwardOptions<StateScalar>& options = RetentionBackwardOptions<StateScalar>(),
     RetentionState<StateScalar>* d_initial_state = nullptr) {
-  detail::assert_backward_types<DQ, DK, DV, DG, Mask, StateScalar>();
-  detail::assert_dense_output<OQ>();
-  detail::assert_dense_output<OK>();
-  detail::assert_dense_output<OV>();
   const char* fn = "chunkwise_retention_backward";
-  detail::check_backward(fn, Q, K, V, dO, options.normalization, options.initial_state,
-                         options.final_state_gradient);
-  detail::check_positive(fn, "chunk", chunk);
-  detail::check_gradient_outputs(fn, dQ, dK, dV, Q, K, V, dO);
+  detail::check_backward_front<OQ, OK, OV, Mask>(
+      fn, Q, K, V, dO, dQ, dK, dV, options, [&] { detail::check_positive(fn, "chunk", chunk); });
   const detail::SerialEigenScope serial_products;  // threads belong over heads, not small chunks
   const detail::DenormalsFlushed flush_guard;
   detail::chunkwise_backward(Q, K, V, decay, chunk, dO, dQ, dK, dV,
@@ -131,14 +139,8 @@ void recurrent_retention_backward_into(
     const Mask& decay, const Eigen::MatrixBase<DG>& dO, OQ&& dQ, OK&& dK, OV&& dV,
     const RetentionBackwardOptions<StateScalar>& options = RetentionBackwardOptions<StateScalar>(),
     RetentionState<StateScalar>* d_initial_state = nullptr) {
-  detail::assert_backward_types<DQ, DK, DV, DG, Mask, StateScalar>();
-  detail::assert_dense_output<OQ>();
-  detail::assert_dense_output<OK>();
-  detail::assert_dense_output<OV>();
   const char* fn = "recurrent_retention_backward";
-  detail::check_backward(fn, Q, K, V, dO, options.normalization, options.initial_state,
-                         options.final_state_gradient);
-  detail::check_gradient_outputs(fn, dQ, dK, dV, Q, K, V, dO);
+  detail::check_backward_front<OQ, OK, OV, Mask>(fn, Q, K, V, dO, dQ, dK, dV, options, [] {});
   const detail::DenormalsFlushed flush_guard;
   detail::recurrent_backward(Q, K, V, decay, dO, dQ, dK, dV,
                              detail::backward_args(options, d_initial_state));
