@@ -1,0 +1,123 @@
+// Unit tests of the building blocks the layers share, each against the formula written out in
+// double: nn/linear.hpp (forward, forward_into, concat with factors), nn/layer_norm.hpp,
+// nn/activations.hpp (exact GELU, SiLU and its extremes), io/tensor.hpp (dtype sizes and names,
+// checked shape products, 16-bit float decoding from bit patterns).
+#include <retention/io/tensor.hpp>
+#include <retention/nn/activations.hpp>
+#include <retention/nn/layer_norm.hpp>
+#include <retention/nn/linear.hpp>
+
+#include "support/test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using retention::Index;
+using retention::Matrix;
+using retention_test::expect_shape_error;
+using retention_test::random_matrix;
+using retention_test::relative_error;
+
+TEST(NnUnits, LinearForwardAndConcat) {
+  retention::Linear<double> a(5, 3, true), b(5, 2, true);
+  a.set_weight(random_matrix<double>(3, 5, 1));
+  a.set_bias(random_matrix<double>(1, 3, 2));
+  b.set_weight(random_matrix<double>(2, 5, 3));
+  b.set_bias(random_matrix<double>(3 - 1, 1, 4));  // a column vector is accepted too
+  const Matrix<double> x = random_matrix<double>(4, 5, 5);
+  Matrix<double> want(4, 3);
+  for (Index r = 0; r < 4; ++r)
+    for (Index o = 0; o < 3; ++o) {
+      double s = a.bias()(o);
+      for (Index i = 0; i < 5; ++i) s += x(r, i) * a.weight()(o, i);
+      want(r, o) = s;
+    }
+  EXPECT_LE(relative_error(a.forward(x), want), 1e-15);
+  Matrix<double> y(4, 3);
+  a.forward_into(x, y);
+  EXPECT_LE(relative_error(y, want), 1e-15);
+  // [a | 0.5 b] in one product.
+  const retention::Linear<double> ab = retention::Linear<double>::concat({{&a, 1.0}, {&b, 0.5}});
+  const Matrix<double> yab = ab.forward(x);
+  ASSERT_EQ(yab.cols(), 5);
+  EXPECT_LE(relative_error(yab.leftCols(3), want), 1e-15);
+  EXPECT_LE(relative_error(yab.rightCols(2), 0.5 * b.forward(x)), 1e-15);
+  expect_shape_error([&] { (void)a.forward(Matrix<double>(4, 6)); }, "Linear");
+}
+
+TEST(NnUnits, LayerNorm) {
+  retention::LayerNorm<double> ln(6, 1e-5);
+  const Matrix<double> w = random_matrix<double>(1, 6, 11), b = random_matrix<double>(1, 6, 12);
+  ln.set(w, b);
+  const Matrix<double> x = random_matrix<double>(3, 6, 13);
+  const Matrix<double> y = ln.forward(x);
+  for (Index r = 0; r < 3; ++r) {
+    const double mean = x.row(r).mean();
+    const double var = (x.row(r).array() - mean).square().mean();  // biased, as torch
+    for (Index c = 0; c < 6; ++c)
+      EXPECT_NEAR(y(r, c), (x(r, c) - mean) / std::sqrt(var + 1e-5) * w(0, c) + b(0, c), 1e-13);
+  }
+  expect_shape_error([] { retention::LayerNorm<double>(0, 1e-5); }, "LayerNorm");
+  expect_shape_error([] { retention::LayerNorm<double>(4, std::nan("")); }, "eps");
+  expect_shape_error([&] { (void)ln.forward(Matrix<double>(2, 5)); }, "LayerNorm::forward");
+}
+
+TEST(NnUnits, Activations) {
+  Matrix<double> x = random_matrix<double>(4, 5, 21) * 4.0;
+  const Matrix<double> x0 = x;
+  retention::gelu_inplace(x);
+  for (Index i = 0; i < x.size(); ++i) {
+    const double v = x0.data()[i];
+    EXPECT_NEAR(x.data()[i], 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))), 1e-15);
+  }
+  Matrix<float> s(1, 4);
+  s << 2.0f, -1000.0f, std::numeric_limits<float>::quiet_NaN(), 0.0f;
+  retention::silu_inplace(s);
+  EXPECT_NEAR(s(0, 0), 2.0 / (1.0 + std::exp(-2.0)), 1e-6);
+  EXPECT_EQ(s(0, 1), 0.0f);  // exp(1000) = inf: -0, not NaN
+  EXPECT_TRUE(std::isnan(s(0, 2)));
+  EXPECT_EQ(s(0, 3), 0.0f);
+  // In place on a block: the other columns stay.
+  Matrix<double> u = x0;
+  retention::silu_inplace(u.leftCols(2));
+  EXPECT_EQ(u.rightCols(3), x0.rightCols(3));
+  EXPECT_NEAR(u(0, 0), x0(0, 0) / (1.0 + std::exp(-x0(0, 0))), 1e-15);
+}
+
+TEST(NnUnits, TensorDtypesShapesAndDecoding) {
+  namespace io = retention::io;
+  EXPECT_EQ(io::dtype_size(io::DType::f64), 8u);
+  EXPECT_EQ(io::dtype_size(io::DType::bf16), 2u);
+  EXPECT_EQ(io::dtype_size(io::DType::u8), 1u);
+  for (const char* name : {"F64", "F32", "F16", "BF16", "I64", "BOOL"}) {
+    io::DType d{};
+    ASSERT_TRUE(io::parse_dtype(name, d)) << name;
+    EXPECT_STREQ(io::to_string(d), name);
+  }
+  io::DType d{};
+  EXPECT_FALSE(io::parse_dtype("F33", d));
+  EXPECT_TRUE(io::is_float_dtype(io::DType::bf16));
+  EXPECT_FALSE(io::is_float_dtype(io::DType::i32));
+  Index n = 0;
+  EXPECT_TRUE(io::detail::shape_numel({2, 3, 4}, n));
+  EXPECT_EQ(n, 24);
+  EXPECT_TRUE(io::detail::shape_numel({}, n));
+  EXPECT_EQ(n, 1);
+  EXPECT_FALSE(io::detail::shape_numel({2, -1}, n));
+  EXPECT_FALSE(io::detail::shape_numel({Index(1) << 40, Index(1) << 40}, n));
+  // 1.0 and -2.5 as little-endian f16 (0x3C00, 0xC100) and bf16 (0x3F80, 0xC020) bit patterns.
+  const unsigned char f16_one[] = {0x00, 0x3C}, f16_m25[] = {0x00, 0xC1};
+  const unsigned char bf16_one[] = {0x80, 0x3F}, bf16_m25[] = {0x20, 0xC0};
+  EXPECT_EQ(io::detail::decode_float<double>(io::DType::f16, f16_one), 1.0);
+  EXPECT_EQ(io::detail::decode_float<double>(io::DType::f16, f16_m25), -2.5);
+  EXPECT_EQ(io::detail::decode_float<float>(io::DType::bf16, bf16_one), 1.0f);
+  EXPECT_EQ(io::detail::decode_float<float>(io::DType::bf16, bf16_m25), -2.5f);
+}
+
+}  // namespace
