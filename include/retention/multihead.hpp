@@ -101,6 +101,29 @@ inline double retention_flops(Form form, Index T_len, Index dk, Index dv, Index 
   }
 }
 
+/// The checks of one decoding step over [B, 1, H, D] views (multi_head_step, varlen_step): q's
+/// view, time 1, k, v and out of matching shapes, out overlapping no input, one mask per head, the
+/// normalisation and the thread count.
+template <class S, class O>
+void check_step_views(const char* fn, const HeadsView<const S>& q, const HeadsView<const S>& k,
+                      const HeadsView<const S>& v, const HeadsView<O>& out, std::size_t masks,
+                      Normalization normalization, int threads) {
+  check_view(fn, "q", q);
+  const Index B = q.batch, H = q.heads, dk = q.dim, dv = v.dim;
+  if (q.time != 1) fail(fn, "q has time " + std::to_string(q.time) + ", expected 1");
+  check_view_shape(fn, "k", k, B, 1, H, dk);
+  check_view_shape(fn, "v", v, B, 1, H, -1);
+  check_view_shape(fn, "out", out, B, 1, H, dv);
+  check_no_overlap(fn, out, q, "q");
+  check_no_overlap(fn, out, k, "k");
+  check_no_overlap(fn, out, v, "v");
+  if (static_cast<Index>(masks) != H)
+    fail(fn,
+         "masks has " + std::to_string(masks) + " entries, expected heads = " + std::to_string(H));
+  check_normalization(fn, normalization);
+  check_threads(fn, "threads", threads);
+}
+
 }  // namespace detail
 
 /// Multi-head retention: for every (b, h), out.head(b, h) = retention(q.head(b, h), k.head(b, h),
@@ -217,20 +240,8 @@ void multi_head_step(const HeadsView<const T>& q, const HeadsView<const T>& k,
                      StepWorkspace<T>* workspace = nullptr) {
   detail::assert_scalar<T>();
   const char* fn = "multi_head_step";
-  detail::check_view(fn, "q", q);
+  detail::check_step_views(fn, q, k, v, out, masks.size(), normalization, threads);
   const Index B = q.batch, H = q.heads, dk = q.dim, dv = v.dim;
-  if (q.time != 1) detail::fail(fn, "q has time " + std::to_string(q.time) + ", expected 1");
-  detail::check_view_shape(fn, "k", k, B, 1, H, dk);
-  detail::check_view_shape(fn, "v", v, B, 1, H, -1);
-  detail::check_view_shape(fn, "out", out, B, 1, H, dv);
-  detail::check_no_overlap(fn, out, q, "q");
-  detail::check_no_overlap(fn, out, k, "k");
-  detail::check_no_overlap(fn, out, v, "v");
-  if (static_cast<Index>(masks.size()) != H)
-    detail::fail(fn, "masks has " + std::to_string(masks.size()) +
-                         " entries, expected heads = " + std::to_string(H));
-  detail::check_normalization(fn, normalization);
-  detail::check_threads(fn, "threads", threads);
   detail::check_states(fn, states, B, H, dk, dv, "states");
   for (const auto& s : states)
     if (s.position > std::numeric_limits<Index>::max() - 1)

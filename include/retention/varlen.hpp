@@ -338,20 +338,8 @@ void varlen_step(const HeadsView<const S>& q, const HeadsView<const S>& k,
   static_assert(sizeof(Acc) >= sizeof(S),
                 "retention: the state scalar must be at least as wide as the inputs' scalar");
   const char* fn = "varlen_step";
-  detail::check_view(fn, "q", q);
+  detail::check_step_views(fn, q, k, v, out, masks.size(), normalization, threads);
   const Index B = q.batch, H = q.heads, dk = q.dim, dv = v.dim;
-  if (q.time != 1) detail::fail(fn, "q has time " + std::to_string(q.time) + ", expected 1");
-  detail::check_view_shape(fn, "k", k, B, 1, H, dk);
-  detail::check_view_shape(fn, "v", v, B, 1, H, -1);
-  detail::check_view_shape(fn, "out", out, B, 1, H, dv);
-  detail::check_no_overlap(fn, out, q, "q");
-  detail::check_no_overlap(fn, out, k, "k");
-  detail::check_no_overlap(fn, out, v, "v");
-  if (static_cast<Index>(masks.size()) != H)
-    detail::fail(fn, "masks has " + std::to_string(masks.size()) +
-                         " entries, expected heads = " + std::to_string(H));
-  detail::check_normalization(fn, normalization);
-  detail::check_threads(fn, "threads", threads);
   const Index pairs = B * H;
   if (static_cast<Index>(states.size()) != pairs)
     detail::fail(fn, "states has " + std::to_string(states.size()) +
