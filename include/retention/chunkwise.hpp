@@ -26,21 +26,6 @@ inline Index recommended_chunk(Index key_dim, Index value_dim) {
 
 namespace detail {
 
-/// Adds rows [i0, i0 + L) of x to the prefetcher when x is a row-major view with contiguous rows;
-/// other expressions are left to the hardware.
-template <class T, class Derived>
-void chunk_prefetch(ChunkPrefetcher<T>& prefetcher, const Eigen::MatrixBase<Derived>& x, Index i0,
-                    Index L, bool write) {
-  if constexpr ((int(Derived::Flags) & Eigen::DirectAccessBit) &&
-                (int(Derived::Flags) & Eigen::RowMajorBit) && !Derived::IsVectorAtCompileTime) {
-    const Derived& d = x.derived();
-    if (d.innerStride() == 1)
-      prefetcher.add(d.data() + i0 * d.outerStride(), d.outerStride(), L, d.cols(), write);
-  } else {
-    (void)prefetcher, (void)x, (void)i0, (void)L, (void)write;
-  }
-}
-
 /// Chunkwise retention with the state in the inputs' own type, on the register-blocked kernels of
 /// chunk_kernels.hpp. Per chunk: K_i^T and K~_i = diag(gamma^(L-1-l)) K_i are formed once; the
 /// masked score tile A = Q_i K_i^T (.) D_L (lower triangle only); then, one block of dv columns at
@@ -54,8 +39,9 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
                          RetentionState<T>* final_state) {
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index C = std::min(chunk, std::max<Index>(T_len, 1));
-  constexpr Index P = ChunkKernelShape<T>::width;
-  const Index Cp = (C + P - 1) / P * P;  // score tile row stride: whole packets of keys
+  // Score tile row stride: whole vectors of keys in every instruction set's width.
+  constexpr Index P = simd::max_lanes<T>;
+  const Index Cp = (C + P - 1) / P * P;
   const bool score = normalization == Normalization::decay_and_score;
   const bool normalize = normalization != Normalization::none;
 
@@ -95,35 +81,32 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   Vector<T> kf = decay.template key_factors<T>(C);
   const T gC = static_cast<T>(decay.chunk_factor(C));
 
-  ChunkPrefetcher<T> prefetcher;
-  constexpr Index R = ChunkKernelShape<T>::rows;
-  const Index column_blocks =
-      (dv + P * ChunkKernelShape<T>::packets - 1) / (P * ChunkKernelShape<T>::packets);
   for (Index i0 = 0; i0 < T_len; i0 += C) {
     const Index L = std::min(C, T_len - i0);
     if (L != C) kf = decay.template key_factors<T>(L);
     const T gL = L == C ? gC : static_cast<T>(decay.chunk_factor(L));
-    // The next chunk's rows, fetched a few lines per kernel block of this one.
-    prefetcher.clear();
-    if (i0 + C < T_len) {
-      const Index next = std::min(C, T_len - i0 - C);
-      chunk_prefetch(prefetcher, Q, i0 + C, next, false);
-      chunk_prefetch(prefetcher, K, i0 + C, next, false);
-      chunk_prefetch(prefetcher, V, i0 + C, next, false);
-      chunk_prefetch(prefetcher, out, i0 + C, next, true);
-    }
-    // The work the column kernels will announce: per column block, the output's row blocks reduce
-    // over dk (with a state) and up to L keys, the state update's over L keys.
-    const Index row_blocks = (L + R - 1) / R, key_blocks = (dk + R - 1) / R;
-    prefetcher.plan(column_blocks *
-                    (row_blocks * ((state_nonzero ? dk : 0) + (L + R) / 2) + key_blocks * L));
-    Qc.topRows(L) = Q.middleRows(i0, L);
-    Kc.topRows(L) = K.middleRows(i0, L);
-    Vc.topRows(L) = V.middleRows(i0, L);
-    const T* q = Qc.data();
-    const T* v = Vc.data();
-    T* o = Oc.data();
-    const Index ldq = dk, ldv = dv, out_ld = dv;
+    gather_chunk_rows(Q, i0, L, Qc);
+    gather_chunk_rows(K, i0, L, Kc);
+    gather_chunk_rows(V, i0, L, Vc);
+    ChunkOperands<T> ops;
+    ops.q = Qc.data();
+    ops.k = Kc.data();
+    ops.kt = Kt.data();
+    ops.d = D.data();
+    ops.a = A.data();
+    ops.ld = Cp;
+    ops.kw = Kw.data();
+    ops.v = Vc.data();
+    ops.s = S.data();
+    ops.o = Oc.data();
+    ops.row_sum = score ? r.data() : nullptr;
+    ops.ldq = dk;
+    ops.ldv = dv;
+    ops.lds = lds;
+    ops.ldo = dv;
+    ops.rows = L;
+    ops.dk = dk;
+    ops.dv = dv;
 
     // Row j of the chunk may see keys and values up to j only. The kernels mask by multiplying
     // (0 x Inf = NaN) and a row block reads a few values past its rows, so a chunk whose keys or
@@ -132,8 +115,7 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     const bool safe = has_nonfinite(Kc.topRows(L)) || has_nonfinite(Vc.topRows(L));
     Kw.topRows(L).noalias() = kf.head(L).asDiagonal() * Kc.topRows(L);
     if (!safe) {
-      transpose_rows(Kc.data(), dk, L, dk, Kt.data(), Cp);
-      chunk_scores(q, ldq, Kt.data(), D.data(), A.data(), Cp, L, dk, score ? r.data() : nullptr);
+      simd::dispatch<ChunkScoresKernel>(static_cast<const ChunkOperands<T>*>(&ops));
     } else {
       for (Index j = 0; j < L; ++j) {
         auto a = A.row(j).head(j + 1);
@@ -156,8 +138,11 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
       }
     }
 
-    const T* qf_state = state_nonzero ? qf.data() : nullptr;
-    const T* norm_rows = normalize ? norm.data() : nullptr;
+    ops.qf = state_nonzero ? qf.data() : nullptr;
+    ops.norm = normalize ? norm.data() : nullptr;
+    ops.beta = gL;
+    ops.zero_state = !state_nonzero;
+    ops.outputs = !safe;
     if (safe) {
       // Output rows first (they read the state before this chunk), each from its own prefix.
       for (Index j = 0; j < L; ++j) {
@@ -167,19 +152,12 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
         if (normalize) oj *= norm(j);
       }
     }
-    chunk_for_columns<T>(dv, [&](auto w_tag, auto np_tag, Index j0) {
-      constexpr int W = decltype(w_tag)::value, NP = decltype(np_tag)::value;
-      if (!safe)
-        chunk_output_columns<T, W, NP>(q, ldq, S.data(), lds, qf_state, A.data(), Cp, v, ldv,
-                                       norm_rows, o, out_ld, L, dk, j0, prefetcher);
-      chunk_state_columns<T, W, NP>(Kw.data(), dk, v, ldv, S.data(), lds, gL, !state_nonzero, L, dk,
-                                    j0, prefetcher);
-    });
+    simd::dispatch<ChunkColumnsKernel>(static_cast<const ChunkOperands<T>*>(&ops));
     if (state_nonzero)
       z = gL * z + Kw.topRows(L).colwise().sum().transpose();
     else
       z = Kw.topRows(L).colwise().sum().transpose();
-    out.middleRows(i0, L) = Oc.topRows(L);
+    scatter_chunk_rows(Oc, i0, L, out);
     state_nonzero = true;
   }
 

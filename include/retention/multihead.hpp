@@ -219,11 +219,12 @@ void multi_head_retention(const T* q, const T* k, const T* v, T* out, const Mult
 template <class T>
 struct StepWorkspace {
   std::vector<detail::RecurrentBuffers<T>> buffers;
-  void reserve(int team, Index value_dim) {
+  void reserve(int team, Index key_dim, Index value_dim) {
     if (static_cast<int>(buffers.size()) < team ||
-        (!buffers.empty() && buffers.front().v.size() != value_dim)) {
+        (!buffers.empty() &&
+         (buffers.front().q.size() != key_dim || buffers.front().v.size() != value_dim))) {
       buffers.clear();
-      for (int t = 0; t < team; ++t) buffers.emplace_back(value_dim);
+      for (int t = 0; t < team; ++t) buffers.emplace_back(key_dim, value_dim);
     }
   }
 };
@@ -253,7 +254,7 @@ void multi_head_step(const HeadsView<const T>& q, const HeadsView<const T>& k,
   const int team = detail::team_size(threads, pairs, work * static_cast<double>(pairs));
   StepWorkspace<T> local;
   StepWorkspace<T>& ws = workspace ? *workspace : local;
-  ws.reserve(team, dv);
+  ws.reserve(team, dk, dv);
   // Contiguous static shares: each thread streams its own states.
   detail::parallel_region(team, [&](int t, int n) {
     const Index begin = pairs * t / n, end = pairs * (t + 1) / n;

@@ -43,7 +43,7 @@ void recurrent_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matri
     p0 = options.initial_state->position;
   }
   const Acc g = static_cast<Acc>(decay.step_factor());
-  RecurrentBuffers<Acc> buf(dv);
+  RecurrentBuffers<Acc> buf(dk, dv);
   Vector<Acc> r(T);
   for (Index t = 0; t < T; ++t)
     r(t) = recurrent_token(S, z, g, Q.row(t), K.row(t), V.row(t), out.row(t), buf);
@@ -139,7 +139,7 @@ RowVector<typename DQ::Scalar> retention_step(const Eigen::MatrixBase<DQ>& q,
   detail::check_no_overlap(fn, "state.z", state.z, "q", q);
   detail::check_no_overlap(fn, "state.z", state.z, "k", k);
   detail::check_no_overlap(fn, "state.z", state.z, "v", v);
-  detail::RecurrentBuffers<Acc> buf(v.cols());
+  detail::RecurrentBuffers<Acc> buf(q.cols(), v.cols());
   RowVector<T> out(v.cols());
   detail::step_into(q, k, v, decay, state, normalization, out, buf);
   return out;

@@ -6,6 +6,7 @@
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
 #include <retention/heads.hpp>
+#include <retention/isa.hpp>
 #include <retention/state.hpp>
 
 // Operators, forward and backward.

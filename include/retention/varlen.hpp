@@ -275,7 +275,7 @@ struct VarlenStepWorkspace {
   struct Thread {
     RowVector<Acc> q, k, v;
     detail::RecurrentBuffers<Acc> buf;
-    Thread(Index dk, Index dv) : q(dk), k(dk), v(dv), buf(dv) {}
+    Thread(Index dk, Index dv) : q(dk), k(dk), v(dv), buf(dk, dv) {}
   };
   std::vector<Thread> threads;
   std::vector<const void*> sorted;

@@ -468,7 +468,7 @@ class MultiScaleRetention {
     w.step.reserve(
         detail::team_size(config_.threads, config_.heads,
                           8.0 * sizeof(T) * static_cast<double>(config_.heads * dk_ * dv_)),
-        dv_);
+        dk_, dv_);
   }
 
   /// out = x W^T (+ b) for a Linear. Long inputs split their rows into one static block per

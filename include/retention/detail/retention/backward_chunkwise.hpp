@@ -17,9 +17,8 @@
 // Products with the state run in the state's type.
 //
 // chunkwise_backward sends a CausalDecay head with the state in the inputs' type to
-// backward_chunkwise_fast.hpp instead (three retentions on the forward's register-blocked kernels)
-// where those kernels have packets of 32 bytes or more; with narrower SIMD (SSE), other masks, a
-// wider state or no tokens it runs the two sweeps below.
+// backward_chunkwise_fast.hpp instead (three retentions on the forward's register-blocked kernels);
+// with other masks, a wider state or no tokens it runs the two sweeps below.
 #pragma once
 
 #include <retention/decay.hpp>
@@ -238,13 +237,10 @@ void chunkwise_backward_sweeps(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matr
 }
 
 /// Whether chunkwise_backward runs a head as three retentions (backward_chunkwise_fast.hpp): a
-/// CausalDecay mask, the state in the inputs' type, and SIMD packets of at least 32 bytes (with
-/// SSE's 16 the forward kernels' register blocks do not fit the register file, and the sweeps'
-/// Eigen products are faster).
+/// CausalDecay mask and the state in the inputs' type.
 template <class T, class Mask, class Acc>
 constexpr bool chunkwise_backward_by_retention_applies() {
-  return std::is_same<Mask, CausalDecay>::value && std::is_same<T, Acc>::value &&
-         Eigen::internal::packet_traits<T>::size * static_cast<int>(sizeof(T)) >= 32;
+  return std::is_same<Mask, CausalDecay>::value && std::is_same<T, Acc>::value;
 }
 
 /// Chunkwise backward of one head into dQ, dK [T, dk] and dV [T, dv]; the inputs are checked.

@@ -4,46 +4,71 @@
 
 #include <retention/core.hpp>
 #include <retention/detail/overlap.hpp>
+#include <retention/detail/simd/dispatch.hpp>
 
 #include <type_traits>
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace retention {
 namespace detail {
 
 /// Work buffers of the recurrent form, allocated once per call (or once per thread for
-/// multi_head_step): the token's v and the output row in the state's type.
+/// multi_head_step): the token's q, k, v and the output row in the state's type.
 template <class Acc>
 struct RecurrentBuffers {
-  RowVector<Acc> v, o;
-  explicit RecurrentBuffers(Index dv) : v(dv), o(dv) {}
+  RowVector<Acc> q, k, v, o;
+  RecurrentBuffers(Index dk, Index dv) : q(dk), k(dk), v(dv), o(dv) {}
 };
 
-/// SIMD packet width of Acc and the column block of the recurrent step: 8 packets where the ISA
-/// has 32 vector registers (8 for the block's v, 8 for its accumulators), 4 otherwise.
-template <class Acc>
-struct RecurrentBlockShape {
-  static constexpr Index packet = Eigen::internal::packet_traits<Acc>::size;
-  static constexpr Index wide = packet * (EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 8 : 4);
-};
-
-/// o[j0, j0 + W) = q S[:, j0 + W) after S[:, j0 + W) = g S + k^T v, for one block of W columns:
-/// the block's v and its output accumulators stay in registers while the rows of S stream through,
-/// so each element of S costs one load, one store and two FMAs. (Accumulating o in memory instead
-/// would add a load and a store of o per element; see bench/results/design-measurements.md.)
-template <Index W, class Acc, class DQ, class DK>
-void recurrent_block(Acc* s0, Index dk, Index dv, Index j0, Acc g, const DQ& q, const DK& k,
-                     const Acc* v, Acc* o) {
-  using Block = Eigen::Array<Acc, W, 1>;
-  const Block vb = Eigen::Map<const Block>(v + j0);
-  Block acc = Block::Zero();
-  for (Index i = 0; i < dk; ++i) {
-    Eigen::Map<Block> row(s0 + i * dv + j0);
-    const Block x = g * row + static_cast<Acc>(k(0, i)) * vb;
-    row = x;
-    acc += static_cast<Acc>(q(0, i)) * x;
+/// o[j0, j0 + W) = q S[:, j0 + W) after S[:, j0 + W) = g S + k^T v, for one block of W columns
+/// (W lanes per vector, NB vectors): the block's v and its output accumulators stay in registers
+/// while the rows of S stream through, so each element of S costs one load, one store and two
+/// FMAs. (Accumulating o in memory instead would add a load and a store of o per element; see
+/// bench/results/design-measurements.md.)
+template <int W, int NB, class Acc>
+[[gnu::always_inline]] inline void recurrent_block(Acc* s0, Index dk, Index dv, Index j0, Acc g,
+                                                   const Acc* q, const Acc* k, const Acc* v,
+                                                   Acc* o) {
+  using V = simd::Vec<Acc, W>;
+  V vb[NB], acc[NB];
+#pragma GCC unroll 16
+  for (int b = 0; b < NB; ++b) {
+    vb[b] = simd::load<W>(v + j0 + b * W);
+    acc[b] = simd::splat<W>(Acc(0));
   }
-  Eigen::Map<Block>(o + j0) = acc;
+  for (Index i = 0; i < dk; ++i) {
+    Acc* row = s0 + i * dv + j0;
+    const Acc ki = k[i], qi = q[i];
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      const V x = g * simd::load<W>(row + b * W) + ki * vb[b];
+      simd::store(row + b * W, x);
+      acc[b] += qi * x;
+    }
+  }
+#pragma GCC unroll 16
+  for (int b = 0; b < NB; ++b) simd::store(o + j0 + b * W, acc[b]);
 }
+
+/// S = g S + k^T v and o = q S over all columns of S [dk, dv] (row-major): blocks of 8 vectors
+/// where the instruction set has 32 vector registers (8 for the block's v, 8 for its
+/// accumulators), 4 otherwise, then single vectors, then single columns.
+struct RecurrentUpdateKernel {
+  template <class Isa, class Acc>
+  static void run(Acc* s0, Index dk, Index dv, Acc g, const Acc* q, const Acc* k, const Acc* v,
+                  Acc* o) {
+    constexpr int W = simd::lanes<Acc, Isa>;
+    constexpr int NB = Isa::registers >= 32 ? 8 : 4;
+    Index j0 = 0;
+    for (; j0 + NB * W <= dv; j0 += NB * W) recurrent_block<W, NB>(s0, dk, dv, j0, g, q, k, v, o);
+    for (; j0 + W <= dv; j0 += W) recurrent_block<W, 1>(s0, dk, dv, j0, g, q, k, v, o);
+    for (; j0 < dv; ++j0) recurrent_block<1, 1>(s0, dk, dv, j0, g, q, k, v, o);
+  }
+};
 
 /// One token through the state in a single pass over S: each element of S is decayed, updated with
 /// k_i v_j and accumulated into o_j = sum_i q_i S_ij while it is in a register, so S is read and
@@ -58,28 +83,31 @@ Acc recurrent_token(Matrix<Acc>& S, Vector<Acc>& z, Acc g, const Eigen::MatrixBa
                     RecurrentBuffers<Acc>& buf) {
   assert_dense_output<DOut>();
   using T = typename std::decay_t<DOut>::Scalar;
-  constexpr Index packet = RecurrentBlockShape<Acc>::packet;
-  constexpr Index wide = RecurrentBlockShape<Acc>::wide;
   const Index dk = S.rows(), dv = S.cols();
+  buf.q = q.template cast<Acc>();
+  buf.k = k.template cast<Acc>();
   buf.v = v.template cast<Acc>();
-  Acc* const o = buf.o.data();
-  const Acc* const vp = buf.v.data();
-  Acc* const s0 = S.data();  // row-major: row i is s0 + i dv
-  Index j0 = 0;
-  for (; j0 + wide <= dv; j0 += wide) recurrent_block<wide>(s0, dk, dv, j0, g, q, k, vp, o);
-  for (; j0 + packet <= dv; j0 += packet) recurrent_block<packet>(s0, dk, dv, j0, g, q, k, vp, o);
-  for (; j0 < dv; ++j0) recurrent_block<1>(s0, dk, dv, j0, g, q, k, vp, o);
+  // S is row-major: row i starts at S.data() + i dv.
+  simd::dispatch<RecurrentUpdateKernel>(S.data(), dk, dv, g, static_cast<const Acc*>(buf.q.data()),
+                                        static_cast<const Acc*>(buf.k.data()),
+                                        static_cast<const Acc*>(buf.v.data()), buf.o.data());
   out = buf.o.template cast<T>();
   // z is kept in every form and normalisation so that any later call may use the score norm.
   Acc r(0);
   Acc* __restrict zp = z.data();
+  const Acc* const qp = buf.q.data();
+  const Acc* const kp = buf.k.data();
   for (Index i = 0; i < dk; ++i) {
-    const Acc zi = g * zp[i] + static_cast<Acc>(k(0, i));
+    const Acc zi = g * zp[i] + kp[i];
     zp[i] = zi;
-    r += static_cast<Acc>(q(0, i)) * zi;
+    r += qp[i] * zi;
   }
   return r;
 }
 
 }  // namespace detail
 }  // namespace retention
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif

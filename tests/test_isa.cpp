@@ -1,0 +1,283 @@
+// Run-time instruction-set dispatch (retention/isa.hpp, detail/simd/): every variant the processor
+// runs (baseline, AVX2, AVX-512) computes the retention kernels to the same contracts, checked
+// against naive double references written from the math; the vector exp against std::exp; the
+// in-register transpose against a plain copy.
+#include <retention/backward.hpp>
+#include <retention/chunkwise.hpp>
+#include <retention/isa.hpp>
+#include <retention/multihead.hpp>
+#include <retention/recurrent.hpp>
+
+#include "reference/backward_reference.hpp"
+#include "reference/retention_reference.hpp"
+#include "support/test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+namespace {
+
+using retention::Index;
+using retention::Isa;
+using retention::Normalization;
+using retention_test::relative_error;
+using Md = retention::Matrix<double>;
+
+/// The variants this processor runs.
+std::vector<Isa> variants() {
+  std::vector<Isa> out;
+  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512})
+    if (isa <= retention::cpu_isa()) out.push_back(isa);
+  return out;
+}
+
+/// Selects an instruction set for one scope and restores the previous choice.
+class IsaScope {
+ public:
+  explicit IsaScope(Isa isa) : saved_(retention::active_isa()) { retention::set_active_isa(isa); }
+  ~IsaScope() { retention::set_active_isa(saved_); }
+  IsaScope(const IsaScope&) = delete;
+  IsaScope& operator=(const IsaScope&) = delete;
+
+ private:
+  Isa saved_;
+};
+
+TEST(Isa, ChoiceIsSupportedAndSettable) {
+  EXPECT_LE(retention::active_isa(), retention::cpu_isa());
+  for (Isa isa : variants()) {
+    IsaScope scope(isa);
+    EXPECT_EQ(retention::active_isa(), isa);
+  }
+  if (retention::cpu_isa() != Isa::avx512) {
+    retention_test::expect_shape_error([] { retention::set_active_isa(Isa::avx512); },
+                                       "set_active_isa");
+  }
+  retention_test::expect_shape_error([] { retention::set_active_isa(static_cast<Isa>(7)); },
+                                     "set_active_isa");
+  EXPECT_STREQ(retention::to_string(Isa::avx2), "avx2");
+}
+
+// --- The vector exp and transpose, through the same dispatch as the kernels. -----------------
+struct ExpKernel {
+  template <class IsaTag, class T>
+  static void run(T* x, Index n) {
+    namespace simd = retention::detail::simd;
+    constexpr int N = simd::lanes<T, IsaTag>;
+    Index i = 0;
+    for (; i + N <= n; i += N) {
+      const simd::Vec<T, N> v = simd::load<N>(x + i);
+      simd::Vec<T, N> e;
+      simd::exp_nonpositive<N, T>(e, v);
+      simd::store(x + i, e);
+    }
+    for (; i < n; ++i) {
+      simd::Vec<T, 1> e;
+      simd::exp_nonpositive<1, T>(e, x[i]);
+      x[i] = e;
+    }
+  }
+};
+
+template <class T>
+void check_exp(Isa isa) {
+  IsaScope scope(isa);
+  const double lowest = sizeof(T) == 4 ? -87.0 : -708.0;
+  std::mt19937_64 rng(42 + static_cast<int>(isa));
+  std::uniform_real_distribution<double> wide(1.1 * lowest, 0.0), narrow(-2.0, 0.0);
+  std::vector<double> x;
+  for (int i = 0; i < 20000; ++i) x.push_back(i % 2 ? wide(rng) : narrow(rng));
+  const double specials[] = {0.0,          -0.0,         -1e-30,
+                             -0.34657359,  -0.5,         lowest,
+                             lowest - 0.5, 1.2 * lowest, -std::numeric_limits<double>::infinity()};
+  x.insert(x.end(), std::begin(specials), std::end(specials));
+  x.push_back(std::numeric_limits<double>::quiet_NaN());
+  std::vector<T> y(x.begin(), x.end());
+  retention::detail::simd::dispatch<ExpKernel>(y.data(), static_cast<Index>(y.size()));
+  const double ulp = std::numeric_limits<T>::epsilon() / 2;
+  double worst = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double xi = static_cast<double>(static_cast<T>(x[i]));
+    if (std::isnan(xi)) {
+      EXPECT_TRUE(std::isnan(y[i])) << "exp(NaN)";
+      continue;
+    }
+    const double ref = std::exp(xi);
+    if (xi >= lowest) {
+      worst = std::max(worst, std::abs(static_cast<double>(y[i]) - ref) / ref);
+    } else {
+      // Below the normal range: 0 or a tiny normal value, never more than the smallest normal's
+      // neighbourhood.
+      EXPECT_GE(y[i], T(0)) << xi;
+      EXPECT_LE(static_cast<double>(y[i]), 4 * static_cast<double>(std::numeric_limits<T>::min()))
+          << xi;
+    }
+  }
+  EXPECT_EQ(y[x.size() - 2], T(0)) << "exp(-inf)";
+  EXPECT_LE(worst, 4 * ulp) << retention::to_string(isa) << ": worst " << worst / ulp << " ulp";
+}
+
+TEST(Isa, ExpNonpositiveEveryVariant) {
+  for (Isa isa : variants()) {
+    check_exp<float>(isa);
+    check_exp<double>(isa);
+  }
+}
+
+template <class T>
+void check_transpose(Isa isa) {
+  IsaScope scope(isa);
+  for (Index rows : {1, 3, 4, 8, 15, 16, 17, 33})
+    for (Index dk : {1, 5, 16, 17, 64}) {
+      const Index ldx = dk + 3, ld = (rows + 15) / 16 * 16 + 16;
+      const auto x =
+          retention_test::random_matrix<T>(rows, ldx, static_cast<std::uint64_t>(rows * 100 + dk));
+      retention::Matrix<T> kt = retention::Matrix<T>::Constant(dk, ld, T(7));
+      retention::detail::transpose_rows(x.data(), ldx, rows, dk, kt.data(), ld);
+      for (Index c = 0; c < dk; ++c)
+        for (Index j = 0; j < ld; ++j)
+          ASSERT_EQ(kt(c, j), j < rows ? x(j, c) : T(0))
+              << retention::to_string(isa) << " rows " << rows << " dk " << dk << " at " << c << ","
+              << j;
+    }
+}
+
+TEST(Isa, TransposeRowsEveryVariant) {
+  for (Isa isa : variants()) {
+    check_transpose<float>(isa);
+    check_transpose<double>(isa);
+  }
+}
+
+// --- Retention forms on every variant against the naive double reference. --------------------
+template <class T>
+class IsaRetention : public ::testing::Test {};
+TYPED_TEST_SUITE(IsaRetention, retention_test::ScalarTypes, retention_test::ScalarName);
+
+struct Shape {
+  Index T_len, dk, dv, chunk;
+};
+
+const Shape kShapes[] = {{1, 4, 4, 32},    {5, 1, 1, 2},      {37, 17, 33, 8},   {64, 16, 16, 64},
+                         {100, 33, 7, 32}, {130, 64, 64, 64}, {70, 8, 129, 200}, {45, 3, 48, 1}};
+
+TYPED_TEST(IsaRetention, ChunkwiseRecurrentAndStepMatchReference) {
+  using T = TypeParam;
+  const double tol = retention_test::spec_tolerance<T>();
+  std::uint64_t seed = 1000;
+  for (Isa isa : variants()) {
+    IsaScope scope(isa);
+    for (const Shape& s : kShapes)
+      for (Normalization norm :
+           {Normalization::none, Normalization::decay, Normalization::decay_and_score})
+        for (double gamma : {0.9, 1.0}) {
+          const auto Q = retention_test::random_matrix<T>(s.T_len, s.dk, ++seed);
+          const auto K = retention_test::random_matrix<T>(s.T_len, s.dk, ++seed);
+          const auto V = retention_test::random_matrix<T>(s.T_len, s.dv, ++seed);
+          retention::RetentionState<T> init(s.dk, s.dv);
+          init.S = retention_test::random_matrix<T>(s.dk, s.dv, ++seed);
+          init.z = retention_test::random_matrix<T>(s.dk, 1, ++seed);
+          init.position = 3;
+          retention_reference::State ref_init{init.S.template cast<double>(),
+                                              init.z.template cast<double>(), 3};
+          retention_reference::State ref_final;
+          const Md expected = retention_reference::retention(
+              Q.template cast<double>(), K.template cast<double>(), V.template cast<double>(),
+              gamma, norm, &ref_init, &ref_final);
+          const retention::CausalDecay decay(gamma);
+          retention::RetentionState<T> final_state(s.dk, s.dv);
+          retention::RetentionOptions<T> options;
+          options.normalization = norm;
+          options.initial_state = &init;
+          options.final_state = &final_state;
+          const auto what = [&] {
+            return std::string(retention::to_string(isa)) + " T=" + std::to_string(s.T_len) +
+                   " dk=" + std::to_string(s.dk) + " dv=" + std::to_string(s.dv) +
+                   " C=" + std::to_string(s.chunk) + " " + retention::to_string(norm) +
+                   " gamma=" + std::to_string(gamma);
+          };
+          const auto chunked = retention::chunkwise_retention(Q, K, V, decay, s.chunk, options);
+          EXPECT_LE(relative_error(chunked, expected), tol) << "chunkwise " << what();
+          EXPECT_LE(relative_error(final_state.S, ref_final.S), tol) << "chunkwise S " << what();
+          EXPECT_LE(relative_error(final_state.z, ref_final.z), tol) << "chunkwise z " << what();
+          const auto recurrent = retention::recurrent_retention(Q, K, V, decay, options);
+          EXPECT_LE(relative_error(recurrent, expected), tol) << "recurrent " << what();
+          // Decoding token by token from the same initial state.
+          retention::RetentionState<T> state = init;
+          retention::Matrix<T> stepped(s.T_len, s.dv);
+          for (Index t = 0; t < s.T_len; ++t)
+            stepped.row(t) =
+                retention::retention_step(Q.row(t), K.row(t), V.row(t), decay, state, norm);
+          EXPECT_LE(relative_error(stepped, expected), tol) << "step " << what();
+          EXPECT_LE(relative_error(state.S, ref_final.S), tol) << "step S " << what();
+        }
+  }
+}
+
+TYPED_TEST(IsaRetention, ChunkwiseBackwardMatchesReference) {
+  using T = TypeParam;
+  // Float gradients pass through more rounding steps than outputs (SPEC 6 gives 1e-4 there).
+  const double tol = sizeof(T) == 4 ? 1e-4 : 1e-11;
+  std::uint64_t seed = 5000;
+  for (Isa isa : variants()) {
+    IsaScope scope(isa);
+    for (const Shape& s : kShapes)
+      for (Normalization norm : {Normalization::none, Normalization::decay_and_score}) {
+        const auto Q = retention_test::random_matrix<T>(s.T_len, s.dk, ++seed);
+        const auto K = retention_test::random_matrix<T>(s.T_len, s.dk, ++seed);
+        const auto V = retention_test::random_matrix<T>(s.T_len, s.dv, ++seed);
+        const auto G = retention_test::random_matrix<T>(s.T_len, s.dv, ++seed);
+        retention::RetentionState<T> init(s.dk, s.dv);
+        init.S = retention_test::random_matrix<T>(s.dk, s.dv, ++seed);
+        init.z = retention_test::random_matrix<T>(s.dk, 1, ++seed);
+        init.position = 2;
+        retention_reference::State ref_init{init.S.template cast<double>(),
+                                            init.z.template cast<double>(), 2};
+        const double gamma = 0.93;
+        const auto ref = retention_reference::retention_backward(
+            Q.template cast<double>(), K.template cast<double>(), V.template cast<double>(), gamma,
+            norm, &ref_init, G.template cast<double>(), nullptr, false);
+        retention::RetentionBackwardOptions<T> options;
+        options.normalization = norm;
+        options.initial_state = &init;
+        const auto g = retention::chunkwise_retention_backward(
+            Q, K, V, retention::CausalDecay(gamma), s.chunk, G, options);
+        const std::string what = std::string(retention::to_string(isa)) +
+                                 " T=" + std::to_string(s.T_len) + " dk=" + std::to_string(s.dk) +
+                                 " dv=" + std::to_string(s.dv) + " C=" + std::to_string(s.chunk) +
+                                 " " + retention::to_string(norm);
+        EXPECT_LE(relative_error(g.dQ, ref.dQ), tol) << "dQ " << what;
+        EXPECT_LE(relative_error(g.dK, ref.dK), tol) << "dK " << what;
+        EXPECT_LE(relative_error(g.dV, ref.dV), tol) << "dV " << what;
+        EXPECT_LE(relative_error(g.d_initial_state.S, ref.dS0), tol) << "dS0 " << what;
+      }
+  }
+}
+
+/// The variants agree with each other to rounding on one multi-head call (4 heads of 64).
+TEST(Isa, VariantsAgreeOnMultiHeadChunkwise) {
+  const Index B = 2, T_len = 96, H = 4, d = 64;
+  const auto q = retention_test::random_matrix<float>(B * T_len * H, d, 1);
+  const auto k = retention_test::random_matrix<float>(B * T_len * H, d, 2);
+  const auto v = retention_test::random_matrix<float>(B * T_len * H, d, 3);
+  const retention::MultiHeadShape shape{B, T_len, H, d, d};
+  const auto gammas = retention::retnet_gammas(H);
+  std::vector<retention::Matrix<float>> outs;
+  for (Isa isa : variants()) {
+    IsaScope scope(isa);
+    retention::Matrix<float> o(B * T_len * H, d);
+    retention::MultiHeadOptions<float> options;
+    options.chunk = 32;
+    options.normalization = Normalization::decay_and_score;
+    retention::multi_head_retention(q.data(), k.data(), v.data(), o.data(), shape, gammas, options);
+    outs.push_back(o);
+  }
+  for (std::size_t i = 1; i < outs.size(); ++i)
+    EXPECT_LE(relative_error(outs[i], outs[0]), 2e-6) << retention::to_string(variants()[i]);
+}
+
+}  // namespace
