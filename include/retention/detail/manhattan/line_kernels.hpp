@@ -1,257 +1,242 @@
 // retention: MaSAD's fused line kernels (docs/math.md §4).
 //
 // One MaSAD line (a grid row or column of L tokens) is a small softmax attention: an [L, dk] x [dk,
-// L] logit product, a row softmax, an [L, L] x [L, dv] product. For lines of up to four SIMD
-// packets (L <= 64 in float with AVX-512), a whole row of logits fits in registers, so these
-// kernels keep it there: the logit kernel starts from the log-weights, accumulates q . k, takes the
-// row max, exponentiates and sums in registers and writes the probabilities once (no separate max
-// or exp pass over the tile). The attend kernel accumulates P V over blocks of rows x whole packets
-// of dv and applies the softmax's 1 / sum as it stores (no separate normalisation pass). Both keep
-// R x NP accumulators so each loaded packet of K^T or V serves R rows.
+// L] logit product, a row softmax, an [L, L] x [L, dv] product. For lines of up to four vectors
+// (MasadLine<T, Isa>::max_line: L <= 64 in float with AVX-512), a whole row of logits fits in
+// registers, so these kernels keep it there: the logit kernel starts from the log-weights,
+// accumulates q . k, takes the row max, exponentiates and sums in registers and writes the
+// probabilities once (no separate max or exp pass over the tile). The attend kernel accumulates P V
+// over blocks of rows x whole vectors of dv and applies the softmax's 1 / sum as it stores (no
+// separate normalisation pass). Both keep R x NP accumulators so each loaded vector of K^T or V
+// serves R rows. Templates over the instruction set, inlined into MaSAD's dispatched line kernel.
 #pragma once
 
 #include <retention/core.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
+#include <retention/detail/simd/dispatch.hpp>
 
 #include <algorithm>
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace retention {
 namespace detail {
 
-#if defined(EIGEN_VECTORIZE)
-
-// Every loop over the R x NP accumulators is unrolled: GCC keeps an accumulator array in registers
-// only when every index is a constant, and otherwise stores all of them to the stack on every step
-// of the dot-product loop.
-#define RETENTION_MASAD_PRAGMA(x) _Pragma(#x)
-#define RETENTION_MASAD_UNROLL RETENTION_MASAD_PRAGMA(GCC unroll 16)
-
-/// The native SIMD packet of T and its lane count.
-template <class T>
-struct MasadPacket {
-  using type = typename Eigen::internal::packet_traits<T>::type;
-  static constexpr Index size = Eigen::internal::unpacket_traits<type>::size;
-  /// Longest line the fused kernels take: four packets of logits per row in registers.
-  static constexpr Index max_line = 4 * size;
+/// Block sizes of the fused line kernels of T on Isa.
+template <class T, class Isa>
+struct MasadLine {
+  static constexpr int lanes = simd::lanes<T, Isa>;
+  /// Longest line the fused kernels take: four vectors of logits per row in registers.
+  static constexpr Index max_line = 4 * lanes;
+  /// Rows per block for np vectors of columns: R x np accumulators plus np operand vectors and a
+  /// broadcast must stay in registers (at most 16 accumulators with 32 registers, 12 with 16),
+  /// and R divides MasaLayout<T>::rows. More rows per loaded vector while they fit.
+  static constexpr int rows(int np) {
+    return Isa::registers >= 32 ? (np <= 2 ? 8 : 4) : (np == 1 ? 8 : np <= 3 ? 4 : 2);
+  }
+  /// Most vectors of dv the attend kernel takes at once.
+  static constexpr int max_dv_vectors = Isa::registers >= 32 ? 4 : 3;
+  static_assert(max_dv_vectors >= 3, "masad_attend_line's cases");
 };
 
-/// exp of a packet of arguments <= 0 (-inf included): Eigen's pexp for double (its 1e-12 contract),
-/// the faster masa_exp_nonpositive for float (same polynomial, no overflow guards needed here).
-template <class T>
-struct MasadExp {
-  template <class Packet>
-  static EIGEN_STRONG_INLINE Packet run(const Packet& x) {
-    return Eigen::internal::pexp(x);
-  }
-};
-template <>
-struct MasadExp<float> {
-  template <class Packet>
-  static EIGEN_STRONG_INLINE Packet run(const Packet& x) {
-    return masa_exp_nonpositive(x);
-  }
-#if defined(EIGEN_VECTORIZE_AVX512)
-  /// AVX-512: the same Cephes polynomial, with n rounded to nearest in one instruction and 2^n
-  /// applied by vscalefps, 15 operations per packet instead of 22 (the softmax's exp ran at about a
-  /// third of the whole logit kernel's time). Arguments are clamped at -86 so that 2^n stays a
-  /// normal number: exp(-inf) gives 4.5e-38 instead of 0, a weight 1e-38 of the row's largest
-  /// (which is 1), far below float's rounding of the row sum; no denormal ever reaches the P V
-  /// product. Largest relative error over [-86, 0]: 1.2e-7. vmaxps returns its second operand
-  /// when either is NaN: x_in goes second, so a NaN argument gives NaN, not the clamp's exp(-86).
-  static EIGEN_STRONG_INLINE Eigen::internal::Packet16f run(
-      const Eigen::internal::Packet16f& x_in) {
-    const __m512 x = _mm512_max_ps(_mm512_set1_ps(-86.0f), x_in);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    // r = x - n ln 2 in two steps (ln 2 split into a high part exact in float and a low part).
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    const __m512 r2 = _mm512_mul_ps(r, r);
-    __m512 y =
-        _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
-    __m512 y1 =
-        _mm512_fmadd_ps(_mm512_set1_ps(4.1665795894e-2f), r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y1 = _mm512_fmadd_ps(y1, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r2, r), y1);
-    y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-  }
-#endif
-};
-
-/// Row softmax of one line's logits, fused: for i < rows (a multiple of R),
-///   S[i, j] = lw[i, j] + sum_c q[i, c] kt[c, j],   j < NP * size,
+/// Row softmax of one line's logits, the row max taken in registers: for i < rows (a multiple of
+/// R),
+///   S[i, j] = lw[i, j] + sum_c q[i, c] kt[c, j],   j < NP * lanes,
 ///   p[i, j] = exp(S[i, j] - max_j S[i, :]),   inv_sum[i] = 1 / sum_j p[i, j].
-/// q [rows, dk] (row stride ldq), kt = K^T [dk, ldk >= NP * size], lw [rows, ldl] the log-weights
-/// with -inf in the padding columns (they come out as weight 0 and never win the max), p [rows,
-/// ldp].
-template <class T, int R, int NP>
-void masad_softmax_rows(const T* q, Index ldq, Index dk, const T* kt, Index ldk, const T* lw,
-                        Index ldl, T* p, Index ldp, Index rows, T* inv_sum) {
-  using namespace Eigen::internal;
-  using Packet = typename MasadPacket<T>::type;
-  constexpr Index PS = MasadPacket<T>::size;
+/// q [rows, dk] (row stride ldq), kt = K^T [dk, ldk >= NP * lanes], lw [rows, ldl] the
+/// log-weights with -inf in the padding columns (they come out as weight 0 and never win the max),
+/// p [rows, ldp].
+template <class Isa, class T, int R, int NP>
+[[gnu::always_inline]] inline void masad_softmax_rows(const T* q, Index ldq, Index dk, const T* kt,
+                                                      Index ldk, const T* lw, Index ldl, T* p,
+                                                      Index ldp, Index rows, T* inv_sum) {
+  constexpr int N = simd::lanes<T, Isa>;
+  using V = simd::Vec<T, N>;
   for (Index i0 = 0; i0 < rows; i0 += R) {
-    Packet a[R][NP];
-    RETENTION_MASAD_UNROLL
-    for (int r = 0; r < R; ++r) RETENTION_MASAD_UNROLL
-    for (int u = 0; u < NP; ++u) a[r][u] = ploadu<Packet>(lw + (i0 + r) * ldl + u * PS);
+    V a[R][NP];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int u = 0; u < NP; ++u) a[r][u] = simd::load<N>(lw + (i0 + r) * ldl + u * N);
     const T* qb = q + i0 * ldq;
     for (Index c = 0; c < dk; ++c) {
-      Packet kk[NP];
-      RETENTION_MASAD_UNROLL
-      for (int u = 0; u < NP; ++u) kk[u] = ploadu<Packet>(kt + c * ldk + u * PS);
-      RETENTION_MASAD_UNROLL
+      V kk[NP];
+#pragma GCC unroll 16
+      for (int u = 0; u < NP; ++u) kk[u] = simd::load<N>(kt + c * ldk + u * N);
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const Packet b = pset1<Packet>(qb[r * ldq + c]);
-        RETENTION_MASAD_UNROLL
-        for (int u = 0; u < NP; ++u) a[r][u] = pmadd(b, kk[u], a[r][u]);
+        const T b = qb[r * ldq + c];
+#pragma GCC unroll 16
+        for (int u = 0; u < NP; ++u) a[r][u] += b * kk[u];
       }
     }
-    // All R x NP exps are independent: the polynomial's latency overlaps across them.
-    RETENTION_MASAD_UNROLL
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      Packet m = a[r][0];
-      RETENTION_MASAD_UNROLL
-      for (int u = 1; u < NP; ++u) m = pmax(m, a[r][u]);
-      const Packet mm = pset1<Packet>(predux_max(m));
-      Packet sum = pzero(m);
-      RETENTION_MASAD_UNROLL
-      for (int u = 0; u < NP; ++u) {
-        const Packet e = MasadExp<T>::run(psub(a[r][u], mm));
-        pstoreu(p + (i0 + r) * ldp + u * PS, e);
-        sum = padd(sum, e);
-      }
-      const T s = predux(sum);
-      // s >= 1 (the max weighs 1); a NaN s stays NaN (s > 0 would turn it into a weight of 0).
-      inv_sum[i0 + r] = s == T(0) ? T(0) : T(1) / s;
+      V m = a[r][0];
+#pragma GCC unroll 16
+      for (int u = 1; u < NP; ++u) m = simd::vmax<N, T>(m, a[r][u]);
+#pragma GCC unroll 16
+      for (int u = 0; u < NP; ++u) simd::store(p + (i0 + r) * ldp + u * N, a[r][u]);
+      inv_sum[i0 + r] = simd::hmax<N, T>(m);  // the row max, until the pass below
     }
+  }
+  // The exps in a pass of their own, over rows still in L1: inside the product's loop nest their
+  // constants would hold registers that the accumulators need.
+  for (Index i = 0; i < rows; ++i) {
+    T* pr = p + i * ldp;
+    const V mm = simd::splat<N>(inv_sum[i]);
+    V e[NP];
+#pragma GCC unroll 16
+    for (int u = 0; u < NP; ++u) simd::exp_nonpositive<N, T>(e[u], simd::load<N>(pr + u * N) - mm);
+    V sum = e[0];
+#pragma GCC unroll 16
+    for (int u = 0; u < NP; ++u) {
+      simd::store(pr + u * N, e[u]);
+      if (u > 0) sum += e[u];
+    }
+    const T s = simd::hsum<N, T>(sum);
+    // s >= 1 (the max weighs 1); a NaN s stays NaN (s > 0 would turn it into a weight of 0).
+    inv_sum[i] = s == T(0) ? T(0) : T(1) / s;
   }
 }
 
-/// out[i, d0 + :] = inv_sum[i] sum_{j < L} p[i, j] v[j, d0 + :] over ND packets of columns, for the
-/// valid rows i < rows_valid (rows, a multiple of R, are computed). Columns [d0, d0 + ND * size)
+/// out[i, d0 + :] = inv_sum[i] sum_{j < L} p[i, j] v[j, d0 + :] over ND vectors of columns, for the
+/// valid rows i < rows_valid (rows, a multiple of R, are computed). Columns [d0, d0 + ND * lanes)
 /// past `store_cols` are not written (a ragged dv); out rows are out_step elements apart. Returns
-/// whether every valid row's outputs are finite: their sum, one add per stored packet, is finite
+/// whether every valid row's outputs are finite: their sum, one add per stored vector, is finite
 /// (a finite sum that overflows only sends the line to the careful path for nothing).
-template <class T, int R, int ND>
-bool masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum,
-                       T* out, Index out_step, Index rows, Index rows_valid, Index d0,
-                       Index store_cols) {
-  using namespace Eigen::internal;
-  using Packet = typename MasadPacket<T>::type;
-  constexpr Index PS = MasadPacket<T>::size;
+template <class Isa, class T, int R, int ND>
+[[gnu::always_inline]] inline bool masad_attend_rows(const T* p, Index ldp, const T* v, Index ldv,
+                                                     Index L, const T* inv_sum, T* out,
+                                                     Index out_step, Index rows, Index rows_valid,
+                                                     Index d0, Index store_cols) {
+  constexpr int N = simd::lanes<T, Isa>;
+  using V = simd::Vec<T, N>;
   const T* vb = v + d0;
-  Packet check[ND];
-  RETENTION_MASAD_UNROLL
-  for (int u = 0; u < ND; ++u) check[u] = pset1<Packet>(T(0));
+  V check[ND];
+#pragma GCC unroll 16
+  for (int u = 0; u < ND; ++u) check[u] = simd::splat<N>(T(0));
   for (Index i0 = 0; i0 < rows; i0 += R) {
-    Packet a[R][ND];
-    RETENTION_MASAD_UNROLL
-    for (int r = 0; r < R; ++r) RETENTION_MASAD_UNROLL
-    for (int u = 0; u < ND; ++u) a[r][u] = pset1<Packet>(T(0));
+    V a[R][ND];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int u = 0; u < ND; ++u) a[r][u] = simd::splat<N>(T(0));
     const T* pb = p + i0 * ldp;
     for (Index j = 0; j < L; ++j) {
-      Packet w[ND];
-      RETENTION_MASAD_UNROLL
-      for (int u = 0; u < ND; ++u) w[u] = ploadu<Packet>(vb + j * ldv + u * PS);
-      RETENTION_MASAD_UNROLL
+      V w[ND];
+#pragma GCC unroll 16
+      for (int u = 0; u < ND; ++u) w[u] = simd::load<N>(vb + j * ldv + u * N);
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const Packet b = pset1<Packet>(pb[r * ldp + j]);
-        RETENTION_MASAD_UNROLL
-        for (int u = 0; u < ND; ++u) a[r][u] = pmadd(b, w[u], a[r][u]);
+        const T b = pb[r * ldp + j];
+#pragma GCC unroll 16
+        for (int u = 0; u < ND; ++u) a[r][u] += b * w[u];
       }
     }
     const int valid = static_cast<int>(std::min<Index>(R, rows_valid - i0));
-    RETENTION_MASAD_UNROLL
-    for (int r = 0; r < valid; ++r) {
-      const Packet f = pset1<Packet>(inv_sum[i0 + r]);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      if (r >= valid) break;
+      const T f = inv_sum[i0 + r];
       T* o = out + (i0 + r) * out_step + d0;
-      RETENTION_MASAD_UNROLL
+#pragma GCC unroll 16
       for (int u = 0; u < ND; ++u) {
-        const Packet y = pmul(a[r][u], f);
-        check[u] = padd(check[u], y);
-        const Index c0 = d0 + u * PS;
-        if (c0 + PS <= store_cols) {
-          pstoreu(o + u * PS, y);
-        } else if (c0 < store_cols) {  // the ragged last packet of dv
-          T tmp[PS];
-          pstoreu(tmp, y);
-          std::copy(tmp, tmp + (store_cols - c0), o + u * PS);
+        const V y = a[r][u] * f;
+        check[u] += y;
+        const Index c0 = d0 + u * N;
+        if (c0 + N <= store_cols) {
+          simd::store(o + u * N, y);
+        } else if (c0 < store_cols) {  // the ragged last vector of dv
+          // Lane by lane, unrolled: a copy of variable length would be a library call, around
+          // which every accumulator is saved and restored.
+          T tmp[N];
+          simd::store(tmp, y);
+#pragma GCC unroll 64
+          for (int l = 0; l < N; ++l)
+            if (c0 + l < store_cols) o[u * N + l] = tmp[l];
         }
       }
     }
   }
-  RETENTION_MASAD_UNROLL
-  for (int u = 1; u < ND; ++u) check[0] = padd(check[0], check[u]);
-  const T sum = predux(check[0]);
+#pragma GCC unroll 16
+  for (int u = 1; u < ND; ++u) check[0] += check[u];
+  const T sum = simd::hsum<N, T>(check[0]);
   return sum - sum == T(0);
 }
 
-/// Logit-softmax of a line whose logits fit NP packets: picks the row block R (4 rows for 3 or 4
-/// packets, 16 accumulators; 8 rows below, so there are still enough independent accumulators to
-/// cover the FMA latency). rows is a multiple of 8.
-template <class T>
-void masad_softmax_line(Index np, const T* q, Index ldq, Index dk, const T* kt, Index ldk,
-                        const T* lw, Index ldl, T* p, Index ldp, Index rows, T* inv_sum) {
+/// Logit-softmax of a line whose logits fit np vectors of Isa (1 <= np <= 4), with the row block
+/// of MasadLine<T, Isa>::rows(np). rows is a multiple of MasaLayout<T>::rows.
+template <class Isa, class T>
+[[gnu::always_inline]] inline void masad_softmax_line(Index np, const T* q, Index ldq, Index dk,
+                                                      const T* kt, Index ldk, const T* lw,
+                                                      Index ldl, T* p, Index ldp, Index rows,
+                                                      T* inv_sum) {
+  using S = MasadLine<T, Isa>;
   switch (np) {
     case 1:
-      masad_softmax_rows<T, 8, 1>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+      masad_softmax_rows<Isa, T, S::rows(1), 1>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows,
+                                                inv_sum);
       break;
     case 2:
-      masad_softmax_rows<T, 8, 2>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+      masad_softmax_rows<Isa, T, S::rows(2), 2>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows,
+                                                inv_sum);
       break;
     case 3:
-      masad_softmax_rows<T, 4, 3>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+      masad_softmax_rows<Isa, T, S::rows(3), 3>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows,
+                                                inv_sum);
       break;
     default:
-      masad_softmax_rows<T, 4, 4>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+      masad_softmax_rows<Isa, T, S::rows(4), 4>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows,
+                                                inv_sum);
       break;
   }
 }
 
-/// out[i, :dv] = inv_sum[i] sum_{j < L} p[i, j] v[j, :] for i < rows_valid; v [L, ldv >= dvp]
-/// holds dvp = dv rounded up to packets readable columns (zeros past dv), out rows are out_step
-/// apart. dv is processed 4 packets at a time (16 accumulators at 4 rows). Returns whether every
-/// output written is finite.
-template <class T>
-bool masad_attend_line(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum,
-                       T* out, Index out_step, Index rows, Index rows_valid, Index dv, Index dvp) {
-  constexpr Index PS = MasadPacket<T>::size;
-  const Index store_cols = dv;
+/// out[i, :dv] = inv_sum[i] sum_{j < L} p[i, j] v[j, :] for i < rows_valid; v [L, ldv] holds dv
+/// rounded up to whole vectors of Isa readable columns (zeros past dv), out rows are out_step
+/// apart. dv is processed MasadLine<T, Isa>::max_dv_vectors vectors at a time. Returns whether
+/// every output written is finite.
+template <class Isa, class T>
+[[gnu::always_inline]] inline bool masad_attend_line(const T* p, Index ldp, const T* v, Index ldv,
+                                                     Index L, const T* inv_sum, T* out,
+                                                     Index out_step, Index rows, Index rows_valid,
+                                                     Index dv) {
+  using S = MasadLine<T, Isa>;
+  constexpr Index N = S::lanes, most = S::max_dv_vectors;
+  const Index dvn = masa_round_up(dv, N);
   bool finite = true;
-  for (Index d0 = 0; d0 < dvp; d0 += 4 * PS) {
-    switch (std::min<Index>(4, (dvp - d0) / PS)) {
+  for (Index d0 = 0; d0 < dvn; d0 += most * N) {
+    bool ok = true;
+    switch (std::min<Index>(most, (dvn - d0) / N)) {
       case 1:
-        finite = masad_attend_rows<T, 8, 1>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows,
-                                            rows_valid, d0, store_cols) &&
-                 finite;
+        ok = masad_attend_rows<Isa, T, S::rows(1), 1>(p, ldp, v, ldv, L, inv_sum, out, out_step,
+                                                      rows, rows_valid, d0, dv);
         break;
       case 2:
-        finite = masad_attend_rows<T, 8, 2>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows,
-                                            rows_valid, d0, store_cols) &&
-                 finite;
+        ok = masad_attend_rows<Isa, T, S::rows(2), 2>(p, ldp, v, ldv, L, inv_sum, out, out_step,
+                                                      rows, rows_valid, d0, dv);
         break;
       case 3:
-        finite = masad_attend_rows<T, 4, 3>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows,
-                                            rows_valid, d0, store_cols) &&
-                 finite;
+        ok = masad_attend_rows<Isa, T, S::rows(3), 3>(p, ldp, v, ldv, L, inv_sum, out, out_step,
+                                                      rows, rows_valid, d0, dv);
         break;
-      default:
-        finite = masad_attend_rows<T, 4, 4>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows,
-                                            rows_valid, d0, store_cols) &&
-                 finite;
+      default:  // `most` vectors (3 or 4)
+        ok = masad_attend_rows<Isa, T, S::rows(most), most>(p, ldp, v, ldv, L, inv_sum, out,
+                                                            out_step, rows, rows_valid, d0, dv);
         break;
     }
+    finite = ok && finite;
   }
   return finite;
 }
-#endif  // EIGEN_VECTORIZE
 
 }  // namespace detail
 }  // namespace retention
 
-// The unroll pragmas are this file's own: they must not reach users.
-#undef RETENTION_MASAD_UNROLL
-#undef RETENTION_MASAD_PRAGMA
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif

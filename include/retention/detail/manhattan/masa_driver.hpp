@@ -7,12 +7,18 @@
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
+#include <retention/detail/simd/dispatch.hpp>
 #include <retention/detail/threading.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace retention {
 
@@ -41,8 +47,9 @@ T axis_log_weight(const Matrix<T>& tile, Index s) {
   return s >= 0 ? tile(s, 0) : tile(0, -s);
 }
 
-/// columns past N (key tiles in whole SIMD packets), and V with its columns padded to a packet
-/// multiple when dv needs it.
+/// MaSA's operands laid out for the tile kernels: Q copied with zero rows past N (whole row
+/// blocks), K transposed with zero columns past N (key tiles in whole vectors), and V with its
+/// columns padded to MasaLayout<T>::width when dv needs it.
 template <class T>
 struct MasaOperands {
   Matrix<T> q, kt, v;
@@ -56,6 +63,21 @@ struct MasaOperands {
   Matrix<T> log_x, log_y;
 };
 
+/// What every query tile of one MaSA call reads, as plain pointers and sizes (the dispatched
+/// kernel takes nothing else).
+template <class T>
+struct MasaTileJob {
+  const T* q = nullptr;  // [N + rows, dk] dense
+  const T* kt = nullptr;
+  const T* v = nullptr;
+  const T* log_x = nullptr;
+  const T* log_y = nullptr;
+  T* out = nullptr;
+  Index dk = 0, dv = 0, ldk = 0, ldv = 0, ldx = 0, ldy = 0, ldo = 0;
+  Index N = 0, height = 0, width = 0, key_tile = 0;
+};
+
+/// Per-thread buffers of MaSA's query tiles.
 template <class T>
 struct MasaWorkspace {
   Matrix<T> logits;  // [query rows, key columns] padded, then the tile's probabilities
@@ -65,66 +87,81 @@ struct MasaWorkspace {
       ly_rows;  // per query row: where its ln D terms start in the tables
 };
 
-/// One query tile [n0, n0 + rows) of MaSA, written to out.middleRows(n0, rows): for each key tile,
-/// logits
-/// + ln D by the micro-kernel (ln D as its initial value, the tile's row max on the way out),
-/// online softmax (running row max and sum), then acc = rescale * acc + P V by the attend kernel.
+/// MasaWorkspace's buffers as plain pointers, for the dispatched kernel.
 template <class T>
-void masa_query_tile(const MasaOperands<T>& ops, Index N, Index dk, Index dv, Index height,
-                     Index width, Index key_tile, Index n0, Index rows, MasaWorkspace<T>& ws,
-                     MasaMap<T>& out) {
-  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
-  using Pk = Eigen::Array<T, P, 1>;
-  const Index rows_r = masa_round_up(rows, R), lds = ws.logits.cols(), lda = ws.acc.cols();
-  const Index ldk = ops.kt.cols(), ldx = ops.log_x.cols(), ldy = ops.log_y.cols();
-  T* s = ws.logits.data();
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  for (Index m0 = 0; m0 < N; m0 += key_tile) {
-    const Index cols = std::min(key_tile, N - m0), a = m0 / width, b = m0 % width;
+struct MasaTileBuffers {
+  T* s = nullptr;
+  T* acc = nullptr;
+  T* row_max = nullptr;
+  T* row_sum = nullptr;
+  T* rescale = nullptr;
+  T* tile_max = nullptr;
+  const T** lx_rows = nullptr;
+  const T** ly_rows = nullptr;
+  Index lds = 0, lda = 0;
+};
+
+/// One query tile [n0, n0 + rows) of MaSA, written to out rows [n0, n0 + rows): for each key tile,
+/// logits + ln D by the logit kernel (ln D as its initial value, the tile's row max on the way
+/// out), online softmax (running row max and sum), then acc = rescale * acc + P V by the attend
+/// kernel. Called through simd::dispatch once per query tile.
+struct MasaQueryTileKernel {
+  template <class Isa, class T>
+  static void run(const MasaTileJob<T>* job, const MasaTileBuffers<T>* ws, Index n0, Index rows) {
+    constexpr Index R = MasaLayout<T>::rows, N = simd::lanes<T, Isa>;
+    const MasaTileJob<T>& j = *job;
+    const Index rows_r = masa_round_up(rows, R), lds = ws->lds, lda = ws->lda;
+    T* s = ws->s;
+    const T neg_inf = -std::numeric_limits<T>::infinity();
     for (Index i = 0; i < rows_r; ++i) {
-      // Rows past the tile's end (the kernel works in whole row blocks) reuse the last row's terms.
-      const Index n = n0 + std::min(i, rows - 1), yn = n / width, xn = n % width;
-      ws.lx_rows[static_cast<std::size_t>(i)] = ops.log_x.data() + xn * ldx + b;
-      ws.ly_rows[static_cast<std::size_t>(i)] = ops.log_y.data() + (yn - a + height - 1) * ldy + b;
+      ws->row_max[i] = neg_inf;
+      ws->row_sum[i] = T(0);
     }
-    const T* const* lx = ws.lx_rows.data();
-    const T* const* ly = ws.ly_rows.data();
-    masa_logits_kernel<T>(
-        ops.q.data() + n0 * dk, dk, ops.kt.data() + m0, ldk, dk,
-        [lx, ly](Index i, Index j0) {
-          return Pk(Eigen::Map<const Pk>(lx[i] + j0) + Eigen::Map<const Pk>(ly[i] + j0));
-        },
-        s, lds, rows_r, cols, ws.tile_max.data());
-    const Index cols_p = masa_round_up(cols, P);
-    for (Index i = 0; i < rows; ++i) {
-      T* s_row = s + i * lds;
-      // Online softmax: rescale what was accumulated under the old max (folded into the attend
-      // kernel's load). The new max is taken first, so exp never overflows; exp(-inf) = 0 on the
-      // first tile.
-      const T m_new = std::max(ws.row_max(i), ws.tile_max(i));
-      if (m_new == neg_inf) {  // every key so far masked out: weights 0, not NaN
-        std::fill(s_row, s_row + cols_p, T(0));
-        ws.rescale(i) = T(1);
-        continue;
+    for (Index m0 = 0; m0 < j.N; m0 += j.key_tile) {
+      const Index cols = std::min(j.key_tile, j.N - m0), a = m0 / j.width, b = m0 % j.width;
+      for (Index i = 0; i < rows_r; ++i) {
+        // Rows past the tile's end (the kernel works in whole row blocks) reuse the last row's
+        // terms.
+        const Index n = n0 + std::min(i, rows - 1), yn = n / j.width, xn = n % j.width;
+        ws->lx_rows[i] = j.log_x + xn * j.ldx + b;
+        ws->ly_rows[i] = j.log_y + (yn - a + j.height - 1) * j.ldy + b;
       }
-      ws.rescale(i) = std::exp(ws.row_max(i) - m_new);
-      ws.row_sum(i) = ws.row_sum(i) * ws.rescale(i) + masa_exp_sum(s_row, cols_p, m_new);
-      ws.row_max(i) = m_new;
+      masa_logits_isa<Isa>(j.q + n0 * j.dk, j.dk, j.kt + m0, j.ldk, j.dk, ws->lx_rows, ws->ly_rows,
+                           s, lds, rows_r, cols, ws->tile_max);
+      const Index cols_n = masa_round_up(cols, N);
+      for (Index i = 0; i < rows; ++i) {
+        T* s_row = s + i * lds;
+        // Online softmax: rescale what was accumulated under the old max (folded into the attend
+        // kernel's load). The new max is taken first, so exp never overflows; exp(-inf) = 0 on the
+        // first tile.
+        const T m_new = std::max(ws->row_max[i], ws->tile_max[i]);
+        if (m_new == neg_inf) {  // every key so far masked out: weights 0, not NaN
+          std::fill(s_row, s_row + cols_n, T(0));
+          ws->rescale[i] = T(1);
+          continue;
+        }
+        ws->rescale[i] = std::exp(ws->row_max[i] - m_new);
+        ws->row_sum[i] =
+            ws->row_sum[i] * ws->rescale[i] + masa_exp_sum_isa<Isa>(s_row, cols_n, m_new);
+        ws->row_max[i] = m_new;
+      }
+      // Rows past the tile's end belong to no query: keep them finite and zero.
+      for (Index i = rows; i < rows_r; ++i) {
+        std::fill(s + i * lds, s + i * lds + cols, T(0));
+        ws->rescale[i] = T(0);
+      }
+      masa_attend_isa<Isa>(s, lds, j.v + m0 * j.ldv, j.ldv, cols,
+                           m0 == 0 ? static_cast<const T*>(nullptr) : ws->rescale, ws->acc, lda,
+                           rows_r, j.dv);
     }
-    // Rows past the tile's end belong to no query: keep them finite and zero.
-    for (Index i = rows; i < rows_r; ++i) {
-      std::fill(s + i * lds, s + i * lds + cols, T(0));
-      ws.rescale(i) = T(0);
+    for (Index i = 0; i < rows; ++i) {
+      const T* a = ws->acc + i * lda;
+      T* o = j.out + (n0 + i) * j.ldo;
+      const T sum = ws->row_sum[i];
+      for (Index c = 0; c < j.dv; ++c) o[c] = a[c] / sum;
     }
-    masa_attend_kernel<T>(s, lds, ops.v_data + m0 * ops.ldv, ops.ldv, cols,
-                          m0 == 0 ? nullptr : ws.rescale.data(), ws.acc.data(), lda, rows_r,
-                          ops.dvp);
   }
-  for (Index i = 0; i < rows; ++i)
-    out.row(n0 + i) =
-        Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(ws.acc.data() + i * lda, dv) /
-        ws.row_sum(i);
-}
+};
 
 /// The careful path of docs/math.md §2.6 ("masked entries are skipped or selected, never
 /// multiplied away"), taken only when some input holds an Inf or NaN: for each query n < rows, a
@@ -207,7 +244,7 @@ bool masa_inputs_finite(const T* q, Index ldq, const T* k, Index ldk, const T* v
 template <class T, class Mask2D>
 void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
                     const Mask2D& decay, MasaMap<T> out, const MasaOptions& options) {
-  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  constexpr Index R = MasaLayout<T>::rows, P = MasaLayout<T>::width;
   const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index H = decay.height(), W = decay.width();
   if (!masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
@@ -251,6 +288,24 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
     ops.v_data = ops.v.data();
     ops.ldv = ops.dvp;
   }
+  MasaTileJob<T> job;
+  job.q = ops.q.data();
+  job.kt = ops.kt.data();
+  job.v = ops.v_data;
+  job.log_x = ops.log_x.data();
+  job.log_y = ops.log_y.data();
+  job.out = out.data();
+  job.dk = dk;
+  job.dv = dv;
+  job.ldk = ops.kt.cols();
+  job.ldv = ops.ldv;
+  job.ldx = ops.log_x.cols();
+  job.ldy = ops.log_y.cols();
+  job.ldo = out.outerStride();
+  job.N = N;
+  job.height = H;
+  job.width = W;
+  job.key_tile = bk;
   const Index tiles = (N + bq - 1) / bq;
   const double work =
       2.0 * static_cast<double>(N) * static_cast<double>(N) * static_cast<double>(dk + dv);
@@ -271,12 +326,26 @@ void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const Ma
         return ws;
       },
       [&](Index t, MasaWorkspace<T>& ws) {
+        MasaTileBuffers<T> b;
+        b.s = ws.logits.data();
+        b.acc = ws.acc.data();
+        b.row_max = ws.row_max.data();
+        b.row_sum = ws.row_sum.data();
+        b.rescale = ws.rescale.data();
+        b.tile_max = ws.tile_max.data();
+        b.lx_rows = ws.lx_rows.data();
+        b.ly_rows = ws.ly_rows.data();
+        b.lds = ws.logits.cols();
+        b.lda = ws.acc.cols();
         const Index n0 = t * bq;
-        ws.row_max.setConstant(-std::numeric_limits<T>::infinity());
-        ws.row_sum.setZero();
-        masa_query_tile<T>(ops, N, dk, dv, H, W, bk, n0, std::min(bq, N - n0), ws, out);
+        simd::dispatch<MasaQueryTileKernel>(&job, static_cast<const MasaTileBuffers<T>*>(&b), n0,
+                                            std::min(bq, N - n0));
       });
 }
 
 }  // namespace detail
 }  // namespace retention
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif

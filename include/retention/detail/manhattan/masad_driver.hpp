@@ -8,6 +8,7 @@
 #include <retention/detail/manhattan/line_kernels.hpp>
 #include <retention/detail/manhattan/masa_driver.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
+#include <retention/detail/simd/dispatch.hpp>
 #include <retention/detail/simd/transpose.hpp>
 #include <retention/detail/threading.hpp>
 
@@ -19,25 +20,32 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace retention {
 namespace detail {
 
-/// Per-thread buffers of MaSAD's line attentions, sized for the longest line.
+/// Per-thread buffers of MaSAD's line attentions, sized for the longest line in the layout of
+/// MasaLayout<T> (so that every instruction set's kernels fit them).
 template <class T>
 struct MasadWorkspace {
   Matrix<T> q;        // [L rounded to row blocks, dk] the line's queries, zero rows past L
-  Matrix<T> kt;       // [dk, L rounded to packets] the line's keys transposed, zero past L
-  Matrix<T> v;        // [L, dvp] the line's values, dense and zero-padded to whole packets
+  Matrix<T> kt;       // [dk, L rounded to the layout width] the line's keys transposed, 0 past L
+  Matrix<T> v;        // [L, dvp] the line's values, dense and zero-padded to the layout width
   Matrix<T> logits;   // [rows, cols] logits, then probabilities
   Matrix<T> acc;      // [rows, dvp] unnormalised output (lines too long for the fused kernels)
   Vector<T> row_max;  // [rows] logit row maxima
   Vector<T> inv_sum;  // [rows] 1 / softmax row sums
+  std::vector<const T*> lw_rows;  // [rows] where each row's log-weights start
 };
 
 /// Line buffers for lines of up to `side` tokens.
 template <class T>
 MasadWorkspace<T> masad_workspace(Index side, Index dk, Index dv) {
-  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
+  constexpr Index R = MasaLayout<T>::rows, P = MasaLayout<T>::width;
   const Index dvp = masa_round_up(dv, P), rows = masa_round_up(side, R);
   MasadWorkspace<T> ws;
   ws.q.resize(rows, dk);
@@ -47,18 +55,123 @@ MasadWorkspace<T> masad_workspace(Index side, Index dk, Index dv) {
   ws.acc.resize(rows, dvp);
   ws.row_max.resize(rows);
   ws.inv_sum.resize(rows);
+  ws.lw_rows.resize(static_cast<std::size_t>(rows));
   return ws;
 }
 
+/// MasadWorkspace's buffers as plain pointers and strides, for the dispatched line kernel.
+template <class T>
+struct MasadLineBuffers {
+  T* q = nullptr;
+  T* kt = nullptr;
+  T* v = nullptr;
+  T* logits = nullptr;
+  T* acc = nullptr;
+  T* row_max = nullptr;
+  T* inv_sum = nullptr;
+  const T** lw_rows = nullptr;
+  Index ldkt = 0, ldv = 0, lds = 0, lda = 0;
+
+  explicit MasadLineBuffers(MasadWorkspace<T>& ws)
+      : q(ws.q.data()),
+        kt(ws.kt.data()),
+        v(ws.v.data()),
+        logits(ws.logits.data()),
+        acc(ws.acc.data()),
+        row_max(ws.row_max.data()),
+        inv_sum(ws.inv_sum.data()),
+        lw_rows(ws.lw_rows.data()),
+        ldkt(ws.kt.cols()),
+        ldv(ws.v.cols()),
+        lds(ws.logits.cols()),
+        lda(ws.acc.cols()) {}
+};
+
+/// One line of MaSAD (what masad_line computes) where it fits the fused kernels of
+/// line_kernels.hpp (L <= MasadLine<T, Isa>::max_line), by the tile kernels otherwise; called
+/// through simd::dispatch once per line, so the choice uses the active instruction set's width.
+/// Returns false when some output is not finite: out is then to be redone by masad_line_careful
+/// with the values at *careful_v (row stride *careful_ldv), which are v itself or, when the kernel
+/// copied v before writing out (which may alias v), that copy.
+///
+/// Fused: queries are read in place (each is read once per block of rows) unless the line is not
+/// whole row blocks; keys are transposed and values copied into the line buffers first: the kernels
+/// sweep them once per block of rows, and read in place at a grid's strides those sweeps would keep
+/// evicting each other from L1. The copy of v also lets out alias v.
+struct MasadLineKernel {
+  template <class Isa, class T>
+  static bool run(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
+                  Index v_step, Index dv, Index L, const T* lw, Index ldl, T* out, Index out_step,
+                  const MasadLineBuffers<T>* ws, const T** careful_v, Index* careful_ldv) {
+    constexpr Index R = MasaLayout<T>::rows, N = simd::lanes<T, Isa>;
+    const Index Lr = masa_round_up(L, R), Ln = masa_round_up(L, N);
+    *careful_v = v;
+    *careful_ldv = v_step;
+    // The logit kernels read whole blocks of rows: a line of whole blocks is read in place, a
+    // ragged one is copied and padded with zero queries.
+    const T* qq = q;
+    Index ldq = q_step;
+    if (Lr != L) {
+      masa_copy_rows(q, q_step, L, dk, ws->q, dk);
+      std::fill(ws->q + L * dk, ws->q + Lr * dk, T(0));
+      qq = ws->q;
+      ldq = dk;
+    }
+    transpose_rows_isa<Isa>(k, k_step, L, dk, ws->kt, ws->ldkt);
+    T* s = ws->logits;
+    if (L <= MasadLine<T, Isa>::max_line) {
+      masa_copy_rows(v, v_step, L, dv, ws->v, ws->ldv);
+      *careful_v = ws->v;  // out may overwrite v (the column pass): the careful path reads the copy
+      *careful_ldv = ws->ldv;
+      masad_softmax_line<Isa>(Ln / N, qq, ldq, dk, ws->kt, ws->ldkt, lw, ldl, s, ws->lds, Lr,
+                              ws->inv_sum);
+      // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
+      return masad_attend_line<Isa>(s, ws->lds, ws->v, ws->ldv, L, ws->inv_sum, out, out_step, Lr,
+                                    L, dv);
+    }
+    // Long lines: the tile kernels, logits through the row pointers of the log-weight tile. The
+    // padded log-weight columns are -inf, so padding logits are -inf: they never win the max and
+    // weigh 0.
+    for (Index i = 0; i < Lr; ++i) ws->lw_rows[i] = lw + i * ldl;
+    masa_logits_isa<Isa>(qq, ldq, ws->kt, ws->ldkt, dk, ws->lw_rows,
+                         static_cast<const T* const*>(nullptr), s, ws->lds, Lr, L, ws->row_max);
+    for (Index i = 0; i < L; ++i) {
+      const T sum = masa_exp_sum_isa<Isa>(s + i * ws->lds, Ln, ws->row_max[i]);
+      ws->inv_sum[i] = sum == T(0) ? T(0) : T(1) / sum;  // 0 only if every logit were -inf
+    }
+    const T* vv = v;
+    Index ldv = v_step;
+    if (masa_round_up(dv, N) != dv) {
+      masa_copy_rows(v, v_step, L, dv, ws->v, ws->ldv);
+      vv = ws->v;
+      ldv = ws->ldv;
+    }
+    // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
+    masa_attend_isa<Isa>(s, ws->lds, vv, ldv, L, static_cast<const T*>(nullptr), ws->acc, ws->lda,
+                         Lr, dv);
+    // Checked before out is written: out may be v itself (the column pass), which the careful
+    // path then still reads.
+    if (!masa_all_finite_isa<Isa>(ws->acc, L * ws->lda) ||
+        !masa_all_finite_isa<Isa>(ws->inv_sum, L))
+      return false;
+    for (Index i = 0; i < L; ++i) {
+      const T* a = ws->acc + i * ws->lda;
+      T* o = out + i * out_step;
+      const T f = ws->inv_sum[i];
+      for (Index c = 0; c < dv; ++c) o[c] = a[c] * f;
+    }
+    return true;
+  }
+};
+
 /// The careful path of one line (docs/math.md §2.6): masa_careful_rows with the line's [L, L]
 /// log-weights lw (row stride ldl). The fast kernels meet a masked key as -inf + q.k and p * v
-/// with p = exp(-inf) (0, or float AVX-512's negligible exp(-86)): with finite inputs a weight of
-/// 0, and with a non-finite key, value or query either still that (a logit -inf, a finite v) or a
-/// non-finite output in the row (a NaN logit gives a NaN exp, as every kernel exp keeps NaN, hence
-/// a NaN row sum; p * Inf is NaN or Inf). So a line whose outputs all come out finite is exact for
-/// every row that does not depend on a bad token, and a line with any non-finite output is redone
-/// here: no scan of the inputs on the fast path. (In the column pass the values are the row
-/// pass's u.)
+/// with p = exp(-inf) = 0: with finite inputs a weight of 0, and with a non-finite key, value or
+/// query either still that (a logit -inf, a finite v) or a non-finite output in the row (a NaN
+/// logit gives a NaN exp, as every kernel exp keeps NaN, hence a NaN row sum; p * Inf is NaN or
+/// Inf). So a line whose outputs all come out finite is exact for every row that does not depend on
+/// a bad token, and a line with any non-finite output is redone here: no scan of the inputs on the
+/// fast path. (In the column pass the values are the row pass's u.)
 template <class T>
 void masad_line_careful(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
                         Index v_step, Index dv, Index L, const T* lw, Index ldl, T* out,
@@ -70,118 +183,29 @@ void masad_line_careful(const T* q, Index q_step, const T* k, Index k_step, Inde
 
 /// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the
 /// line is row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart. out[j,
-/// :] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's [L, L] symmetric
-/// log-weight tile padded with zeros to the kernels' block sizes.
+/// :] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's [L, L]
+/// log-weight tile padded as masad_log_tile pads it. out may alias v. One dispatched kernel call;
+/// a line with a non-finite output is redone on the careful path (docs/math.md §2.6).
 template <class T>
 void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
                 Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out, Index out_step,
                 MasadWorkspace<T>& ws) {
-  constexpr Index R = MasaKernelShape<T>::rows, P = MasaKernelShape<T>::width;
-  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
-  const Index lds = ws.logits.cols(), lda = ws.acc.cols(), ldk = ws.kt.cols();
-  // The logit kernel reads whole blocks of rows: a line of whole blocks is read in place, a ragged
-  // one is copied and padded with zero queries.
-  const T* qq = q;
-  Index ldq = q_step;
-  if (Lr != L) {
-    masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
-    std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
-    qq = ws.q.data();
-    ldq = dk;
-  }
-  transpose_rows(k, k_step, L, dk, ws.kt.data(), ldk);
-  T* s = ws.logits.data();
-  // The padded log-weight columns are -inf, so padding logits are -inf: they never win the max and
-  // weigh 0.
-  using Pk = Eigen::Array<T, P, 1>;
-  const T* lw = log_w.data();
-  const Index ldl = log_w.cols();
-  masa_logits_kernel<T>(
-      qq, ldq, ws.kt.data(), ldk, dk,
-      [lw, ldl](Index i, Index j0) { return Pk(Eigen::Map<const Pk>(lw + i * ldl + j0)); }, s, lds,
-      Lr, L, ws.row_max.data());
-  for (Index i = 0; i < L; ++i) {
-    const T sum = masa_exp_sum(s + i * lds, Lp, ws.row_max(i));
-    ws.inv_sum(i) = sum == T(0) ? T(0) : T(1) / sum;  // 0 only if every logit were -inf; NaN stays
-  }
-  const T* vv = v;
-  Index ldv = v_step;
-  if (dvp != dv) {
-    masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
-    vv = ws.v.data();
-    ldv = dvp;
-  }
-  // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
-  masa_attend_kernel<T>(s, lds, vv, ldv, L, nullptr, ws.acc.data(), lda, Lr, dvp);
-  // Checked before out is written: out may be v itself (the column pass), which the careful path
-  // then still reads.
-  if (!masa_all_finite(ws.acc.data(), L * lda) || !masa_all_finite(ws.inv_sum.data(), L)) {
-    masad_line_careful<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w.data(), log_w.cols(),
-                          out, out_step);
-    return;
-  }
-  for (Index i = 0; i < L; ++i) {
-    const T* a = ws.acc.data() + i * lda;
-    T* o = out + i * out_step;
-    const T f = ws.inv_sum(i);
-    for (Index c = 0; c < dv; ++c) o[c] = a[c] * f;
-  }
-}
-
-/// Whether a line of L tokens goes through the fused kernels.
-template <class T>
-constexpr bool masad_fused_line(Index L) {
-#if defined(EIGEN_VECTORIZE)
-  return L <= MasadPacket<T>::max_line;
-#else
-  (void)L;
-  return false;
-#endif
-}
-
-/// The same line attention as masad_line through the fused kernels of masa_line_kernels.hpp, for
-/// lines of at most MasadPacket<T>::max_line tokens. Queries are read in place (each is read once
-/// per block of rows) unless the line is not whole row blocks; keys are transposed and values
-/// copied into the line buffers first: the kernels sweep them once per block of rows, and read in
-/// place at a grid's strides those sweeps would keep evicting each other from L1. The copy of v
-/// also lets out alias v.
-template <class T>
-void masad_line_fused(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
-                      Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out,
-                      Index out_step, MasadWorkspace<T>& ws) {
-#if defined(EIGEN_VECTORIZE)
-  constexpr Index R = MasaKernelShape<T>::rows, P = MasadPacket<T>::size;
-  const Index Lr = masa_round_up(L, R), Lp = masa_round_up(L, P), dvp = masa_round_up(dv, P);
-  const T* qq = q;
-  Index ldq = q_step;
-  if (Lr != L) {
-    masa_copy_rows(q, q_step, L, dk, ws.q.data(), dk);
-    std::fill(ws.q.data() + L * dk, ws.q.data() + Lr * dk, T(0));
-    qq = ws.q.data();
-    ldq = dk;
-  }
-  transpose_rows(k, k_step, L, dk, ws.kt.data(), ws.kt.cols());
-  masa_copy_rows(v, v_step, L, dv, ws.v.data(), dvp);
-  masad_softmax_line<T>(Lp / P, qq, ldq, dk, ws.kt.data(), ws.kt.cols(), log_w.data(), log_w.cols(),
-                        ws.logits.data(), ws.logits.cols(), Lr, ws.inv_sum.data());
-  // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
-  if (!masad_attend_line<T>(ws.logits.data(), ws.logits.cols(), ws.v.data(), dvp, L,
-                            ws.inv_sum.data(), out, out_step, Lr, L, dv, dvp))
-    // out may have overwritten v (the column pass): the careful path reads the copy in ws.v.
-    masad_line_careful<T>(q, q_step, k, k_step, dk, ws.v.data(), dvp, dv, L, log_w.data(),
+  const MasadLineBuffers<T> b(ws);
+  const T* careful_v = v;
+  Index careful_ldv = v_step;
+  if (!simd::dispatch<MasadLineKernel>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w.data(),
+                                       log_w.cols(), out, out_step, &b, &careful_v, &careful_ldv))
+    masad_line_careful<T>(q, q_step, k, k_step, dk, careful_v, careful_ldv, dv, L, log_w.data(),
                           log_w.cols(), out, out_step);
-#else
-  masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, out, out_step, ws);
-#endif
 }
 
 /// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to
-/// packets]: padding columns -inf (they must weigh 0 and never be a row's max), padding rows 0
-/// (finite, dropped).
+/// the layout width]: padding columns -inf (they must weigh 0 and never be a row's max), padding
+/// rows 0 (finite, dropped).
 template <class T, class Axis>
 Matrix<T> masad_log_tile(const Axis& axis, Index L) {
-  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaKernelShape<T>::rows),
-                                masa_round_up(L, MasaKernelShape<T>::width));
+  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaLayout<T>::rows),
+                                masa_round_up(L, MasaLayout<T>::width));
   w.rightCols(w.cols() - L).setConstant(-std::numeric_limits<T>::infinity());
   axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
   return w;
@@ -209,8 +233,8 @@ void masad_prefetch_rows(const T* p, Index step, Index rows, Index cols) {
   constexpr Index line = static_cast<Index>(64 / sizeof(T));
   for (Index i = 0; i < rows; ++i) {
     const T* r = p + i * step;
-    for (Index c = 0; c < cols; c += line) __builtin_prefetch(r + c, 0, 2);
-    __builtin_prefetch(r + cols - 1, 0, 2);
+    for (Index c = 0; c < cols; c += line) simd::prefetch_l2(r + c);
+    simd::prefetch_l2(r + cols - 1);
   }
 #else
   (void)p;
@@ -247,10 +271,7 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
   const auto line = [&](const T* q, Index q_step, const T* k, Index k_step, const T* v,
                         Index v_step, Index L, const Matrix<T>& log_w, T* o, Index o_step,
                         MasadWorkspace<T>& ws) {
-    if (masad_fused_line<T>(L))
-      masad_line_fused<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
-    else
-      masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
+    masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
   };
   const double work = 2.0 * static_cast<double>(g.batch * heads * N) * static_cast<double>(H + W) *
                       static_cast<double>(dk + dv);
@@ -435,3 +456,7 @@ void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const M
 
 }  // namespace detail
 }  // namespace retention
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
