@@ -5,6 +5,7 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/manhattan/careful_rows.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -193,21 +194,13 @@ EIGEN_DONT_INLINE void attention_backward_careful(const T* q, Index ldq, const T
   const Matrix<A> gd = Strided(g, rows, dv, Eigen::OuterStride<>(ldg)).template cast<A>();
   Matrix<A> dk_acc = Matrix<A>::Zero(keys, dk), dv_acc = Matrix<A>::Zero(keys, dv);
   Eigen::Matrix<A, 1, Eigen::Dynamic> dq_row(dk);
-  const A neg_inf = -std::numeric_limits<A>::infinity();
   std::vector<A> p(static_cast<std::size_t>(keys)), dp(static_cast<std::size_t>(keys));
   std::vector<Index> key(static_cast<std::size_t>(keys));
   StridedOut dQ(dq, rows, dk, Eigen::OuterStride<>(lddq));
   for (Index n = 0; n < rows; ++n) {
-    std::size_t seen = 0;
-    A mx = neg_inf;
-    for (Index m = 0; m < keys; ++m) {
-      const A w = static_cast<A>(log_weight(n, m));
-      if (w == neg_inf) continue;  // masked: skipped
-      const A l = w + qd.row(n).dot(kd.row(m));
-      p[seen] = l;
-      key[seen++] = m;
-      if (std::isnan(l) || l > mx) mx = l;  // once NaN, l > mx is false: mx stays NaN
-    }
+    A mx;
+    const std::size_t seen =
+        careful_row_logits(qd, kd, n, keys, log_weight, p.data(), key.data(), mx);
     if (seen == 0) continue;  // no key: P = 0, nothing to add
     A sum = 0;
     for (std::size_t i = 0; i < seen; ++i) sum += (p[i] = std::exp(p[i] - mx));

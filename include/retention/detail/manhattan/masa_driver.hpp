@@ -6,6 +6,7 @@
 
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
+#include <retention/detail/manhattan/careful_rows.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
 #include <retention/detail/simd/dispatch.hpp>
 #include <retention/detail/threading.hpp>
@@ -183,21 +184,13 @@ EIGEN_DONT_INLINE void masa_careful_rows(const T* q, Index ldq, const T* k, Inde
   const Matrix<A> qd = Strided(q, rows, dk, Eigen::OuterStride<>(ldq)).template cast<A>();
   const Matrix<A> kd = Strided(k, keys, dk, Eigen::OuterStride<>(ldk)).template cast<A>();
   const Matrix<A> vd = Strided(v, keys, dv, Eigen::OuterStride<>(ldv)).template cast<A>();
-  const A neg_inf = -std::numeric_limits<A>::infinity();
   std::vector<A> logit(static_cast<std::size_t>(keys));
   std::vector<Index> key(static_cast<std::size_t>(keys));
   Eigen::Matrix<A, 1, Eigen::Dynamic> acc(dv);
   for (Index n = 0; n < rows; ++n) {
-    std::size_t seen = 0;
-    A mx = neg_inf;
-    for (Index m = 0; m < keys; ++m) {
-      const A w = static_cast<A>(log_weight(n, m));
-      if (w == neg_inf) continue;  // masked: skipped
-      const A l = w + qd.row(n).dot(kd.row(m));
-      logit[seen] = l;
-      key[seen++] = m;
-      if (std::isnan(l) || l > mx) mx = l;  // once NaN, l > mx is false: mx stays NaN
-    }
+    A mx;
+    const std::size_t seen =
+        careful_row_logits(qd, kd, n, keys, log_weight, logit.data(), key.data(), mx);
     T* o = out + n * ldo;
     if (seen == 0) {
       std::fill(o, o + dv, T(0));
