@@ -234,6 +234,24 @@ template <class Isa, class T>
   return finite;
 }
 
+/// masad_softmax_line and masad_attend_line as kernels of their own (simd::call): inlined together
+/// into one line kernel, their row pointers and strides did not fit the registers and were
+/// reloaded from the stack inside the product loops.
+struct MasadSoftmaxLine {
+  template <class Isa, class T>
+  static void run(Index np, const T* q, Index ldq, Index dk, const T* kt, Index ldk, const T* lw,
+                  Index ldl, T* p, Index ldp, Index rows, T* inv_sum) {
+    masad_softmax_line<Isa>(np, q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum);
+  }
+};
+struct MasadAttendLine {
+  template <class Isa, class T>
+  static bool run(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum, T* out,
+                  Index out_step, Index rows, Index rows_valid, Index dv) {
+    return masad_attend_line<Isa>(p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, dv);
+  }
+};
+
 }  // namespace detail
 }  // namespace retention
 

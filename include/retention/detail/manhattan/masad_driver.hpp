@@ -123,11 +123,12 @@ struct MasadLineKernel {
       masa_copy_rows(v, v_step, L, dv, ws->v, ws->ldv);
       *careful_v = ws->v;  // out may overwrite v (the column pass): the careful path reads the copy
       *careful_ldv = ws->ldv;
-      masad_softmax_line<Isa>(Ln / N, qq, ldq, dk, ws->kt, ws->ldkt, lw, ldl, s, ws->lds, Lr,
-                              ws->inv_sum);
+      simd::call<Isa, MasadSoftmaxLine>(Index(Ln / N), qq, ldq, dk, static_cast<const T*>(ws->kt),
+                                        ws->ldkt, lw, ldl, s, ws->lds, Lr, ws->inv_sum);
       // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
-      return masad_attend_line<Isa>(s, ws->lds, ws->v, ws->ldv, L, ws->inv_sum, out, out_step, Lr,
-                                    L, dv);
+      return simd::call<Isa, MasadAttendLine>(
+          static_cast<const T*>(s), ws->lds, static_cast<const T*>(ws->v), ws->ldv, L,
+          static_cast<const T*>(ws->inv_sum), out, out_step, Lr, L, dv);
     }
     // Long lines: the tile kernels, logits through the row pointers of the log-weight tile. The
     // padded log-weight columns are -inf, so padding logits are -inf: they never win the max and
