@@ -7,7 +7,8 @@
 // with w_m = sum_{n >= m} gamma^(n-m) beta_n q_n + gamma^(T-1-m) dz_final. The first terms are
 // causal retentions: queries Gu, keys V, values K from S_init^T; and, in reversed time (m' =
 // T-1-m; the weight gamma^(n-m) depends on the distance only, so the reversed problem has the same
-// mask), queries V, keys Gu, values Q, and queries K, keys Q, values Gu. A reversed row m' sees an
+// mask), queries V, keys Gu, values Q, and queries K, keys Q, values Gu. These two share one state
+// up to a transpose and run as one sweep (chunkwise_reversed_pair). A reversed row m' sees an
 // initial state with weight gamma^(m'+1), so dS_final / gamma as initial state gives the
 // gamma^(T-1-m) dS_final terms, and gamma times the dK retention's final state is dS_init^T
 // (sum_n gamma^(n+1) Q_n^T Gu_n + gamma^T dS_final). Small gammas, where 1 / gamma could
@@ -16,20 +17,200 @@
 // q_n . z_n and the beta_n z_n^T rows, w_m (backward) the w rows and dz_init = gamma w_0. The row
 // factors need u_n: one forward retention of Q, K, V from S_init (normalisation none), written
 // into dV, which the dV retention overwrites last. Nothing of size T x d is allocated: the
-// reversed operands are views, Gu is a lazy row scaling of G.
+// reversed sweep gathers its chunks in reverse order, Gu is a lazy row scaling of G.
 #pragma once
 
 #include <retention/chunkwise.hpp>
 #include <retention/decay.hpp>
 #include <retention/detail/retention/backward_kernels.hpp>
+#include <retention/detail/retention/chunk_kernels.hpp>
+#include <retention/detail/simd/transpose.hpp>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace retention {
 namespace detail {
 
 /// Largest gamma whose final-state terms are added row by row instead of through dS_final / gamma.
 constexpr double backward_divide_min_gamma = 0.5;
+
+/// Rows first + L - 1 down to first of x into dst's first L rows: a chunk of a reversed sweep,
+/// gathered as gather_chunk_rows does (a negative row stride for CopyRowsKernel).
+template <class T, class Derived>
+void gather_chunk_rows_reversed(const Eigen::MatrixBase<Derived>& x, Index first, Index L,
+                                Matrix<T>& dst) {
+  if constexpr ((int(Derived::Flags) & Eigen::DirectAccessBit) &&
+                (int(Derived::Flags) & Eigen::RowMajorBit) && !Derived::IsVectorAtCompileTime &&
+                std::is_same_v<typename Derived::Scalar, T>) {
+    const Derived& d = x.derived();
+    if (d.innerStride() == 1) {
+      const Index os = d.outerStride();
+      simd::dispatch<CopyRowsKernel>(d.data() + (first + L - 1) * os, -os, L, Index(d.cols()),
+                                     dst.data(), Index(dst.cols()));
+      return;
+    }
+  }
+  dst.topRows(L) = x.middleRows(first, L).colwise().reverse();
+}
+
+/// x's rows first + L - 1 down to first = src's first L rows (inverse of
+/// gather_chunk_rows_reversed).
+template <class T, class Derived>
+void scatter_chunk_rows_reversed(const Matrix<T>& src, Index first, Index L, Derived& x) {
+  using Plain = std::decay_t<Derived>;
+  if constexpr ((int(Plain::Flags) & Eigen::DirectAccessBit) &&
+                (int(Plain::Flags) & Eigen::RowMajorBit) && !Plain::IsVectorAtCompileTime &&
+                std::is_same_v<typename Plain::Scalar, T>) {
+    if (x.innerStride() == 1) {
+      const Index os = x.outerStride();
+      simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()),
+                                     x.data() + (first + L - 1) * os, -os);
+      return;
+    }
+  }
+  x.middleRows(first, L).colwise().reverse() = src.topRows(L);
+}
+
+/// The dK and dV retentions of chunkwise_backward_by_retention in one sweep. Both run in reversed
+/// time (row m' = T-1-m) on the same chunks, and the dV retention's state (keys Q, values Gu) is
+/// the transpose of the dK retention's (keys Gu, values Q), so one state R [dv, dk] serves both
+/// and is updated once per chunk instead of twice. V, Gu, Q, K and the outputs dK, dV are in
+/// time order; chunks are gathered reversed. R starts at *init_R (nullptr: zero); final_R, if set,
+/// receives R after the last chunk. A chunk whose keys or values (Gu, Q) hold an Inf or NaN takes
+/// the exact path of chunkwise_same_type: its products never read past the diagonal.
+template <class T, class DV, class DG, class DQ, class DK, class OK, class OV>
+void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::MatrixBase<DG>& Gu,
+                             const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                             const CausalDecay& decay, Index chunk, OK& dK, OV& dV,
+                             const Matrix<T>* init_R, Matrix<T>* final_R) {
+  const Index T_len = V.rows(), dk = Q.cols(), dv = V.cols();
+  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
+  constexpr Index P = simd::max_lanes<T>;
+  const Index Cp = (C + P - 1) / P * P;
+  // State rows padded by a cache line when they fill whole 512-byte multiples (as in
+  // chunkwise_same_type): otherwise a column block of the state maps to a few L1 sets.
+  constexpr Index line = 64 / static_cast<Index>(sizeof(T));
+  const auto padded = [](Index n) {
+    return (n * static_cast<Index>(sizeof(T))) % 512 == 0 ? n + line : n;
+  };
+  Matrix<T> Vc(C, dv), Gc(C, dv), Qc(C, dk), Kc(C, dk), Ok(C, dk), Ov(C, dv), Gw(C, dv);
+  // Transposed keys and score tiles start at zero: the kernels read entries they never write.
+  Matrix<T> Gt = Matrix<T>::Zero(dv, Cp), Qt = Matrix<T>::Zero(dk, Cp);
+  Matrix<T> A1 = Matrix<T>::Zero(C, Cp), A2 = Matrix<T>::Zero(C, Cp);
+  const Index ldr = padded(dk), ldrt = padded(dv);
+  Matrix<T> R_store(dv, ldr), Rt_store(dk, ldrt);
+  auto R = R_store.leftCols(dk);
+  auto Rt = Rt_store.leftCols(dv);
+  bool state_nonzero = init_R != nullptr;
+  if (init_R)
+    R = *init_R;
+  else
+    R.setZero();
+
+  Matrix<T> D = Matrix<T>::Zero(C, Cp);
+  decay.weights_into(0, 0, D.leftCols(C));
+  const Vector<T> qf = decay.template query_factors<T>(C);
+  Vector<T> kf = decay.template key_factors<T>(C);
+  const T gC = static_cast<T>(decay.chunk_factor(C));
+
+  for (Index i0 = 0; i0 < T_len; i0 += C) {
+    const Index L = std::min(C, T_len - i0);
+    const Index first = T_len - i0 - L;  // the chunk's first row in time order
+    if (L != C) kf = decay.template key_factors<T>(L);
+    const T gL = L == C ? gC : static_cast<T>(decay.chunk_factor(L));
+    gather_chunk_rows_reversed(V, first, L, Vc);
+    gather_chunk_rows_reversed(Gu, first, L, Gc);
+    gather_chunk_rows_reversed(Q, first, L, Qc);
+    gather_chunk_rows_reversed(K, first, L, Kc);
+    if (first > 0) {
+      // The next chunk (the rows before this one) arrives while this one computes.
+      const Index L_next = std::min(C, first), n = first - L_next;
+      prefetch_chunk_rows(V, n, L_next);
+      prefetch_chunk_rows(Gu, n, L_next);
+      prefetch_chunk_rows(Q, n, L_next);
+      prefetch_chunk_rows(K, n, L_next);
+      prefetch_chunk_rows(dK, n, L_next);
+      prefetch_chunk_rows(dV, n, L_next);
+    }
+    Gw.topRows(L).noalias() = kf.head(L).asDiagonal() * Gc.topRows(L);
+    // The dV retention reads the state before this chunk's update, transposed.
+    if (state_nonzero) transpose_rows(R.data(), ldr, dv, dk, Rt.data(), ldrt);
+    const bool safe = has_nonfinite(Gc.topRows(L)) || has_nonfinite(Qc.topRows(L));
+
+    // dV: queries K, keys Q, values Gu, state R^T (read only).
+    ChunkOperands<T> v;
+    v.q = Kc.data();
+    v.k = Qc.data();
+    v.kt = Qt.data();
+    v.d = D.data();
+    v.a = A2.data();
+    v.ld = Cp;
+    v.kw = nullptr;
+    v.v = Gc.data();
+    v.s = Rt.data();
+    v.qf = state_nonzero ? qf.data() : nullptr;
+    v.norm = nullptr;
+    v.o = Ov.data();
+    v.row_sum = nullptr;
+    v.ldq = dk;
+    v.ldv = dv;
+    v.lds = ldrt;
+    v.ldo = dv;
+    v.rows = L;
+    v.dk = dk;
+    v.dv = dv;
+    v.beta = gL;
+    v.zero_state = !state_nonzero;
+    v.outputs = true;
+    v.update_state = false;
+    // dK: queries V, keys Gu, values Q, state R (read, then updated).
+    ChunkOperands<T> k = v;
+    k.q = Vc.data();
+    k.k = Gc.data();
+    k.kt = Gt.data();
+    k.a = A1.data();
+    k.kw = Gw.data();
+    k.v = Qc.data();
+    k.s = R.data();
+    k.o = Ok.data();
+    k.ldq = dv;
+    k.ldv = dk;
+    k.lds = ldr;
+    k.ldo = dk;
+    k.dk = dv;
+    k.dv = dk;
+    k.update_state = true;
+    if (!safe) {
+      simd::dispatch<ChunkScoresKernel>(static_cast<const ChunkOperands<T>*>(&v));
+      simd::dispatch<ChunkColumnsKernel>(static_cast<const ChunkOperands<T>*>(&v));
+      simd::dispatch<ChunkScoresKernel>(static_cast<const ChunkOperands<T>*>(&k));
+    } else {
+      // Row j from its own prefix only, the state read before the update below.
+      for (Index j = 0; j < L; ++j) {
+        auto a2 = A2.row(j).head(j + 1);
+        a2.noalias() = Kc.row(j) * Qc.topRows(j + 1).transpose();
+        a2.array() *= D.row(j).head(j + 1).array();
+        auto ov = Ov.row(j);
+        ov.noalias() = a2 * Gc.topRows(j + 1);
+        if (state_nonzero) ov.noalias() += qf(j) * (Kc.row(j) * Rt);
+        auto a1 = A1.row(j).head(j + 1);
+        a1.noalias() = Vc.row(j) * Gc.topRows(j + 1).transpose();
+        a1.array() *= D.row(j).head(j + 1).array();
+        auto ok = Ok.row(j);
+        ok.noalias() = a1 * Qc.topRows(j + 1);
+        if (state_nonzero) ok.noalias() += qf(j) * (Vc.row(j) * R);
+      }
+      k.outputs = false;
+    }
+    simd::dispatch<ChunkColumnsKernel>(static_cast<const ChunkOperands<T>*>(&k));
+
+    scatter_chunk_rows_reversed(Ok, first, L, dK);
+    scatter_chunk_rows_reversed(Ov, first, L, dV);
+    state_nonzero = true;
+  }
+  if (final_R) *final_R = R;
+}
 
 /// Chunkwise backward of one CausalDecay head (state in the inputs' type) into dQ, dK [T, dk] and
 /// dV [T, dv], T >= 1; the inputs are checked. Extra memory O(T + dk dv) besides the forward
@@ -82,19 +263,11 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
     }
   }
 
-  // dS_final / gamma as the reversed retentions' initial states.
+  // dS_final^T / gamma as the reversed sweep's initial state R.
   const bool divided = fgrad != nullptr && divide;
-  RetentionState<T> init_k, init_v;
-  if (divided) {
-    const T inv = static_cast<T>(1.0 / gamma);
-    init_k.S = inv * fgrad->S.transpose();
-    init_k.z = Vector<T>::Zero(dv);
-    init_v.S = inv * fgrad->S;
-    init_v.z = Vector<T>::Zero(dk);
-  }
-  RetentionState<T> final_k;
+  Matrix<T> init_R, final_R;
+  if (divided) init_R = static_cast<T>(1.0 / gamma) * fgrad->S.transpose();
 
-  auto reversed = [](const auto& x) { return x.colwise().reverse(); };
   auto run = [&](const auto& Gu) {
     RetentionState<T> init_q;
     if (init) {
@@ -103,13 +276,8 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
     }
     chunkwise_same_type(Gu, V, K, decay, chunk, dQ, Normalization::none, 0,
                         init ? &init_q : nullptr, no_state);
-    auto dK_rev = dK.colwise().reverse();
-    chunkwise_same_type(reversed(V), reversed(Gu), reversed(Q), decay, chunk, dK_rev,
-                        Normalization::none, 0, divided ? &init_k : nullptr,
-                        args.d_init ? &final_k : no_state);
-    auto dV_rev = dV.colwise().reverse();
-    chunkwise_same_type(reversed(K), reversed(Q), reversed(Gu), decay, chunk, dV_rev,
-                        Normalization::none, 0, divided ? &init_v : nullptr, no_state);
+    chunkwise_reversed_pair<T>(V, Gu, Q, K, decay, chunk, dK, dV, divided ? &init_R : nullptr,
+                               args.d_init ? &final_R : nullptr);
   };
   if (normalize)
     run(a.asDiagonal() * G);
@@ -143,7 +311,7 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
 
   if (args.d_init) {
     const T g = static_cast<T>(gamma);
-    Matrix<T> dS = g * final_k.S.transpose();
+    Matrix<T> dS = g * final_R.transpose();
     Vector<T> dz = (gamma * w).template cast<T>();
     if (fgrad && !divide) dS += static_cast<T>(decay.chunk_factor(T_len)) * fgrad->S;
     args.d_init->S = std::move(dS);

@@ -249,6 +249,28 @@ void gather_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L, M
   dst.topRows(L) = x.middleRows(i0, L);
 }
 
+/// Asks for rows [i0, i0 + L) of x into L2 ahead of gather_chunk_rows (or, with write, of
+/// scatter_chunk_rows). In the multi-head layout a head's consecutive rows lie H D elements apart,
+/// a page apart for 8 heads of 128 floats, where the hardware prefetchers do not follow, so
+/// without this every row of a gather waits for memory.
+template <class Derived>
+void prefetch_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L) {
+  using Plain = std::decay_t<Derived>;
+  if constexpr ((int(Plain::Flags) & Eigen::DirectAccessBit) &&
+                (int(Plain::Flags) & Eigen::RowMajorBit) && !Plain::IsVectorAtCompileTime) {
+    using T = typename Plain::Scalar;
+    const Plain& d = x.derived();
+    if (d.innerStride() != 1 || L <= 0) return;
+    constexpr Index line = 64 / static_cast<Index>(sizeof(T));
+    const Index cols = d.cols(), os = d.outerStride();
+    for (Index i = i0; i < i0 + L; ++i) {
+      const T* r = d.data() + i * os;
+      for (Index c = 0; c < cols; c += line) simd::prefetch_l2(r + c);
+      simd::prefetch_l2(r + cols - 1);
+    }
+  }
+}
+
 /// x's rows [i0, i0 + L) = src's first L rows (src contiguous), as gather_chunk_rows.
 template <class T, class Derived>
 void scatter_chunk_rows(const Matrix<T>& src, Index i0, Index L, Derived& x) {
@@ -285,6 +307,7 @@ struct ChunkOperands {
   T beta;           ///< gamma^rows, the state's decay over the chunk
   bool zero_state;  ///< S starts at 0
   bool outputs;     ///< whether the column kernel writes the outputs too
+  bool update_state = true;  ///< whether it updates S (the backward's dV pass only reads it)
 };
 
 /// K^T and the masked score tile of one chunk.
@@ -316,8 +339,8 @@ struct ChunkStateBlock {
   }
 };
 
-/// The outputs (when c->outputs) and the state update of one chunk, one block of dv columns at a
-/// time, so each block of S is read from L2 once per chunk and reused from L1. Each block kernel is
+/// The outputs (when c->outputs) and the state update (when c->update_state) of one chunk, one
+/// block of dv columns at a time, so each block of S is read from L2 once per chunk and reused from L1. Each block kernel is
 /// a function of its own (simd::call).
 struct ChunkColumnsKernel {
   template <class Isa, class T>
@@ -326,7 +349,7 @@ struct ChunkColumnsKernel {
         c->dv, [&](auto w_tag, auto np_tag, Index j0) __attribute__((always_inline)) {
           constexpr int W = decltype(w_tag)::value, NP = decltype(np_tag)::value;
           if (c->outputs) simd::call<Isa, ChunkOutputBlock<W, NP>>(c, j0);
-          simd::call<Isa, ChunkStateBlock<W, NP>>(c, j0);
+          if (c->update_state) simd::call<Isa, ChunkStateBlock<W, NP>>(c, j0);
         });
   }
 };
