@@ -15,6 +15,38 @@
 namespace retention {
 namespace detail {
 
+/// For its lifetime, Eigen's products on the calling thread run single-threaded.
+///
+/// Why: with OpenMP enabled, Eigen splits every product above a small size over all threads. A
+/// single-head kernel runs hundreds of small products one after another; waking a team for each
+/// costs more than the product, and a team that waits for a busy core makes the kernel many times
+/// slower. Parallelism belongs one level up, over (batch, head) pairs. Eigen reads its thread count
+/// from omp_get_max_threads() (unless the user fixed it with Eigen::setNbThreads), which is this
+/// thread's own setting, so changing it here affects no other thread and is restored on exit.
+class SerialEigenScope {
+ public:
+  SerialEigenScope() {
+#if defined(_OPENMP)
+    if (!omp_in_parallel()) {
+      saved_ = omp_get_max_threads();
+      if (saved_ > 1) omp_set_num_threads(1);
+    }
+#endif
+  }
+  ~SerialEigenScope() {
+#if defined(_OPENMP)
+    if (saved_ > 1) omp_set_num_threads(saved_);
+#endif
+  }
+  SerialEigenScope(const SerialEigenScope&) = delete;
+  SerialEigenScope& operator=(const SerialEigenScope&) = delete;
+
+ private:
+#if defined(_OPENMP)
+  int saved_ = 0;  // the caller's thread count while it is lowered to 1; 0 = nothing changed
+#endif
+};
+
 /// Work (in flops, or flop-equivalents) below which a task is not worth a thread: about a few
 /// hundred microseconds of one core. A team waits at its end for its slowest member, and on a
 /// shared machine a member may not be scheduled for a whole time slice (milliseconds), so a team
@@ -52,6 +84,8 @@ inline int team_size(int requested, Index tasks, double total_flops) {
 template <class Task>
 void parallel_tasks(int team, Index tasks, Task&& task) {
   if (team <= 1 || tasks <= 1) {
+    // One thread means one: Eigen would otherwise spread the tasks' products over its own team.
+    const SerialEigenScope serial;
     for (Index i = 0; i < tasks; ++i) task(i);
     return;
   }
@@ -80,6 +114,7 @@ void parallel_tasks(int team, Index tasks, Task&& task) {
 template <class Region>
 void parallel_region(int team, Region&& region) {
   if (team <= 1) {
+    const SerialEigenScope serial;  // as in parallel_tasks
     region(0, 1);
     return;
   }
@@ -105,6 +140,7 @@ void parallel_region(int team, Region&& region) {
 template <class Make, class Body>
 void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
   if (team <= 1 || tasks <= 1) {
+    const SerialEigenScope serial;  // as in parallel_tasks
     auto ws = make();
     for (Index i = 0; i < tasks; ++i) body(i, ws);
     return;
@@ -124,38 +160,6 @@ inline void check_threads(const char* function, const char* name, int threads) {
     fail(function,
          std::string(name) + " must be >= 0 (0 = default), got " + std::to_string(threads));
 }
-
-/// For its lifetime, Eigen's products on the calling thread run single-threaded.
-///
-/// Why: with OpenMP enabled, Eigen splits every product above a small size over all threads. A
-/// single-head kernel runs hundreds of small products one after another; waking a team for each
-/// costs more than the product, and a team that waits for a busy core makes the kernel many times
-/// slower. Parallelism belongs one level up, over (batch, head) pairs. Eigen reads its thread count
-/// from omp_get_max_threads() (unless the user fixed it with Eigen::setNbThreads), which is this
-/// thread's own setting, so changing it here affects no other thread and is restored on exit.
-class SerialEigenScope {
- public:
-  SerialEigenScope() {
-#if defined(_OPENMP)
-    if (!omp_in_parallel()) {
-      saved_ = omp_get_max_threads();
-      if (saved_ > 1) omp_set_num_threads(1);
-    }
-#endif
-  }
-  ~SerialEigenScope() {
-#if defined(_OPENMP)
-    if (saved_ > 1) omp_set_num_threads(saved_);
-#endif
-  }
-  SerialEigenScope(const SerialEigenScope&) = delete;
-  SerialEigenScope& operator=(const SerialEigenScope&) = delete;
-
- private:
-#if defined(_OPENMP)
-  int saved_ = 0;  // the caller's thread count while it is lowered to 1; 0 = nothing changed
-#endif
-};
 
 }  // namespace detail
 }  // namespace retention
