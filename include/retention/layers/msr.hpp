@@ -61,6 +61,7 @@ struct MsrState {
 
   struct Workspace {
     RowVector<T> p, o;  // the fused projection [q | k | v | g] of one token, the heads' outputs
+    RowVector<T> x, y;  // copies of step_into's x_t and y when they are not contiguous rows
     StepWorkspace<T> step;
   } work;
 
@@ -84,6 +85,7 @@ struct MsrState {
 template <class T>
 struct MsrBatchWorkspace {
   Matrix<T> x, p, o;  // [capacity, d] converted inputs, [capacity, 2d + 2dv], [capacity, dv]
+  Matrix<T> y;        // [capacity, d] outputs when the caller's y is not row-major
   std::vector<RetentionState<T>*> heads;
   std::vector<const void*> sorted;
   VarlenStepWorkspace<T> step;
@@ -103,21 +105,7 @@ class MultiScaleRetention {
   using State = MsrState<T>;
 
   /// A layer with all weights (and biases) zero; load them with load().
-  explicit MultiScaleRetention(MsrConfig config)
-      : config_(validated(std::move(config))),
-        theta_(config_.embed_dim / config_.heads),
-        masks_(causal_masks(config_.gammas)) {
-    detail::assert_scalar<T>();
-    dk_ = config_.embed_dim / config_.heads;
-    dv_ = config_.value_dim / config_.heads;
-    const Index d = config_.embed_dim, dvt = config_.value_dim;
-    q_proj_ = Linear<T>(d, d, config_.biases);
-    k_proj_ = Linear<T>(d, d, config_.biases);
-    v_proj_ = Linear<T>(d, dvt, config_.biases);
-    g_proj_ = Linear<T>(d, dvt, config_.biases);
-    out_proj_ = Linear<T>(dvt, d, config_.biases);
-    fuse();
-  }
+  explicit MultiScaleRetention(MsrConfig config);
 
   const MsrConfig& config() const { return config_; }
   Index embed_dim() const { return config_.embed_dim; }
@@ -156,32 +144,20 @@ class MultiScaleRetention {
 
   /// Deterministic initialisation for examples and benchmarks: every weight (and bias) uniform in
   /// [-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from mt19937_64(seed).
-  void init_random(std::uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    for (Linear<T>* l : {&q_proj_, &k_proj_, &v_proj_, &g_proj_, &out_proj_}) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(l->in_features()));
-      std::uniform_real_distribution<double> dist(-bound, bound);
-      Matrix<T> w(l->out_features(), l->in_features());
-      for (Index i = 0; i < w.size(); ++i) w.data()[i] = static_cast<T>(dist(rng));
-      l->set_weight(w);
-      if (l->has_bias()) {
-        RowVector<T> b(l->out_features());
-        for (Index i = 0; i < b.size(); ++i) b(i) = static_cast<T>(dist(rng));
-        l->set_bias(b);
-      }
-    }
-    fuse();
-  }
+  void init_random(std::uint64_t seed);
 
   /// Whole-sequence forward, x [T, d] -> y [T, d], positions 0..T-1, in config().form.
   template <class D>
   Matrix<T> forward(const Eigen::MatrixBase<D>& x) const {
-    return run("MultiScaleRetention::forward", x, 1, config_.form, config_.chunk, nullptr);
+    detail::assert_same_scalar<T, typename D::Scalar>();
+    return run("MultiScaleRetention::forward", x.derived(), 1, config_.form, config_.chunk,
+               nullptr);
   }
   /// forward() in the given form (chunk = chunk length of the chunkwise form, 0 = automatic).
   template <class D>
   Matrix<T> forward(const Eigen::MatrixBase<D>& x, Form form, Index chunk = 0) const {
-    return run("MultiScaleRetention::forward", x, 1, form, chunk, nullptr);
+    detail::assert_same_scalar<T, typename D::Scalar>();
+    return run("MultiScaleRetention::forward", x.derived(), 1, form, chunk, nullptr);
   }
 
   /// Batched forward of B sequences of equal length T stacked sequence-major: x [B*T, d], rows
@@ -190,18 +166,13 @@ class MultiScaleRetention {
   template <class D>
   Matrix<T> forward_batch(const Eigen::MatrixBase<D>& x, Index batch, Form form = Form::chunkwise,
                           Index chunk = 0) const {
-    return run("MultiScaleRetention::forward_batch", x, batch, form, chunk, nullptr);
+    detail::assert_same_scalar<T, typename D::Scalar>();
+    return run("MultiScaleRetention::forward_batch", x.derived(), batch, form, chunk, nullptr);
   }
 
   /// A zero decoding state at position 0 (one RetentionState [dk, dv] per head), with its step
   /// scratch sized.
-  State make_state() const {
-    State s;
-    s.heads.assign(static_cast<std::size_t>(config_.heads), RetentionState<T>(dk_, dv_));
-    s.position = 0;
-    size_workspace(s);
-    return s;
-  }
+  State make_state() const;
 
   /// Consumes a prompt x [T, d] in any form, starting at state.position, and returns its output
   /// [T, d]; `state` advances to state.position + T, ready for step() or another prefill. Equal
@@ -209,9 +180,8 @@ class MultiScaleRetention {
   template <class D>
   Matrix<T> prefill(const Eigen::MatrixBase<D>& x, State& state, Form form = Form::chunkwise,
                     Index chunk = 0) const {
-    const char* fn = "MultiScaleRetention::prefill";
-    check_state(fn, state);
-    return run(fn, x, 1, form, chunk, &state);
+    detail::assert_same_scalar<T, typename D::Scalar>();
+    return prefill_impl(x.derived(), state, form, chunk);
   }
 
   /// One decoding step: x_t [1, d] at position state.position -> y_t [1, d]; state advances by one.
@@ -227,31 +197,34 @@ class MultiScaleRetention {
   /// is sized (make_state() does it). If it throws (only the checks can), `state` is unchanged.
   template <class D, class DOut>
   void step_into(const Eigen::MatrixBase<D>& x_t, State& state, DOut&& y) const {
+    using Out = std::remove_reference_t<DOut>;
     detail::assert_same_scalar<T, typename D::Scalar>();
     detail::assert_same_scalar<T, typename std::decay_t<DOut>::Scalar>();
+    static_assert(!std::is_const<Out>::value, "retention: step_into writes into y");
     const char* fn = "MultiScaleRetention::step";
-    const Index d = config_.embed_dim, dvt = config_.value_dim, H = config_.heads;
-    detail::check_shape(fn, "x_t", x_t, 1, d);
-    detail::check_shape(fn, "out", y, 1, d);
-    check_state(fn, state);
-    if (state.position > std::numeric_limits<Index>::max() - 1)
-      detail::fail(fn, "state.position would overflow");
-    size_workspace(state);
-    auto& w = state.work;
-    fused_.forward_into(x_t, w.p);
-    const Index ld = w.p.size();
-    theta_.apply_pair(w.p.middleCols(0, d), w.p.middleCols(d, d), state.position);
-    const T* p = w.p.data();
-    // One token's heads are small (dk * dv each): the thread rule keeps them on this thread unless
-    // the heads together are large.
-    multi_head_step(HeadsView<const T>{p, 1, 1, H, dk_, ld, ld, dk_},
-                    HeadsView<const T>{p + d, 1, 1, H, dk_, ld, ld, dk_},
-                    HeadsView<const T>{p + 2 * d, 1, 1, H, dv_, ld, ld, dv_},
-                    heads_view(w.o.data(), 1, 1, H, dv_), masks_, state.heads,
-                    config_.normalization, config_.threads, &w.step);
-    norm_and_gate(w.o, w.p.middleCols(2 * d + dvt, dvt), 1);
-    out_proj_.forward_into(w.o, y);
-    state.position += 1;
+    detail::check_shape(fn, "x_t", x_t, 1, config_.embed_dim);
+    detail::check_shape(fn, "out", y, 1, config_.embed_dim);
+    // Types whose compile-time shape cannot be one row never get here (check_shape threw).
+    if constexpr (can_be_row<D> && can_be_row<Out>) {
+      // Contiguous rows go through as they are; strided ones (a row of a column-major matrix)
+      // through the state's scratch rows, so that no call allocates once those are sized.
+      auto& w = state.work;
+      const auto with_input = [&](const InRow& xr) {
+        if constexpr (std::is_constructible<OutRow, Out&>::value) {
+          step_impl(xr, state, OutRow(y));
+        } else {
+          w.y.resize(config_.embed_dim);
+          step_impl(xr, state, w.y);
+          y = w.y;
+        }
+      };
+      if constexpr (contiguous_rows<D>) {
+        with_input(x_t.derived());
+      } else {
+        w.x = x_t;
+        with_input(w.x);
+      }
+    }
   }
 
   using BatchWorkspace = MsrBatchWorkspace<T>;
@@ -267,53 +240,39 @@ class MultiScaleRetention {
   void step_batch(const Eigen::MatrixBase<D>& x, const std::vector<State*>& states, DOut&& y,
                   BatchWorkspace& work) const {
     using S = typename D::Scalar;
+    using Out = std::remove_reference_t<DOut>;
     static_assert(std::is_same<S, T>::value || std::is_same<S, Eigen::bfloat16>::value ||
                       std::is_same<S, Eigen::half>::value,
                   "retention: step_batch inputs are the layer's scalar, Eigen::bfloat16 or "
                   "Eigen::half");
     detail::assert_same_scalar<T, typename std::decay_t<DOut>::Scalar>();
+    static_assert(!std::is_const<Out>::value, "retention: step_batch writes into y");
     const char* fn = "MultiScaleRetention::step_batch";
-    const Index d = config_.embed_dim, dvt = config_.value_dim, H = config_.heads;
+    const Index d = config_.embed_dim;
     const Index B = static_cast<Index>(states.size());
     detail::check_positive(fn, "states.size()", B);
     detail::check_shape(fn, "x", x, B, d);
     detail::check_shape(fn, "out", y, B, d);
-    detail::check_distinct_states(fn, states, "states", work.sorted);
-    for (Index b = 0; b < B; ++b) {
-      const State& s = *states[static_cast<std::size_t>(b)];
-      check_state(fn, s);
-      if (s.position > std::numeric_limits<Index>::max() - 1)
-        detail::fail(fn, "states[" + std::to_string(b) + "].position would overflow");
-    }
-    const Index width = 2 * d + 2 * dvt;
-    if (work.p.rows() < B || work.p.cols() != width) work.p.resize(B, width);
-    if (work.o.rows() < B || work.o.cols() != dvt) work.o.resize(B, dvt);
-    work.heads.resize(static_cast<std::size_t>(B * H));
-    auto p = work.p.topRows(B);
-    auto o = work.o.topRows(B);
-    if constexpr (std::is_same<S, T>::value) {
-      project_tokens(fused_, x, p);
+    const auto with_input = [&](const InRows& xr) {
+      if constexpr (std::is_constructible<OutRows, Out&>::value) {
+        step_batch_impl(xr, states, OutRows(y), work);
+      } else {  // y is column-major or strided: through work.y
+        if (work.y.rows() < B || work.y.cols() != d) work.y.resize(B, d);
+        step_batch_impl(xr, states, work.y.topRows(B), work);
+        y = work.y.topRows(B);
+      }
+    };
+    // Rows of T that a Ref views as they are go straight through; 16-bit, column-major or strided
+    // rows are converted into work.x first (widened exactly), which allocates only when the batch
+    // outgrows it.
+    if constexpr (views_as_rows<D>) {
+      with_input(x.derived());
     } else {
       if (work.x.rows() < B || work.x.cols() != d) work.x.resize(B, d);
       auto xt = work.x.topRows(B);
       xt = x.template cast<T>();
-      project_tokens(fused_, xt, p);
+      with_input(xt);
     }
-    for (Index b = 0; b < B; ++b) {
-      State& s = *states[static_cast<std::size_t>(b)];
-      theta_.apply_pair(p.block(b, 0, 1, d), p.block(b, d, 1, d), s.position);
-      for (Index h = 0; h < H; ++h)
-        work.heads[static_cast<std::size_t>(b * H + h)] = &s.heads[static_cast<std::size_t>(h)];
-    }
-    const T* base = p.data();
-    varlen_step(HeadsView<const T>{base, B, 1, H, dk_, width, width, dk_},
-                HeadsView<const T>{base + d, B, 1, H, dk_, width, width, dk_},
-                HeadsView<const T>{base + 2 * d, B, 1, H, dv_, width, width, dv_},
-                heads_view(o.data(), B, 1, H, dv_), masks_, work.heads, config_.normalization,
-                config_.threads, &work.step);
-    norm_and_gate(o, p.rightCols(dvt), B);
-    project_tokens(out_proj_, o, y);
-    for (State* s : states) s->position += 1;
   }
 
   /// step_batch() returning y [B, d], with a workspace of its own (allocates on every call).
@@ -331,70 +290,49 @@ class MultiScaleRetention {
   /// [total, d], each prompt's rows equal to prefill() of that prompt alone; every state advances
   /// by its prompt's length. If it throws, no state changes.
   template <class D>
-  Matrix<T> prefill_packed(const Eigen::MatrixBase<D>& x_in, const std::vector<Index>& cu_seqlens,
+  Matrix<T> prefill_packed(const Eigen::MatrixBase<D>& x, const std::vector<Index>& cu_seqlens,
                            const std::vector<State*>& states, Form form = Form::chunkwise,
                            Index chunk = 0) const {
     detail::assert_same_scalar<T, typename D::Scalar>();
-    const char* fn = "MultiScaleRetention::prefill_packed";
-    const Index d = config_.embed_dim, dvt = config_.value_dim, H = config_.heads;
-    detail::check_shape(fn, "x", x_in, -1, d);
-    detail::check_form(fn, form);
-    if (chunk < 0)
-      detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " + std::to_string(chunk));
-    const Index total = x_in.rows();
-    const auto segments = detail::serving::packed_segments(fn, cu_seqlens, total);
-    const Index B = static_cast<Index>(segments.size());
-    if (static_cast<Index>(states.size()) != B)
-      detail::fail(fn,
-                   "states has " + std::to_string(states.size()) +
-                       " entries, expected one per sequence of cu_seqlens = " + std::to_string(B));
-    std::vector<const void*> sorted;
-    detail::check_distinct_states(fn, states, "states", sorted);
-    for (Index b = 0; b < B; ++b) {
-      const State& s = *states[static_cast<std::size_t>(b)];
-      check_state(fn, s);
-      detail::check_position_range(fn, "states position", s.position,
-                                   segments[static_cast<std::size_t>(b)].rows);
-    }
-    if (total == 0) return Matrix<T>(0, d);
-    const Eigen::Ref<const Matrix<T>> x(x_in);
-    const Index width = 2 * d + 2 * dvt;
-    Matrix<T> p(total, width), o(total, dvt), y(total, d);
-    project(fused_, x, p);
-    for (Index b = 0; b < B; ++b) {
-      const auto& sg = segments[static_cast<std::size_t>(b)];
-      if (sg.rows > 0)
-        theta_.apply_pair(p.block(sg.start, 0, sg.rows, d), p.block(sg.start, d, sg.rows, d),
-                          states[static_cast<std::size_t>(b)]->position);
-    }
-    std::vector<RetentionState<T>> finals(static_cast<std::size_t>(B * H));
-    const T* base = p.data();
-    const Index seq = total * width;
-    detail::serving::run_segments(
-        HeadsView<const T>{base, 1, total, H, dk_, seq, width, dk_},
-        HeadsView<const T>{base + d, 1, total, H, dk_, seq, width, dk_},
-        HeadsView<const T>{base + 2 * d, 1, total, H, dv_, seq, width, dv_},
-        heads_view(o.data(), 1, total, H, dv_), segments, masks_, form, chunk,
-        config_.normalization, config_.threads,
-        [&](Index b, Index h) -> const RetentionState<T>* {
-          return &states[static_cast<std::size_t>(b)]->heads[static_cast<std::size_t>(h)];
-        },
-        [&](Index b, Index h) -> RetentionState<T>* {
-          return &finals[static_cast<std::size_t>(b * H + h)];
-        });
-    norm_and_gate(o, p.rightCols(dvt), total);
-    project(out_proj_, o, y);
-    for (Index b = 0; b < B; ++b) {  // commit only now: nothing below can throw
-      State& s = *states[static_cast<std::size_t>(b)];
-      for (Index h = 0; h < H; ++h)
-        std::swap(s.heads[static_cast<std::size_t>(h)],
-                  finals[static_cast<std::size_t>(b * H + h)]);
-      s.position += segments[static_cast<std::size_t>(b)].rows;
-    }
-    return y;
+    return prefill_packed_impl(x.derived(), cu_seqlens, states, form, chunk);
   }
 
  private:
+  // The heavy work lives in the non-template members below, defined after the class without
+  // `inline`: the public member templates only check their arguments' types and shapes and view
+  // them through Refs, so that in compiled mode (RETENTION_COMPILED, see the end of this file)
+  // `extern template` leaves every heavy instantiation to the library.
+  using InRows = Eigen::Ref<const Matrix<T>>;
+  using OutRows = Eigen::Ref<Matrix<T>>;
+  using InRow = Eigen::Ref<const RowVector<T>>;
+  using OutRow = Eigen::Ref<RowVector<T>>;
+
+  /// Whether D's compile-time shape allows one row (a Ref to a row of any other fixed shape does
+  /// not compile; such arguments are rejected by check_shape at run time instead).
+  template <class D>
+  static constexpr bool can_be_row =
+      D::RowsAtCompileTime == 1 || D::RowsAtCompileTime == Eigen::Dynamic;
+  /// Whether an InRow (contiguous_rows) or an InRows (views_as_rows) views a D as it is, without
+  /// a copy: T elements in memory, unit stride along a row, and for InRows row-major storage or a
+  /// vector (the compile-time test that Ref itself applies).
+  template <class D>
+  static constexpr bool contiguous_rows = std::is_same<typename D::Scalar, T>::value &&
+                                          (int(D::Flags) & Eigen::DirectAccessBit) != 0 &&
+                                          int(D::InnerStrideAtCompileTime) == 1;
+  template <class D>
+  static constexpr bool views_as_rows = contiguous_rows<D> &&
+                                        ((int(D::Flags) & Eigen::RowMajorBit) != 0 ||
+                                         D::IsVectorAtCompileTime);
+
+  Matrix<T> run(const char* fn, const InRows& x, Index batch, Form form, Index chunk,
+                State* state) const;
+  Matrix<T> prefill_impl(const InRows& x, State& state, Form form, Index chunk) const;
+  void step_impl(const InRow& x_t, State& state, OutRow y) const;
+  void step_batch_impl(const InRows& x, const std::vector<State*>& states, OutRows y,
+                       BatchWorkspace& work) const;
+  Matrix<T> prefill_packed_impl(const InRows& x, const std::vector<Index>& cu_seqlens,
+                                const std::vector<State*>& states, Form form, Index chunk) const;
+
   /// The config with defaults filled in (value_dim, gammas), after checking every field.
   static MsrConfig validated(MsrConfig c) {
     const char* fn = "MultiScaleRetention";
@@ -435,10 +373,7 @@ class MultiScaleRetention {
   }
 
   Linear<T> fused_of(const Linear<T>& q, const Linear<T>& k, const Linear<T>& v,
-                     const Linear<T>& g) const {
-    return Linear<T>::concat(
-        {{&q, 1.0}, {&k, 1.0 / std::sqrt(static_cast<double>(dk_))}, {&v, 1.0}, {&g, 1.0}});
-  }
+                     const Linear<T>& g) const;
   void fuse() { fused_ = fused_of(q_proj_, k_proj_, v_proj_, g_proj_); }
 
   void check_state(const char* fn, const State& s) const {
@@ -521,59 +456,6 @@ class MultiScaleRetention {
     });
   }
 
-  template <class D>
-  Matrix<T> run(const char* fn, const Eigen::MatrixBase<D>& x_in, Index batch, Form form,
-                Index chunk, State* state) const {
-    detail::assert_same_scalar<T, typename D::Scalar>();
-    const Index d = config_.embed_dim, dvt = config_.value_dim, H = config_.heads;
-    detail::check_shape(fn, "x", x_in, -1, d);
-    detail::check_positive(fn, "batch", batch);
-    detail::check_form(fn, form);
-    if (chunk < 0)
-      detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " + std::to_string(chunk));
-    if (x_in.rows() % batch != 0)
-      detail::fail(fn, "x is " + detail::shape_string(x_in.rows(), x_in.cols()) +
-                           ", rows not a multiple of batch " + std::to_string(batch));
-    const Index rows = x_in.rows(), T_len = rows / batch;
-    if (rows == 0) return Matrix<T>(0, d);
-    const Index p0 = state ? state->position : 0;
-    if (p0 > std::numeric_limits<Index>::max() - T_len)
-      detail::fail(fn, "state.position + T would overflow");
-    // A plain row-major view of x (copied only if x is an expression or strided).
-    const Eigen::Ref<const Matrix<T>> x(x_in);
-
-    // One projection into [q | k | v | g]; q and k rotated in place.
-    const Index width = 2 * d + 2 * dvt;
-    Matrix<T> p(rows, width), o(rows, dvt), y(rows, d);
-    project(fused_, x, p);
-    for (Index b = 0; b < batch; ++b)
-      theta_.apply_pair(p.block(b * T_len, 0, T_len, d), p.block(b * T_len, d, T_len, d), p0);
-
-    const Index seq = T_len * width;
-    MultiHeadOptions<T> opt;
-    opt.form = form;
-    opt.chunk = chunk;
-    opt.normalization = config_.normalization;
-    opt.threads = config_.threads;
-    std::vector<RetentionState<T>> finals;
-    if (state) {
-      opt.initial_states = &state->heads;
-      opt.final_states = &finals;
-    }
-    multi_head_retention(
-        HeadsView<const T>{p.data(), batch, T_len, H, dk_, seq, width, dk_},
-        HeadsView<const T>{p.data() + d, batch, T_len, H, dk_, seq, width, dk_},
-        HeadsView<const T>{p.data() + 2 * d, batch, T_len, H, dv_, seq, width, dv_},
-        heads_view(o.data(), batch, T_len, H, dv_), masks_, opt);
-    norm_and_gate(o, p.rightCols(dvt), rows);
-    project(out_proj_, o, y);
-    if (state) {  // commit only now: nothing below can throw
-      state->heads.swap(finals);
-      state->position = p0 + T_len;
-    }
-    return y;
-  }
-
   MsrConfig config_;
   ThetaShift theta_;
   std::vector<CausalDecay> masks_;
@@ -581,5 +463,243 @@ class MultiScaleRetention {
   Linear<T> q_proj_, k_proj_, v_proj_, g_proj_, out_proj_;
   Linear<T> fused_;  // [q | k / sqrt(dk) | v | g]
 };
+
+template <class T>
+MultiScaleRetention<T>::MultiScaleRetention(MsrConfig config)
+    : config_(validated(std::move(config))),
+      theta_(config_.embed_dim / config_.heads),
+      masks_(causal_masks(config_.gammas)) {
+  detail::assert_scalar<T>();
+  dk_ = config_.embed_dim / config_.heads;
+  dv_ = config_.value_dim / config_.heads;
+  const Index d = config_.embed_dim, dvt = config_.value_dim;
+  q_proj_ = Linear<T>(d, d, config_.biases);
+  k_proj_ = Linear<T>(d, d, config_.biases);
+  v_proj_ = Linear<T>(d, dvt, config_.biases);
+  g_proj_ = Linear<T>(d, dvt, config_.biases);
+  out_proj_ = Linear<T>(dvt, d, config_.biases);
+  fuse();
+}
+
+template <class T>
+void MultiScaleRetention<T>::init_random(std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  for (Linear<T>* l : {&q_proj_, &k_proj_, &v_proj_, &g_proj_, &out_proj_}) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(l->in_features()));
+    std::uniform_real_distribution<double> dist(-bound, bound);
+    Matrix<T> w(l->out_features(), l->in_features());
+    for (Index i = 0; i < w.size(); ++i) w.data()[i] = static_cast<T>(dist(rng));
+    l->set_weight(w);
+    if (l->has_bias()) {
+      RowVector<T> b(l->out_features());
+      for (Index i = 0; i < b.size(); ++i) b(i) = static_cast<T>(dist(rng));
+      l->set_bias(b);
+    }
+  }
+  fuse();
+}
+
+template <class T>
+MsrState<T> MultiScaleRetention<T>::make_state() const {
+  State s;
+  s.heads.assign(static_cast<std::size_t>(config_.heads), RetentionState<T>(dk_, dv_));
+  s.position = 0;
+  size_workspace(s);
+  return s;
+}
+
+template <class T>
+Linear<T> MultiScaleRetention<T>::fused_of(const Linear<T>& q, const Linear<T>& k,
+                                           const Linear<T>& v, const Linear<T>& g) const {
+  return Linear<T>::concat(
+      {{&q, 1.0}, {&k, 1.0 / std::sqrt(static_cast<double>(dk_))}, {&v, 1.0}, {&g, 1.0}});
+}
+
+template <class T>
+Matrix<T> MultiScaleRetention<T>::prefill_impl(const InRows& x, State& state, Form form,
+                                               Index chunk) const {
+  const char* fn = "MultiScaleRetention::prefill";
+  check_state(fn, state);
+  return run(fn, x, 1, form, chunk, &state);
+}
+
+template <class T>
+void MultiScaleRetention<T>::step_impl(const InRow& x_t, State& state, OutRow y) const {
+  const char* fn = "MultiScaleRetention::step";
+  const Index d = config_.embed_dim, dvt = config_.value_dim, H = config_.heads;
+  check_state(fn, state);
+  if (state.position > std::numeric_limits<Index>::max() - 1)
+    detail::fail(fn, "state.position would overflow");
+  size_workspace(state);
+  auto& w = state.work;
+  fused_.forward_into(x_t, w.p);
+  const Index ld = w.p.size();
+  theta_.apply_pair(w.p.middleCols(0, d), w.p.middleCols(d, d), state.position);
+  const T* p = w.p.data();
+  // One token's heads are small (dk * dv each): the thread rule keeps them on this thread unless
+  // the heads together are large.
+  multi_head_step(HeadsView<const T>{p, 1, 1, H, dk_, ld, ld, dk_},
+                  HeadsView<const T>{p + d, 1, 1, H, dk_, ld, ld, dk_},
+                  HeadsView<const T>{p + 2 * d, 1, 1, H, dv_, ld, ld, dv_},
+                  heads_view(w.o.data(), 1, 1, H, dv_), masks_, state.heads, config_.normalization,
+                  config_.threads, &w.step);
+  norm_and_gate(w.o, w.p.middleCols(2 * d + dvt, dvt), 1);
+  out_proj_.forward_into(w.o, y);
+  state.position += 1;
+}
+
+template <class T>
+void MultiScaleRetention<T>::step_batch_impl(const InRows& x, const std::vector<State*>& states,
+                                             OutRows y, BatchWorkspace& work) const {
+  const char* fn = "MultiScaleRetention::step_batch";
+  const Index d = config_.embed_dim, dvt = config_.value_dim, H = config_.heads;
+  const Index B = static_cast<Index>(states.size());
+  detail::check_distinct_states(fn, states, "states", work.sorted);
+  for (Index b = 0; b < B; ++b) {
+    const State& s = *states[static_cast<std::size_t>(b)];
+    check_state(fn, s);
+    if (s.position > std::numeric_limits<Index>::max() - 1)
+      detail::fail(fn, "states[" + std::to_string(b) + "].position would overflow");
+  }
+  const Index width = 2 * d + 2 * dvt;
+  if (work.p.rows() < B || work.p.cols() != width) work.p.resize(B, width);
+  if (work.o.rows() < B || work.o.cols() != dvt) work.o.resize(B, dvt);
+  work.heads.resize(static_cast<std::size_t>(B * H));
+  auto p = work.p.topRows(B);
+  auto o = work.o.topRows(B);
+  project_tokens(fused_, x, p);
+  for (Index b = 0; b < B; ++b) {
+    State& s = *states[static_cast<std::size_t>(b)];
+    theta_.apply_pair(p.block(b, 0, 1, d), p.block(b, d, 1, d), s.position);
+    for (Index h = 0; h < H; ++h)
+      work.heads[static_cast<std::size_t>(b * H + h)] = &s.heads[static_cast<std::size_t>(h)];
+  }
+  const T* base = p.data();
+  varlen_step(HeadsView<const T>{base, B, 1, H, dk_, width, width, dk_},
+              HeadsView<const T>{base + d, B, 1, H, dk_, width, width, dk_},
+              HeadsView<const T>{base + 2 * d, B, 1, H, dv_, width, width, dv_},
+              heads_view(o.data(), B, 1, H, dv_), masks_, work.heads, config_.normalization,
+              config_.threads, &work.step);
+  norm_and_gate(o, p.rightCols(dvt), B);
+  project_tokens(out_proj_, o, y);
+  for (State* s : states) s->position += 1;
+}
+
+template <class T>
+Matrix<T> MultiScaleRetention<T>::prefill_packed_impl(const InRows& x,
+                                                      const std::vector<Index>& cu_seqlens,
+                                                      const std::vector<State*>& states, Form form,
+                                                      Index chunk) const {
+  const char* fn = "MultiScaleRetention::prefill_packed";
+  const Index d = config_.embed_dim, dvt = config_.value_dim, H = config_.heads;
+  detail::check_shape(fn, "x", x, -1, d);
+  detail::check_form(fn, form);
+  if (chunk < 0)
+    detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " + std::to_string(chunk));
+  const Index total = x.rows();
+  const auto segments = detail::serving::packed_segments(fn, cu_seqlens, total);
+  const Index B = static_cast<Index>(segments.size());
+  if (static_cast<Index>(states.size()) != B)
+    detail::fail(fn,
+                 "states has " + std::to_string(states.size()) +
+                     " entries, expected one per sequence of cu_seqlens = " + std::to_string(B));
+  std::vector<const void*> sorted;
+  detail::check_distinct_states(fn, states, "states", sorted);
+  for (Index b = 0; b < B; ++b) {
+    const State& s = *states[static_cast<std::size_t>(b)];
+    check_state(fn, s);
+    detail::check_position_range(fn, "states position", s.position,
+                                 segments[static_cast<std::size_t>(b)].rows);
+  }
+  if (total == 0) return Matrix<T>(0, d);
+  const Index width = 2 * d + 2 * dvt;
+  Matrix<T> p(total, width), o(total, dvt), y(total, d);
+  project(fused_, x, p);
+  for (Index b = 0; b < B; ++b) {
+    const auto& sg = segments[static_cast<std::size_t>(b)];
+    if (sg.rows > 0)
+      theta_.apply_pair(p.block(sg.start, 0, sg.rows, d), p.block(sg.start, d, sg.rows, d),
+                        states[static_cast<std::size_t>(b)]->position);
+  }
+  std::vector<RetentionState<T>> finals(static_cast<std::size_t>(B * H));
+  const T* base = p.data();
+  const Index seq = total * width;
+  detail::serving::run_segments(
+      HeadsView<const T>{base, 1, total, H, dk_, seq, width, dk_},
+      HeadsView<const T>{base + d, 1, total, H, dk_, seq, width, dk_},
+      HeadsView<const T>{base + 2 * d, 1, total, H, dv_, seq, width, dv_},
+      heads_view(o.data(), 1, total, H, dv_), segments, masks_, form, chunk, config_.normalization,
+      config_.threads,
+      [&](Index b, Index h) -> const RetentionState<T>* {
+        return &states[static_cast<std::size_t>(b)]->heads[static_cast<std::size_t>(h)];
+      },
+      [&](Index b, Index h) -> RetentionState<T>* {
+        return &finals[static_cast<std::size_t>(b * H + h)];
+      });
+  norm_and_gate(o, p.rightCols(dvt), total);
+  project(out_proj_, o, y);
+  for (Index b = 0; b < B; ++b) {  // commit only now: nothing below can throw
+    State& s = *states[static_cast<std::size_t>(b)];
+    for (Index h = 0; h < H; ++h)
+      std::swap(s.heads[static_cast<std::size_t>(h)], finals[static_cast<std::size_t>(b * H + h)]);
+    s.position += segments[static_cast<std::size_t>(b)].rows;
+  }
+  return y;
+}
+
+template <class T>
+Matrix<T> MultiScaleRetention<T>::run(const char* fn, const InRows& x, Index batch, Form form,
+                                      Index chunk, State* state) const {
+  const Index d = config_.embed_dim, dvt = config_.value_dim, H = config_.heads;
+  detail::check_shape(fn, "x", x, -1, d);
+  detail::check_positive(fn, "batch", batch);
+  detail::check_form(fn, form);
+  if (chunk < 0)
+    detail::fail(fn, "chunk must be >= 0 (0 = automatic), got " + std::to_string(chunk));
+  if (x.rows() % batch != 0)
+    detail::fail(fn, "x is " + detail::shape_string(x.rows(), x.cols()) +
+                         ", rows not a multiple of batch " + std::to_string(batch));
+  const Index rows = x.rows(), T_len = rows / batch;
+  if (rows == 0) return Matrix<T>(0, d);
+  const Index p0 = state ? state->position : 0;
+  if (p0 > std::numeric_limits<Index>::max() - T_len)
+    detail::fail(fn, "state.position + T would overflow");
+  // One projection into [q | k | v | g]; q and k rotated in place.
+  const Index width = 2 * d + 2 * dvt;
+  Matrix<T> p(rows, width), o(rows, dvt), y(rows, d);
+  project(fused_, x, p);
+  for (Index b = 0; b < batch; ++b)
+    theta_.apply_pair(p.block(b * T_len, 0, T_len, d), p.block(b * T_len, d, T_len, d), p0);
+
+  const Index seq = T_len * width;
+  MultiHeadOptions<T> opt;
+  opt.form = form;
+  opt.chunk = chunk;
+  opt.normalization = config_.normalization;
+  opt.threads = config_.threads;
+  std::vector<RetentionState<T>> finals;
+  if (state) {
+    opt.initial_states = &state->heads;
+    opt.final_states = &finals;
+  }
+  multi_head_retention(HeadsView<const T>{p.data(), batch, T_len, H, dk_, seq, width, dk_},
+                       HeadsView<const T>{p.data() + d, batch, T_len, H, dk_, seq, width, dk_},
+                       HeadsView<const T>{p.data() + 2 * d, batch, T_len, H, dv_, seq, width, dv_},
+                       heads_view(o.data(), batch, T_len, H, dv_), masks_, opt);
+  norm_and_gate(o, p.rightCols(dvt), rows);
+  project(out_proj_, o, y);
+  if (state) {  // commit only now: nothing below can throw
+    state->heads.swap(finals);
+    state->position = p0 + T_len;
+  }
+  return y;
+}
+
+#if defined(RETENTION_COMPILED) && !defined(RETENTION_COMPILED_BUILDING)
+// Compiled mode: the float and double layers are instantiated once, in the retention_compiled
+// library (src/msr_*.cpp); translation units that include this header compile only the wrappers.
+extern template class MultiScaleRetention<float>;
+extern template class MultiScaleRetention<double>;
+#endif
 
 }  // namespace retention

@@ -94,25 +94,7 @@ Matrix<typename DV::Scalar> local_context_enhancement(const Eigen::MatrixBase<DV
 template <class T>
 class ManhattanAttention {
  public:
-  explicit ManhattanAttention(const ManhattanAttentionConfig& config)
-      : config_(config), rotation_(checked_head_dim(config)) {
-    const char* fn = "ManhattanAttention";
-    detail::check_masa_options(fn, config.tile);
-    if (config.mode != RmtMode::full && config.mode != RmtMode::decomposed)
-      detail::fail(fn, "mode is not one of full, decomposed");
-    if (config.gammas.empty())
-      gammas_ = rmt_gammas(config.heads, config.initial_value, config.heads_range);
-    else
-      set_gammas(config.gammas);
-    const Index C = config.embed_dim, Cv = value_dim();
-    q_proj_ = Linear<T>(C, C, true);
-    k_proj_ = Linear<T>(C, C, true);
-    v_proj_ = Linear<T>(C, Cv, true);
-    out_proj_ = Linear<T>(Cv, C, true);
-    lce_w_ = Matrix<T>::Zero(Cv, 25);
-    lce_b_ = RowVector<T>::Zero(Cv);
-    fuse();
-  }
+  explicit ManhattanAttention(const ManhattanAttentionConfig& config);
 
   const ManhattanAttentionConfig& config() const { return config_; }
   Index embed_dim() const { return config_.embed_dim; }
@@ -134,14 +116,7 @@ class ManhattanAttention {
   const RowVector<T>& lce_bias() const { return lce_b_; }
 
   /// Sets the per-head gammas (one per head, each in (0, 1]).
-  void set_gammas(const std::vector<double>& gammas) {
-    const char* fn = "ManhattanAttention::set_gammas";
-    if (static_cast<Index>(gammas.size()) != config_.heads)
-      detail::fail(fn, "gammas has " + std::to_string(gammas.size()) +
-                           " entries, expected heads = " + std::to_string(config_.heads));
-    for (double g : gammas) detail::check_gamma(fn, g);
-    gammas_ = gammas;
-  }
+  void set_gammas(const std::vector<double>& gammas);
 
   /// Loads every parameter by the RMT code's names under `prefix` (e.g.
   /// "layers.0.blocks.1.retention."): q_proj, k_proj, v_proj, out_proj (.weight [out, in],
@@ -184,26 +159,7 @@ class ManhattanAttention {
 
   /// Deterministic initialisation for examples and benchmarks: every weight and bias uniform in
   /// [-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's default bound), drawn from mt19937_64(seed).
-  void init_random(std::uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    const auto fill = [&rng](auto& m, Index fan_in) {
-      std::uniform_real_distribution<double> dist(-1.0, 1.0);
-      const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
-      for (Index i = 0; i < m.rows(); ++i)
-        for (Index j = 0; j < m.cols(); ++j) m(i, j) = static_cast<T>(bound * dist(rng));
-    };
-    for (Linear<T>* l : {&q_proj_, &k_proj_, &v_proj_, &out_proj_}) {
-      Matrix<T> w(l->out_features(), l->in_features());
-      RowVector<T> b(l->out_features());
-      fill(w, l->in_features());
-      fill(b, l->in_features());
-      l->set_weight(w);
-      l->set_bias(b);
-    }
-    fill(lce_w_, 25);
-    fill(lce_b_, 25);
-    fuse();
-  }
+  void init_random(std::uint64_t seed);
 
   /// One image: x [height * width, C] in raster order -> [height * width, C], in config().mode.
   template <class Derived>
@@ -229,37 +185,7 @@ class ManhattanAttention {
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, Index batch, Index height, Index width,
                     RmtMode mode) const {
     detail::assert_same_scalar<T, typename Derived::Scalar>();
-    const char* fn = "ManhattanAttention::forward";
-    detail::check_positive(fn, "batch", batch);
-    detail::check_positive(fn, "height", height);
-    detail::check_positive(fn, "width", width);
-    if (mode != RmtMode::full && mode != RmtMode::decomposed)
-      detail::fail(fn, "mode is not one of full, decomposed");
-    const Index N = detail::checked_product(fn, "height * width", height, width);
-    const Index rows = detail::checked_product(fn, "batch * height * width", batch, N);
-    const Index C = embed_dim(), Cv = value_dim(), H = heads(), width3 = 2 * C + Cv;
-    detail::checked_product(fn, "rows * (2 C + Cv)", rows, width3);
-    detail::check_shape(fn, "x", x, rows, C);
-    // One projection into [q | k dk^-1/2 | v], q and k rotated in place by raster index.
-    Matrix<T> qkv(rows, width3);
-    fused_.forward_into(x, qkv);
-    for (Index b = 0; b < batch; ++b) rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);
-    std::vector<ManhattanDecay> masks;
-    masks.reserve(static_cast<std::size_t>(H));
-    for (double g : gammas_) masks.emplace_back(g, height, width);
-    const Index dk = head_dim(), dv = value_head_dim(), seq = N * width3;
-    const T* base = qkv.data();
-    const HeadsView<const T> q{base, batch, N, H, dk, seq, width3, dk};
-    const HeadsView<const T> k{base + C, batch, N, H, dk, seq, width3, dk};
-    const HeadsView<const T> v{base + 2 * C, batch, N, H, dv, seq, width3, dv};
-    Matrix<T> mixed(rows, Cv);
-    const HeadsView<T> out = heads_view(mixed.data(), batch, N, H, dv);
-    if (mode == RmtMode::full)
-      multi_head_masa(q, k, v, out, masks, config_.tile);
-    else
-      multi_head_masad(q, k, v, out, masks, config_.tile);
-    mixed += local_context_enhancement(qkv.rightCols(Cv), batch, height, width, lce_w_, lce_b_);
-    return out_proj_.forward(mixed);
+    return forward_impl(x.derived(), batch, height, width, mode);
   }
 
  private:
@@ -281,11 +207,14 @@ class ManhattanAttention {
   }
 
   /// The fused [q | k dk^-1/2 | v] projection.
-  void fuse() {
-    fused_ = Linear<T>::concat({{&q_proj_, 1.0},
-                                {&k_proj_, 1.0 / std::sqrt(static_cast<double>(head_dim()))},
-                                {&v_proj_, 1.0}});
-  }
+  void fuse();
+
+  // The work of every forward(): x as a row-major view (a copy only when x is an expression,
+  // column-major or strided). Defined after the class without `inline`, as are the constructor,
+  // set_gammas, init_random and fuse, so that compiled mode (RETENTION_COMPILED, see the end of
+  // this file) leaves their instantiation to the library.
+  Matrix<T> forward_impl(const Eigen::Ref<const Matrix<T>>& x, Index batch, Index height,
+                         Index width, RmtMode mode) const;
 
   ManhattanAttentionConfig config_;
   ThetaShift rotation_;
@@ -294,5 +223,108 @@ class ManhattanAttention {
   Matrix<T> lce_w_;
   RowVector<T> lce_b_;
 };
+
+template <class T>
+ManhattanAttention<T>::ManhattanAttention(const ManhattanAttentionConfig& config)
+    : config_(config), rotation_(checked_head_dim(config)) {
+  const char* fn = "ManhattanAttention";
+  detail::check_masa_options(fn, config.tile);
+  if (config.mode != RmtMode::full && config.mode != RmtMode::decomposed)
+    detail::fail(fn, "mode is not one of full, decomposed");
+  if (config.gammas.empty())
+    gammas_ = rmt_gammas(config.heads, config.initial_value, config.heads_range);
+  else
+    set_gammas(config.gammas);
+  const Index C = config.embed_dim, Cv = value_dim();
+  q_proj_ = Linear<T>(C, C, true);
+  k_proj_ = Linear<T>(C, C, true);
+  v_proj_ = Linear<T>(C, Cv, true);
+  out_proj_ = Linear<T>(Cv, C, true);
+  lce_w_ = Matrix<T>::Zero(Cv, 25);
+  lce_b_ = RowVector<T>::Zero(Cv);
+  fuse();
+}
+
+template <class T>
+void ManhattanAttention<T>::set_gammas(const std::vector<double>& gammas) {
+  const char* fn = "ManhattanAttention::set_gammas";
+  if (static_cast<Index>(gammas.size()) != config_.heads)
+    detail::fail(fn, "gammas has " + std::to_string(gammas.size()) +
+                         " entries, expected heads = " + std::to_string(config_.heads));
+  for (double g : gammas) detail::check_gamma(fn, g);
+  gammas_ = gammas;
+}
+
+template <class T>
+void ManhattanAttention<T>::init_random(std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const auto fill = [&rng](auto& m, Index fan_in) {
+    std::uniform_real_distribution<double> dist(-1.0, 1.0);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+    for (Index i = 0; i < m.rows(); ++i)
+      for (Index j = 0; j < m.cols(); ++j) m(i, j) = static_cast<T>(bound * dist(rng));
+  };
+  for (Linear<T>* l : {&q_proj_, &k_proj_, &v_proj_, &out_proj_}) {
+    Matrix<T> w(l->out_features(), l->in_features());
+    RowVector<T> b(l->out_features());
+    fill(w, l->in_features());
+    fill(b, l->in_features());
+    l->set_weight(w);
+    l->set_bias(b);
+  }
+  fill(lce_w_, 25);
+  fill(lce_b_, 25);
+  fuse();
+}
+
+template <class T>
+void ManhattanAttention<T>::fuse() {
+  fused_ = Linear<T>::concat({{&q_proj_, 1.0},
+                              {&k_proj_, 1.0 / std::sqrt(static_cast<double>(head_dim()))},
+                              {&v_proj_, 1.0}});
+}
+
+template <class T>
+Matrix<T> ManhattanAttention<T>::forward_impl(const Eigen::Ref<const Matrix<T>>& x, Index batch,
+                                              Index height, Index width, RmtMode mode) const {
+  const char* fn = "ManhattanAttention::forward";
+  detail::check_positive(fn, "batch", batch);
+  detail::check_positive(fn, "height", height);
+  detail::check_positive(fn, "width", width);
+  if (mode != RmtMode::full && mode != RmtMode::decomposed)
+    detail::fail(fn, "mode is not one of full, decomposed");
+  const Index N = detail::checked_product(fn, "height * width", height, width);
+  const Index rows = detail::checked_product(fn, "batch * height * width", batch, N);
+  const Index C = embed_dim(), Cv = value_dim(), H = heads(), width3 = 2 * C + Cv;
+  detail::checked_product(fn, "rows * (2 C + Cv)", rows, width3);
+  detail::check_shape(fn, "x", x, rows, C);
+  // One projection into [q | k dk^-1/2 | v], q and k rotated in place by raster index.
+  Matrix<T> qkv(rows, width3);
+  fused_.forward_into(x, qkv);
+  for (Index b = 0; b < batch; ++b) rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);
+  std::vector<ManhattanDecay> masks;
+  masks.reserve(static_cast<std::size_t>(H));
+  for (double g : gammas_) masks.emplace_back(g, height, width);
+  const Index dk = head_dim(), dv = value_head_dim(), seq = N * width3;
+  const T* base = qkv.data();
+  const HeadsView<const T> q{base, batch, N, H, dk, seq, width3, dk};
+  const HeadsView<const T> k{base + C, batch, N, H, dk, seq, width3, dk};
+  const HeadsView<const T> v{base + 2 * C, batch, N, H, dv, seq, width3, dv};
+  Matrix<T> mixed(rows, Cv);
+  const HeadsView<T> out = heads_view(mixed.data(), batch, N, H, dv);
+  if (mode == RmtMode::full)
+    multi_head_masa(q, k, v, out, masks, config_.tile);
+  else
+    multi_head_masad(q, k, v, out, masks, config_.tile);
+  mixed += local_context_enhancement(qkv.rightCols(Cv), batch, height, width, lce_w_, lce_b_);
+  return out_proj_.forward(mixed);
+}
+
+#if defined(RETENTION_COMPILED) && !defined(RETENTION_COMPILED_BUILDING)
+// Compiled mode: the float and double layers are instantiated once, in the retention_compiled
+// library (src/rmt_*.cpp); translation units that include this header compile only the wrappers.
+extern template class ManhattanAttention<float>;
+extern template class ManhattanAttention<double>;
+#endif
 
 }  // namespace retention
