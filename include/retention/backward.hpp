@@ -166,11 +166,11 @@ RetentionGradients<typename DQ::Scalar, StateScalar> parallel_retention_backward
 }
 
 /// Gradients of chunkwise_retention (docs/math.md §7), chunk >= 1: Q, K [T, dk], V [T, dv], dO
-/// [T, dv] -> dQ, dK, dV (+ d_initial_state). With a CausalDecay and AVX or wider SIMD the three
-/// gradients run as retentions on the forward's chunk kernels (dQ in time order, dK and dV in
-/// reversed time); otherwise a forward sweep over the chunks carries the state (row factors, dQ)
-/// and a reverse sweep carries dS and dz (dK, dV). Extra memory O(T + C (C + dk + dv) + dk dv);
-/// no chunk-boundary states are stored.
+/// [T, dv] -> dQ, dK, dV (+ d_initial_state). With a CausalDecay and the state in the inputs' type
+/// the three gradients run as retentions on the forward's chunk kernels (dQ in time order, dK and
+/// dV in one reversed sweep that shares their state); otherwise a forward sweep over the chunks
+/// carries the state (row factors, dQ) and a reverse sweep carries dS and dz (dK, dV). Extra memory
+/// O(T + C (C + dk + dv) + dk dv); no chunk-boundary states are stored.
 template <class DQ, class DK, class DV, class DG, class Mask,
           class StateScalar = typename DQ::Scalar>
 RetentionGradients<typename DQ::Scalar, StateScalar> chunkwise_retention_backward(

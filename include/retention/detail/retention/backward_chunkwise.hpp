@@ -236,8 +236,8 @@ void chunkwise_backward_sweeps(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matr
   }
 }
 
-/// Whether chunkwise_backward runs a head as three retentions (backward_chunkwise_fast.hpp): a
-/// CausalDecay mask and the state in the inputs' type.
+/// Whether chunkwise_backward runs a head on the forward's chunk kernels
+/// (backward_chunkwise_fast.hpp): a CausalDecay mask and the state in the inputs' type.
 template <class T, class Mask, class Acc>
 constexpr bool chunkwise_backward_by_retention_applies() {
   return std::is_same<Mask, CausalDecay>::value && std::is_same<T, Acc>::value;

@@ -304,9 +304,9 @@ struct ChunkOperands {
   T* o;           ///< [rows, dv] output, row stride ldo
   T* row_sum;     ///< score row sums, or nullptr
   Index ldq, ldv, lds, ldo, rows, dk, dv;
-  T beta;           ///< gamma^rows, the state's decay over the chunk
-  bool zero_state;  ///< S starts at 0
-  bool outputs;     ///< whether the column kernel writes the outputs too
+  T beta;                    ///< gamma^rows, the state's decay over the chunk
+  bool zero_state;           ///< S starts at 0
+  bool outputs;              ///< whether the column kernel writes the outputs too
   bool update_state = true;  ///< whether it updates S (the backward's dV pass only reads it)
 };
 
@@ -340,8 +340,8 @@ struct ChunkStateBlock {
 };
 
 /// The outputs (when c->outputs) and the state update (when c->update_state) of one chunk, one
-/// block of dv columns at a time, so each block of S is read from L2 once per chunk and reused from L1. Each block kernel is
-/// a function of its own (simd::call).
+/// block of dv columns at a time, so each block of S is read from L2 once per chunk and reused from
+/// L1. Each block kernel is a function of its own (simd::call).
 struct ChunkColumnsKernel {
   template <class Isa, class T>
   static void run(const ChunkOperands<T>* c) {
