@@ -40,9 +40,7 @@ constexpr double backward_divide_min_gamma = 0.5;
 template <class T, class Derived>
 void gather_chunk_rows_reversed(const Eigen::MatrixBase<Derived>& x, Index first, Index L,
                                 Matrix<T>& dst) {
-  if constexpr ((int(Derived::Flags) & Eigen::DirectAccessBit) &&
-                (int(Derived::Flags) & Eigen::RowMajorBit) && !Derived::IsVectorAtCompileTime &&
-                std::is_same_v<typename Derived::Scalar, T>) {
+  if constexpr (chunk_rows_direct<Derived, T>) {
     const Derived& d = x.derived();
     if (d.innerStride() == 1) {
       const Index os = d.outerStride();
@@ -59,9 +57,7 @@ void gather_chunk_rows_reversed(const Eigen::MatrixBase<Derived>& x, Index first
 template <class T, class Derived>
 void scatter_chunk_rows_reversed(const Matrix<T>& src, Index first, Index L, Derived& x) {
   using Plain = std::decay_t<Derived>;
-  if constexpr ((int(Plain::Flags) & Eigen::DirectAccessBit) &&
-                (int(Plain::Flags) & Eigen::RowMajorBit) && !Plain::IsVectorAtCompileTime &&
-                std::is_same_v<typename Plain::Scalar, T>) {
+  if constexpr (chunk_rows_direct<Plain, T>) {
     if (x.innerStride() == 1) {
       const Index os = x.outerStride();
       simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()),

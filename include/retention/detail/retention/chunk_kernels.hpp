@@ -232,13 +232,18 @@ struct CopyRowsKernel {
   }
 };
 
+/// Whether a chunk's rows of X are strided runs of T that CopyRowsKernel can copy (row-major,
+/// direct access; innerStride() == 1 is checked at run time).
+template <class X, class T>
+constexpr bool chunk_rows_direct = (int(X::Flags) & Eigen::DirectAccessBit) &&
+                                   (int(X::Flags) & Eigen::RowMajorBit) && !X::IsVectorAtCompileTime
+                                   && std::is_same_v<typename X::Scalar, T>;
+
 /// Rows [i0, i0 + L) of x into dst [L, x.cols()] (contiguous): through CopyRowsKernel when x is a
 /// row-major view with contiguous rows, else through Eigen.
 template <class T, class Derived>
 void gather_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L, Matrix<T>& dst) {
-  if constexpr ((int(Derived::Flags) & Eigen::DirectAccessBit) &&
-                (int(Derived::Flags) & Eigen::RowMajorBit) && !Derived::IsVectorAtCompileTime &&
-                std::is_same_v<typename Derived::Scalar, T>) {
+  if constexpr (chunk_rows_direct<Derived, T>) {
     const Derived& d = x.derived();
     if (d.innerStride() == 1) {
       simd::dispatch<CopyRowsKernel>(d.data() + i0 * d.outerStride(), Index(d.outerStride()), L,
@@ -256,8 +261,7 @@ void gather_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L, M
 template <class Derived>
 void prefetch_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L) {
   using Plain = std::decay_t<Derived>;
-  if constexpr ((int(Plain::Flags) & Eigen::DirectAccessBit) &&
-                (int(Plain::Flags) & Eigen::RowMajorBit) && !Plain::IsVectorAtCompileTime) {
+  if constexpr (chunk_rows_direct<Plain, typename Plain::Scalar>) {
     using T = typename Plain::Scalar;
     const Plain& d = x.derived();
     if (d.innerStride() != 1 || L <= 0) return;
@@ -275,9 +279,7 @@ void prefetch_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L)
 template <class T, class Derived>
 void scatter_chunk_rows(const Matrix<T>& src, Index i0, Index L, Derived& x) {
   using Plain = std::decay_t<Derived>;
-  if constexpr ((int(Plain::Flags) & Eigen::DirectAccessBit) &&
-                (int(Plain::Flags) & Eigen::RowMajorBit) && !Plain::IsVectorAtCompileTime &&
-                std::is_same_v<typename Plain::Scalar, T>) {
+  if constexpr (chunk_rows_direct<Plain, T>) {
     if (x.innerStride() == 1) {
       simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()),
                                      x.data() + i0 * x.outerStride(), Index(x.outerStride()));
