@@ -6,10 +6,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
 #include <exception>
+#include <mutex>
+#include <thread>
 
 #if defined(_OPENMP)
 #include <omp.h>
+#include <pthread.h>
 #endif
 
 namespace retention {
@@ -47,6 +53,16 @@ class SerialEigenScope {
 #endif
 };
 
+#if defined(_OPENMP)
+/// True on a thread while it runs its share of a team's work: calls made there run on that
+/// thread alone (teams do not nest).
+inline bool& in_team() {
+  static thread_local bool flag = false;
+  return flag;
+}
+
+#endif
+
 /// Work (in flops, or flop-equivalents) below which a task is not worth a thread: about a few
 /// hundred microseconds of one core. A team waits at its end for its slowest member, and on a
 /// shared machine a member may not be scheduled for a whole time slice (milliseconds), so a team
@@ -62,7 +78,7 @@ constexpr int max_team = 256;
 /// nesting). `requested` must be >= 0 (callers check it with check_threads).
 inline int team_size(int requested, Index tasks, double total_flops) {
 #if defined(_OPENMP)
-  if (omp_in_parallel()) return 1;
+  if (omp_in_parallel() || in_team()) return 1;
   Index team = requested > 0 ? requested : omp_get_max_threads();
   team = std::min<Index>(team, max_team);
   team = std::min<Index>(team, std::max<Index>(tasks, 1));
@@ -77,62 +93,178 @@ inline int team_size(int requested, Index tasks, double total_flops) {
 #endif
 }
 
-/// Runs task(i) for i in [0, tasks) on `team` threads, handed out one at a time (tasks differ in
-/// cost, and on a shared machine a thread that gets more CPU takes more of them). The first
-/// exception any task throws is rethrown here after the team ends; tasks not yet started when it
-/// was thrown are skipped. Nothing escapes an OpenMP region.
-template <class Task>
-void parallel_tasks(int team, Index tasks, Task&& task) {
-  if (team <= 1 || tasks <= 1) {
-    // One thread means one: Eigen would otherwise spread the tasks' products over its own team.
-    const SerialEigenScope serial;
-    for (Index i = 0; i < tasks; ++i) task(i);
-    return;
-  }
 #if defined(_OPENMP)
-  std::exception_ptr error;
-  std::atomic<bool> failed{false};
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-  for (Index i = 0; i < tasks; ++i) {
-    if (failed.load(std::memory_order_relaxed)) continue;
-    try {
-      task(i);
-    } catch (...) {
-#pragma omp critical(retention_task_error)
-      {
-        if (!error) error = std::current_exception();
+/// The threads that run the library's parallel regions, started on first use and kept for the
+/// process (never destroyed: one may still be asleep when the process exits).
+///
+/// Why not an OpenMP parallel region: an OpenMP thread that waits (at the region's closing
+/// barrier, or between regions for the next one) spins before it sleeps (libgomp: 300,000 pause
+/// loops by default), and on a shared machine the team member it waits for may be the one that
+/// needs the spinning core; measured beside a busy process, two threads then ran the MSR layer
+/// 1.5-2x slower than one. Here every wait sleeps on a condition variable, which frees the core
+/// at once. OpenMP still sets the default thread count (omp_get_max_threads).
+class ThreadPool {
+ public:
+  static ThreadPool& get() {
+    static const bool registered = [] {
+      // A child process after fork() has none of the parent's threads: it starts a new pool.
+      pthread_atfork(nullptr, nullptr, [] { instance() = nullptr; });
+      return true;
+    }();
+    (void)registered;
+    ThreadPool*& pool = instance();
+    if (!pool) pool = new ThreadPool();
+    return *pool;
+  }
+
+  /// Runs region(i, team) for i in [0, team) on `team` threads, i = 0 on the caller, and returns
+  /// when all have finished. region must not throw. Returns false without running anything when
+  /// another thread's region is using the pool (the caller then runs the work alone).
+  template <class Region>
+  bool run(int team, Region& region) {
+    std::unique_lock<std::mutex> owner(run_mutex_, std::try_to_lock);
+    if (!owner.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (started_ < team - 1) {
+        std::thread(&ThreadPool::work, this, started_ + 1).detach();
+        ++started_;  // only once the thread exists
       }
-      failed.store(true, std::memory_order_relaxed);
+      job_ = [](void* r, int i, int n) { (*static_cast<Region*>(r))(i, n); };
+      context_ = &region;
+      team_ = team;
+      pending_.store(team - 1, std::memory_order_relaxed);
+      generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    }
+    work_ready_.notify_all();
+    {
+      const bool outer = in_team();
+      in_team() = true;
+      region(0, team);
+      in_team() = outer;
+    }
+    spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; });
+    std::unique_lock<std::mutex> lock(mutex_);
+    work_done_.wait(lock, [this] { return pending_.load(std::memory_order_relaxed) == 0; });
+    return true;
+  }
+
+ private:
+  ThreadPool() = default;
+  static ThreadPool*& instance() {
+    static ThreadPool* pool = nullptr;
+    return pool;
+  }
+
+  /// Polls done() for up to spin_time, giving the core to any other runnable thread between
+  /// polls: a wait that ends within microseconds does not pay for a sleep and a wake-up (which
+  /// on a virtual machine can take longer than the wait), and a longer one costs at most
+  /// spin_time of a core before the thread sleeps.
+  template <class Done>
+  static void spin_until(Done&& done) {
+    const auto end = std::chrono::steady_clock::now() + spin_time;
+    while (!done() && std::chrono::steady_clock::now() < end) std::this_thread::yield();
+  }
+  static constexpr std::chrono::microseconds spin_time{100};
+
+  void work(int index) {
+    in_team() = true;
+    omp_set_num_threads(1);  // Eigen's products on this thread stay single-threaded
+    std::uint64_t seen = 0;
+    for (;;) {
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      std::unique_lock<std::mutex> lock(mutex_);
+      work_ready_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+      seen = generation_.load(std::memory_order_relaxed);
+      if (index >= team_) continue;
+      void (*job)(void*, int, int) = job_;
+      void* context = context_;
+      const int team = team_;
+      lock.unlock();
+      job(context, index, team);
+      lock.lock();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) work_done_.notify_one();
     }
   }
-  if (error) std::rethrow_exception(error);
+
+  std::mutex run_mutex_;  // held by the caller whose region is running
+  std::mutex mutex_;      // guards everything below
+  std::condition_variable work_ready_, work_done_;
+  void (*job_)(void*, int, int) = nullptr;
+  void* context_ = nullptr;
+  int team_ = 0, started_ = 0;
+  // Changed only under mutex_, read without it while spinning.
+  std::atomic<int> pending_{0};
+  std::atomic<std::uint64_t> generation_{0};
+};
 #endif
-}
 
 /// Runs region(thread, team) once on each of `team` threads (thread = 0..team-1), for work that
-/// splits itself (static shares of rows). Exceptions are handled as in parallel_tasks.
+/// splits itself. The first exception any thread throws is rethrown here after the team ends.
 template <class Region>
 void parallel_region(int team, Region&& region) {
+  // One thread means one: Eigen would otherwise spread the region's products over OpenMP's team.
+  const SerialEigenScope serial;
   if (team <= 1) {
-    const SerialEigenScope serial;  // as in parallel_tasks
     region(0, 1);
     return;
   }
 #if defined(_OPENMP)
   std::exception_ptr error;
-#pragma omp parallel num_threads(team)
-  {
+  std::mutex error_mutex;
+  auto guarded = [&](int thread, int n) {
     try {
-      region(omp_get_thread_num(), omp_get_num_threads());
+      region(thread, n);
     } catch (...) {
-#pragma omp critical(retention_task_error)
-      {
-        if (!error) error = std::current_exception();
-      }
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
     }
-  }
+  };
+  // When another thread's region holds the pool, this one runs here alone.
+  if (!ThreadPool::get().run(team, guarded)) guarded(0, 1);
   if (error) std::rethrow_exception(error);
+#else
+  region(0, 1);
 #endif
+}
+
+/// Runs task(i) for i in [0, tasks) on `team` threads, handed out one at a time (tasks differ in
+/// cost, and on a shared machine a thread that gets more CPU takes more of them). The first
+/// exception any task throws is rethrown here after the team ends; tasks not yet started when it
+/// was thrown are skipped.
+template <class Task>
+void parallel_tasks(int team, Index tasks, Task&& task) {
+  if (team <= 1 || tasks <= 1) {
+    const SerialEigenScope serial;  // as in parallel_region
+    for (Index i = 0; i < tasks; ++i) task(i);
+    return;
+  }
+  std::atomic<Index> next{0};
+  std::atomic<bool> failed{false};
+  parallel_region(static_cast<int>(std::min<Index>(team, tasks)), [&](int, int) {
+    try {
+      for (Index i = next.fetch_add(1, std::memory_order_relaxed);
+           i < tasks && !failed.load(std::memory_order_relaxed);
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        task(i);
+    } catch (...) {
+      failed.store(true, std::memory_order_relaxed);
+      throw;
+    }
+  });
+}
+
+/// Runs body(first_row, rows) over row blocks of a per-row computation (projections, an MLP): one
+/// static block per thread of a team sized by the thread rule (at least min_rows rows each), every
+/// product inside single-threaded; a team of one is one call over all rows.
+template <class Body>
+void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body,
+                    Index min_rows = 32) {
+  const int team = team_size(threads, rows / min_rows, flops_per_row * static_cast<double>(rows));
+  parallel_region(team, [&](int t, int n) {
+    const Index r0 = rows * t / n, r1 = rows * (t + 1) / n;
+    body(r0, r1 - r0);
+  });
 }
 
 /// parallel_tasks with one workspace per thread, made by make() once per thread (never per task):
@@ -140,7 +272,7 @@ void parallel_region(int team, Region&& region) {
 template <class Make, class Body>
 void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
   if (team <= 1 || tasks <= 1) {
-    const SerialEigenScope serial;  // as in parallel_tasks
+    const SerialEigenScope serial;  // as in parallel_region
     auto ws = make();
     for (Index i = 0; i < tasks; ++i) body(i, ws);
     return;

@@ -406,32 +406,16 @@ class MultiScaleRetention {
         dk_, dv_);
   }
 
-  /// out = x W^T (+ b) for a Linear. Long inputs split their rows into one static block per
-  /// thread, each a single-threaded GEMM (no team synchronisation inside the product, and each
-  /// thread packs only its own rows); a token or a short prompt runs as one product.
+  /// out = x W^T (+ b) for a Linear, rows split over threads by the thread rule (each block a
+  /// single-threaded product); a token or a short prompt runs as one product on this thread.
   template <class D, class DOut>
   void project(const Linear<T>& l, const Eigen::MatrixBase<D>& x, DOut& out) const {
-    const Index rows = x.rows();
-    const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(l.in_features()) *
-                         static_cast<double>(l.out_features());
-    const int team = detail::team_size(config_.threads, rows / kRowsPerProjectionBlock, flops);
-    detail::parallel_region(team, [&](int t, int n) {
-      const Index r0 = rows * t / n, r1 = rows * (t + 1) / n;
-      l.forward_into(x.middleRows(r0, r1 - r0), out.middleRows(r0, r1 - r0));
-    });
-  }
-
-  /// project() for a batch of decoding tokens. Below two row blocks the product runs on this
-  /// thread alone: Eigen would otherwise split a thin [B, d] product over all OpenMP threads,
-  /// which for a few rows costs more than the product itself.
-  template <class D, class DOut>
-  void project_tokens(const Linear<T>& l, const Eigen::MatrixBase<D>& x, DOut& out) const {
-    if (x.rows() >= 2 * kRowsPerProjectionBlock) {
-      project(l, x, out);
-      return;
-    }
-    const detail::SerialEigenScope serial;
-    l.forward_into(x, out);
+    const double flops_per_row =
+        2.0 * static_cast<double>(l.in_features()) * static_cast<double>(l.out_features());
+    detail::for_row_blocks(
+        config_.threads, x.rows(), flops_per_row,
+        [&](Index r0, Index n) { l.forward_into(x.middleRows(r0, n), out.middleRows(r0, n)); },
+        kRowsPerProjectionBlock);
   }
 
   /// Fewest rows per thread for which the projections split over threads.
@@ -567,7 +551,7 @@ void MultiScaleRetention<T>::step_batch_impl(const InRows& x, const std::vector<
   work.heads.resize(static_cast<std::size_t>(B * H));
   auto p = work.p.topRows(B);
   auto o = work.o.topRows(B);
-  project_tokens(fused_, x, p);
+  project(fused_, x, p);
   for (Index b = 0; b < B; ++b) {
     State& s = *states[static_cast<std::size_t>(b)];
     theta_.apply_pair(p.block(b, 0, 1, d), p.block(b, d, 1, d), s.position);
@@ -581,7 +565,7 @@ void MultiScaleRetention<T>::step_batch_impl(const InRows& x, const std::vector<
               heads_view(o.data(), B, 1, H, dv_), masks_, work.heads, config_.normalization,
               config_.threads, &work.step);
   norm_and_gate(o, p.rightCols(dvt), B);
-  project_tokens(out_proj_, o, y);
+  project(out_proj_, o, y);
   for (State* s : states) s->position += 1;
 }
 

@@ -223,26 +223,6 @@ void read_vector(const char* fn, const Source& source, const std::string& name,
   out.swap(v);
 }
 
-/// Runs body(first_row, rows) over row blocks of a per-row computation (projections, the MLP): one
-/// static block per thread of a team sized by the one thread rule (at least vir_rows_per_thread
-/// rows each), every product inside single-threaded; a team of one is one call over all rows.
-constexpr Index vir_rows_per_thread = 32;
-
-template <class Body>
-void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body) {
-  const int team =
-      team_size(threads, rows / vir_rows_per_thread, flops_per_row * static_cast<double>(rows));
-  if (team <= 1) {
-    const SerialEigenScope serial_products;  // Eigen's own GEMM threads would be a second team
-    body(Index(0), rows);
-    return;
-  }
-  parallel_region(team, [&](int t, int n) {
-    const Index r0 = rows * t / n, r1 = rows * (t + 1) / n;
-    body(r0, r1 - r0);
-  });
-}
-
 /// Deterministic pseudo-random numbers (splitmix64), independent of the standard library's
 /// distributions so that every platform builds the same "random" model.
 class VirRng {

@@ -1,0 +1,108 @@
+// The library's teams (detail/threading.hpp): every share runs once, on its own thread; the first
+// exception reaches the caller; calls inside a share run alone (no nesting); a second user thread
+// that calls in while a team runs still gets its work done; a child process after fork() starts
+// its own threads.
+#include <retention/detail/threading.hpp>
+
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using retention::Index;
+namespace detail = retention::detail;
+
+#if defined(_OPENMP)
+TEST(Threading, EveryShareRunsOnceOnItsOwnThread) {
+  for (int team : {2, 3, 5}) {
+    std::vector<int> runs(static_cast<std::size_t>(team), 0);
+    std::vector<int> sizes(static_cast<std::size_t>(team), 0);
+    std::set<std::thread::id> ids;
+    std::mutex m;
+    detail::parallel_region(team, [&](int t, int n) {
+      std::lock_guard<std::mutex> lock(m);
+      ++runs[static_cast<std::size_t>(t)];
+      sizes[static_cast<std::size_t>(t)] = n;
+      ids.insert(std::this_thread::get_id());
+    });
+    for (int t = 0; t < team; ++t) {
+      EXPECT_EQ(runs[static_cast<std::size_t>(t)], 1) << "team " << team << " share " << t;
+      EXPECT_EQ(sizes[static_cast<std::size_t>(t)], team);
+    }
+    EXPECT_EQ(static_cast<int>(ids.size()), team);
+    EXPECT_EQ(ids.count(std::this_thread::get_id()), 1u) << "share 0 runs on the caller";
+  }
+}
+
+TEST(Threading, NoNestingInsideAShare) {
+  std::atomic<int> inner{0};
+  detail::parallel_region(2, [&](int, int) { inner += detail::team_size(8, 100, 1e12); });
+  EXPECT_EQ(inner.load(), 2);
+  EXPECT_EQ(detail::team_size(2, 100, 1e12), 2) << "outside a team the rule applies again";
+}
+#endif
+
+TEST(Threading, EveryTaskRunsOnceAndTheFirstErrorReachesTheCaller) {
+  const Index tasks = 1000;
+  std::vector<std::atomic<int>> count(static_cast<std::size_t>(tasks));
+  for (auto& c : count) c = 0;
+  detail::parallel_tasks(2, tasks, [&](Index i) { ++count[static_cast<std::size_t>(i)]; });
+  for (Index i = 0; i < tasks; ++i) EXPECT_EQ(count[static_cast<std::size_t>(i)].load(), 1);
+
+  std::atomic<int> ran{0};
+  EXPECT_THROW(detail::parallel_tasks(2, tasks,
+                                      [&](Index i) {
+                                        ++ran;
+                                        if (i == 3) throw std::runtime_error("task 3");
+                                      }),
+               std::runtime_error);
+  EXPECT_GE(ran.load(), 4);
+  // The team is usable again afterwards.
+  std::atomic<Index> sum{0};
+  detail::parallel_tasks(2, 100, [&](Index i) { sum += i; });
+  EXPECT_EQ(sum.load(), 4950);
+}
+
+TEST(Threading, TwoCallersAtOnceBothFinish) {
+  const Index tasks = 20000;
+  std::atomic<Index> a{0}, b{0};
+  auto call = [&](std::atomic<Index>& sum) {
+    for (int r = 0; r < 20; ++r) detail::parallel_tasks(2, tasks, [&](Index i) { sum += i % 7; });
+  };
+  std::thread other([&] { call(b); });
+  call(a);
+  other.join();
+  Index expected = 0;
+  for (Index i = 0; i < tasks; ++i) expected += i % 7;
+  EXPECT_EQ(a.load(), 20 * expected);
+  EXPECT_EQ(b.load(), 20 * expected);
+}
+
+TEST(Threading, AChildProcessAfterForkRunsTeams) {
+  std::atomic<Index> sum{0};
+  detail::parallel_tasks(2, 100, [&](Index i) { sum += i; });  // the parent's threads exist
+  ASSERT_EQ(sum.load(), 4950);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    alarm(60);  // a child that waits for threads it does not have dies instead of hanging
+    std::atomic<Index> s{0};
+    detail::parallel_tasks(2, 100, [&](Index i) { s += i; });
+    _exit(s.load() == 4950 ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+}  // namespace
