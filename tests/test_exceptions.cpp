@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Exceptions and failed calls: an exception thrown on any thread reaches the caller, and a failed
 // prefill / step / forward leaves every state exactly as it was (strong guarantee). Allocation
 // failures are injected by interposing malloc: the n-th allocation of a call fails, for every n

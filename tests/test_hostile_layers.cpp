@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // retention-test-labels: sanitize
 // Hostile input at the multi-head, MaSA/MaSAD, nn and layer entry points (issue 15): every case is
 // a clear shape_error naming the public function and argument, or a documented result; none is a

@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // retention-test-requires: nlohmann_json
 // Model files from PyTorch: tests/python_helpers/msr_torch.py writes a random torchscale-named MSR
 // layer to safetensors (scripts/safetensors_write.py, NumPy only) and the outputs of a float64

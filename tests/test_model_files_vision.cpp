@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // retention-test-requires: nlohmann_json
 // Vision model files from PyTorch: tests/python_helpers/rmt_torch.py and vir_torch.py write random
 // RMT and ViR layers by their authors' parameter names to safetensors

@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Non-finite inputs at the multi-head and layer level (issue 15 #1, docs/math.md §2.6): with an
 // Inf, -Inf or NaN in ONE token t, every output that does not depend on token t stays finite and
 // equal to the same call on the clean inputs (truncated to the first t rows for causal retention),

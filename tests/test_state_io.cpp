@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // retention-test-requires: nlohmann_json
 // Saved decoding states: decode N tokens through a stack of MSR layers, save the sequence's state
 // (every layer) to safetensors, restore it into fresh states, decode more: outputs bitwise equal

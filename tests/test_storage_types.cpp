@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Storage types: Eigen::bfloat16 and Eigen::half inputs and weights with float accumulation and a
 // float state.
 //
