@@ -228,32 +228,6 @@ void parallel_region(int team, Region&& region) {
 #endif
 }
 
-/// Runs task(i) for i in [0, tasks) on `team` threads, handed out one at a time (tasks differ in
-/// cost, and on a shared machine a thread that gets more CPU takes more of them). The first
-/// exception any task throws is rethrown here after the team ends; tasks not yet started when it
-/// was thrown are skipped.
-template <class Task>
-void parallel_tasks(int team, Index tasks, Task&& task) {
-  if (team <= 1 || tasks <= 1) {
-    const SerialEigenScope serial;  // as in parallel_region
-    for (Index i = 0; i < tasks; ++i) task(i);
-    return;
-  }
-  std::atomic<Index> next{0};
-  std::atomic<bool> failed{false};
-  parallel_region(static_cast<int>(std::min<Index>(team, tasks)), [&](int, int) {
-    try {
-      for (Index i = next.fetch_add(1, std::memory_order_relaxed);
-           i < tasks && !failed.load(std::memory_order_relaxed);
-           i = next.fetch_add(1, std::memory_order_relaxed))
-        task(i);
-    } catch (...) {
-      failed.store(true, std::memory_order_relaxed);
-      throw;
-    }
-  });
-}
-
 /// Runs body(first_row, rows) over row blocks of a per-row computation (projections, an MLP): one
 /// static block per thread of a team sized by the thread rule (at least min_rows rows each), every
 /// product inside single-threaded; a team of one is one call over all rows.
@@ -267,8 +241,11 @@ void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body,
   });
 }
 
-/// parallel_tasks with one workspace per thread, made by make() once per thread (never per task):
-/// body(task, workspace).
+/// Runs body(i, workspace) for i in [0, tasks) on `team` threads, handed out one at a time (tasks
+/// differ in cost, and on a shared machine a thread that gets more CPU takes more of them), with
+/// one workspace per thread made by make() once per thread (never per task). The first exception
+/// any task throws is rethrown here after the team ends; tasks not yet started when it was thrown
+/// are skipped.
 template <class Make, class Body>
 void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
   if (team <= 1 || tasks <= 1) {
@@ -278,12 +255,26 @@ void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
     return;
   }
   std::atomic<Index> next{0};
-  parallel_region(team, [&](int, int) {
-    auto ws = make();
-    for (Index i = next.fetch_add(1, std::memory_order_relaxed); i < tasks;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      body(i, ws);
+  std::atomic<bool> failed{false};
+  parallel_region(static_cast<int>(std::min<Index>(team, tasks)), [&](int, int) {
+    try {
+      auto ws = make();
+      for (Index i = next.fetch_add(1, std::memory_order_relaxed);
+           i < tasks && !failed.load(std::memory_order_relaxed);
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        body(i, ws);
+    } catch (...) {
+      failed.store(true, std::memory_order_relaxed);
+      throw;
+    }
   });
+}
+
+/// for_each_with_workspace without a workspace: task(i) for i in [0, tasks).
+template <class Task>
+void parallel_tasks(int team, Index tasks, Task&& task) {
+  for_each_with_workspace(
+      team, tasks, [] { return 0; }, [&](Index i, int&) { task(i); });
 }
 
 /// Rejects a negative thread request (0 = default) with shape_error naming the function.

@@ -410,12 +410,7 @@ class MultiScaleRetention {
   /// single-threaded product); a token or a short prompt runs as one product on this thread.
   template <class D, class DOut>
   void project(const Linear<T>& l, const Eigen::MatrixBase<D>& x, DOut& out) const {
-    const double flops_per_row =
-        2.0 * static_cast<double>(l.in_features()) * static_cast<double>(l.out_features());
-    detail::for_row_blocks(
-        config_.threads, x.rows(), flops_per_row,
-        [&](Index r0, Index n) { l.forward_into(x.middleRows(r0, n), out.middleRows(r0, n)); },
-        kRowsPerProjectionBlock);
+    l.forward_into(x, out, config_.threads, kRowsPerProjectionBlock);
   }
 
   /// Fewest rows per thread for which the projections split over threads.

@@ -301,9 +301,7 @@ Matrix<T> ManhattanAttention<T>::forward_impl(const Eigen::Ref<const Matrix<T>>&
   // One projection into [q | k dk^-1/2 | v], q and k rotated in place by raster index.
   Matrix<T> qkv(rows, width3);
   const int threads = config_.tile.threads;
-  detail::for_row_blocks(
-      threads, rows, 2.0 * static_cast<double>(C * width3),
-      [&](Index r0, Index n) { fused_.forward_into(x.middleRows(r0, n), qkv.middleRows(r0, n)); });
+  fused_.forward_into(x, qkv, threads);
   for (Index b = 0; b < batch; ++b) rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);
   std::vector<ManhattanDecay> masks;
   masks.reserve(static_cast<std::size_t>(H));
@@ -321,9 +319,7 @@ Matrix<T> ManhattanAttention<T>::forward_impl(const Eigen::Ref<const Matrix<T>>&
     multi_head_masad(q, k, v, out, masks, config_.tile);
   mixed += local_context_enhancement(qkv.rightCols(Cv), batch, height, width, lce_w_, lce_b_);
   Matrix<T> y(rows, C);
-  detail::for_row_blocks(threads, rows, 2.0 * static_cast<double>(Cv * C), [&](Index r0, Index n) {
-    out_proj_.forward_into(mixed.middleRows(r0, n), y.middleRows(r0, n));
-  });
+  out_proj_.forward_into(mixed, y, threads);
   return y;
 }
 

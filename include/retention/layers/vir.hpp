@@ -450,9 +450,7 @@ class VirRetention {
                 HeadsView<const T>{base + 2 * C, B, 1, heads_, hd, width, width, hd},
                 heads_view(o.data(), B, 1, heads_, hd), masks_, work.heads, Normalization::none,
                 threads, &work.step);
-    detail::for_row_blocks(threads, B, 2.0 * dim * dim, [&](Index r0, Index n) {
-      out_proj_.forward_into(o.middleRows(r0, n), y.middleRows(r0, n));
-    });
+    out_proj_.forward_into(o, y, threads);
   }
 
   /// step_batch() returning y [B, C], with a workspace of its own (allocates on every call).
@@ -545,9 +543,7 @@ class VirRetention {
     }
     qkv.resize(0, 0);  // released before the projection: peak activation stays ~ 4 [T, C]
     y.resize(T_len, C);
-    detail::for_row_blocks(options.threads, T_len, 2.0 * dim * dim, [&](Index r0, Index n) {
-      out_proj_.forward_into(o.middleRows(r0, n), y.middleRows(r0, n));
-    });
+    out_proj_.forward_into(o, y, options.threads);
   }
 
   Index dim_, heads_;

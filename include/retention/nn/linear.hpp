@@ -3,6 +3,7 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/threading.hpp>
 #include <retention/nn/parameters.hpp>
 
 #include <string>
@@ -71,6 +72,19 @@ class Linear {
   void forward_into(const Eigen::MatrixBase<DX>& x, DY&& y) const {
     y.noalias() = x * weight_.transpose();
     if (has_bias_) y.rowwise() += bias_;
+  }
+  /// forward_into with the rows split over a team of at most `threads` threads (0 = default),
+  /// sized by the thread rule from the product's flops, at least min_rows rows per thread; every
+  /// block's product is single-threaded.
+  template <class DX, class DY>
+  void forward_into(const Eigen::MatrixBase<DX>& x, DY&& y, int threads,
+                    Index min_rows = 32) const {
+    const double flops_per_row =
+        2.0 * static_cast<double>(in_features()) * static_cast<double>(out_features());
+    detail::for_row_blocks(
+        threads, x.rows(), flops_per_row,
+        [&](Index r0, Index n) { forward_into(x.middleRows(r0, n), y.middleRows(r0, n)); },
+        min_rows);
   }
   /// y = x W^T + b; x [rows, in] -> [rows, out].
   template <class DX>
