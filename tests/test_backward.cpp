@@ -496,6 +496,38 @@ TEST(BackwardExpressions, BlocksAndIntoVariants) {
   EXPECT_EQ(g.d_initial_state.z.size(), 0);
 }
 
+// Column-major inputs and outputs run the same kernels as row-major ones (core.hpp ConstRows /
+// Rows): bit-identical gradients in every form, float inputs, decay_and_score.
+TEST(BackwardExpressions, ColumnMajorOperandsGiveBitIdenticalGradients) {
+  using ColMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic>;
+  const Index T = 29, dk = 4, dv = 3;
+  const Matrix<float> Q = random_matrix<float>(T, dk, 41), K = random_matrix<float>(T, dk, 42),
+                      V = random_matrix<float>(T, dv, 43), G = random_matrix<float>(T, dv, 44);
+  const ColMajor Qc = Q, Kc = K, Vc = V, Gc = G;
+  RetentionBackwardOptions<float> opt;
+  opt.normalization = Normalization::decay_and_score;
+  const CausalDecay decay(0.95);
+  for (int form = 0; form < 3; ++form) {
+    const auto run = [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq,
+                         auto& dk_, auto& dv_) {
+      if (form == 0)
+        retention::parallel_retention_backward_into(q, k, v, decay, g, dq, dk_, dv_, opt);
+      else if (form == 1)
+        retention::chunkwise_retention_backward_into(q, k, v, decay, 8, g, dq, dk_, dv_, opt);
+      else
+        retention::recurrent_retention_backward_into(q, k, v, decay, g, dq, dk_, dv_, opt);
+    };
+    Matrix<float> dQ(T, dk), dK(T, dk), dV(T, dv);
+    run(Q, K, V, G, dQ, dK, dV);
+    ColMajor cQ(T, dk), cK(T, dk), cV(T, dv);
+    run(Qc, Kc, Vc, Gc, cQ, cK, cV);
+    EXPECT_TRUE(Matrix<float>(cQ) == dQ) << "form " << form;
+    EXPECT_TRUE(Matrix<float>(cK) == dK) << "form " << form;
+    EXPECT_TRUE(Matrix<float>(cV) == dV) << "form " << form;
+    EXPECT_TRUE(dQ.allFinite() && dK.allFinite() && dV.allFinite()) << "form " << form;
+  }
+}
+
 // Long sequences with fast decay: factors underflow to 0 far from the diagonal (float, gamma = 0.9:
 // beyond about 830 tokens; 0.5: beyond 126), where the parallel form skips keys; never NaN.
 TEST(BackwardLongSequence, FastDecayStaysFinite) {

@@ -340,6 +340,59 @@ TYPED_TEST(RetentionExpressions, BlocksAndIntoVariantsMatchReference) {
   EXPECT_LE(relative_error(big.leftCols(dv), expected), spec_tolerance<T>());
 }
 
+// Every operand layout runs the same kernel code: a row-major Matrix, column blocks of a fused
+// buffer, column-major matrices and a lazy expression as inputs; a Matrix, a column-major matrix
+// and a column block as outputs. The results must be bit-identical across layouts (the fronts hand
+// the kernels one operand type, core.hpp ConstRows / Rows) and match the naive double reference.
+template <class T>
+class RetentionLayouts : public ::testing::Test {};
+TYPED_TEST_SUITE(RetentionLayouts, retention_test::ScalarTypes, ScalarName);
+
+TYPED_TEST(RetentionLayouts, EveryLayoutGivesBitIdenticalResults) {
+  using T = TypeParam;
+  using ColMajor = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  const Index len = 37, dk = 5, dv = 3;
+  const Matrix<T> qkv = random_matrix<T>(len, 2 * dk + dv, 91);
+  const Matrix<T> Q = qkv.leftCols(dk), K = qkv.middleCols(dk, dk), V = qkv.rightCols(dv);
+  const ColMajor Qc = Q, Kc = K, Vc = V;
+  const double gamma = 0.93;
+  const retention::CausalDecay decay(gamma);
+  const Matrix<double> expected = ref::retention(
+      Matrix<double>(Q.template cast<double>()), Matrix<double>(K.template cast<double>()),
+      Matrix<double>(V.template cast<double>()), gamma, Normalization::decay_and_score);
+  RetentionOptions<T> opt;
+  opt.normalization = Normalization::decay_and_score;
+  for (int form = 0; form < 3; ++form) {
+    const auto run = [&](const auto& q, const auto& k, const auto& v, auto&& out) {
+      if (form == 0)
+        retention::parallel_retention_into(q, k, v, decay, out, opt);
+      else if (form == 1)
+        retention::chunkwise_retention_into(q, k, v, decay, 8, out, opt);
+      else
+        retention::recurrent_retention_into(q, k, v, decay, out, opt);
+    };
+    Matrix<T> base(len, dv);
+    run(Q, K, V, base);
+    EXPECT_LE(relative_error(base, expected), spec_tolerance<T>()) << "form " << form;
+    Matrix<T> from_blocks(len, dv);
+    run(qkv.leftCols(dk), qkv.middleCols(dk, dk), qkv.rightCols(dv), from_blocks);
+    Matrix<T> from_col_major(len, dv);
+    run(Qc, Kc, Vc, from_col_major);
+    Matrix<T> from_lazy(len, dv);
+    run(Q * T(1), K.array().matrix(), V + Matrix<T>::Zero(len, dv), from_lazy);
+    ColMajor into_col_major(len, dv);
+    run(Q, K, V, into_col_major);
+    Matrix<T> wide = Matrix<T>::Zero(len, dv + 2);
+    run(Q, K, V, wide.middleCols(1, dv));
+    EXPECT_TRUE(from_blocks == base) << "form " << form;
+    EXPECT_TRUE(from_col_major == base) << "form " << form;
+    EXPECT_TRUE(from_lazy == base) << "form " << form;
+    EXPECT_TRUE(Matrix<T>(into_col_major) == base) << "form " << form;
+    EXPECT_TRUE(Matrix<T>(wide.middleCols(1, dv)) == base) << "form " << form;
+    EXPECT_TRUE(wide.col(0).isZero(0) && wide.col(dv + 1).isZero(0)) << "form " << form;
+  }
+}
+
 // The recurrent step walks the value columns in blocks of 8 (or 4) SIMD packets, then single
 // packets, then scalars: widths around every boundary (float packet 16 / block 128, double 8 / 64
 // on AVX-512; 4 / 32 and 2 / 16 elsewhere), with the same-type and the double state.

@@ -1,6 +1,3 @@
-// retention-test-flags: build-type
-// (Its packed-equals-alone check compares two instantiations of the parallel kernel for exact
-// equality; g++ 12 at -O2 compiles them to results that differ in the last bits, at -O3 not.)
 // Packed variable-length retention (cu_seqlens) and the padded-batch paths (lengths, mask): every
 // sequence's rows and final states against the naive double reference of each sequence alone
 // (docs/math.md §2), in every form and normalisation, lengths {1, 2, 17, 300} mixed, with initial

@@ -77,6 +77,23 @@ void check_backward_front(const char* fn, const Eigen::MatrixBase<DQ>& Q,
   check_gradient_outputs(fn, dQ, dK, dV, Q, K, V, dO);
 }
 
+/// Calls kernel(Q, K, V, dO, dQ, dK, dV) with the operands as ConstRows / Rows (core.hpp), so
+/// that each backward kernel is compiled once per scalar, mask and state type.
+template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, class Kernel>
+void backward_on_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                      const Eigen::MatrixBase<DV>& V, const Eigen::MatrixBase<DG>& dO, OQ& dQ,
+                      OK& dK, OV& dV, Kernel&& kernel) {
+  using T = typename DQ::Scalar;
+  RowsOutput<T, OQ> oq(dQ);
+  RowsOutput<T, OK> ok(dK);
+  RowsOutput<T, OV> ov(dV);
+  kernel(ConstRows<T>(Q.derived()), ConstRows<T>(K.derived()), ConstRows<T>(V.derived()),
+         ConstRows<T>(dO.derived()), oq.rows, ok.rows, ov.rows);
+  oq.commit();
+  ok.commit();
+  ov.commit();
+}
+
 template <class StateScalar>
 BackwardArgs<StateScalar> backward_args(const RetentionBackwardOptions<StateScalar>& o,
                                         RetentionState<StateScalar>* d_init) {
@@ -109,8 +126,14 @@ void parallel_retention_backward_into(
     detail::fail(fn, "options.tile must be >= 0, got " + std::to_string(options.tile));
   const detail::SerialEigenScope serial_products;  // threads belong over heads, not small tiles
   const detail::DenormalsFlushed flush_guard;
-  detail::parallel_backward(Q, K, V, decay, options.tile > 0 ? options.tile : default_parallel_tile,
-                            dO, dQ, dK, dV, detail::backward_args(options, d_initial_state));
+  const Index tile = options.tile > 0 ? options.tile : default_parallel_tile;
+  detail::backward_on_rows(Q, K, V, dO, dQ, dK, dV,
+                           [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq,
+                               auto& dk, auto& dv) {
+                             detail::parallel_backward(
+                                 q, k, v, decay, tile, g, dq, dk, dv,
+                                 detail::backward_args(options, d_initial_state));
+                           });
 }
 
 /// Chunkwise backward into dQ, dK [T, dk] and dV [T, dv]; chunk >= 1. See
@@ -127,8 +150,13 @@ void chunkwise_retention_backward_into(
       fn, Q, K, V, dO, dQ, dK, dV, options, [&] { detail::check_positive(fn, "chunk", chunk); });
   const detail::SerialEigenScope serial_products;  // threads belong over heads, not small chunks
   const detail::DenormalsFlushed flush_guard;
-  detail::chunkwise_backward(Q, K, V, decay, chunk, dO, dQ, dK, dV,
-                             detail::backward_args(options, d_initial_state));
+  detail::backward_on_rows(Q, K, V, dO, dQ, dK, dV,
+                           [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq,
+                               auto& dk, auto& dv) {
+                             detail::chunkwise_backward(
+                                 q, k, v, decay, chunk, g, dq, dk, dv,
+                                 detail::backward_args(options, d_initial_state));
+                           });
 }
 
 /// Recurrent backward into dQ, dK [T, dk] and dV [T, dv]. See parallel_retention_backward_into.
@@ -142,8 +170,13 @@ void recurrent_retention_backward_into(
   const char* fn = "recurrent_retention_backward";
   detail::check_backward_front<OQ, OK, OV, Mask>(fn, Q, K, V, dO, dQ, dK, dV, options, [] {});
   const detail::DenormalsFlushed flush_guard;
-  detail::recurrent_backward(Q, K, V, decay, dO, dQ, dK, dV,
-                             detail::backward_args(options, d_initial_state));
+  detail::backward_on_rows(Q, K, V, dO, dQ, dK, dV,
+                           [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq,
+                               auto& dk, auto& dv) {
+                             detail::recurrent_backward(
+                                 q, k, v, decay, g, dq, dk, dv,
+                                 detail::backward_args(options, d_initial_state));
+                           });
 }
 
 /// Gradients of parallel_retention (docs/math.md §7): Q, K [T, dk], V [T, dv], dO = dL/dO [T, dv]

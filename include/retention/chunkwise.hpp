@@ -271,7 +271,7 @@ void check_chunkwise(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>
 }
 
 template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
-void chunkwise_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+void chunkwise_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                               const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk,
                               DOut& out, const RetentionOptions<StateScalar>& options) {
   using T = typename DQ::Scalar;
@@ -286,6 +286,19 @@ void chunkwise_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matri
     chunkwise_wide_state(Q, K, V, decay, chunk, out, options.normalization, p0, init,
                          options.final_state);
   }
+}
+
+/// Passes the operands on as ConstRows / Rows (core.hpp), so that chunkwise_retention_rows is
+/// compiled once per scalar, mask and state type.
+template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
+void chunkwise_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                              const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk,
+                              DOut& out, const RetentionOptions<StateScalar>& options) {
+  using T = typename DQ::Scalar;
+  RowsOutput<T, DOut> o(out);
+  chunkwise_retention_rows(ConstRows<T>(Q.derived()), ConstRows<T>(K.derived()),
+                           ConstRows<T>(V.derived()), decay, chunk, o.rows, options);
+  o.commit();
 }
 
 }  // namespace detail

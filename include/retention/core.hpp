@@ -133,5 +133,41 @@ constexpr void assert_same_scalar() {
                 "retention: mixed scalar types; cast the inputs to one of float or double");
 }
 
+/// The one operand type the retention and Manhattan kernels are compiled for: rows of a row-major
+/// matrix with unit inner stride and any row stride (a Matrix, a row block of one, one head of a
+/// HeadsView). The public fronts take any Eigen expression and pass it on as this type, so that the
+/// kernels are instantiated once per scalar and mask (compile time) and every caller runs the same
+/// code (the same rounding): an operand with another layout is copied first, O(T d) against the
+/// kernels' O(T d (C + d)).
+template <class T>
+using ConstRows = Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>>;
+template <class T>
+using Rows = Eigen::Ref<Matrix<T>, 0, Eigen::OuterStride<>>;
+
+/// Whether an output expression binds to Rows<T> as it is.
+template <class D, class T>
+constexpr bool binds_as_rows = std::is_same<typename D::Scalar, T>::value &&
+                               (int(D::Flags) & Eigen::DirectAccessBit) != 0 &&
+                               (int(D::Flags) & Eigen::LvalueBit) != 0 &&
+                               (int(D::Flags) & Eigen::RowMajorBit) != 0 &&
+                               int(D::InnerStrideAtCompileTime) == 1;
+
+/// An output as Rows<T>: the expression itself when it binds, else a temporary that commit()
+/// copies back once the kernel has returned.
+template <class T, class D, bool Direct = binds_as_rows<std::remove_reference_t<D>, T>>
+struct RowsOutput {
+  explicit RowsOutput(D& out) : rows(out) {}
+  void commit() {}
+  Rows<T> rows;
+};
+template <class T, class D>
+struct RowsOutput<T, D, false> {
+  explicit RowsOutput(D& out) : target(out), copy(out.rows(), out.cols()), rows(copy) {}
+  void commit() { target = copy; }
+  D& target;
+  Matrix<T> copy;
+  Rows<T> rows;
+};
+
 }  // namespace detail
 }  // namespace retention

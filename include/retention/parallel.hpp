@@ -19,7 +19,7 @@ constexpr Index default_parallel_tile = 128;
 namespace detail {
 
 template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
-void parallel_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                              const Eigen::MatrixBase<DV>& V, const Mask& decay, DOut& out,
                              const RetentionOptions<StateScalar>& options) {
   using T = typename DQ::Scalar;
@@ -53,6 +53,7 @@ void parallel_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   RowVector<T> kf(T_len);
   Matrix<T> A(B, std::min(T_len, horizon + B));
   Vector<T> r(B);
+  Matrix<T> Ob(B, dv);
   Matrix<T> inter;
   Vector<T> Qz;
   if (init) {
@@ -64,7 +65,11 @@ void parallel_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   for (Index n0 = 0; n0 < T_len; n0 += B) {
     const Index Ln = std::min(B, T_len - n0);
     const auto Qn = Q.middleRows(n0, Ln);
-    auto On = out.middleRows(n0, Ln);
+    // The block's output rows are formed in a buffer of their own and copied out: Eigen's small
+    // products and element-wise loops start with scalar iterations up to the destination's first
+    // aligned element, so computing in place would round differently for differently aligned
+    // outputs (a head of a packed batch against the same rows alone).
+    auto On = Ob.topRows(Ln);
     // Keys [m_start, n0) are those with a nonzero factor gamma^(n0 - m) (distance < horizon).
     const Index m_start = std::max<Index>(0, n0 - horizon + 1);
     const Index M = n0 + Ln - m_start, Moff = n0 - m_start;
@@ -108,6 +113,7 @@ void parallel_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
       }
     }
     normalize_rows(decay, options.normalization, p0 + n0, On, r.head(Ln));
+    out.middleRows(n0, Ln) = On;
   }
 
   if (options.final_state) {
@@ -133,6 +139,19 @@ void parallel_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
     options.final_state->z = std::move(z);
     options.final_state->position = p0 + T_len;
   }
+}
+
+/// Passes the operands on as ConstRows / Rows (core.hpp), so that parallel_retention_rows is
+/// compiled once per scalar, mask and state type.
+template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
+void parallel_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                             const Eigen::MatrixBase<DV>& V, const Mask& decay, DOut& out,
+                             const RetentionOptions<StateScalar>& options) {
+  using T = typename DQ::Scalar;
+  RowsOutput<T, DOut> o(out);
+  parallel_retention_rows(ConstRows<T>(Q.derived()), ConstRows<T>(K.derived()),
+                          ConstRows<T>(V.derived()), decay, o.rows, options);
+  o.commit();
 }
 
 /// Checks of parallel_retention and parallel_retention_into (shape errors name

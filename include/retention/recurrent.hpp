@@ -29,7 +29,7 @@ void step_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
 }
 
 template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
-void recurrent_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+void recurrent_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                               const Eigen::MatrixBase<DV>& V, const Mask& decay, DOut& out,
                               const RetentionOptions<StateScalar>& options) {
   using Acc = StateScalar;
@@ -53,6 +53,19 @@ void recurrent_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matri
     options.final_state->z = std::move(z);
     options.final_state->position = p0 + T;
   }
+}
+
+/// Passes the operands on as ConstRows / Rows (core.hpp), so that recurrent_retention_rows is
+/// compiled once per scalar, mask and state type.
+template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
+void recurrent_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                              const Eigen::MatrixBase<DV>& V, const Mask& decay, DOut& out,
+                              const RetentionOptions<StateScalar>& options) {
+  using T = typename DQ::Scalar;
+  RowsOutput<T, DOut> o(out);
+  recurrent_retention_rows(ConstRows<T>(Q.derived()), ConstRows<T>(K.derived()),
+                           ConstRows<T>(V.derived()), decay, o.rows, options);
+  o.commit();
 }
 
 /// Checks of recurrent_retention and recurrent_retention_into (shape errors name

@@ -37,8 +37,6 @@ struct MasaOptions {
 namespace detail {
 
 template <class T>
-using MasaConstRef = Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>>;
-template <class T>
 using MasaMap = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
 
 /// ln D of a stationary 1-D axis mask (D depends on n - m only, as causal and symmetric masks do)
@@ -235,7 +233,7 @@ bool masa_inputs_finite(const T* q, Index ldq, const T* k, Index ldk, const T* v
 }
 
 template <class T, class Mask2D>
-void masa_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
+void masa_into_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRows<T>& V,
                     const Mask2D& decay, MasaMap<T> out, const MasaOptions& options) {
   constexpr Index R = MasaLayout<T>::rows, P = MasaLayout<T>::width;
   const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();

@@ -432,7 +432,7 @@ void masad_careful_head(const T* q, Index ldq, const T* k, Index ldk, const T* v
 }
 
 template <class T, class Mask2D>
-void masad_into_impl(const MasaConstRef<T>& Q, const MasaConstRef<T>& K, const MasaConstRef<T>& V,
+void masad_into_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRows<T>& V,
                      const Mask2D& mask, MasaMap<T> out, int threads) {
   const Index H = mask.height(), W = mask.width();
   MasadGrid<T> g;
