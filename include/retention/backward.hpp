@@ -127,13 +127,11 @@ void parallel_retention_backward_into(
   const detail::SerialEigenScope serial_products;  // threads belong over heads, not small tiles
   const detail::DenormalsFlushed flush_guard;
   const Index tile = options.tile > 0 ? options.tile : default_parallel_tile;
-  detail::backward_on_rows(Q, K, V, dO, dQ, dK, dV,
-                           [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq,
-                               auto& dk, auto& dv) {
-                             detail::parallel_backward(
-                                 q, k, v, decay, tile, g, dq, dk, dv,
-                                 detail::backward_args(options, d_initial_state));
-                           });
+  const auto args = detail::backward_args(options, d_initial_state);
+  detail::backward_on_rows(
+      Q, K, V, dO, dQ, dK, dV,
+      [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq, auto& dk,
+          auto& dv) { detail::parallel_backward(q, k, v, decay, tile, g, dq, dk, dv, args); });
 }
 
 /// Chunkwise backward into dQ, dK [T, dk] and dV [T, dv]; chunk >= 1. See
@@ -150,13 +148,11 @@ void chunkwise_retention_backward_into(
       fn, Q, K, V, dO, dQ, dK, dV, options, [&] { detail::check_positive(fn, "chunk", chunk); });
   const detail::SerialEigenScope serial_products;  // threads belong over heads, not small chunks
   const detail::DenormalsFlushed flush_guard;
-  detail::backward_on_rows(Q, K, V, dO, dQ, dK, dV,
-                           [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq,
-                               auto& dk, auto& dv) {
-                             detail::chunkwise_backward(
-                                 q, k, v, decay, chunk, g, dq, dk, dv,
-                                 detail::backward_args(options, d_initial_state));
-                           });
+  const auto args = detail::backward_args(options, d_initial_state);
+  detail::backward_on_rows(
+      Q, K, V, dO, dQ, dK, dV,
+      [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq, auto& dk,
+          auto& dv) { detail::chunkwise_backward(q, k, v, decay, chunk, g, dq, dk, dv, args); });
 }
 
 /// Recurrent backward into dQ, dK [T, dk] and dV [T, dv]. See parallel_retention_backward_into.
@@ -170,13 +166,11 @@ void recurrent_retention_backward_into(
   const char* fn = "recurrent_retention_backward";
   detail::check_backward_front<OQ, OK, OV, Mask>(fn, Q, K, V, dO, dQ, dK, dV, options, [] {});
   const detail::DenormalsFlushed flush_guard;
-  detail::backward_on_rows(Q, K, V, dO, dQ, dK, dV,
-                           [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq,
-                               auto& dk, auto& dv) {
-                             detail::recurrent_backward(
-                                 q, k, v, decay, g, dq, dk, dv,
-                                 detail::backward_args(options, d_initial_state));
-                           });
+  const auto args = detail::backward_args(options, d_initial_state);
+  detail::backward_on_rows(
+      Q, K, V, dO, dQ, dK, dV,
+      [&](const auto& q, const auto& k, const auto& v, const auto& g, auto& dq, auto& dk,
+          auto& dv) { detail::recurrent_backward(q, k, v, decay, g, dq, dk, dv, args); });
 }
 
 /// Gradients of parallel_retention (docs/math.md §7): Q, K [T, dk], V [T, dv], dO = dL/dO [T, dv]

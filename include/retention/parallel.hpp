@@ -141,17 +141,14 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   }
 }
 
-/// Passes the operands on as ConstRows / Rows (core.hpp), so that parallel_retention_rows is
-/// compiled once per scalar, mask and state type.
+/// parallel_retention_rows on the kernels' operand type (forward_on_rows).
 template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
 void parallel_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                              const Eigen::MatrixBase<DV>& V, const Mask& decay, DOut& out,
                              const RetentionOptions<StateScalar>& options) {
-  using T = typename DQ::Scalar;
-  RowsOutput<T, DOut> o(out);
-  parallel_retention_rows(ConstRows<T>(Q.derived()), ConstRows<T>(K.derived()),
-                          ConstRows<T>(V.derived()), decay, o.rows, options);
-  o.commit();
+  forward_on_rows(Q, K, V, out, [&](const auto& q, const auto& k, const auto& v, auto& o) {
+    parallel_retention_rows(q, k, v, decay, o, options);
+  });
 }
 
 /// Checks of parallel_retention and parallel_retention_into (shape errors name

@@ -55,17 +55,14 @@ void recurrent_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matri
   }
 }
 
-/// Passes the operands on as ConstRows / Rows (core.hpp), so that recurrent_retention_rows is
-/// compiled once per scalar, mask and state type.
+/// recurrent_retention_rows on the kernels' operand type (forward_on_rows).
 template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
 void recurrent_retention_impl(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                               const Eigen::MatrixBase<DV>& V, const Mask& decay, DOut& out,
                               const RetentionOptions<StateScalar>& options) {
-  using T = typename DQ::Scalar;
-  RowsOutput<T, DOut> o(out);
-  recurrent_retention_rows(ConstRows<T>(Q.derived()), ConstRows<T>(K.derived()),
-                           ConstRows<T>(V.derived()), decay, o.rows, options);
-  o.commit();
+  forward_on_rows(Q, K, V, out, [&](const auto& q, const auto& k, const auto& v, auto& o) {
+    recurrent_retention_rows(q, k, v, decay, o, options);
+  });
 }
 
 /// Checks of recurrent_retention and recurrent_retention_into (shape errors name

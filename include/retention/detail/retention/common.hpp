@@ -29,6 +29,17 @@ constexpr void assert_retention_types() {
                 "step, chunk, query and key factors");
 }
 
+/// Calls kernel(Q, K, V, out) with the inputs as ConstRows and the output as Rows (core.hpp), so
+/// that the form kernel behind it is compiled once per scalar, mask and state type.
+template <class DQ, class DK, class DV, class DOut, class Kernel>
+void forward_on_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                     const Eigen::MatrixBase<DV>& V, DOut& out, Kernel&& kernel) {
+  using T = typename DQ::Scalar;
+  RowsOutput<T, DOut> o(out);
+  kernel(ConstRows<T>(Q.derived()), ConstRows<T>(K.derived()), ConstRows<T>(V.derived()), o.rows);
+  o.commit();
+}
+
 /// Runtime shape checks common to the forms: Q [T, dk], K [T, dk], V [T, dv], dk, dv >= 1.
 template <class DQ, class DK, class DV>
 void check_qkv(const char* function, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
