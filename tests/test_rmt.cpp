@@ -94,6 +94,33 @@ TYPED_TEST(RmtTest, LceMatchesNaiveConvolutionIncludingBorders) {
   }
 }
 
+// Image rows spread over threads (the image is large enough for the thread rule to form a team of
+// two): the same values as one thread, bit for bit, and the naive convolution's within tolerance.
+TYPED_TEST(RmtTest, LceThreadsGiveTheOneThreadResult) {
+  using T = TypeParam;
+  const Index B = 2, H = 33, W = 31, C = 400;
+  const Matrix<T> v = random_matrix<T>(B * H * W, C, 1100);
+  const Matrix<T> w = random_matrix<T>(C, 25, 1101);
+  const Matrix<T> b = random_matrix<T>(1, C, 1102);
+  const Matrix<T> one = retention::local_context_enhancement(v, B, H, W, w, b, 1);
+  for (int threads : {0, 2, 3}) {
+    const Matrix<T> many = retention::local_context_enhancement(v, B, H, W, w, b, threads);
+    EXPECT_EQ(many, one) << threads << " threads";
+  }
+  const Mat wd = w.template cast<double>();
+  const std::vector<double> wflat(wd.data(), wd.data() + wd.size());
+  const Mat bd = b.template cast<double>();
+  const std::vector<double> bflat(bd.data(), bd.data() + bd.size());
+  for (Index img = 0; img < B; ++img) {
+    const Mat ref = rmt_reference::lce(v.middleRows(img * H * W, H * W).template cast<double>(), H,
+                                       W, wflat, bflat);
+    EXPECT_LE(relative_error(one.middleRows(img * H * W, H * W), ref), spec_tolerance<T>());
+  }
+  retention_test::expect_shape_error(
+      [&] { retention::local_context_enhancement(v, B, H, W, w, b, -1); },
+      "local_context_enhancement: threads must be >= 0 (0 = default), got -1");
+}
+
 TYPED_TEST(RmtTest, LayerMatchesReference) {
   using T = TypeParam;
   struct Case {

@@ -43,16 +43,71 @@ struct ManhattanAttentionConfig {
   MasaOptions tile;
 };
 
+namespace detail {
+
+/// LCE of v's image rows [first, first + count) (image row r = b * height + y) into out's token
+/// rows, assigned or, with add, added: out[y, x, :] (+)= bias + sum_{i,j<5} taps(5 i + j) (.)
+/// v[y + i - 2, x + j - 2, :], the taps in that order. One image row at a time, so its sum
+/// (width x C) stays in L1 while the 25 taps pass over it; `row` is its buffer [width, C].
+template <class DV, class DB, class T, class DOut>
+void lce_image_rows(const Eigen::MatrixBase<DV>& v, Index height, Index width,
+                    const Matrix<T>& taps, const Eigen::MatrixBase<DB>& bias, Index first,
+                    Index count, bool add, Matrix<T>& row, DOut& out) {
+  const Index N = height * width;
+  for (Index r = first; r < first + count; ++r) {
+    const Index b = r / height, y = r % height;
+    row.rowwise() = bias.row(0);
+    for (Index i = 0; i < 5; ++i) {
+      const Index sy = y + i - 2;
+      if (sy < 0 || sy >= height) continue;  // padding contributes zero
+      for (Index j = 0; j < 5; ++j) {
+        const Index dx = j - 2;
+        // The output x range whose source x + dx stays inside the grid.
+        const Index x0 = std::max<Index>(0, -dx), x1 = std::min<Index>(width, width - dx);
+        if (x1 <= x0) continue;
+        row.middleRows(x0, x1 - x0).array() +=
+            v.middleRows(b * N + sy * width + x0 + dx, x1 - x0).array().rowwise() *
+            taps.row(5 * i + j).array();
+      }
+    }
+    auto dst = out.middleRows(b * N + y * width, width);
+    if (add)
+      dst += row;
+    else
+      dst = row;
+  }
+}
+
+/// LCE over all batch * height image rows into out (assigned or added), image rows spread over a
+/// team sized by the thread rule.
+template <class DV, class DB, class T, class DOut>
+void lce_into(const Eigen::MatrixBase<DV>& v, Index batch, Index height, Index width,
+              const Matrix<T>& taps, const Eigen::MatrixBase<DB>& bias, bool add, int threads,
+              DOut& out) {
+  const Index C = v.cols();
+  const double flops_per_image_row = 50.0 * static_cast<double>(width) * static_cast<double>(C);
+  for_row_blocks(
+      threads, batch * height, flops_per_image_row,
+      [&](Index first, Index count) {
+        Matrix<T> row(width, C);
+        lce_image_rows(v, height, width, taps, bias, first, count, add, row, out);
+      },
+      1);
+}
+
+}  // namespace detail
+
 /// Local context enhancement (docs/math.md §4): depthwise 5 x 5 convolution with padding 2 and bias
 /// of each [height, width, C] map in v [batch * height * width, C] (torch cross-correlation, zeros
 /// outside): out[y, x, c] = bias[c] + sum_{i,j<5} weight(c, 5 i + j) v[y + i - 2, x + j - 2, c].
 /// weight [C, 25] is torch's [C, 1, 5, 5] reshaped; bias [1, C]. Returns [batch * height * width,
-/// C].
+/// C]. threads: 0 = OpenMP's default, capped by the work (image rows are the tasks).
 template <class DV, class DW, class DB>
 Matrix<typename DV::Scalar> local_context_enhancement(const Eigen::MatrixBase<DV>& v, Index batch,
                                                       Index height, Index width,
                                                       const Eigen::MatrixBase<DW>& weight,
-                                                      const Eigen::MatrixBase<DB>& bias) {
+                                                      const Eigen::MatrixBase<DB>& bias,
+                                                      int threads = 0) {
   using T = typename DV::Scalar;
   detail::assert_scalar<T>();
   detail::assert_same_scalar<T, typename DW::Scalar>();
@@ -61,28 +116,16 @@ Matrix<typename DV::Scalar> local_context_enhancement(const Eigen::MatrixBase<DV
   detail::check_positive(fn, "batch", batch);
   detail::check_positive(fn, "height", height);
   detail::check_positive(fn, "width", width);
+  detail::check_threads(fn, "threads", threads);
   const Index C = v.cols(), N = detail::checked_product(fn, "height * width", height, width);
-  detail::check_shape(fn, "v", v, detail::checked_product(fn, "batch * height * width", batch, N),
-                      -1);
+  const Index rows = detail::checked_product(fn, "batch * height * width", batch, N);
+  detail::check_shape(fn, "v", v, rows, -1);
   detail::check_shape(fn, "weight", weight, C, 25);
   detail::check_shape(fn, "bias", bias, 1, C);
   // Tap-major copy of the weights, so each tap scales a token's channels with one vector multiply.
   const Matrix<T> taps = weight.transpose();
-  Matrix<T> out = bias.replicate(batch * N, 1);
-  for (Index b = 0; b < batch; ++b)
-    for (Index i = 0; i < 5; ++i)
-      for (Index j = 0; j < 5; ++j) {
-        const Index dy = i - 2, dx = j - 2;
-        // The output x range whose source x + dx stays inside the grid: padding contributes zero.
-        const Index x0 = std::max<Index>(0, -dx), x1 = std::min<Index>(width, width - dx);
-        if (x1 <= x0) continue;
-        const auto tap = taps.row(5 * i + j).array();
-        for (Index y = std::max<Index>(0, -dy); y < std::min<Index>(height, height - dy); ++y) {
-          const Index dst = b * N + y * width + x0, src = b * N + (y + dy) * width + x0 + dx;
-          out.middleRows(dst, x1 - x0).array() +=
-              v.middleRows(src, x1 - x0).array().rowwise() * tap;
-        }
-      }
+  Matrix<T> out(rows, C);
+  detail::lce_into(v, batch, height, width, taps, bias, false, threads, out);
   return out;
 }
 
@@ -317,7 +360,8 @@ Matrix<T> ManhattanAttention<T>::forward_impl(const Eigen::Ref<const Matrix<T>>&
     multi_head_masa(q, k, v, out, masks, config_.tile);
   else
     multi_head_masad(q, k, v, out, masks, config_.tile);
-  mixed += local_context_enhancement(qkv.rightCols(Cv), batch, height, width, lce_w_, lce_b_);
+  const Matrix<T> taps = lce_w_.transpose();  // [25, Cv]: one row per tap
+  detail::lce_into(qkv.rightCols(Cv), batch, height, width, taps, lce_b_, true, threads, mixed);
   Matrix<T> y(rows, C);
   out_proj_.forward_into(mixed, y, threads);
   return y;
