@@ -38,10 +38,8 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
                          Normalization normalization, Index p0, const RetentionState<T>* init,
                          RetentionState<T>* final_state) {
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
-  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
-  // Score tile row stride: whole vectors of keys in every instruction set's width.
-  constexpr Index P = simd::max_lanes<T>;
-  const Index Cp = (C + P - 1) / P * P;
+  ChunkSweep<T, Mask> sweep(decay, chunk, T_len);
+  const Index C = sweep.C, Cp = sweep.Cp;
   const bool score = normalization == Normalization::decay_and_score;
   const bool normalize = normalization != Normalization::none;
 
@@ -55,10 +53,7 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   Matrix<T> Kt = Matrix<T>::Zero(dk, Cp);
   Matrix<T> A = Matrix<T>::Zero(C, Cp);
   Matrix<T> Kw(C, dk);
-  // S's rows are one cache line longer than dv when dv fills whole lines: a row stride of a
-  // multiple of 512 bytes would put a column block of S into an eighth of the L1 sets.
-  constexpr Index line = 64 / static_cast<Index>(sizeof(T));
-  const Index lds = (dv * static_cast<Index>(sizeof(T))) % 512 == 0 ? dv + line : dv;
+  const Index lds = padded_state_stride<T>(dv);
   Matrix<T> S_store(dk, lds);
   auto S = S_store.leftCols(dv);
   Vector<T> z(dk);
@@ -72,19 +67,13 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     z.setZero();
   }
 
-  // Everything that depends only on offsets inside a chunk is formed once: the intra-chunk mask
-  // D_C (its top-left L x L corner is D_L), zero-padded to Cp columns, gamma^(j+1) and, for full
-  // chunks, gamma^(C-1-l).
-  Matrix<T> D = Matrix<T>::Zero(C, Cp);
-  decay.weights_into(0, 0, D.leftCols(C));
-  const Vector<T> qf = decay.template query_factors<T>(C);
-  Vector<T> kf = decay.template key_factors<T>(C);
-  const T gC = static_cast<T>(decay.chunk_factor(C));
+  const Matrix<T>& D = sweep.D;
+  const Vector<T>& qf = sweep.qf;
+  const Vector<T>& kf = sweep.kf;
 
   for (Index i0 = 0; i0 < T_len; i0 += C) {
     const Index L = std::min(C, T_len - i0);
-    if (L != C) kf = decay.template key_factors<T>(L);
-    const T gL = L == C ? gC : static_cast<T>(decay.chunk_factor(L));
+    const T gL = sweep.start(L);
     gather_chunk_rows(Q, i0, L, Qc);
     gather_chunk_rows(K, i0, L, Kc);
     gather_chunk_rows(V, i0, L, Vc);

@@ -81,20 +81,13 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
                              const CausalDecay& decay, Index chunk, OK& dK, OV& dV,
                              const Matrix<T>* init_R, Matrix<T>* final_R) {
   const Index T_len = V.rows(), dk = Q.cols(), dv = V.cols();
-  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
-  constexpr Index P = simd::max_lanes<T>;
-  const Index Cp = (C + P - 1) / P * P;
-  // State rows padded by a cache line when they fill whole 512-byte multiples (as in
-  // chunkwise_same_type): otherwise a column block of the state maps to a few L1 sets.
-  constexpr Index line = 64 / static_cast<Index>(sizeof(T));
-  const auto padded = [](Index n) {
-    return (n * static_cast<Index>(sizeof(T))) % 512 == 0 ? n + line : n;
-  };
+  ChunkSweep<T, CausalDecay> sweep(decay, chunk, T_len);
+  const Index C = sweep.C, Cp = sweep.Cp;
   Matrix<T> Vc(C, dv), Gc(C, dv), Qc(C, dk), Kc(C, dk), Ok(C, dk), Ov(C, dv), Gw(C, dv);
   // Transposed keys and score tiles start at zero: the kernels read entries they never write.
   Matrix<T> Gt = Matrix<T>::Zero(dv, Cp), Qt = Matrix<T>::Zero(dk, Cp);
   Matrix<T> A1 = Matrix<T>::Zero(C, Cp), A2 = Matrix<T>::Zero(C, Cp);
-  const Index ldr = padded(dk), ldrt = padded(dv);
+  const Index ldr = padded_state_stride<T>(dk), ldrt = padded_state_stride<T>(dv);
   Matrix<T> R_store(dv, ldr), Rt_store(dk, ldrt);
   auto R = R_store.leftCols(dk);
   auto Rt = Rt_store.leftCols(dv);
@@ -104,17 +97,14 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   else
     R.setZero();
 
-  Matrix<T> D = Matrix<T>::Zero(C, Cp);
-  decay.weights_into(0, 0, D.leftCols(C));
-  const Vector<T> qf = decay.template query_factors<T>(C);
-  Vector<T> kf = decay.template key_factors<T>(C);
-  const T gC = static_cast<T>(decay.chunk_factor(C));
+  const Matrix<T>& D = sweep.D;
+  const Vector<T>& qf = sweep.qf;
+  const Vector<T>& kf = sweep.kf;
 
   for (Index i0 = 0; i0 < T_len; i0 += C) {
     const Index L = std::min(C, T_len - i0);
     const Index first = T_len - i0 - L;  // the chunk's first row in time order
-    if (L != C) kf = decay.template key_factors<T>(L);
-    const T gL = L == C ? gC : static_cast<T>(decay.chunk_factor(L));
+    const T gL = sweep.start(L);
     gather_chunk_rows_reversed(V, first, L, Vc);
     gather_chunk_rows_reversed(Gu, first, L, Gc);
     gather_chunk_rows_reversed(Q, first, L, Qc);

@@ -289,6 +289,47 @@ void scatter_chunk_rows(const Matrix<T>& src, Index i0, Index L, Derived& x) {
   x.middleRows(i0, L) = src.topRows(L);
 }
 
+/// Row stride of a state with n columns: one cache line longer when n fills whole 512-byte
+/// multiples, since a stride of such a multiple would put a column block of the state into an
+/// eighth of the L1 sets.
+template <class T>
+Index padded_state_stride(Index n) {
+  constexpr Index line = 64 / static_cast<Index>(sizeof(T));
+  return (n * static_cast<Index>(sizeof(T))) % 512 == 0 ? n + line : n;
+}
+
+/// What a chunk sweep over T rows forms once (docs/math.md §2): the chunk length C (chunk, at most
+/// T, at least 1), the score tile's row stride Cp (C in whole vectors of every instruction set),
+/// the intra-chunk mask D_C zero-padded to Cp columns (its top-left L x L corner is D_L), the
+/// query factors gamma^(j+1), the key factors gamma^(C-1-l) and gamma^C. start(L) readies the key
+/// factors for a chunk of L rows and returns gamma^L.
+template <class T, class Mask>
+struct ChunkSweep {
+  const Mask& decay;
+  Index C, Cp;
+  Matrix<T> D;
+  Vector<T> qf, kf;
+  T g_full;
+
+  ChunkSweep(const Mask& mask, Index chunk, Index rows)
+      : decay(mask),
+        C(std::min(chunk, std::max<Index>(rows, 1))),
+        Cp((C + simd::max_lanes<T> - 1) / simd::max_lanes<T> * simd::max_lanes<T>),
+        D(Matrix<T>::Zero(C, Cp)),
+        qf(mask.template query_factors<T>(C)),
+        kf(mask.template key_factors<T>(C)),
+        g_full(static_cast<T>(mask.chunk_factor(C))) {
+    mask.weights_into(0, 0, D.leftCols(C));
+  }
+
+  /// gamma^L; kf holds the key factors of a chunk of L rows (only a last chunk is shorter).
+  T start(Index L) {
+    if (L == C) return g_full;
+    kf = decay.template key_factors<T>(L);
+    return static_cast<T>(decay.chunk_factor(L));
+  }
+};
+
 /// One chunk's operands for the dispatched kernels below (pointers into the driver's buffers).
 template <class T>
 struct ChunkOperands {
