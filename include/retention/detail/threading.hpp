@@ -117,9 +117,13 @@ class ThreadPool {
     return *pool;
   }
 
-  /// Runs region(i, team) for i in [0, team) on `team` threads, i = 0 on the caller, and returns
-  /// when all have finished. region must not throw. Returns false without running anything when
-  /// another thread's region is using the pool (the caller then runs the work alone).
+  /// Runs region(i, team) once for each share i in [0, team) and returns when all have finished.
+  /// The caller and up to team - 1 pool threads take shares in turn: a pool thread that has not
+  /// woken by the time the caller has taken the last share takes no part, and the caller waits
+  /// only for the threads that did, so on a busy machine a team member that is not scheduled
+  /// costs nothing but its share, which the caller runs. region must not throw. Returns false
+  /// without running anything when another thread's region is using the pool (the caller then
+  /// runs the work alone).
   template <class Region>
   bool run(int team, Region& region) {
     std::unique_lock<std::mutex> owner(run_mutex_, std::try_to_lock);
@@ -133,19 +137,27 @@ class ThreadPool {
       job_ = [](void* r, int i, int n) { (*static_cast<Region*>(r))(i, n); };
       context_ = &region;
       team_ = team;
-      pending_.store(team - 1, std::memory_order_relaxed);
+      open_ = true;
+      next_share_.store(0, std::memory_order_relaxed);
       generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
     }
     work_ready_.notify_all();
     {
       const bool outer = in_team();
       in_team() = true;
-      region(0, team);
+      for (int i = next_share_.fetch_add(1, std::memory_order_relaxed); i < team;
+           i = next_share_.fetch_add(1, std::memory_order_relaxed))
+        region(i, team);
       in_team() = outer;
     }
-    spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; });
+    {
+      // Every share is taken: threads that have not joined yet must not.
+      std::lock_guard<std::mutex> lock(mutex_);
+      open_ = false;
+    }
+    spin_until([this] { return active_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mutex_);
-    work_done_.wait(lock, [this] { return pending_.load(std::memory_order_relaxed) == 0; });
+    work_done_.wait(lock, [this] { return active_.load(std::memory_order_relaxed) == 0; });
     return true;
   }
 
@@ -176,14 +188,17 @@ class ThreadPool {
       std::unique_lock<std::mutex> lock(mutex_);
       work_ready_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
       seen = generation_.load(std::memory_order_relaxed);
-      if (index >= team_) continue;
+      if (index >= team_ || !open_) continue;  // not in this team, or woke after it closed
       void (*job)(void*, int, int) = job_;
       void* context = context_;
       const int team = team_;
+      active_.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();
-      job(context, index, team);
+      for (int i = next_share_.fetch_add(1, std::memory_order_relaxed); i < team;
+           i = next_share_.fetch_add(1, std::memory_order_relaxed))
+        job(context, i, team);
       lock.lock();
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) work_done_.notify_one();
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) work_done_.notify_one();
     }
   }
 
@@ -193,14 +208,20 @@ class ThreadPool {
   void (*job_)(void*, int, int) = nullptr;
   void* context_ = nullptr;
   int team_ = 0, started_ = 0;
-  // Changed only under mutex_, read without it while spinning.
-  std::atomic<int> pending_{0};
+  bool open_ = false;  // pool threads may still join the current region
+  // Changed only under mutex_, read without it while spinning: the pool threads inside the
+  // current region, and the region's count.
+  std::atomic<int> active_{0};
   std::atomic<std::uint64_t> generation_{0};
+  // The next share of the current region to run; taken by whoever is free, without the mutex.
+  std::atomic<int> next_share_{0};
 };
 #endif
 
-/// Runs region(thread, team) once on each of `team` threads (thread = 0..team-1), for work that
-/// splits itself. The first exception any thread throws is rethrown here after the team ends.
+/// Runs region(share, team) once for each share = 0..team-1 on up to `team` threads, for work that
+/// splits itself into `team` parts: the share number, not the thread, says which part (a thread
+/// runs another share when a team member is late). The first exception any share throws is
+/// rethrown here after the team ends.
 template <class Region>
 void parallel_region(int team, Region&& region) {
   // One thread means one: Eigen would otherwise spread the region's products over OpenMP's team.
@@ -243,7 +264,8 @@ void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body,
 
 /// Runs body(i, workspace) for i in [0, tasks) on `team` threads, handed out one at a time (tasks
 /// differ in cost, and on a shared machine a thread that gets more CPU takes more of them), with
-/// one workspace per thread made by make() once per thread (never per task). The first exception
+/// one workspace per share of the team made by make() (never per task; not at all for a share
+/// that starts after the last task was taken). The first exception
 /// any task throws is rethrown here after the team ends; tasks not yet started when it was thrown
 /// are skipped.
 template <class Make, class Body>
@@ -257,6 +279,8 @@ void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
   std::atomic<Index> next{0};
   std::atomic<bool> failed{false};
   parallel_region(static_cast<int>(std::min<Index>(team, tasks)), [&](int, int) {
+    // A share run after every task is taken (its thread came late) needs no workspace.
+    if (next.load(std::memory_order_relaxed) >= tasks) return;
     try {
       auto ws = make();
       for (Index i = next.fetch_add(1, std::memory_order_relaxed);

@@ -360,6 +360,7 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
     std::condition_variable rows_finished;
     bool failed = false;  // guarded by mutex: a failed line releases every waiter
     parallel_region(team, [&](int, int) {
+      if (next.load(std::memory_order_relaxed) >= tasks) return;  // every task already taken
       try {
         MasadWorkspace<T> ws = make();
         Index p = 0;
