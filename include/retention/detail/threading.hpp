@@ -210,7 +210,7 @@ class ThreadPool {
   int team_ = 0, started_ = 0;
   bool open_ = false;  // pool threads may still join the current region
   // Changed only under mutex_, read without it while spinning: the pool threads inside the
-  // current region, and the region's count.
+  // current region (active_) and the region count (generation_).
   std::atomic<int> active_{0};
   std::atomic<std::uint64_t> generation_{0};
   // The next share of the current region to run; taken by whoever is free, without the mutex.
@@ -250,7 +250,7 @@ void parallel_region(int team, Region&& region) {
 }
 
 /// Runs body(first_row, rows) over row blocks of a per-row computation (projections, an MLP): one
-/// static block per thread of a team sized by the thread rule (at least min_rows rows each), every
+/// static block per share of a team sized by the thread rule (at least min_rows rows each), every
 /// product inside single-threaded; a team of one is one call over all rows.
 template <class Body>
 void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body,
@@ -265,9 +265,8 @@ void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body,
 /// Runs body(i, workspace) for i in [0, tasks) on `team` threads, handed out one at a time (tasks
 /// differ in cost, and on a shared machine a thread that gets more CPU takes more of them), with
 /// one workspace per share of the team made by make() (never per task; not at all for a share
-/// that starts after the last task was taken). The first exception
-/// any task throws is rethrown here after the team ends; tasks not yet started when it was thrown
-/// are skipped.
+/// that starts after the last task was taken). The first exception any task throws is rethrown
+/// here after the team ends; tasks not yet started when it was thrown are skipped.
 template <class Make, class Body>
 void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
   if (team <= 1 || tasks <= 1) {
