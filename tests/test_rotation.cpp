@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -116,6 +117,43 @@ TYPED_TEST(RotationTest, PairEqualsTwoApplies) {
   Matrix<T> mid = orig.middleRows(4, 3);
   rot.apply(mid, 2);
   EXPECT_EQ(big.middleRows(4, 3), mid);
+}
+
+// Long inputs split their spans over threads: any thread count gives the one-thread result bit
+// for bit (each span's angles are formed alike on any thread), and a negative count is rejected.
+TYPED_TEST(RotationTest, ThreadsGiveTheOneThreadResult) {
+  using T = TypeParam;
+  const ThetaShift rot(64);
+  // 4099 rows (65 spans, the last one short) x 8 heads: enough work for a team by the thread rule.
+  const Matrix<T> q = random_matrix<T>(4099, 512, 4), k = random_matrix<T>(4099, 256, 5);
+  Matrix<T> q1 = q, k1 = k;
+  rot.apply_pair(q1, k1, 1000, 1);
+  for (int threads : {0, 2, 3}) {
+    Matrix<T> q2 = q, k2 = k, q3 = q;
+    rot.apply_pair(q2, k2, 1000, threads);
+    rot.apply(q3, 1000, threads);
+    EXPECT_EQ(q2, q1) << "threads " << threads;
+    EXPECT_EQ(k2, k1) << "threads " << threads;
+    EXPECT_EQ(q3, q1) << "threads " << threads;
+  }
+  // Against the angles formed directly in double (docs/math.md §3): row t, pair j of head g.
+  double worst = 0;
+  for (Index t : {Index(0), Index(63), Index(64), Index(2048), Index(4098)})
+    for (Index col = 0; col < 512; col += 2) {
+      const Index j = (col % 64) / 2;
+      const double angle =
+          static_cast<double>(1000 + t) * rot.thetas()[static_cast<std::size_t>(j)];
+      const double x0 = static_cast<double>(q(t, col)), x1 = static_cast<double>(q(t, col + 1));
+      const double r0 = x0 * std::cos(angle) - x1 * std::sin(angle);
+      const double r1 = x1 * std::cos(angle) + x0 * std::sin(angle);
+      worst = std::max(worst, std::abs(static_cast<double>(q1(t, col)) - r0));
+      worst = std::max(worst, std::abs(static_cast<double>(q1(t, col + 1)) - r1));
+    }
+  EXPECT_LT(worst, 10 * spec_tolerance<T>());
+  Matrix<T> x = q;
+  expect_shape_error([&] { rot.apply(x, 0, -1); }, "ThetaShift::apply: threads must be >= 0");
+  expect_shape_error([&] { rot.apply_pair(x, k1, 0, -2); },
+                     "ThetaShift::apply_pair: threads must be >= 0");
 }
 
 TEST(Rotation, Errors) {

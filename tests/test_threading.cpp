@@ -69,6 +69,41 @@ TEST(Threading, LongSharesRunOnSeparateThreadsAtOnce) {
   EXPECT_EQ(most.load(), team) << "the shares overlapped in time";
 }
 
+// A team that does not wake sleeping threads still runs every share exactly once: the caller
+// runs whatever no polling thread took.
+TEST(Threading, ATeamThatDoesNotWakeRunsEveryShareOnce) {
+  for (int team : {2, 3}) {
+    for (int round = 0; round < 200; ++round) {
+      // Alternate with waking teams, so that some rounds find threads polling and some asleep.
+      if (round % 3 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));
+      std::vector<std::atomic<int>> runs(static_cast<std::size_t>(team));
+      for (auto& r : runs) r = 0;
+      detail::parallel_region(detail::Team(team, round % 2 == 0), [&](int t, int n) {
+        ++runs[static_cast<std::size_t>(t)];
+        EXPECT_EQ(n, team);
+      });
+      for (int t = 0; t < team; ++t)
+        ASSERT_EQ(runs[static_cast<std::size_t>(t)].load(), 1) << "team " << team << " share " << t;
+    }
+  }
+}
+
+// The rule: threads for work from min_flops_per_thread each; sleeping threads woken only for work
+// worth two threads of min_flops_to_wake.
+TEST(Threading, TeamsWakeSleepingThreadsOnlyForLargeWork) {
+  const double small = 3.0 * detail::min_flops_per_thread;
+  const detail::Team a = detail::plan_team(2, 100, small);
+  EXPECT_EQ(a.size, 2);
+  EXPECT_FALSE(a.wake);
+  const detail::Team b = detail::plan_team(2, 100, 2.0 * detail::min_flops_to_wake);
+  EXPECT_EQ(b.size, 2);
+  EXPECT_TRUE(b.wake);
+  const detail::Team c = detail::plan_team(2, 100, 0.5 * detail::min_flops_per_thread);
+  EXPECT_EQ(c.size, 1);
+  EXPECT_EQ(detail::plan_team(1, 100, 1e12).size, 1);
+  EXPECT_EQ(detail::plan_team(3, 2, 1e12).size, 2) << "capped by the tasks";
+}
+
 TEST(Threading, NoNestingInsideAShare) {
   std::atomic<int> inner{0};
   detail::parallel_region(2, [&](int, int) { inner += detail::team_size(8, 100, 1e12); });

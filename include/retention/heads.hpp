@@ -122,7 +122,7 @@ template <class Body>
 void for_each_head(Index batch, Index heads, double flops_per_pair, int threads, Body&& body) {
   const Index pairs = batch * heads;
   detail::parallel_tasks(
-      detail::team_size(threads, pairs, flops_per_pair * static_cast<double>(pairs)), pairs,
+      detail::plan_team(threads, pairs, flops_per_pair * static_cast<double>(pairs)), pairs,
       [&](Index pair) { body(pair / heads, pair % heads); });
 }
 

@@ -251,10 +251,10 @@ void multi_head_step(const HeadsView<const T>& q, const HeadsView<const T>& k,
   // The step is bound by moving the states (each of dk * dv values read and written once); a byte
   // moved costs about what 4 flops of a GEMM do, which puts it on the thread rule's scale.
   const double work = 8.0 * sizeof(T) * static_cast<double>(dk) * static_cast<double>(dv);
-  const int team = detail::team_size(threads, pairs, work * static_cast<double>(pairs));
+  const detail::Team team = detail::plan_team(threads, pairs, work * static_cast<double>(pairs));
   StepWorkspace<T> local;
   StepWorkspace<T>& ws = workspace ? *workspace : local;
-  ws.reserve(team, dk, dv);
+  ws.reserve(team.size, dk, dv);
   // Contiguous static shares: each thread streams its own states.
   detail::parallel_region(team, [&](int t, int n) {
     const Index begin = pairs * t / n, end = pairs * (t + 1) / n;

@@ -345,10 +345,10 @@ void varlen_step(const HeadsView<const S>& q, const HeadsView<const S>& k,
     detail::fail(fn, "states has " + std::to_string(states.size()) +
                          " pointers, expected batch * heads = " + std::to_string(pairs));
   const double work = 8.0 * sizeof(Acc) * static_cast<double>(dk) * static_cast<double>(dv);
-  const int team = detail::team_size(threads, pairs, work * static_cast<double>(pairs));
+  const detail::Team team = detail::plan_team(threads, pairs, work * static_cast<double>(pairs));
   VarlenStepWorkspace<Acc> local;
   VarlenStepWorkspace<Acc>& ws = workspace ? *workspace : local;
-  ws.reserve(team, dk, dv, pairs);
+  ws.reserve(team.size, dk, dv, pairs);
   detail::check_distinct_states(fn, states, "states", ws.sorted);
   for (Index i = 0; i < pairs; ++i) {
     const RetentionState<Acc>& s = *states[static_cast<std::size_t>(i)];

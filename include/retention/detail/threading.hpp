@@ -63,11 +63,17 @@ inline bool& in_team() {
 
 #endif
 
-/// Work (in flops, or flop-equivalents) below which a task is not worth a thread: about a few
-/// hundred microseconds of one core. A team waits at its end for its slowest member, and on a
-/// shared machine a member may not be scheduled for a whole time slice (milliseconds), so a team
-/// only pays off for work well above that.
-constexpr double min_flops_per_thread = 2.0e7;
+/// Work (in flops, or flop-equivalents) below which a task is not worth a thread: tens of
+/// microseconds of one core, several times what a team costs while its threads poll for work
+/// (docs/math.md, Layouts and conventions).
+constexpr double min_flops_per_thread = 2.0e6;
+
+/// Work of one thread that must be there for each of two threads before a team wakes pool
+/// threads that sleep (below it, only threads still polling after a recent region join, or
+/// none): a few hundred microseconds of one core. Waking a sleeping thread costs the caller tens
+/// of microseconds (a futex wake; on a virtual machine an interrupt to an idle core), and the
+/// woken thread starts about a hundred microseconds later.
+constexpr double min_flops_to_wake = 2.0e7;
 
 /// Largest team the library ever starts, whatever is requested.
 constexpr int max_team = 256;
@@ -91,6 +97,24 @@ inline int team_size(int requested, Index tasks, double total_flops) {
   (void)total_flops;
   return 1;
 #endif
+}
+
+/// A team for one parallel region: at most `size` threads take its shares, and `wake` says
+/// whether pool threads that sleep are woken for it (otherwise only threads still polling after
+/// an earlier region join; the caller runs whatever shares nobody else takes).
+/// A bare count (as in parallel_region(2, ...)) is a team that wakes.
+struct Team {
+  Team(int n = 1, bool w = true) : size(n), wake(w) {}  // NOLINT: implicit from a count
+  int size;
+  bool wake;
+};
+
+/// The team for `tasks` independent tasks worth total_flops, at most `requested` threads (0 =
+/// default): team_size's count, waking sleeping threads only for work worth at least two
+/// threads of min_flops_to_wake.
+inline Team plan_team(int requested, Index tasks, double total_flops) {
+  const int size = team_size(requested, tasks, total_flops);
+  return Team(size, size > 1 && total_flops >= 2.0 * min_flops_to_wake);
 }
 
 #if defined(_OPENMP)
@@ -121,11 +145,12 @@ class ThreadPool {
   /// The caller and up to team - 1 pool threads take shares in turn: a pool thread that has not
   /// woken by the time the caller has taken the last share takes no part, and the caller waits
   /// only for the threads that did, so on a busy machine a team member that is not scheduled
-  /// costs nothing but its share, which the caller runs. region must not throw. Returns false
-  /// without running anything when another thread's region is using the pool (the caller then
-  /// runs the work alone).
+  /// costs nothing but its share, which the caller runs. With wake false, sleeping pool threads
+  /// are not woken: only those still polling join. region must not throw. Returns false without
+  /// running anything when another thread's region is using the pool (the caller then runs the
+  /// work alone).
   template <class Region>
-  bool run(int team, Region& region) {
+  bool run(int team, Region& region, bool wake) {
     std::unique_lock<std::mutex> owner(run_mutex_, std::try_to_lock);
     if (!owner.owns_lock()) return false;
     {
@@ -141,7 +166,7 @@ class ThreadPool {
       next_share_.store(0, std::memory_order_relaxed);
       generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
     }
-    work_ready_.notify_all();
+    if (wake) work_ready_.notify_all();
     {
       const bool outer = in_team();
       in_team() = true;
@@ -223,9 +248,10 @@ class ThreadPool {
 /// runs another share when a team member is late). The first exception any share throws is
 /// rethrown here after the team ends.
 template <class Region>
-void parallel_region(int team, Region&& region) {
+void parallel_region(Team plan, Region&& region) {
   // One thread means one: Eigen would otherwise spread the region's products over OpenMP's team.
   const SerialEigenScope serial;
+  const int team = plan.size;
   if (team <= 1) {
     region(0, 1);
     return;
@@ -242,7 +268,7 @@ void parallel_region(int team, Region&& region) {
     }
   };
   // When another thread's region holds the pool, this one runs here alone.
-  if (!ThreadPool::get().run(team, guarded)) guarded(0, 1);
+  if (!ThreadPool::get().run(team, guarded, plan.wake)) guarded(0, 1);
   if (error) std::rethrow_exception(error);
 #else
   region(0, 1);
@@ -255,7 +281,7 @@ void parallel_region(int team, Region&& region) {
 template <class Body>
 void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body,
                     Index min_rows = 32) {
-  const int team = team_size(threads, rows / min_rows, flops_per_row * static_cast<double>(rows));
+  const Team team = plan_team(threads, rows / min_rows, flops_per_row * static_cast<double>(rows));
   parallel_region(team, [&](int t, int n) {
     const Index r0 = rows * t / n, r1 = rows * (t + 1) / n;
     body(r0, r1 - r0);
@@ -268,8 +294,8 @@ void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body,
 /// that starts after the last task was taken). The first exception any task throws is rethrown
 /// here after the team ends; tasks not yet started when it was thrown are skipped.
 template <class Make, class Body>
-void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
-  if (team <= 1 || tasks <= 1) {
+void for_each_with_workspace(Team team, Index tasks, Make&& make, Body&& body) {
+  if (team.size <= 1 || tasks <= 1) {
     const SerialEigenScope serial;  // as in parallel_region
     auto ws = make();
     for (Index i = 0; i < tasks; ++i) body(i, ws);
@@ -277,7 +303,8 @@ void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
   }
   std::atomic<Index> next{0};
   std::atomic<bool> failed{false};
-  parallel_region(static_cast<int>(std::min<Index>(team, tasks)), [&](int, int) {
+  team.size = static_cast<int>(std::min<Index>(team.size, tasks));
+  parallel_region(team, [&](int, int) {
     // A share run after every task is taken (its thread came late) needs no workspace.
     if (next.load(std::memory_order_relaxed) >= tasks) return;
     try {
@@ -295,7 +322,7 @@ void for_each_with_workspace(int team, Index tasks, Make&& make, Body&& body) {
 
 /// for_each_with_workspace without a workspace: task(i) for i in [0, tasks).
 template <class Task>
-void parallel_tasks(int team, Index tasks, Task&& task) {
+void parallel_tasks(Team team, Index tasks, Task&& task) {
   for_each_with_workspace(
       team, tasks, [] { return 0; }, [&](Index i, int&) { task(i); });
 }

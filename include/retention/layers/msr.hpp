@@ -422,7 +422,7 @@ class MultiScaleRetention {
   void norm_and_gate(DO& o, const DG& g, Index rows) const {
     const Index block = 32, blocks = (rows + block - 1) / block;
     const double work = 20.0 * static_cast<double>(rows) * static_cast<double>(config_.value_dim);
-    detail::parallel_tasks(detail::team_size(config_.threads, blocks, work), blocks, [&](Index ib) {
+    detail::parallel_tasks(detail::plan_team(config_.threads, blocks, work), blocks, [&](Index ib) {
       const Index r0 = ib * block, n = std::min(block, rows - r0);
       auto ob = o.middleRows(r0, n);
       if (config_.head_norm == HeadNorm::rms)
@@ -598,7 +598,7 @@ Matrix<T> MultiScaleRetention<T>::prefill_packed_impl(const InRows& x,
     const auto& sg = segments[static_cast<std::size_t>(b)];
     if (sg.rows > 0)
       theta_.apply_pair(p.block(sg.start, 0, sg.rows, d), p.block(sg.start, d, sg.rows, d),
-                        states[static_cast<std::size_t>(b)]->position);
+                        states[static_cast<std::size_t>(b)]->position, config_.threads);
   }
   std::vector<RetentionState<T>> finals(static_cast<std::size_t>(B * H));
   const T* base = p.data();
@@ -648,7 +648,8 @@ Matrix<T> MultiScaleRetention<T>::run(const char* fn, const InRows& x, Index bat
   Matrix<T> p(rows, width), o(rows, dvt), y(rows, d);
   project(fused_, x, p);
   for (Index b = 0; b < batch; ++b)
-    theta_.apply_pair(p.block(b * T_len, 0, T_len, d), p.block(b * T_len, d, T_len, d), p0);
+    theta_.apply_pair(p.block(b * T_len, 0, T_len, d), p.block(b * T_len, d, T_len, d), p0,
+                      config_.threads);
 
   const Index seq = T_len * width;
   MultiHeadOptions<T> opt;

@@ -345,7 +345,7 @@ Matrix<T> ManhattanAttention<T>::forward_impl(const Eigen::Ref<const Matrix<T>>&
   Matrix<T> qkv(rows, width3);
   const int threads = config_.tile.threads;
   fused_.forward_into(x, qkv, threads);
-  for (Index b = 0; b < batch; ++b) rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0);
+  for (Index b = 0; b < batch; ++b) rotation_.apply(qkv.block(b * N, 0, N, 2 * C), 0, threads);
   std::vector<ManhattanDecay> masks;
   masks.reserve(static_cast<std::size_t>(H));
   for (double g : gammas_) masks.emplace_back(g, height, width);

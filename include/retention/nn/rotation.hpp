@@ -45,26 +45,30 @@ class ThetaShift {
 
   /// Rotates every row of x [T, k*head_dim] (a matrix, Map or Block) in place: row t is at
   /// position first_position + t (first_position >= 0, first_position + T must fit in an Index);
-  /// every head_dim-wide group of columns (one head) gets the same rotation.
+  /// every head_dim-wide group of columns (one head) gets the same rotation. threads: at most
+  /// this many threads for long inputs (0 = OpenMP's default, capped by the thread rule).
   template <class Derived>
-  void apply(Derived&& x, Index first_position) const {
+  void apply(Derived&& x, Index first_position, int threads = 0) const {
     detail::assert_dense_output<Derived>();
+    detail::check_threads("ThetaShift::apply", "threads", threads);
     check("ThetaShift::apply", "x", x.rows(), x.cols(), first_position);
     // A 0-column dummy as the second operand keeps one code path.
     Matrix<typename std::decay_t<Derived>::Scalar> none(x.rows(), 0);
-    rotate(x, none, first_position);
+    rotate(x, none, first_position, threads);
   }
 
   /// Rotates x [T, a*head_dim] and y [T, b*head_dim] (e.g. q and k) in place with the same angles,
   /// row t at position first_position + t. Each cos/sin is computed once for both. x and y must
   /// not share memory (the shared part would be rotated twice): shape_error
   /// "ThetaShift::apply_pair: y overlaps x"; disjoint column blocks of one matrix are fine.
+  /// threads as for apply.
   template <class DX, class DY>
-  void apply_pair(DX&& x, DY&& y, Index first_position) const {
+  void apply_pair(DX&& x, DY&& y, Index first_position, int threads = 0) const {
     detail::assert_dense_output<DX>();
     detail::assert_dense_output<DY>();
     detail::assert_same_scalar<typename std::decay_t<DX>::Scalar,
                                typename std::decay_t<DY>::Scalar>();
+    detail::check_threads("ThetaShift::apply_pair", "threads", threads);
     check("ThetaShift::apply_pair", "x", x.rows(), x.cols(), first_position);
     check("ThetaShift::apply_pair", "y", y.rows(), y.cols(), first_position);
     if (y.rows() != x.rows())
@@ -75,7 +79,7 @@ class ThetaShift {
     if (detail::shares_memory(x, y))
       detail::fail("ThetaShift::apply_pair",
                    "y overlaps x; in-place pairs are not supported (rotate one matrix with apply)");
-    rotate(x, y, first_position);
+    rotate(x, y, first_position, threads);
   }
 
  private:
@@ -100,7 +104,7 @@ class ThetaShift {
   static constexpr Index kSpan = 64;
 
   template <class DX, class DY>
-  void rotate(DX& x, DY& y, Index first_position) const {
+  void rotate(DX& x, DY& y, Index first_position, int threads) const {
     using T = typename std::decay_t<DX>::Scalar;
     const Index half = head_dim_ / 2;
     const Index gx = x.cols() / head_dim_, gy = y.cols() / head_dim_;
@@ -131,8 +135,10 @@ class ThetaShift {
         step_sin[static_cast<std::size_t>(l * half + j)] = std::sin(a);
       }
     // Spans are independent; long prompts spread them over threads (the library's thread rule).
-    const double work = 8.0 * static_cast<double>(rows * half * (gx + gy));
-    detail::parallel_tasks(detail::team_size(0, spans, work), spans, [&](Index sp) {
+    // A rotated pair costs about as much as 40 flops of a product (its cos and sin are formed
+    // per row, and the pairs are strided).
+    const double work = 40.0 * static_cast<double>(rows * half * (gx + gy));
+    detail::parallel_tasks(detail::plan_team(threads, spans, work), spans, [&](Index sp) {
       std::vector<double> base_cos(static_cast<std::size_t>(half)),
           base_sin(static_cast<std::size_t>(half));
       std::vector<T> c(static_cast<std::size_t>(half)), s(static_cast<std::size_t>(half));

@@ -300,7 +300,7 @@ void masa_into_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRow
   const Index tiles = (N + bq - 1) / bq;
   const double work =
       2.0 * static_cast<double>(N) * static_cast<double>(N) * static_cast<double>(dk + dv);
-  const int team = team_size(options.threads, tiles, work);
+  const Team team = plan_team(options.threads, tiles, work);
   for_each_with_workspace(
       team, tiles,
       [&]() {

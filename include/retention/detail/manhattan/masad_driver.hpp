@@ -276,11 +276,11 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
   };
   const double work = 2.0 * static_cast<double>(g.batch * heads * N) * static_cast<double>(H + W) *
                       static_cast<double>(dk + dv);
-  const int team = team_size(threads, g.batch * std::max(H, W), work);
+  const Team team = plan_team(threads, g.batch * std::max(H, W), work);
   // Units of work: image b's heads [h0, h0 + group). With a team, two groups per image when there
   // are two heads or more, so that a thread that finishes one group's rows goes on to the next
   // group's rows instead of waiting for the last row line of the first (see the schedule below).
-  const Index group = team > 1 && heads >= 2 ? (heads + 1) / 2 : heads;
+  const Index group = team.size > 1 && heads >= 2 ? (heads + 1) / 2 : heads;
   const Index groups = (heads + group - 1) / group;
   const Index units = g.batch * groups;
   const auto unit_heads = [&](Index u, Index& b, Index& h0, Index& h1) {
@@ -340,7 +340,7 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
     }
   };
   const auto make = [&] { return masad_workspace<T>(std::max(H, W), dk, dv); };
-  if (team > 1) {
+  if (team.size > 1) {
     // Lines are handed out one at a time from one counter over all phases (tasks [0, H) of
     // phase 0, then phase 1, ...); rows_done[u] counts unit u's finished row lines. A column line
     // whose unit still has rows in flight blocks on a condition variable (never spins: the thread
