@@ -88,16 +88,17 @@ TEST(Threading, ATeamThatDoesNotWakeRunsEveryShareOnce) {
   }
 }
 
-// The rule: threads for work from min_flops_per_thread each; sleeping threads woken only for work
-// worth two threads of min_flops_to_wake.
+// The rule: threads for work from min_flops_per_thread each; sleeping threads woken only for
+// min_flops_to_wake or more.
 TEST(Threading, TeamsWakeSleepingThreadsOnlyForLargeWork) {
   const double small = 3.0 * detail::min_flops_per_thread;
   const detail::Team a = detail::plan_team(2, 100, small);
   EXPECT_EQ(a.size, 2);
   EXPECT_FALSE(a.wake);
-  const detail::Team b = detail::plan_team(2, 100, 2.0 * detail::min_flops_to_wake);
+  const detail::Team b = detail::plan_team(2, 100, detail::min_flops_to_wake);
   EXPECT_EQ(b.size, 2);
   EXPECT_TRUE(b.wake);
+  EXPECT_FALSE(detail::plan_team(2, 100, 0.9 * detail::min_flops_to_wake).wake);
   const detail::Team c = detail::plan_team(2, 100, 0.5 * detail::min_flops_per_thread);
   EXPECT_EQ(c.size, 1);
   EXPECT_EQ(detail::plan_team(1, 100, 1e12).size, 1);

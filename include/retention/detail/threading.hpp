@@ -68,12 +68,12 @@ inline bool& in_team() {
 /// (docs/math.md, Layouts and conventions).
 constexpr double min_flops_per_thread = 2.0e6;
 
-/// Work of one thread that must be there for each of two threads before a team wakes pool
-/// threads that sleep (below it, only threads still polling after a recent region join, or
-/// none): a few hundred microseconds of one core. Waking a sleeping thread costs the caller tens
-/// of microseconds (a futex wake; on a virtual machine an interrupt to an idle core), and the
-/// woken thread starts about a hundred microseconds later.
-constexpr double min_flops_to_wake = 2.0e7;
+/// Work below which a team does not wake pool threads that sleep (only threads still polling
+/// after a recent region join, or none): a few hundred microseconds for each of two threads.
+/// Waking a sleeping thread costs the caller tens of microseconds (a futex wake; on a virtual
+/// machine an interrupt to an idle core), and the woken thread starts about a hundred
+/// microseconds later.
+constexpr double min_flops_to_wake = 4.0e7;
 
 /// Largest team the library ever starts, whatever is requested.
 constexpr int max_team = 256;
@@ -110,11 +110,10 @@ struct Team {
 };
 
 /// The team for `tasks` independent tasks worth total_flops, at most `requested` threads (0 =
-/// default): team_size's count, waking sleeping threads only for work worth at least two
-/// threads of min_flops_to_wake.
+/// default): team_size's count, waking sleeping threads only for min_flops_to_wake or more.
 inline Team plan_team(int requested, Index tasks, double total_flops) {
   const int size = team_size(requested, tasks, total_flops);
-  return Team(size, size > 1 && total_flops >= 2.0 * min_flops_to_wake);
+  return Team(size, size > 1 && total_flops >= min_flops_to_wake);
 }
 
 #if defined(_OPENMP)
