@@ -2,17 +2,19 @@
 //
 // One MaSAD line (a grid row or column of L tokens) is a small softmax attention: an [L, dk] x [dk,
 // L] logit product, a row softmax, an [L, L] x [L, dv] product. For lines of up to four vectors
-// (MasadLine<T, Isa>::max_line: L <= 64 in float with AVX-512), a whole row of logits fits in
+// (masad_line_vectors: L <= 64 in float with AVX-512), a whole row of logits fits in
 // registers, so these kernels keep it there: the logit kernel starts from the log-weights,
 // accumulates q . k, takes the row max, exponentiates and sums in registers and writes the
 // probabilities once (no separate max or exp pass over the tile). The attend kernel accumulates P V
 // over blocks of rows x whole vectors of dv and applies the softmax's 1 / sum as it stores (no
-// separate normalisation pass). Both keep R x NP accumulators so each loaded vector of K^T or V
-// serves R rows. Templates over the instruction set, inlined into MaSAD's dispatched line kernel.
+// separate normalisation pass). Both accumulate in simd::Block's of R x NP vectors, so each loaded
+// vector of K^T or V serves R rows. Templates over the instruction set, inlined into MaSAD's
+// dispatched line kernel.
 #pragma once
 
 #include <retention/core.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
+#include <retention/detail/simd/block.hpp>
 #include <retention/detail/simd/dispatch.hpp>
 
 #include <algorithm>
@@ -25,22 +27,19 @@
 namespace retention {
 namespace detail {
 
-/// Block sizes of the fused line kernels of T on Isa.
+/// Longest line the fused kernels take, in vectors of logits per row held in registers.
+constexpr int masad_line_vectors = 4;
+
+/// Rows per block of a line kernel np vectors wide: as many as the register budget allows that
+/// also divide the padded row count (simd::Blocking::rows).
 template <class T, class Isa>
-struct MasadLine {
-  static constexpr int lanes = simd::lanes<T, Isa>;
-  /// Longest line the fused kernels take: four vectors of logits per row in registers.
-  static constexpr Index max_line = 4 * lanes;
-  /// Rows per block for np vectors of columns: R x np accumulators plus np operand vectors and a
-  /// broadcast must stay in registers (at most 16 accumulators with 32 registers, 12 with 16),
-  /// and R divides MasaLayout<T>::rows. More rows per loaded vector while they fit.
-  static constexpr int rows(int np) {
-    return Isa::registers >= 32 ? (np <= 2 ? 8 : 4) : (np == 1 ? 8 : np <= 3 ? 4 : 2);
-  }
-  /// Most vectors of dv the attend kernel takes at once.
-  static constexpr int max_dv_vectors = Isa::registers >= 32 ? 4 : 3;
-  static_assert(max_dv_vectors >= 3, "masad_attend_line's cases");
-};
+constexpr int masad_rows(int np) {
+  return simd::Blocking<T, Isa>::rows(np, simd::layout_rows);
+}
+
+/// Most vectors of dv the attend kernel takes at once: the widest block that keeps four rows.
+template <class T, class Isa>
+constexpr int masad_dv_vectors = simd::Blocking<T, Isa>::accumulators / 4;
 
 /// Row softmax of one line's logits, the row max taken in registers: for i < rows (a multiple of
 /// R),
@@ -56,32 +55,17 @@ template <class Isa, class T, int R, int NP>
   constexpr int N = simd::lanes<T, Isa>;
   using V = simd::Vec<T, N>;
   for (Index i0 = 0; i0 < rows; i0 += R) {
-    V a[R][NP];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int u = 0; u < NP; ++u) a[r][u] = simd::load<N>(lw + (i0 + r) * ldl + u * N);
-    const T* qb = q + i0 * ldq;
-    for (Index c = 0; c < dk; ++c) {
-      V kk[NP];
-#pragma GCC unroll 16
-      for (int u = 0; u < NP; ++u) kk[u] = simd::load<N>(kt + c * ldk + u * N);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const T b = qb[r * ldq + c];
-#pragma GCC unroll 16
-        for (int u = 0; u < NP; ++u) a[r][u] += b * kk[u];
-      }
-    }
+    simd::Block<T, N, R, NP> b;
+    b.load(lw + i0 * ldl, ldl);
+    b.madd(q + i0 * ldq, ldq, 1, kt, ldk, dk);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      V m = a[r][0];
+      V m = b.acc[r][0];
 #pragma GCC unroll 16
-      for (int u = 1; u < NP; ++u) m = simd::vmax<N, T>(m, a[r][u]);
-#pragma GCC unroll 16
-      for (int u = 0; u < NP; ++u) simd::store(p + (i0 + r) * ldp + u * N, a[r][u]);
+      for (int u = 1; u < NP; ++u) m = simd::vmax<N, T>(m, b.acc[r][u]);
       inv_sum[i0 + r] = simd::hmax<N, T>(m);  // the row max, until the pass below
     }
+    b.store(p + i0 * ldp, ldp);
   }
   // The exps in a pass of their own, over rows still in L1: inside the product's loop nest their
   // constants would hold registers that the accumulators need.
@@ -120,23 +104,9 @@ template <class Isa, class T, int R, int ND>
 #pragma GCC unroll 16
   for (int u = 0; u < ND; ++u) check[u] = simd::splat<N>(T(0));
   for (Index i0 = 0; i0 < rows; i0 += R) {
-    V a[R][ND];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int u = 0; u < ND; ++u) a[r][u] = simd::splat<N>(T(0));
-    const T* pb = p + i0 * ldp;
-    for (Index j = 0; j < L; ++j) {
-      V w[ND];
-#pragma GCC unroll 16
-      for (int u = 0; u < ND; ++u) w[u] = simd::load<N>(vb + j * ldv + u * N);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const T b = pb[r * ldp + j];
-#pragma GCC unroll 16
-        for (int u = 0; u < ND; ++u) a[r][u] += b * w[u];
-      }
-    }
+    simd::Block<T, N, R, ND> b;
+    b.set_zero();
+    b.madd(p + i0 * ldp, ldp, 1, vb, ldv, L);
     const int valid = static_cast<int>(std::min<Index>(R, rows_valid - i0));
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -145,7 +115,7 @@ template <class Isa, class T, int R, int ND>
       T* o = out + (i0 + r) * out_step + d0;
 #pragma GCC unroll 16
       for (int u = 0; u < ND; ++u) {
-        const V y = a[r][u] * f;
+        const V y = b.acc[r][u] * f;
         check[u] += y;
         const Index c0 = d0 + u * N;
         if (c0 + N <= store_cols) {
@@ -169,64 +139,63 @@ template <class Isa, class T, int R, int ND>
 }
 
 /// Logit-softmax of a line whose logits fit np vectors of Isa (1 <= np <= 4), with the row block
-/// of MasadLine<T, Isa>::rows(np). rows is a multiple of MasaLayout<T>::rows.
+/// of masad_rows(np). rows is a multiple of simd::layout_rows.
 template <class Isa, class T>
 [[gnu::always_inline]] inline void masad_softmax_line(Index np, const T* q, Index ldq, Index dk,
                                                       const T* kt, Index ldk, const T* lw,
                                                       Index ldl, T* p, Index ldp, Index rows,
                                                       T* inv_sum) {
-  using S = MasadLine<T, Isa>;
   switch (np) {
     case 1:
-      masad_softmax_rows<Isa, T, S::rows(1), 1>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows,
-                                                inv_sum);
+      masad_softmax_rows<Isa, T, masad_rows<T, Isa>(1), 1>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp,
+                                                           rows, inv_sum);
       break;
     case 2:
-      masad_softmax_rows<Isa, T, S::rows(2), 2>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows,
-                                                inv_sum);
+      masad_softmax_rows<Isa, T, masad_rows<T, Isa>(2), 2>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp,
+                                                           rows, inv_sum);
       break;
     case 3:
-      masad_softmax_rows<Isa, T, S::rows(3), 3>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows,
-                                                inv_sum);
+      masad_softmax_rows<Isa, T, masad_rows<T, Isa>(3), 3>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp,
+                                                           rows, inv_sum);
       break;
     default:
-      masad_softmax_rows<Isa, T, S::rows(4), 4>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows,
-                                                inv_sum);
+      masad_softmax_rows<Isa, T, masad_rows<T, Isa>(4), 4>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp,
+                                                           rows, inv_sum);
       break;
   }
 }
 
 /// out[i, :dv] = inv_sum[i] sum_{j < L} p[i, j] v[j, :] for i < rows_valid; v [L, ldv] holds dv
 /// rounded up to whole vectors of Isa readable columns (zeros past dv), out rows are out_step
-/// apart. dv is processed MasadLine<T, Isa>::max_dv_vectors vectors at a time. Returns whether
+/// apart. dv is processed masad_dv_vectors vectors at a time. Returns whether
 /// every output written is finite.
 template <class Isa, class T>
 [[gnu::always_inline]] inline bool masad_attend_line(const T* p, Index ldp, const T* v, Index ldv,
                                                      Index L, const T* inv_sum, T* out,
                                                      Index out_step, Index rows, Index rows_valid,
                                                      Index dv) {
-  using S = MasadLine<T, Isa>;
-  constexpr Index N = S::lanes, most = S::max_dv_vectors;
+  constexpr Index N = simd::lanes<T, Isa>, most = masad_dv_vectors<T, Isa>;
+  static_assert(most >= 3, "the cases below");
   const Index dvn = masa_round_up(dv, N);
   bool finite = true;
   for (Index d0 = 0; d0 < dvn; d0 += most * N) {
     bool ok = true;
     switch (std::min<Index>(most, (dvn - d0) / N)) {
       case 1:
-        ok = masad_attend_rows<Isa, T, S::rows(1), 1>(p, ldp, v, ldv, L, inv_sum, out, out_step,
-                                                      rows, rows_valid, d0, dv);
+        ok = masad_attend_rows<Isa, T, masad_rows<T, Isa>(1), 1>(
+            p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
         break;
       case 2:
-        ok = masad_attend_rows<Isa, T, S::rows(2), 2>(p, ldp, v, ldv, L, inv_sum, out, out_step,
-                                                      rows, rows_valid, d0, dv);
+        ok = masad_attend_rows<Isa, T, masad_rows<T, Isa>(2), 2>(
+            p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
         break;
       case 3:
-        ok = masad_attend_rows<Isa, T, S::rows(3), 3>(p, ldp, v, ldv, L, inv_sum, out, out_step,
-                                                      rows, rows_valid, d0, dv);
+        ok = masad_attend_rows<Isa, T, masad_rows<T, Isa>(3), 3>(
+            p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
         break;
       default:  // `most` vectors (3 or 4)
-        ok = masad_attend_rows<Isa, T, S::rows(most), most>(p, ldp, v, ldv, L, inv_sum, out,
-                                                            out_step, rows, rows_valid, d0, dv);
+        ok = masad_attend_rows<Isa, T, masad_rows<T, Isa>(most), most>(
+            p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
         break;
     }
     finite = ok && finite;

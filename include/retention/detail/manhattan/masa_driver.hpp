@@ -48,7 +48,7 @@ T axis_log_weight(const Matrix<T>& tile, Index s) {
 
 /// MaSA's operands laid out for the tile kernels: Q copied with zero rows past N (whole row
 /// blocks), K transposed with zero columns past N (key tiles in whole vectors), and V with its
-/// columns padded to MasaLayout<T>::width when dv needs it.
+/// columns padded to simd::max_lanes<T> when dv needs it.
 template <class T>
 struct MasaOperands {
   Matrix<T> q, kt, v;
@@ -107,7 +107,7 @@ struct MasaTileBuffers {
 struct MasaQueryTileKernel {
   template <class Isa, class T>
   static void run(const MasaTileJob<T>* job, const MasaTileBuffers<T>* ws, Index n0, Index rows) {
-    constexpr Index R = MasaLayout<T>::rows, N = simd::lanes<T, Isa>;
+    constexpr Index R = simd::layout_rows, N = simd::lanes<T, Isa>;
     const MasaTileJob<T>& j = *job;
     const Index rows_r = masa_round_up(rows, R), lds = ws->lds, lda = ws->lda;
     T* s = ws->s;
@@ -235,7 +235,7 @@ bool masa_inputs_finite(const T* q, Index ldq, const T* k, Index ldk, const T* v
 template <class T, class Mask2D>
 void masa_into_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRows<T>& V,
                     const Mask2D& decay, MasaMap<T> out, const MasaOptions& options) {
-  constexpr Index R = MasaLayout<T>::rows, P = MasaLayout<T>::width;
+  constexpr Index R = simd::layout_rows, P = simd::max_lanes<T>;
   const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index H = decay.height(), W = decay.width();
   if (!masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),

@@ -29,7 +29,7 @@ namespace retention {
 namespace detail {
 
 /// Per-thread buffers of MaSAD's line attentions, sized for the longest line in the layout of
-/// MasaLayout<T> (so that every instruction set's kernels fit them).
+/// simd::layout_rows (so that every instruction set's kernels fit them).
 template <class T>
 struct MasadWorkspace {
   Matrix<T> q;        // [L rounded to row blocks, dk] the line's queries, zero rows past L
@@ -45,7 +45,7 @@ struct MasadWorkspace {
 /// Line buffers for lines of up to `side` tokens.
 template <class T>
 MasadWorkspace<T> masad_workspace(Index side, Index dk, Index dv) {
-  constexpr Index R = MasaLayout<T>::rows, P = MasaLayout<T>::width;
+  constexpr Index R = simd::layout_rows, P = simd::max_lanes<T>;
   const Index dvp = masa_round_up(dv, P), rows = masa_round_up(side, R);
   MasadWorkspace<T> ws;
   ws.q.resize(rows, dk);
@@ -88,7 +88,7 @@ struct MasadLineBuffers {
 };
 
 /// One line of MaSAD (what masad_line computes) where it fits the fused kernels of
-/// line_kernels.hpp (L <= MasadLine<T, Isa>::max_line), by the tile kernels otherwise; called
+/// line_kernels.hpp (L <= masad_line_vectors * N), by the tile kernels otherwise; called
 /// through simd::dispatch once per line, so the choice uses the active instruction set's width.
 /// Returns false when some output is not finite: out is then to be redone by masad_line_careful
 /// with the values at *careful_v (row stride *careful_ldv), which are v itself or, when the kernel
@@ -103,7 +103,7 @@ struct MasadLineKernel {
   static bool run(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
                   Index v_step, Index dv, Index L, const T* lw, Index ldl, T* out, Index out_step,
                   const MasadLineBuffers<T>* ws, const T** careful_v, Index* careful_ldv) {
-    constexpr Index R = MasaLayout<T>::rows, N = simd::lanes<T, Isa>;
+    constexpr Index R = simd::layout_rows, N = simd::lanes<T, Isa>;
     const Index Lr = masa_round_up(L, R), Ln = masa_round_up(L, N);
     *careful_v = v;
     *careful_ldv = v_step;
@@ -119,7 +119,7 @@ struct MasadLineKernel {
     }
     transpose_rows_isa<Isa>(k, k_step, L, dk, ws->kt, ws->ldkt);
     T* s = ws->logits;
-    if (L <= MasadLine<T, Isa>::max_line) {
+    if (L <= masad_line_vectors * N) {
       masa_copy_rows(v, v_step, L, dv, ws->v, ws->ldv);
       *careful_v = ws->v;  // out may overwrite v (the column pass): the careful path reads the copy
       *careful_ldv = ws->ldv;
@@ -205,8 +205,8 @@ void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, co
 /// rows 0 (finite, dropped).
 template <class T, class Axis>
 Matrix<T> masad_log_tile(const Axis& axis, Index L) {
-  Matrix<T> w = Matrix<T>::Zero(masa_round_up(L, MasaLayout<T>::rows),
-                                masa_round_up(L, MasaLayout<T>::width));
+  Matrix<T> w =
+      Matrix<T>::Zero(masa_round_up(L, simd::layout_rows), masa_round_up(L, simd::max_lanes<T>));
   w.rightCols(w.cols() - L).setConstant(-std::numeric_limits<T>::infinity());
   axis.log_weights_into(0, 0, w.topLeftCorner(L, L));
   return w;

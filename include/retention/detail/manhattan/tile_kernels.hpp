@@ -12,6 +12,7 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/simd/block.hpp>
 #include <retention/detail/simd/dispatch.hpp>
 #include <retention/detail/simd/transpose.hpp>
 
@@ -30,14 +31,6 @@
 namespace retention {
 namespace detail {
 
-/// Layout of the buffers the kernels read, the same for every instruction set: rows in blocks of
-/// `rows` (the largest row block of any variant), columns padded to `width` (the widest vector).
-template <class T>
-struct MasaLayout {
-  static constexpr Index rows = 8;
-  static constexpr Index width = simd::max_lanes<T>;
-};
-
 /// Rounds n up to a multiple of m.
 constexpr Index masa_round_up(Index n, Index m) { return (n + m - 1) / m * m; }
 
@@ -45,7 +38,7 @@ constexpr Index masa_round_up(Index n, Index m) { return (n + m - 1) / m * m; }
 /// whole vectors of Isa: the logit tile Q K^T plus the log-weight tile ln D, read through one or
 /// two row pointers per query row (lb == nullptr: la alone). q [rows, dk] (row stride ldq), kt =
 /// K^T [dk, ..] (row stride ldk), S [rows, ..] (row stride lds); rows a multiple of
-/// MasaLayout<T>::rows. Columns past `cols` come out -inf (they weigh 0 in a softmax). With
+/// simd::layout_rows. Columns past `cols` come out -inf (they weigh 0 in a softmax). With
 /// row_max != nullptr also writes row_max[i] = max_j S[i, j], saving a pass over S.
 template <class Isa, class T>
 [[gnu::always_inline]] inline void masa_logits_isa(const T* q, Index ldq, const T* kt, Index ldk,
@@ -53,7 +46,7 @@ template <class Isa, class T>
                                                    T* s, Index lds, Index rows, Index cols,
                                                    T* row_max) {
   constexpr int N = simd::lanes<T, Isa>;
-  constexpr int R = static_cast<int>(MasaLayout<T>::rows);
+  constexpr int R = simd::Blocking<T, Isa>::rows(1, simd::layout_rows);
   using V = simd::Vec<T, N>;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const Index cols_n = masa_round_up(cols, N);
@@ -67,29 +60,23 @@ template <class Isa, class T>
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) mx[r] = simd::splat<N>(neg_inf);
     for (Index j0 = 0; j0 < cols_n; j0 += N) {
-      V a[R];
+      simd::Block<T, N, R, 1> b;
       if (lb) {
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r)
-          a[r] = simd::load<N>(la[i0 + r] + j0) + simd::load<N>(lb[i0 + r] + j0);
+          b.acc[r][0] = simd::load<N>(la[i0 + r] + j0) + simd::load<N>(lb[i0 + r] + j0);
       } else {
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) a[r] = simd::load<N>(la[i0 + r] + j0);
+        for (int r = 0; r < R; ++r) b.acc[r][0] = simd::load<N>(la[i0 + r] + j0);
       }
-      for (Index c = 0; c < dk; ++c) {
-        const V k = simd::load<N>(kt + c * ldk + j0);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) a[r] += qb[r * ldq + c] * k;
-      }
+      b.madd(qb, ldq, 1, kt + j0, ldk, dk);
       if (j0 + N > cols) {
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) a[r] += tail;
+        for (int r = 0; r < R; ++r) b.acc[r][0] += tail;
       }
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        simd::store(s + (i0 + r) * lds + j0, a[r]);
-        mx[r] = simd::vmax<N, T>(mx[r], a[r]);
-      }
+      for (int r = 0; r < R; ++r) mx[r] = simd::vmax<N, T>(mx[r], b.acc[r][0]);
+      b.store(s + i0 * lds + j0, lds);
     }
     if (row_max)
       for (int r = 0; r < R; ++r) row_max[i0 + r] = simd::hmax<N, T>(mx[r]);
@@ -99,35 +86,26 @@ template <class Isa, class T>
 /// acc[i, :] = scale[i] acc[i, :] + sum_{j < cols} p[i, j] v[j, :] for i < rows, over dv columns
 /// rounded up to whole vectors of Isa (scale == nullptr: acc starts at 0). p [rows, cols] (row
 /// stride ldp), v [cols, ..] (row stride ldv), acc [rows, ..] (row stride lda); rows a multiple of
-/// MasaLayout<T>::rows, v and acc readable to dv rounded up to MasaLayout<T>::width. The rescale is
+/// simd::layout_rows, v and acc readable to dv rounded up to simd::max_lanes<T>. The rescale is
 /// MaSA's online-softmax correction exp(old max - new max), folded into the load.
 template <class Isa, class T>
 [[gnu::always_inline]] inline void masa_attend_isa(const T* p, Index ldp, const T* v, Index ldv,
                                                    Index cols, const T* scale, T* acc, Index lda,
                                                    Index rows, Index dv) {
   constexpr int N = simd::lanes<T, Isa>;
-  constexpr int R = static_cast<int>(MasaLayout<T>::rows);
-  using V = simd::Vec<T, N>;
+  constexpr int R = simd::Blocking<T, Isa>::rows(1, simd::layout_rows);
   const Index dvn = masa_round_up(dv, N);
   for (Index i0 = 0; i0 < rows; i0 += R) {
     const T* pb = p + i0 * ldp;
     for (Index d0 = 0; d0 < dvn; d0 += N) {
       T* ab = acc + i0 * lda + d0;
-      V a[R];
-      if (scale) {
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) a[r] = scale[i0 + r] * simd::load<N>(ab + r * lda);
-      } else {
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) a[r] = simd::splat<N>(T(0));
-      }
-      for (Index j = 0; j < cols; ++j) {
-        const V w = simd::load<N>(v + j * ldv + d0);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) a[r] += pb[r * ldp + j] * w;
-      }
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) simd::store(ab + r * lda, a[r]);
+      simd::Block<T, N, R, 1> b;
+      if (scale)
+        b.load_row_scaled(ab, lda, scale + i0);
+      else
+        b.set_zero();
+      b.madd(pb, ldp, 1, v + d0, ldv, cols);
+      b.store(ab, lda);
     }
   }
 }

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/simd/block.hpp>
 #include <retention/detail/simd/dispatch.hpp>
 #include <retention/detail/simd/transpose.hpp>
 
@@ -26,74 +27,12 @@
 namespace retention {
 namespace detail {
 
-/// Block sizes for one instruction set: `rows` rows x `packets` vectors of `width` lanes of
-/// accumulators, enough to hide the FMA latency on two FMA ports, while the accumulators, the
-/// packets of one operand row and a broadcast still fit the vector registers (32 with AVX-512:
-/// 8 x 2; 16 otherwise: 6 x 2).
-template <class T, class Isa>
-struct ChunkKernelShape {
-  static constexpr int width = simd::lanes<T, Isa>;
-  static constexpr int rows = Isa::registers >= 32 ? 8 : 6;
-  static constexpr int packets = 2;
-};
-
+/// A block size as a value the loop bodies below can take as a compile-time constant.
 template <int N>
 using ChunkInt = std::integral_constant<int, N>;
 
-/// A rows R x NP vectors of W lanes block of accumulators; every loop has compile-time bounds so
-/// that the block lives in registers.
-template <class T, int W, int R, int NP>
-struct ChunkAccumulators {
-  using Pk = simd::Vec<T, W>;
-  Pk acc[R][NP];
-
-  [[gnu::always_inline]] void set_zero() {
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) acc[r][p] = simd::splat<W>(T(0));
-  }
-  /// acc = beta * c[r, :] (row stride ldc).
-  [[gnu::always_inline]] void load_scaled(const T* c, Index ldc, T beta) {
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) acc[r][p] = beta * simd::load<W>(c + r * ldc + p * W);
-  }
-  /// acc[r, :] += sum_{k < n} a[r * ars + k * aks] b[k * ldb + :]: rows of a broadcast against
-  /// vectors of b's rows.
-  [[gnu::always_inline]] void madd(const T* a, Index ars, Index aks, const T* b, Index ldb,
-                                   Index n) {
-    for (Index k = 0; k < n; ++k) {
-      Pk bk[NP];
-#pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) bk[p] = simd::load<W>(b + k * ldb + p * W);
-      const T* ak = a + k * aks;
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const T ar = ak[r * ars];
-#pragma GCC unroll 16
-        for (int p = 0; p < NP; ++p) acc[r][p] += ar * bk[p];
-      }
-    }
-  }
-  /// acc[r, :] *= s[r].
-  [[gnu::always_inline]] void scale_rows(const T* s) {
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) acc[r][p] *= s[r];
-  }
-  [[gnu::always_inline]] void store(T* c, Index ldc) const {
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) simd::store(c + r * ldc + p * W, acc[r][p]);
-  }
-};
-
 /// Calls body(ChunkInt<W>, ChunkInt<NP>, j) over columns [0, n) in blocks of NP vectors of W
-/// lanes: whole blocks of ChunkKernelShape::packets vectors first, then single vectors, then
+/// lanes: whole blocks of simd::Blocking::packets vectors first, then single vectors, then
 /// halving widths down to one lane for a ragged end (dv = 33 ends in one scalar column).
 template <int W, class Body>
 [[gnu::always_inline]] inline void chunk_column_tail(Index n, Index j, Body& body) {
@@ -107,18 +46,18 @@ template <int W, class Body>
 
 template <class T, class Isa, class Body>
 [[gnu::always_inline]] inline void chunk_for_columns(Index n, Body&& body) {
-  constexpr int P = ChunkKernelShape<T, Isa>::width, NP = ChunkKernelShape<T, Isa>::packets;
+  constexpr int P = simd::Blocking<T, Isa>::lanes, NP = simd::Blocking<T, Isa>::packets;
   Index j = 0;
   for (; j + NP * P <= n; j += NP * P) body(ChunkInt<P>(), ChunkInt<NP>(), j);
   for (; j + P <= n; j += P) body(ChunkInt<P>(), ChunkInt<1>(), j);
   if constexpr (P > 1) chunk_column_tail<P / 2>(n, j, body);
 }
 
-/// Calls body(ChunkInt<R>, i) over rows [0, m): blocks of ChunkKernelShape::rows rows, then
+/// Calls body(ChunkInt<R>, i) over rows [0, m): blocks of simd::Blocking::rows(packets) rows, then
 /// single rows.
 template <class T, class Isa, class Body>
 [[gnu::always_inline]] inline void chunk_for_rows(Index m, Body&& body) {
-  constexpr int R = ChunkKernelShape<T, Isa>::rows;
+  constexpr int R = simd::Blocking<T, Isa>::rows(simd::Blocking<T, Isa>::packets);
   Index i = 0;
   for (; i + R <= m; i += R) body(ChunkInt<R>(), i);
   for (; i < m; ++i) body(ChunkInt<1>(), i);
@@ -135,7 +74,7 @@ template <class T, class Isa, class Body>
 template <class Isa, class T>
 [[gnu::always_inline]] inline void chunk_scores(const T* q, Index ldq, const T* kt, const T* d,
                                                 T* a, Index ld, Index rows, Index dk, T* row_sum) {
-  constexpr int P = ChunkKernelShape<T, Isa>::width;
+  constexpr int P = simd::Blocking<T, Isa>::lanes;
   chunk_for_rows<T, Isa>(
       rows, [&](auto r_tag, Index i0) __attribute__((always_inline)) {
         constexpr int R = decltype(r_tag)::value;
@@ -146,7 +85,7 @@ template <class Isa, class T>
         for (int r = 0; r < R; ++r) sums[r] = T(0);
         auto block = [&](auto np_tag, Index j0) __attribute__((always_inline)) {
           constexpr int NP = decltype(np_tag)::value;
-          ChunkAccumulators<T, P, R, NP> acc;
+          simd::Block<T, P, R, NP> acc;
           acc.set_zero();
           acc.madd(q + i0 * ldq, ldq, 1, kt + j0, ld, dk);
 #pragma GCC unroll 16
@@ -158,7 +97,7 @@ template <class Isa, class T>
             }
           acc.store(a + i0 * ld + j0, ld);
         };
-        constexpr int NPmax = ChunkKernelShape<T, Isa>::packets;
+        constexpr int NPmax = simd::Blocking<T, Isa>::packets;
         Index j0 = 0;
         for (; j0 + NPmax * P <= jend; j0 += NPmax * P) block(ChunkInt<NPmax>(), j0);
         for (; j0 < jend; j0 += P) block(ChunkInt<1>(), j0);
@@ -183,7 +122,7 @@ template <class Isa, int W, int NP, class T>
       rows, [&](auto r_tag, Index i0) __attribute__((always_inline)) {
         constexpr int R = decltype(r_tag)::value;
         const Index jend = std::min<Index>(i0 + R, rows);
-        ChunkAccumulators<T, W, R, NP> acc;
+        simd::Block<T, W, R, NP> acc;
         acc.set_zero();
         if (qf) {
           acc.madd(q + i0 * ldq, ldq, 1, s + j0, lds, dk);
@@ -206,7 +145,7 @@ template <class Isa, int W, int NP, class T>
   chunk_for_rows<T, Isa>(
       dk, [&](auto r_tag, Index c0) __attribute__((always_inline)) {
         constexpr int R = decltype(r_tag)::value;
-        ChunkAccumulators<T, W, R, NP> acc;
+        simd::Block<T, W, R, NP> acc;
         if (zero_state)
           acc.set_zero();
         else
