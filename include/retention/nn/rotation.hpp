@@ -37,6 +37,9 @@ class ThetaShift {
       const double e = half == 1 ? 0.0 : static_cast<double>(j) / static_cast<double>(half - 1);
       theta_[static_cast<std::size_t>(j)] = std::pow(10000.0, -e);
     }
+    // The step table of rotate(), formed once here where it is small: its kSpan x head_dim / 2
+    // sin/cos pairs cost as much as rotating a few hundred rows.
+    if (half <= kMaxTabledHalf) fill_step_table(step_cos_, step_sin_);
   }
 
   Index head_dim() const { return head_dim_; }
@@ -97,11 +100,26 @@ class ThetaShift {
 
   /// Rows are rotated in spans of kSpan consecutive positions. The angle of row t0 + l of a span is
   /// (first_position + t0) theta_j + l theta_j, so its cos and sin follow from the span's base pair
-  /// and a per-call table of l theta_j by the angle-addition formulas, in double: rows / kSpan +
+  /// and a table of l theta_j by the angle-addition formulas, in double: rows / kSpan +
   /// kSpan sin/cos pairs per frequency instead of one per row (sin/cos of large angles in libm
   /// dominated the rotation). Both angles are formed in double from integers as before; the sums
   /// differ from cos(p theta) computed directly by a few ulps of double.
   static constexpr Index kSpan = 64;
+  /// Largest head_dim / 2 whose step table the object keeps (2 x 64 x 512 doubles, 512 KB).
+  static constexpr Index kMaxTabledHalf = 512;
+
+  /// cos/sin(l theta_j) at [l * half + j] for l < kSpan, j < half.
+  void fill_step_table(std::vector<double>& cos_table, std::vector<double>& sin_table) const {
+    const Index half = head_dim_ / 2;
+    cos_table.resize(static_cast<std::size_t>(kSpan * half));
+    sin_table.resize(static_cast<std::size_t>(kSpan * half));
+    for (Index l = 0; l < kSpan; ++l)
+      for (Index j = 0; j < half; ++j) {
+        const double a = static_cast<double>(l) * theta_[static_cast<std::size_t>(j)];
+        cos_table[static_cast<std::size_t>(l * half + j)] = std::cos(a);
+        sin_table[static_cast<std::size_t>(l * half + j)] = std::sin(a);
+      }
+  }
 
   template <class DX, class DY>
   void rotate(DX& x, DY& y, Index first_position, int threads) const {
@@ -124,16 +142,12 @@ class ThetaShift {
       return;
     }
     const Index spans = (rows + kSpan - 1) / kSpan;
-    const Index steps = std::min(rows, kSpan);
-    // step_cos/sin[l * half + j] = cos/sin(l theta_j), l < steps.
-    std::vector<double> step_cos(static_cast<std::size_t>(steps * half)),
-        step_sin(static_cast<std::size_t>(steps * half));
-    for (Index l = 0; l < steps; ++l)
-      for (Index j = 0; j < half; ++j) {
-        const double a = static_cast<double>(l) * theta_[static_cast<std::size_t>(j)];
-        step_cos[static_cast<std::size_t>(l * half + j)] = std::cos(a);
-        step_sin[static_cast<std::size_t>(l * half + j)] = std::sin(a);
-      }
+    // step_cos/sin[l * half + j] = cos/sin(l theta_j), l < kSpan: the constructor's table, or one
+    // formed here for a head_dim too large to keep one.
+    std::vector<double> own_cos, own_sin;
+    if (step_cos_.empty()) fill_step_table(own_cos, own_sin);
+    const std::vector<double>& step_cos = step_cos_.empty() ? own_cos : step_cos_;
+    const std::vector<double>& step_sin = step_cos_.empty() ? own_sin : step_sin_;
     // Spans are independent; long prompts spread them over threads (the library's thread rule).
     // A rotated pair costs about as much as 40 flops of a product (its cos and sin are formed
     // per row, and the pairs are strided).
@@ -188,6 +202,7 @@ class ThetaShift {
 
   Index head_dim_;
   std::vector<double> theta_;
+  std::vector<double> step_cos_, step_sin_;  // empty when head_dim / 2 > kMaxTabledHalf
 };
 
 }  // namespace retention
