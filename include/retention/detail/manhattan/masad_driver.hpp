@@ -17,6 +17,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -277,10 +278,13 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
   const double work = 2.0 * static_cast<double>(g.batch * heads * N) * static_cast<double>(H + W) *
                       static_cast<double>(dk + dv);
   const Team team = plan_team(threads, g.batch * std::max(H, W), work);
-  // Units of work: image b's heads [h0, h0 + group). With a team, two groups per image when there
-  // are two heads or more, so that a thread that finishes one group's rows goes on to the next
-  // group's rows instead of waiting for the last row line of the first (see the schedule below).
-  const Index group = team.size > 1 && heads >= 2 ? (heads + 1) / 2 : heads;
+  // Units of work: image b's heads [h0, h0 + group). With a team, as many groups per image as
+  // team members (at most one per head), so that every member has units of its own even for one
+  // image (see the schedule below).
+  const Index group =
+      team.size > 1 && heads >= 2
+          ? (heads + std::min<Index>(heads, team.size) - 1) / std::min<Index>(heads, team.size)
+          : heads;
   const Index groups = (heads + group - 1) / group;
   const Index units = g.batch * groups;
   const auto unit_heads = [&](Index u, Index& b, Index& h0, Index& h1) {
@@ -323,73 +327,60 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
            log_y[static_cast<std::size_t>(h)], oh, W * g.ldo, ws);
     }
   };
-  // The schedule: phases rows(0), rows(1), columns(0), rows(2), columns(1), ..., columns(last),
-  // each phase H row lines or W column lines. A unit's columns need all of its rows done; placed
-  // one phase late, they find them done unless a thread holding one of those rows was held up
-  // (on a shared machine, descheduled), and only then wait. A barrier between a rows pass and a
-  // columns pass would wait at every call.
-  const Index phases = 2 * units;
-  const auto phase_of = [&](Index p, Index& u, bool& is_row) {
-    if (p == 0) {
-      u = 0, is_row = true;
-    } else if (p == phases - 1) {
-      u = units - 1, is_row = false;
-    } else {
-      is_row = p % 2 == 1;
-      u = is_row ? (p + 1) / 2 : p / 2 - 1;
-    }
-  };
+  // A unit's lines: its H row lines, then its W column lines, which read what all of its rows
+  // wrote.
   const auto make = [&] { return masad_workspace<T>(std::max(H, W), dk, dv); };
   if (team.size > 1) {
-    // Lines are handed out one at a time from one counter over all phases (tasks [0, H) of
-    // phase 0, then phase 1, ...); rows_done[u] counts unit u's finished row lines. A column line
-    // whose unit still has rows in flight blocks on a condition variable (never spins: the thread
-    // it waits for may be the one that needs this core).
-    std::vector<Index> start(static_cast<std::size_t>(phases + 1), 0);
-    for (Index p = 0; p < phases; ++p) {
-      Index u = 0;
-      bool is_row = false;
-      phase_of(p, u, is_row);
-      start[static_cast<std::size_t>(p + 1)] =
-          start[static_cast<std::size_t>(p)] + (is_row ? H : W);
+    // Each unit hands out its lines one at a time from a counter of its own (rows first). Share s
+    // starts at unit s * units / team and goes round the units from there: each thread works
+    // through units of its own, whose q, k, v and u then stay with one core and whose columns
+    // rarely wait, and a thread that runs out takes the lines left in the others (on a shared
+    // machine, those of a member that was descheduled). A column line whose unit still has rows
+    // in flight blocks on a condition variable (never spins: the thread it waits for may be the
+    // one that needs this core).
+    const Index lines = H + W;
+    std::unique_ptr<std::atomic<Index>[]> next(new std::atomic<Index>[units]);
+    std::unique_ptr<std::atomic<Index>[]> rows_done(new std::atomic<Index>[units]);
+    for (Index u = 0; u < units; ++u) {
+      next[u].store(0, std::memory_order_relaxed);
+      rows_done[u].store(0, std::memory_order_relaxed);
     }
-    const Index tasks = start.back();
-    std::atomic<Index> next{0};
-    std::vector<Index> rows_done(static_cast<std::size_t>(units), 0);
     std::mutex mutex;
     std::condition_variable rows_finished;
-    bool failed = false;  // guarded by mutex: a failed line releases every waiter
-    parallel_region(team, [&](int, int) {
-      if (next.load(std::memory_order_relaxed) >= tasks) return;  // every task already taken
+    std::atomic<bool> failed{false};  // a failed line releases every waiter
+    parallel_region(team, [&](int share, int shares) {
       try {
-        MasadWorkspace<T> ws = make();
-        Index p = 0;
-        for (Index t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
-             t = next.fetch_add(1, std::memory_order_relaxed)) {
-          while (start[static_cast<std::size_t>(p + 1)] <= t) ++p;  // tasks are taken in order
-          Index u = 0;
-          bool is_row = false;
-          phase_of(p, u, is_row);
-          const Index i = t - start[static_cast<std::size_t>(p)];
-          const std::size_t us = static_cast<std::size_t>(u);
-          if (is_row) {
-            row(u, i, ws);
-            std::lock_guard<std::mutex> lock(mutex);
-            if (++rows_done[us] == H) rows_finished.notify_all();
-          } else {
-            {
-              std::unique_lock<std::mutex> lock(mutex);
-              rows_finished.wait(lock, [&] { return failed || rows_done[us] == H; });
-              if (failed) return;
+        std::unique_ptr<MasadWorkspace<T>> ws;  // made for the first line this share takes
+        const Index first = units * share / shares;
+        for (Index step = 0; step < units; ++step) {
+          const Index u = (first + step) % units;
+          for (Index t = next[u].fetch_add(1, std::memory_order_relaxed); t < lines;
+               t = next[u].fetch_add(1, std::memory_order_relaxed)) {
+            if (failed.load(std::memory_order_relaxed)) return;
+            if (!ws) ws.reset(new MasadWorkspace<T>(make()));
+            if (t < H) {
+              row(u, t, *ws);
+              if (rows_done[u].fetch_add(1, std::memory_order_acq_rel) + 1 == H) {
+                // Taking the mutex orders this against a waiter between its check and its wait.
+                { const std::lock_guard<std::mutex> lock(mutex); }
+                rows_finished.notify_all();
+              }
+            } else {
+              if (rows_done[u].load(std::memory_order_acquire) != H) {
+                std::unique_lock<std::mutex> lock(mutex);
+                rows_finished.wait(lock, [&] {
+                  return failed.load(std::memory_order_relaxed) ||
+                         rows_done[u].load(std::memory_order_acquire) == H;
+                });
+              }
+              if (failed.load(std::memory_order_relaxed)) return;
+              column(u, t - H, *ws);
             }
-            column(u, i, ws);
           }
         }
       } catch (...) {
-        {
-          std::lock_guard<std::mutex> lock(mutex);
-          failed = true;
-        }
+        failed.store(true, std::memory_order_relaxed);
+        { const std::lock_guard<std::mutex> lock(mutex); }
         rows_finished.notify_all();
         throw;
       }
@@ -397,14 +388,9 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
     return;
   }
   MasadWorkspace<T> ws = make();
-  for (Index p = 0; p < phases; ++p) {
-    Index u = 0;
-    bool is_row = false;
-    phase_of(p, u, is_row);
-    if (is_row)
-      for (Index y = 0; y < H; ++y) row(u, y, ws);
-    else
-      for (Index x = 0; x < W; ++x) column(u, x, ws);
+  for (Index u = 0; u < units; ++u) {
+    for (Index y = 0; y < H; ++y) row(u, y, ws);
+    for (Index x = 0; x < W; ++x) column(u, x, ws);
   }
 }
 
