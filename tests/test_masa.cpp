@@ -244,16 +244,18 @@ TYPED_TEST(MasaTest, MasadLinesAroundPacketBoundaries) {
 }
 
 // A single head split over threads (its column lines wait for its row lines), a single-head
-// multi-head call, and several heads over threads (two head groups per image, whose row and column
-// phases overlap) all equal the serial single-head result, on grids whose lines take the fused
-// kernels in float and the tiled ones in double (with AVX-512), with heads read from a fused
-// [q | k | v] buffer. An odd head count makes the two groups unequal.
+// multi-head call, and several heads over threads (a head group per team member and image, each
+// member starting on units of its own and then taking what the others left) all equal the serial
+// single-head result, on grids whose lines take the fused kernels in float and the tiled ones in
+// double (with AVX-512), with heads read from a fused [q | k | v] buffer. An odd head count makes
+// the two groups unequal; three threads make one group per head.
 TYPED_TEST(MasaTest, MasadThreadedAndMultiHeadEqualSerial) {
   using T = TypeParam;
   const Index H = 24, W = 40, N = H * W, dk = 12, dv = 20;
-  retention::MasaOptions serial, two;
+  retention::MasaOptions serial, two, three;
   serial.threads = 1;
   two.threads = 2;
+  three.threads = 3;
   for (Index heads : {Index(1), Index(3)}) {
     retention::GridHeadsShape s;
     s.batch = 2;
@@ -268,11 +270,12 @@ TYPED_TEST(MasaTest, MasadThreadedAndMultiHeadEqualSerial) {
     const Matrix<T> qkv = random_matrix<T>(rows, ld, 950 + static_cast<std::uint64_t>(heads), 2.0);
     const std::vector<double> gammas = {0.9, 0.6, 1.0};
     const std::vector<double> g(gammas.begin(), gammas.begin() + heads);
-    Matrix<T> out(rows, heads * dv);
+    Matrix<T> out(rows, heads * dv), out3(rows, heads * dv);
     const T* q = qkv.data();
     const T* k = q + heads * dk;
     const T* v = k + heads * dk;
     retention::multi_head_masad(q, k, v, out.data(), s, g, two);
+    retention::multi_head_masad(q, k, v, out3.data(), s, g, three);
     for (Index b = 0; b < s.batch; ++b)
       for (Index h = 0; h < heads; ++h) {
         const Matrix<T> Q = qkv.block(b * N, h * dk, N, dk);
@@ -284,6 +287,8 @@ TYPED_TEST(MasaTest, MasadThreadedAndMultiHeadEqualSerial) {
                   spec_tolerance<T>());
         EXPECT_LE(relative_error(out.block(b * N, h * dv, N, dv), ref), spec_tolerance<T>())
             << "heads " << heads << " image " << b << " head " << h;
+        EXPECT_LE(relative_error(out3.block(b * N, h * dv, N, dv), ref), spec_tolerance<T>())
+            << "3 threads, heads " << heads << " image " << b << " head " << h;
         EXPECT_LE(relative_error(ref, rmt_reference::masad(Q.template cast<double>(),
                                                            K.template cast<double>(),
                                                            V.template cast<double>(), gamma, H, W)),
