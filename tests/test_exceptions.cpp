@@ -184,4 +184,41 @@ TEST(Exceptions, ThreadCountsFromZeroToAMillion) {
       "multi_head_retention: options.threads must be >= 0");
 }
 
+// Multi-head MaSAD on a team (work large enough to wake the pool) whose n-th allocation fails, for
+// every n until a call succeeds: a share's line buffers, a log tile, the scheduler's counters.
+// Every failed call throws std::bad_alloc and returns: a column line waiting for rows that will
+// never finish is released. The call that succeeds equals the serial one exactly (each line is
+// computed alike on any thread).
+TEST(Exceptions, MasadTeamsStopAndReportAFailedLine) {
+  retention::GridHeadsShape s;
+  s.batch = 2;
+  s.height = 24;
+  s.width = 40;
+  s.heads = 3;
+  s.key_dim = s.value_dim = 32;
+  s.qk_row_stride = s.v_row_stride = s.heads * 32;
+  const Index rows = s.batch * s.height * s.width, cols = s.heads * 32;
+  const Matrix<float> q = retention_test::random_matrix<float>(rows, cols, 21);
+  const Matrix<float> k = retention_test::random_matrix<float>(rows, cols, 22);
+  const Matrix<float> v = retention_test::random_matrix<float>(rows, cols, 23);
+  const std::vector<double> gammas = {0.9, 0.7, 1.0};
+  retention::MasaOptions options;
+  options.threads = 1;
+  Matrix<float> ref(rows, cols), out(rows, cols);
+  retention::multi_head_masad(q.data(), k.data(), v.data(), ref.data(), s, gammas, options);
+  for (int threads : {2, 3}) {
+    options.threads = threads;
+    // Starts the pool's threads before any allocation fails.
+    retention::multi_head_masad(q.data(), k.data(), v.data(), out.data(), s, gammas, options);
+    out.setConstant(-1);
+    const int failed = inject_until_success(
+        [&] {
+          retention::multi_head_masad(q.data(), k.data(), v.data(), out.data(), s, gammas, options);
+        },
+        [] {});
+    EXPECT_GE(failed, 1) << threads;
+    EXPECT_EQ(out, ref) << threads;
+  }
+}
+
 }  // namespace
