@@ -38,7 +38,7 @@ class ThetaShift {
       theta_[static_cast<std::size_t>(j)] = std::pow(10000.0, -e);
     }
     // The step table of rotate(), formed once here where it is small: its kSpan x head_dim / 2
-    // sin/cos pairs cost as much as rotating a few hundred rows.
+    // sin/cos pairs cost as much as rotating over a hundred rows.
     if (half <= kMaxTabledHalf) fill_step_table(step_cos_, step_sin_);
   }
 

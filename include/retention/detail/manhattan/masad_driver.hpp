@@ -19,6 +19,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #if defined(__GNUC__)
@@ -281,10 +282,8 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
   // Units of work: image b's heads [h0, h0 + group). With a team, as many groups per image as
   // team members (at most one per head), so that every member has units of its own even for one
   // image (see the schedule below).
-  const Index group =
-      team.size > 1 && heads >= 2
-          ? (heads + std::min<Index>(heads, team.size) - 1) / std::min<Index>(heads, team.size)
-          : heads;
+  const Index wanted = team.size > 1 ? std::min<Index>(heads, team.size) : 1;
+  const Index group = (heads + wanted - 1) / wanted;
   const Index groups = (heads + group - 1) / group;
   const Index units = g.batch * groups;
   const auto unit_heads = [&](Index u, Index& b, Index& h0, Index& h1) {
@@ -339,38 +338,39 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
     // in flight blocks on a condition variable (never spins: the thread it waits for may be the
     // one that needs this core).
     const Index lines = H + W;
-    std::unique_ptr<std::atomic<Index>[]> next(new std::atomic<Index>[units]);
-    std::unique_ptr<std::atomic<Index>[]> rows_done(new std::atomic<Index>[units]);
-    for (Index u = 0; u < units; ++u) {
-      next[u].store(0, std::memory_order_relaxed);
-      rows_done[u].store(0, std::memory_order_relaxed);
-    }
+    struct UnitCounters {
+      std::atomic<Index> next{0};       // the unit's next line to hand out
+      std::atomic<Index> rows_done{0};  // its finished row lines
+    };
+    const std::unique_ptr<UnitCounters[]> counters(new UnitCounters[units]);
     std::mutex mutex;
     std::condition_variable rows_finished;
     std::atomic<bool> failed{false};  // a failed line releases every waiter
     parallel_region(team, [&](int share, int shares) {
       try {
-        std::unique_ptr<MasadWorkspace<T>> ws;  // made for the first line this share takes
+        std::optional<MasadWorkspace<T>> ws;  // made for the first line this share takes
         const Index first = units * share / shares;
         for (Index step = 0; step < units; ++step) {
           const Index u = (first + step) % units;
-          for (Index t = next[u].fetch_add(1, std::memory_order_relaxed); t < lines;
-               t = next[u].fetch_add(1, std::memory_order_relaxed)) {
+          std::atomic<Index>& next = counters[u].next;
+          std::atomic<Index>& rows_done = counters[u].rows_done;
+          for (Index t = next.fetch_add(1, std::memory_order_relaxed); t < lines;
+               t = next.fetch_add(1, std::memory_order_relaxed)) {
             if (failed.load(std::memory_order_relaxed)) return;
-            if (!ws) ws.reset(new MasadWorkspace<T>(make()));
+            if (!ws) ws.emplace(make());
             if (t < H) {
               row(u, t, *ws);
-              if (rows_done[u].fetch_add(1, std::memory_order_acq_rel) + 1 == H) {
+              if (rows_done.fetch_add(1, std::memory_order_acq_rel) + 1 == H) {
                 // Taking the mutex orders this against a waiter between its check and its wait.
                 { const std::lock_guard<std::mutex> lock(mutex); }
                 rows_finished.notify_all();
               }
             } else {
-              if (rows_done[u].load(std::memory_order_acquire) != H) {
+              if (rows_done.load(std::memory_order_acquire) != H) {
                 std::unique_lock<std::mutex> lock(mutex);
                 rows_finished.wait(lock, [&] {
                   return failed.load(std::memory_order_relaxed) ||
-                         rows_done[u].load(std::memory_order_acquire) == H;
+                         rows_done.load(std::memory_order_acquire) == H;
                 });
               }
               if (failed.load(std::memory_order_relaxed)) return;

@@ -57,7 +57,8 @@ template <class T, class Isa, class Body>
 /// single rows.
 template <class T, class Isa, class Body>
 [[gnu::always_inline]] inline void chunk_for_rows(Index m, Body&& body) {
-  constexpr int R = simd::Blocking<T, Isa>::rows(simd::Blocking<T, Isa>::packets);
+  using B = simd::Blocking<T, Isa>;
+  constexpr int R = B::rows(B::packets);
   Index i = 0;
   for (; i + R <= m; i += R) body(ChunkInt<R>(), i);
   for (; i < m; ++i) body(ChunkInt<1>(), i);

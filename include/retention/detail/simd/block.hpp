@@ -43,7 +43,6 @@ struct Blocking {
       while (divides % r != 0) --r;
     return r;
   }
-  static_assert(accumulators / packets >= 1, "a block has at least one row");
 };
 
 /// A block of R rows x NP vectors of W lanes of accumulators. Every loop has compile-time bounds,
