@@ -293,4 +293,37 @@ TYPED_TEST(IsaManhattanTest, NonFiniteKeyReachesOnlyItsQueriesOnEveryVariant) {
   }
 }
 
+/// A MaSAD line's result depends on its inputs only, not on what its line buffers held before: a
+/// long line (70, the tile kernels) and a short one (9, the fused kernels), dv = 33 (a ragged last
+/// vector on every variant), computed with buffers zero-filled and with buffers full of NaN, are
+/// bit for bit the same on every variant. (A check that read the accumulator's padding columns,
+/// which the kernels never write, sent lines to the careful path whenever they held a NaN.)
+TYPED_TEST(IsaManhattanTest, MasadLineIgnoresWhatItsBuffersHeld) {
+  using T = TypeParam;
+  const IsaGuard guard;
+  const Index dk = 16, dv = 33;
+  for (Index L : {Index(70), Index(9)}) {
+    const std::uint64_t seed = static_cast<std::uint64_t>(L);
+    const Matrix<T> Q = random_matrix<T>(L, dk, 91 + seed), K = random_matrix<T>(L, dk, 92 + seed);
+    const Matrix<T> V = random_matrix<T>(L, dv, 93 + seed);
+    const Matrix<T> log_w =
+        retention::detail::masad_log_tile<T>(retention::ManhattanDecay(0.9, 1, L).column_axis(), L);
+    for (Isa isa : runnable_isas()) {
+      retention::set_active_isa(isa);
+      Matrix<T> clean(L, dv), dirty(L, dv);
+      auto ws = retention::detail::masad_workspace<T>(L, dk, dv);
+      for (Matrix<T>* m : {&ws.q, &ws.kt, &ws.v, &ws.logits, &ws.acc}) m->setZero();
+      retention::detail::masad_line<T>(Q.data(), dk, K.data(), dk, dk, V.data(), dv, dv, L, log_w,
+                                       clean.data(), dv, ws);
+      for (Matrix<T>* m : {&ws.q, &ws.kt, &ws.v, &ws.logits, &ws.acc})
+        m->setConstant(std::numeric_limits<T>::quiet_NaN());
+      ws.row_max.setConstant(std::numeric_limits<T>::quiet_NaN());
+      ws.inv_sum.setConstant(std::numeric_limits<T>::quiet_NaN());
+      retention::detail::masad_line<T>(Q.data(), dk, K.data(), dk, dk, V.data(), dv, dv, L, log_w,
+                                       dirty.data(), dv, ws);
+      EXPECT_TRUE(dirty == clean) << retention::to_string(isa) << " L " << L;
+    }
+  }
+}
+
 }  // namespace

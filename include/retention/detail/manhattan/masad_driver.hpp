@@ -153,10 +153,12 @@ struct MasadLineKernel {
     masa_attend_isa<Isa>(s, ws->lds, vv, ldv, L, static_cast<const T*>(nullptr), ws->acc, ws->lda,
                          Lr, dv);
     // Checked before out is written: out may be v itself (the column pass), which the careful
-    // path then still reads.
-    if (!masa_all_finite_isa<Isa>(ws->acc, L * ws->lda) ||
-        !masa_all_finite_isa<Isa>(ws->inv_sum, L))
-      return false;
+    // path then still reads. Only what the attend kernel wrote: acc's columns past dv rounded up
+    // to this variant's vectors hold whatever the buffer held.
+    if (!masa_all_finite_isa<Isa>(ws->inv_sum, L)) return false;
+    const Index dvn = masa_round_up(dv, N);
+    for (Index i = 0; i < L; ++i)
+      if (!masa_all_finite_isa<Isa>(ws->acc + i * ws->lda, dvn)) return false;
     for (Index i = 0; i < L; ++i) {
       const T* a = ws->acc + i * ws->lda;
       T* o = out + i * out_step;
