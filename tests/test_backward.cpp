@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Gradients of retention (SPEC 7): the three backward forms against central finite differences of
 // the double reference forward, against the naive double reference backward, and against each
 // other over a sweep of T, chunk, (dk, dv), gamma, normalisation, initial state, final-state

@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Gradients of retention (SPEC 7), beyond one call of one head: a sequence split into two segments
 // with the state handed over back-propagates like one call (every pair of forms); the multi-head
 // backward over [B, T, H, D] views equals per-head calls and does not depend on the thread count;

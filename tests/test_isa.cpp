@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Run-time instruction-set dispatch (retention/isa.hpp, detail/simd/): every variant the processor
 // runs (baseline, AVX2, AVX-512) computes the retention kernels to the same contracts, checked
 // against naive double references written from the math; the vector exp against std::exp; the

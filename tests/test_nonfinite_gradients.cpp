@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Non-finite inputs in the backward passes (issue 15, docs/math.md §2.6): with an Inf, -Inf or NaN
 // in one entry of q, k, v or dO, every gradient entry that mathematically does not depend on it is
 // finite and equal to the clean run's, and (for MaSA / MaSAD) every entry that depends on a NaN is

@@ -359,3 +359,9 @@ void multi_head_retention_backward(const HeadsView<const T>& q, const HeadsView<
 }
 
 }  // namespace retention
+
+#if defined(RETENTION_COMPILED)
+// Compiled mode: the per-head kernels for CausalDecay in float and double come from the
+// retention_compiled library (src/backward_*.cpp); only the fronts above are compiled here.
+#include <retention/detail/retention/backward_instances.hpp>
+#endif

@@ -1,8 +1,9 @@
 # cmake -DNM=<nm> -DOBJECTS=<object files of a test compiled with RETENTION_COMPILED, |-separated>
-#       -DLIBRARY=<the compiled-mode library> -P check_extern.cmake
+#       -DLIBRARY=<the compiled-mode library> [-DKERNELS=ON] -P check_extern.cmake
 # Fails unless, for MultiScaleRetention and ManhattanAttention of float and double, the object files
 # refer to the class's out-of-line members and define none of them (`extern template` kept their
-# instantiation out), and the library defines every one of them.
+# instantiation out), and the library defines every one of them. With KERNELS=ON the same for the
+# per-head backward kernels (retention::detail::{parallel,chunkwise,recurrent}_backward) instead.
 cmake_minimum_required(VERSION 3.21)
 
 function(symbols file out)
@@ -22,6 +23,33 @@ foreach(file IN LISTS objects)
   string(APPEND object "${text}")
 endforeach()
 symbols("${LIBRARY}" library)
+
+if(KERNELS)
+  set(failures "")
+  foreach(kernel parallel_backward chunkwise_backward recurrent_backward)
+    set(name "void retention::detail::${kernel}<")
+    string(REGEX MATCHALL "\n *U ${name}" used "${object}")
+    if(NOT used)
+      string(APPEND failures "  the object files do not refer to ${name}...>\n")
+    endif()
+    string(REGEX MATCHALL "\n[0-9a-fA-F]+ [TW] ${name}" defined "${object}")
+    if(defined)
+      string(APPEND failures "  the object files define ${name}...>\n")
+    endif()
+    foreach(type float double)
+      string(REGEX MATCHALL "\n[0-9a-fA-F]+ [TW] ${name}Eigen::Ref<Eigen::Matrix<${type}," defined
+                           "${library}")
+      if(NOT defined)
+        string(APPEND failures "  the library does not define ${name}... ${type} ...>\n")
+      endif()
+    endforeach()
+  endforeach()
+  if(failures)
+    message(FATAL_ERROR "compiled mode:\n${failures}objects: ${OBJECTS}\nlibrary: ${LIBRARY}")
+  endif()
+  message(STATUS "compiled mode: ${OBJECTS} leave the backward kernels to ${LIBRARY}")
+  return()
+endif()
 
 # Per class: the members that hold the work (defined after the class, without `inline`), and one
 # of them that the test must call.
