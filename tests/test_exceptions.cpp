@@ -2,15 +2,19 @@
 // Exceptions and failed calls: an exception thrown on any thread reaches the caller, and a failed
 // prefill / step / forward leaves every state exactly as it was (strong guarantee). Allocation
 // failures are injected by interposing malloc: the n-th allocation of a call fails, for every n
-// until the call succeeds.
+// until the call succeeds. Allocations of the OpenMP runtime itself never fail (libgomp ends the
+// process when one does, by design), so that only this library's failure paths are exercised.
 #include <retention/retention.hpp>
 
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
 
+#include <dlfcn.h>
+
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <vector>
@@ -25,8 +29,16 @@ void __libc_free(void*);
 
 namespace {
 std::atomic<long> g_countdown{-1};  // < 0: never fail; 0: fail this and every later allocation
-bool fail_now() {
+/// Whether code at `caller` belongs to the OpenMP runtime (libgomp), whose allocation failures are
+/// fatal: a new team or thread may allocate at any parallel region.
+bool from_openmp_runtime(void* caller) {
+  Dl_info info;
+  return dladdr(caller, &info) != 0 && info.dli_fname != nullptr &&
+         std::strstr(info.dli_fname, "libgomp") != nullptr;
+}
+bool fail_now(void* caller) {
   long c = g_countdown.load(std::memory_order_relaxed);
+  if (c >= 0 && from_openmp_runtime(caller)) return false;
   while (c >= 0) {
     if (c == 0) return true;
     if (g_countdown.compare_exchange_weak(c, c - 1)) return false;
@@ -36,15 +48,21 @@ bool fail_now() {
 }  // namespace
 
 extern "C" {
-void* malloc(std::size_t n) { return fail_now() ? nullptr : __libc_malloc(n); }
-void* calloc(std::size_t a, std::size_t b) { return fail_now() ? nullptr : __libc_calloc(a, b); }
-void* realloc(void* p, std::size_t n) { return fail_now() ? nullptr : __libc_realloc(p, n); }
+void* malloc(std::size_t n) {
+  return fail_now(__builtin_return_address(0)) ? nullptr : __libc_malloc(n);
+}
+void* calloc(std::size_t a, std::size_t b) {
+  return fail_now(__builtin_return_address(0)) ? nullptr : __libc_calloc(a, b);
+}
+void* realloc(void* p, std::size_t n) {
+  return fail_now(__builtin_return_address(0)) ? nullptr : __libc_realloc(p, n);
+}
 int posix_memalign(void** out, std::size_t align, std::size_t n) {
-  *out = fail_now() ? nullptr : __libc_memalign(align, n);
+  *out = fail_now(__builtin_return_address(0)) ? nullptr : __libc_memalign(align, n);
   return *out ? 0 : 12;
 }
 void* aligned_alloc(std::size_t align, std::size_t n) {
-  return fail_now() ? nullptr : __libc_memalign(align, n);
+  return fail_now(__builtin_return_address(0)) ? nullptr : __libc_memalign(align, n);
 }
 void free(void* p) { __libc_free(p); }
 }
