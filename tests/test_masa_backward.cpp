@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // MaSA / MaSAD training kernels (SPEC 4, 7): forward_train against the library's forward and the
 // naive reference, backward against the naive double reference backward and against central finite
 // differences of the reference forward, for both separable masks, odd grids, dims of 1, gamma = 1

@@ -570,3 +570,9 @@ void multi_head_masad_backward(const HeadsView<const T>& q, const HeadsView<cons
 }
 
 }  // namespace retention
+
+#if defined(RETENTION_COMPILED)
+// Compiled mode: the per-head MaSA / MaSAD training kernels for the two grid masks in float and
+// double come from the retention_compiled library (src/masa_backward_*.cpp).
+#include <retention/detail/manhattan/backward_instances.hpp>
+#endif

@@ -1,9 +1,9 @@
 # cmake -DNM=<nm> -DOBJECTS=<object files of a test compiled with RETENTION_COMPILED, |-separated>
-#       -DLIBRARY=<the compiled-mode library> [-DKERNELS=ON] -P check_extern.cmake
+#       -DLIBRARY=<the compiled-mode library> [-DKERNELS=<function>,...] -P check_extern.cmake
 # Fails unless, for MultiScaleRetention and ManhattanAttention of float and double, the object files
 # refer to the class's out-of-line members and define none of them (`extern template` kept their
-# instantiation out), and the library defines every one of them. With KERNELS=ON the same for the
-# per-head backward kernels (retention::detail::{parallel,chunkwise,recurrent}_backward) instead.
+# instantiation out), and the library defines every one of them. With KERNELS the same, instead, for
+# those function templates of retention::detail (per-head kernels), in float and in double.
 cmake_minimum_required(VERSION 3.21)
 
 function(symbols file out)
@@ -26,7 +26,8 @@ symbols("${LIBRARY}" library)
 
 if(KERNELS)
   set(failures "")
-  foreach(kernel parallel_backward chunkwise_backward recurrent_backward)
+  string(REPLACE "," ";" kernels "${KERNELS}")
+  foreach(kernel IN LISTS kernels)
     set(name "void retention::detail::${kernel}<")
     string(REGEX MATCHALL "\n *U ${name}" used "${object}")
     if(NOT used)
@@ -37,8 +38,7 @@ if(KERNELS)
       string(APPEND failures "  the object files define ${name}...>\n")
     endif()
     foreach(type float double)
-      string(REGEX MATCHALL "\n[0-9a-fA-F]+ [TW] ${name}Eigen::Ref<Eigen::Matrix<${type}," defined
-                           "${library}")
+      string(REGEX MATCHALL "\n[0-9a-fA-F]+ [TW] ${name}[^\n]*${type}" defined "${library}")
       if(NOT defined)
         string(APPEND failures "  the library does not define ${name}... ${type} ...>\n")
       endif()
@@ -47,7 +47,7 @@ if(KERNELS)
   if(failures)
     message(FATAL_ERROR "compiled mode:\n${failures}objects: ${OBJECTS}\nlibrary: ${LIBRARY}")
   endif()
-  message(STATUS "compiled mode: ${OBJECTS} leave the backward kernels to ${LIBRARY}")
+  message(STATUS "compiled mode: ${OBJECTS} leave ${KERNELS} to ${LIBRARY}")
   return()
 endif()
 
