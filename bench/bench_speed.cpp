@@ -393,6 +393,60 @@ void BM_chunkwise_backward(benchmark::State& state) {
   state.counters["chunk"] = static_cast<double>(retention::recommended_chunk(kDim, kDim));
 }
 
+/// One chunk's micro-kernels alone (C = recommended_chunk, d = 128, float, 1 thread), operands in
+/// L1/L2: what the chunkwise forward and backward are made of. Per chunk the forward runs one
+/// scores kernel and one outputs+state pass; the backward (backward_chunkwise_fast.hpp) runs three
+/// scores kernels, one outputs pass, two outputs+state passes and one state transpose. range(0):
+/// 0 scores (K^T and the masked tile), 1 outputs, 2 state update, 3 outputs and state update, 4 the
+/// transpose of a d x d state.
+void BM_chunk_kernel(benchmark::State& state) {
+  namespace rd = retention::detail;
+  const int kind = static_cast<int>(state.range(0));
+  const Index d = kDim, C = retention::recommended_chunk(kDim, kDim);
+  const retention::CausalDecay decay(retention::retnet_gammas(kHeads).front());
+  rd::ChunkSweep<float, retention::CausalDecay> sweep(decay, C, 8192);
+  const Index Cp = sweep.Cp, lds = rd::padded_state_stride<float>(d);
+  Mat q = Mat::Random(C, d), k = Mat::Random(C, d) * 0.1f, v = Mat::Random(C, d), o(C, d);
+  Mat kt = Mat::Zero(d, Cp), a = Mat::Zero(C, Cp), s = Mat::Random(d, lds) * 0.01f, st(d, lds);
+  rd::ChunkOperands<float> ops{};
+  ops.q = q.data();
+  ops.k = k.data();
+  ops.kt = kt.data();
+  ops.d = sweep.D.data();
+  ops.a = a.data();
+  ops.ld = Cp;
+  ops.kw = k.data();
+  ops.v = v.data();
+  ops.s = s.data();
+  ops.qf = sweep.qf.data();
+  ops.o = o.data();
+  ops.ldq = d;
+  ops.ldv = d;
+  ops.lds = lds;
+  ops.ldo = d;
+  ops.rows = C;
+  ops.dk = d;
+  ops.dv = d;
+  ops.beta = 0.5f;  // keeps the repeatedly updated state bounded
+  ops.outputs = kind == 1 || kind == 3;
+  ops.update_state = kind == 2 || kind == 3;
+  // The scores tile once, so that the outputs read a masked tile as they do in a sweep.
+  rd::simd::dispatch<rd::ChunkScoresKernel>(static_cast<const rd::ChunkOperands<float>*>(&ops));
+  const auto* cops = static_cast<const rd::ChunkOperands<float>*>(&ops);
+  for (auto _ : state) {
+    if (kind == 0)
+      rd::simd::dispatch<rd::ChunkScoresKernel>(cops);
+    else if (kind == 4)
+      rd::transpose_rows(s.data(), lds, d, d, st.data(), lds);
+    else
+      rd::simd::dispatch<rd::ChunkColumnsKernel>(cops);
+    benchmark::DoNotOptimize(o.data());
+    benchmark::DoNotOptimize(s.data());
+    benchmark::DoNotOptimize(st.data());
+  }
+  state.counters["chunk"] = static_cast<double>(C);
+}
+
 /// Extra heap bytes of one chunkwise_retention_backward_into call of one head (inputs, dO and
 /// the gradients excluded), beside the bytes the (T / C) chunk-boundary states would take.
 void BM_chunkwise_backward_memory(benchmark::State& state) {
@@ -794,6 +848,8 @@ void register_all(int requested_threads) {
       ->Args({16384})
       ->Iterations(1)
       ->Unit(benchmark::kMillisecond);
+  for (Index kind = 0; kind < 5; ++kind)
+    benchmark::RegisterBenchmark("chunk_kernel", BM_chunk_kernel)->Args({kind});
   benchmark::RegisterBenchmark("chunkwise_backward_memory", BM_chunkwise_backward_memory)
       ->Args({8192})
       ->Iterations(1)
