@@ -6,6 +6,7 @@
 #include <retention/retention.hpp>
 
 #include <cmath>
+#include <cstddef>
 #include <vector>
 
 namespace {
@@ -20,8 +21,44 @@ Mat sine_matrix(Index rows, Index cols, double f) {
   return m;
 }
 
-/// ViR-S/16's multi-head retention at 224 px: 197 tokens, 6 heads of 64, chunkwise.
+/// ViR-S/16 with deterministic random weights (the tour's model), built once.
+const retention::VirEncoder<float>& vir_model() {
+  static const retention::VirEncoder<float> model(retention::vir_s16(), 0);
+  return model;
+}
+
+/// The tour's "ViR MHR" line: the first block's multi-head retention layer (fused projection, six
+/// heads of 64, output projection) on ViR-S/16's 197 tokens of 384, parallel form.
 void BM_vir_mhr(benchmark::State& state) {
+  const retention::VirRetention<float>& mhr = vir_model().blocks().front().retention();
+  const Mat x = sine_matrix(197, 384, 0.37);
+  retention::VirOptions o;
+  o.threads = static_cast<int>(state.range(0));
+  for (auto _ : state) benchmark::DoNotOptimize(mhr.forward(x, o).data());
+}
+
+/// The tour's ViR-S/16 encoder at 224 px: parallel form layer by layer (range(1) = 0), or chunk by
+/// chunk through every layer (range(1) = 1, chunks of 64 tokens), the two orders the thread rule's
+/// issue measured.
+void BM_vir_encoder(benchmark::State& state) {
+  const Index size = 224;
+  std::vector<float> img(static_cast<std::size_t>(size * size * 3));
+  for (std::size_t i = 0; i < img.size(); ++i)
+    img[i] = static_cast<float>(std::sin(0.05 * static_cast<double>(i)));
+  const retention::ImageView<float> view{img.data(), size, size, 3};
+  retention::VirOptions o;
+  o.threads = static_cast<int>(state.range(0));
+  if (state.range(1)) {
+    o.form = retention::Form::chunkwise;
+    o.chunk = 64;
+    o.order = retention::VirOrder::chunk_major;
+  }
+  for (auto _ : state) benchmark::DoNotOptimize(vir_model().forward(view, o).data());
+}
+
+/// The retention kernel of the ViR MHR layer alone (no projections): 197 tokens, 6 heads of 64,
+/// chunkwise. About 0.2 ms of work, below what the thread rule gives a second thread.
+void BM_vir_mhr_kernel(benchmark::State& state) {
   const Index T = 197, H = 6, d = 64;
   const Mat q = sine_matrix(T, H * d, 0.01), k = sine_matrix(T, H * d, 0.02),
             v = sine_matrix(T, H * d, 0.03);
@@ -51,16 +88,16 @@ void BM_rmt_layer(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(layer.forward(x, 28, 28).data());
 }
 
-/// The MSR layer, T = 1024, d = 256, 4 heads, chunkwise.
+/// The tour's MSR layer: T = 1024, d = 512, value_dim = 1024, 4 heads, chunkwise.
 void BM_msr_layer(benchmark::State& state) {
   retention::MsrConfig cfg;
-  cfg.embed_dim = 256;
-  cfg.value_dim = 512;
+  cfg.embed_dim = 512;
+  cfg.value_dim = 1024;
   cfg.heads = 4;
   cfg.threads = static_cast<int>(state.range(0));
   retention::MultiScaleRetention<float> layer(cfg);
   layer.init_random(2);
-  const Mat x = sine_matrix(1024, 256, 0.001);
+  const Mat x = sine_matrix(1024, 512, 0.001);
   for (auto _ : state) benchmark::DoNotOptimize(layer.forward(x).data());
 }
 
@@ -83,6 +120,14 @@ void BM_masad(benchmark::State& state) {
 }
 
 BENCHMARK(BM_vir_mhr)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_vir_encoder)
+    ->Args({1, 0})
+    ->Args({2, 0})
+    ->Args({1, 1})
+    ->Args({2, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_vir_mhr_kernel)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_rmt_layer)
     ->Args({1, 0})
     ->Args({2, 0})
