@@ -51,6 +51,39 @@ TEST(NnUnits, LinearForwardAndConcat) {
   expect_shape_error([&] { (void)a.forward(Matrix<double>(4, 6)); }, "Linear");
 }
 
+// The threaded forward_into: many rows split into row blocks, few rows into blocks of outputs
+// (detail::split_columns; an output count that is no multiple of the block alignment, and an
+// output that is a block of a larger matrix), each against the product written out in double.
+TEST(NnUnits, LinearThreadedForwardSplitsRowsOrOutputs) {
+  const Index in = 256, out = 301;
+  retention::Linear<float> l(in, out, true);
+  l.set_weight(random_matrix<float>(out, in, 21, 0.1f));
+  l.set_bias(random_matrix<float>(1, out, 22));
+  for (const Index rows : {Index(1), Index(40), Index(300)}) {
+    const Matrix<float> x = random_matrix<float>(rows, in, 23 + rows);
+    Matrix<double> want(rows, out);
+    for (Index r = 0; r < rows; ++r)
+      for (Index o = 0; o < out; ++o) {
+        double s = l.bias()(o);
+        for (Index i = 0; i < in; ++i)
+          s += static_cast<double>(x(r, i)) * static_cast<double>(l.weight()(o, i));
+        want(r, o) = s;
+      }
+    Matrix<float> big = Matrix<float>::Constant(rows + 3, out + 5, 7.0f);
+    auto y = big.block(1, 2, rows, out);
+    l.forward_into(x, y, 2);
+    EXPECT_LE(relative_error(Matrix<float>(y), want), 1e-5) << rows << " rows";
+    // Nothing outside the block was written.
+    EXPECT_TRUE((big.topRows(1).array() == 7.0f).all());
+    EXPECT_TRUE((big.leftCols(2).array() == 7.0f).all());
+    EXPECT_TRUE((big.rightCols(3).array() == 7.0f).all());
+    EXPECT_TRUE((big.bottomRows(2).array() == 7.0f).all());
+  }
+  EXPECT_TRUE(retention::detail::split_columns(40, 301, 2)) << "40 rows split over outputs";
+  EXPECT_FALSE(retention::detail::split_columns(300, 301, 2)) << "300 rows split over rows";
+  EXPECT_FALSE(retention::detail::split_columns(40, 301, 1)) << "no team, no split";
+}
+
 TEST(NnUnits, LayerNorm) {
   retention::LayerNorm<double> ln(6, 1e-5);
   const Matrix<double> w = random_matrix<double>(1, 6, 11), b = random_matrix<double>(1, 6, 12);

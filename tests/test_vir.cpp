@@ -288,6 +288,32 @@ TYPED_TEST(Vir, BlockMatchesReference) {
   }
 }
 
+// A block on few rows with a team of two splits its projections and its MLP over outputs
+// (detail::split_columns) instead of rows: the same function, checked against the reference, and
+// equal to one thread's result. 40 rows of 128 wide are enough work for a team (the thread rule)
+// and few enough rows for the split over outputs.
+TYPED_TEST(Vir, BlockOnFewRowsSplitOverOutputsMatchesReference) {
+  using T = TypeParam;
+  const Index C = 128, H = 4, rows = 40;
+  ASSERT_TRUE(retention::detail::split_columns(rows, 4 * C, 2));
+  ref::Config rc = small_ref(C, H, 1);
+  const ref::Params P = random_params<T>(rc, 171);
+  retention::VirBlock<T> block(to_config(rc));
+  block.load(map_of(P), "blocks.0.");
+  const Matrix<T> x = random_matrix<T>(rows, C, 172, 2.0);
+  const Matrix<double> expected = ref::block(x.template cast<double>(), P, "blocks.0.", rc);
+  for (Form f : {Form::parallel, Form::chunkwise}) {
+    VirOptions o = opts(f, 16);
+    o.threads = 1;
+    const Matrix<T> one = block.forward(x, o);
+    o.threads = 2;
+    const Matrix<T> two = block.forward(x, o);
+    EXPECT_LE(relative_error(two, expected), spec_tolerance<T>()) << retention::to_string(f);
+    EXPECT_LE(relative_error(two, one), 100 * std::numeric_limits<T>::epsilon())
+        << retention::to_string(f);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Encoder
 // ------------------------------------------------------------------------------------------------

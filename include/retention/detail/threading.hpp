@@ -287,6 +287,38 @@ void for_row_blocks(int threads, Index rows, double flops_per_row, Body&& body,
   });
 }
 
+/// Column blocks of a split product: at least this many outputs each, starting at multiples of
+/// column_block_align (whole cache lines of floats and doubles).
+constexpr Index min_columns_per_block = 64;
+constexpr Index column_block_align = 16;
+/// Rows per thread below which a product may be split over its outputs: with more, the packing
+/// that a row block repeats is a small part of its work, and row blocks keep a layer's per-row
+/// stages (an MLP's LayerNorm, fc1, GELU, fc2) together in cache.
+constexpr Index max_rows_to_split_columns = 64;
+
+/// Whether a product of `rows` rows into `cols` outputs is better split over its outputs than over
+/// its rows on `team` threads: Eigen packs the whole weight for every row block, so with few rows
+/// each thread would pack all of it; split over outputs, each packs its own slice (and the few
+/// input rows). Outputs win when rows < cols (1 - 1 / team).
+inline bool split_columns(Index rows, Index cols, int team) {
+  return team > 1 && rows < max_rows_to_split_columns * team &&
+         static_cast<double>(rows) <
+             static_cast<double>(cols) * (1.0 - 1.0 / static_cast<double>(team));
+}
+
+/// Runs body(first_col, cols) over column blocks of `cols` outputs (starts at multiples of
+/// `align` outputs but the first), one block per share of `team`.
+template <class Body>
+void for_column_blocks(Team team, Index cols, Index align, Body&& body) {
+  parallel_region(team, [&](int t, int n) {
+    const auto edge = [&](int i) {
+      return i == n ? cols : std::min(cols, cols * i / n / align * align);
+    };
+    const Index c0 = edge(t), c1 = edge(t + 1);
+    if (c1 > c0) body(c0, c1 - c0);
+  });
+}
+
 /// Runs body(i, workspace) for i in [0, tasks) on `team` threads, handed out one at a time (tasks
 /// differ in cost, and on a shared machine a thread that gets more CPU takes more of them), with
 /// one workspace per share of the team made by make() (never per task; not at all for a share

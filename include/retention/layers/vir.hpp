@@ -429,12 +429,8 @@ class VirRetention {
     auto qkv = work.qkv.topRows(B);
     auto o = work.o.topRows(B);
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    const double dim = static_cast<double>(C);
-    detail::for_row_blocks(threads, B, 6.0 * dim * dim, [&](Index r0, Index n) {
-      auto rows = qkv.middleRows(r0, n);
-      qkv_.forward_into(x.middleRows(r0, n), rows);
-      rows.leftCols(C) *= scale;
-    });
+    qkv_.forward_into(x, qkv, threads);
+    qkv.leftCols(C) *= scale;
     // Only allocation failures remain possible from here; an empty vector becoming zero states
     // is the same state, so the guarantee holds.
     work.heads.resize(static_cast<std::size_t>(B * heads_));
@@ -519,12 +515,8 @@ class VirRetention {
     }
     Matrix<T> qkv(T_len, width);
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-    const double dim = static_cast<double>(C);
-    detail::for_row_blocks(options.threads, T_len, 6.0 * dim * dim, [&](Index r0, Index n) {
-      auto rows = qkv.middleRows(r0, n);
-      qkv_.forward_into(x.middleRows(r0, n), rows);
-      rows.leftCols(C) *= scale;
-    });
+    qkv_.forward_into(x, qkv, options.threads);
+    qkv.leftCols(C) *= scale;
     Matrix<T> o(T_len, C);
     {
       const T* base = qkv.data();
@@ -696,10 +688,38 @@ class VirBlock {
       x.array() += a.array().rowwise() * ls1_.array();
     }
     // The MLP acts per row: each row block runs LN2, fc1, GELU, fc2 and the residual on its own.
-    const double dim = static_cast<double>(x.cols()),
-                 hidden = static_cast<double>(fc1_.out_features());
-    detail::for_row_blocks(options.threads, x.rows(), 4.0 * dim * hidden + 20.0 * hidden,
+    // Few rows (a chunk of chunk-major order, a short sequence) are split over the MLP's outputs
+    // instead, as Linear::forward_into splits a product (detail::split_columns).
+    const Index rows = x.rows(), hidden_n = fc1_.out_features();
+    const double dim = static_cast<double>(x.cols()), hidden = static_cast<double>(hidden_n),
+                 flops_per_row = 4.0 * dim * hidden + 20.0 * hidden;
+    const detail::Team team =
+        detail::plan_team(options.threads, hidden_n / detail::min_columns_per_block,
+                          flops_per_row * static_cast<double>(rows));
+    if (detail::split_columns(rows, hidden_n, team.size)) {
+      mlp_by_columns(x, team);
+      return;
+    }
+    detail::for_row_blocks(options.threads, rows, flops_per_row,
                            [&](Index r0, Index n) { mlp_rows(x.middleRows(r0, n)); });
+  }
+
+  /// The MLP with fc1 (and GELU) split over hidden units, then fc2 (and the residual) over
+  /// outputs, on `team`: two parallel regions, every thread packing only its slice of a weight.
+  void mlp_by_columns(Matrix<T>& x, detail::Team team) const {
+    const Matrix<T> h = norm2_.forward(x);
+    Matrix<T> u(x.rows(), fc1_.out_features());
+    detail::for_column_blocks(team, u.cols(), detail::column_block_align, [&](Index c0, Index n) {
+      fc1_.forward_columns_into(h, u, c0, n);
+      auto block = u.middleCols(c0, n);
+      gelu_inplace(block);
+    });
+    Matrix<T> m(x.rows(), x.cols());
+    detail::for_column_blocks(team, x.cols(), detail::column_block_align, [&](Index c0, Index n) {
+      fc2_.forward_columns_into(u, m, c0, n);
+      x.middleCols(c0, n).array() +=
+          m.middleCols(c0, n).array().rowwise() * ls2_.segment(c0, n).array();
+    });
   }
 
   /// x += ls2 (.) fc2(GELU(fc1(LN2(x)))) on a block of rows.

@@ -73,16 +73,32 @@ class Linear {
     y.noalias() = x * weight_.transpose();
     if (has_bias_) y.rowwise() += bias_;
   }
-  /// forward_into with the rows split over a team of at most `threads` threads (0 = default),
-  /// sized by the thread rule from the product's flops, at least min_rows rows per thread; every
-  /// block's product is single-threaded.
+  /// Outputs [c0, c0 + n) only: y.middleCols(c0, n) = x W[c0 : c0 + n]^T + b[c0 : c0 + n].
+  template <class DX, class DY>
+  void forward_columns_into(const Eigen::MatrixBase<DX>& x, DY&& y, Index c0, Index n) const {
+    auto block = y.middleCols(c0, n);
+    block.noalias() = x * weight_.middleRows(c0, n).transpose();
+    if (has_bias_) block.rowwise() += bias_.segment(c0, n);
+  }
+  /// forward_into on a team of at most `threads` threads (0 = default), sized by the thread rule
+  /// from the product's flops; every block's product is single-threaded. Many rows are split
+  /// into row blocks (at least min_rows each); few rows (detail::split_columns) into blocks of
+  /// outputs instead, so that no thread packs the whole weight.
   template <class DX, class DY>
   void forward_into(const Eigen::MatrixBase<DX>& x, DY&& y, int threads,
                     Index min_rows = 32) const {
+    const Index rows = x.rows(), out = out_features();
     const double flops_per_row =
-        2.0 * static_cast<double>(in_features()) * static_cast<double>(out_features());
+        2.0 * static_cast<double>(in_features()) * static_cast<double>(out);
+    const detail::Team by_columns = detail::plan_team(threads, out / detail::min_columns_per_block,
+                                                      flops_per_row * static_cast<double>(rows));
+    if (detail::split_columns(rows, out, by_columns.size)) {
+      detail::for_column_blocks(by_columns, out, detail::column_block_align,
+                                [&](Index c0, Index n) { forward_columns_into(x, y, c0, n); });
+      return;
+    }
     detail::for_row_blocks(
-        threads, x.rows(), flops_per_row,
+        threads, rows, flops_per_row,
         [&](Index r0, Index n) { forward_into(x.middleRows(r0, n), y.middleRows(r0, n)); },
         min_rows);
   }
