@@ -1,8 +1,8 @@
 // The library's teams (detail/threading.hpp): every share runs once, on at most `team` threads (a
-// late member's share runs on a thread that is free), and long shares on separate threads; the
-// first exception reaches the caller; calls inside a share run alone (no nesting); a second user
-// thread that calls in while a team runs still gets its work done; a child process after fork()
-// starts its own threads.
+// late member's share runs on a thread that is free), and long shares on separate threads; members
+// late twice make regions run on the caller for a while; the first exception reaches the caller;
+// calls inside a share run alone (no nesting); a second user thread that calls in while a team runs
+// still gets its work done; a child process after fork() starts its own threads.
 #include <retention/detail/threading.hpp>
 
 #include <gtest/gtest.h>
@@ -49,6 +49,7 @@ TEST(Threading, EveryShareRunsOnceOnAtMostTeamThreads) {
 // Shares that last long enough for every member to wake run on separate threads at once: the
 // team is real, not the caller running every share.
 TEST(Threading, LongSharesRunOnSeparateThreadsAtOnce) {
+  detail::ThreadPool::get().forget_late_members();  // a pause left by a late member elsewhere
   const int team = 2;
   std::set<std::thread::id> ids;
   std::mutex m;
@@ -67,6 +68,52 @@ TEST(Threading, LongSharesRunOnSeparateThreadsAtOnce) {
   });
   EXPECT_EQ(static_cast<int>(ids.size()), team);
   EXPECT_EQ(most.load(), team) << "the shares overlapped in time";
+}
+
+// A team member that finishes long after the caller was most likely not running: after two such
+// regions within a short time the pool runs the next regions' shares on the caller alone (same
+// shares, so the same results), and after a pause uses its threads again. One late region alone
+// changes nothing.
+TEST(Threading, LateMembersTwiceMakeRegionsRunOnTheCallerForAWhile) {
+  detail::ThreadPool& pool = detail::ThreadPool::get();
+  pool.forget_late_members();
+  const std::thread::id caller = std::this_thread::get_id();
+  // A share on a pool thread sleeps for 5 ms (a member 5 ms late); a share on the caller waits
+  // until one has started elsewhere. Returns false when no pool thread joined within 2 s.
+  auto late_region = [&] {
+    std::atomic<bool> elsewhere{false};
+    detail::parallel_region(2, [&](int, int) {
+      if (std::this_thread::get_id() != caller) {
+        elsewhere = true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        return;
+      }
+      const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+      while (!elsewhere && std::chrono::steady_clock::now() < end) std::this_thread::yield();
+    });
+    return elsewhere.load();
+  };
+  if (!late_region()) GTEST_SKIP() << "no pool thread joined within 2 s";
+  EXPECT_FALSE(pool.contended()) << "one late member is not enough";
+  if (!late_region()) GTEST_SKIP() << "no pool thread joined within 2 s";
+  EXPECT_TRUE(pool.contended());
+  std::vector<std::thread::id> ran(3);
+  std::vector<int> runs(3, 0);
+  detail::parallel_region(3, [&](int t, int n) {
+    EXPECT_EQ(n, 3);
+    ran[static_cast<std::size_t>(t)] = std::this_thread::get_id();
+    ++runs[static_cast<std::size_t>(t)];
+  });
+  for (int t = 0; t < 3; ++t) {
+    EXPECT_EQ(runs[static_cast<std::size_t>(t)], 1);
+    EXPECT_EQ(ran[static_cast<std::size_t>(t)], caller) << "share " << t;
+  }
+  // The pause ends by itself.
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  while (pool.contended() && std::chrono::steady_clock::now() < end)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_FALSE(pool.contended());
+  pool.forget_late_members();
 }
 
 // A team that does not wake sleeping threads still runs every share exactly once: the caller

@@ -166,6 +166,7 @@ class ThreadPool {
       generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
     }
     if (wake) work_ready_.notify_all();
+    const auto start = std::chrono::steady_clock::now();
     {
       const bool outer = in_team();
       in_team() = true;
@@ -179,10 +180,45 @@ class ThreadPool {
       std::lock_guard<std::mutex> lock(mutex_);
       open_ = false;
     }
-    spin_until([this] { return active_.load(std::memory_order_acquire) == 0; });
-    std::unique_lock<std::mutex> lock(mutex_);
-    work_done_.wait(lock, [this] { return active_.load(std::memory_order_relaxed) == 0; });
+    const auto own_done = std::chrono::steady_clock::now();
+    bool waited = false;
+    spin_until([this, &waited] {
+      const bool done = active_.load(std::memory_order_acquire) == 0;
+      waited = waited || !done;
+      return done;
+    });
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      work_done_.wait(lock, [this] { return active_.load(std::memory_order_relaxed) == 0; });
+    }
+    if (waited) {
+      // A team member that finishes its share much later than the caller finished its own was
+      // most likely not running (another process holds its core). Twice within late_window, and
+      // the regions that follow run their shares on the caller alone for contended_pause instead
+      // of waiting again; once is not enough (a virtual machine's core can stall for a moment).
+      const auto end = std::chrono::steady_clock::now();
+      if (end - own_done > (own_done - start) + late_margin) {
+        const auto now = end.time_since_epoch().count();
+        const auto previous = last_late_.exchange(now, std::memory_order_relaxed);
+        if (previous != 0 &&
+            now - previous < std::chrono::steady_clock::duration(late_window).count())
+          contended_until_.store((end + contended_pause).time_since_epoch().count(),
+                                 std::memory_order_relaxed);
+      }
+    }
     return true;
+  }
+
+  /// Whether recent regions waited for late team members (see run): regions should run every
+  /// share on the calling thread until the pause ends.
+  bool contended() const {
+    return std::chrono::steady_clock::now().time_since_epoch().count() <
+           contended_until_.load(std::memory_order_relaxed);
+  }
+  /// Ends a pause and forgets earlier late members (tests start from a known state with it).
+  void forget_late_members() {
+    contended_until_.store(0, std::memory_order_relaxed);
+    last_late_.store(0, std::memory_order_relaxed);
   }
 
  private:
@@ -202,6 +238,12 @@ class ThreadPool {
     while (!done() && std::chrono::steady_clock::now() < end) std::this_thread::yield();
   }
   static constexpr std::chrono::microseconds spin_time{100};
+  /// How much later than the caller's own time a team member may finish (after the caller
+  /// finished) before the pool counts it as descheduled (a woken thread starts up to about this
+  /// late on a quiet machine), and how long regions then run on the caller alone.
+  static constexpr std::chrono::microseconds late_margin{200};
+  static constexpr std::chrono::milliseconds late_window{50};
+  static constexpr std::chrono::milliseconds contended_pause{20};
 
   void work(int index) {
     in_team() = true;
@@ -239,6 +281,9 @@ class ThreadPool {
   std::atomic<std::uint64_t> generation_{0};
   // The next share of the current region to run; taken by whoever is free, without the mutex.
   std::atomic<int> next_share_{0};
+  // steady_clock time (ticks since its epoch) until which regions run on their caller alone.
+  std::atomic<std::chrono::steady_clock::rep> contended_until_{0};
+  std::atomic<std::chrono::steady_clock::rep> last_late_{0};  // when a member was last late
 };
 #endif
 
@@ -266,8 +311,16 @@ void parallel_region(Team plan, Region&& region) {
       if (!error) error = std::current_exception();
     }
   };
-  // When another thread's region holds the pool, this one runs here alone.
-  if (!ThreadPool::get().run(team, guarded, plan.wake)) guarded(0, 1);
+  ThreadPool& pool = ThreadPool::get();
+  if (pool.contended()) {
+    // Every share here, in order: the same split, so the same result, as with the team.
+    const bool outer = in_team();
+    in_team() = true;
+    for (int i = 0; i < team; ++i) guarded(i, team);
+    in_team() = outer;
+  } else if (!pool.run(team, guarded, plan.wake)) {
+    guarded(0, 1);  // another thread's region holds the pool: this one runs here alone
+  }
   if (error) std::rethrow_exception(error);
 #else
   region(0, 1);
