@@ -1,8 +1,9 @@
 // The library's teams (detail/threading.hpp): every share runs once, on at most `team` threads (a
 // late member's share runs on a thread that is free), and long shares on separate threads; members
-// late twice make regions run on the caller for a while; the first exception reaches the caller;
-// calls inside a share run alone (no nesting); a second user thread that calls in while a team runs
-// still gets its work done; a child process after fork() starts its own threads.
+// late twice within 50 ms pause the pool, whose regions then run on the caller; the first exception
+// reaches the caller; calls inside a share run alone (no nesting); a second user thread that calls
+// in while a team runs still gets its work done; a child process after fork() starts its own
+// threads.
 #include <retention/detail/threading.hpp>
 
 #include <gtest/gtest.h>
@@ -49,7 +50,7 @@ TEST(Threading, EveryShareRunsOnceOnAtMostTeamThreads) {
 // Shares that last long enough for every member to wake run on separate threads at once: the
 // team is real, not the caller running every share.
 TEST(Threading, LongSharesRunOnSeparateThreadsAtOnce) {
-  detail::ThreadPool::get().forget_late_members();  // a pause left by a late member elsewhere
+  detail::ThreadPool::get().late_members().forget();  // a pause left by a late member elsewhere
   const int team = 2;
   std::set<std::thread::id> ids;
   std::mutex m;
@@ -70,33 +71,13 @@ TEST(Threading, LongSharesRunOnSeparateThreadsAtOnce) {
   EXPECT_EQ(most.load(), team) << "the shares overlapped in time";
 }
 
-// A team member that finishes long after the caller was most likely not running: after two such
-// regions within a short time the pool runs the next regions' shares on the caller alone (same
-// shares, so the same results), and after a pause uses its threads again. One late region alone
-// changes nothing.
-TEST(Threading, LateMembersTwiceMakeRegionsRunOnTheCallerForAWhile) {
+// While the pool is paused after late members, a region runs every share once on the caller, in
+// order of the split it would have had; afterwards teams run on their threads again.
+TEST(Threading, APausedPoolRunsEveryShareOnTheCaller) {
   detail::ThreadPool& pool = detail::ThreadPool::get();
-  pool.forget_late_members();
+  const auto now = std::chrono::steady_clock::now();
+  pool.late_members().pause_until((now + std::chrono::seconds(60)).time_since_epoch().count());
   const std::thread::id caller = std::this_thread::get_id();
-  // A share on a pool thread sleeps for 5 ms (a member 5 ms late); a share on the caller waits
-  // until one has started elsewhere. Returns false when no pool thread joined within 2 s.
-  auto late_region = [&] {
-    std::atomic<bool> elsewhere{false};
-    detail::parallel_region(2, [&](int, int) {
-      if (std::this_thread::get_id() != caller) {
-        elsewhere = true;
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        return;
-      }
-      const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-      while (!elsewhere && std::chrono::steady_clock::now() < end) std::this_thread::yield();
-    });
-    return elsewhere.load();
-  };
-  if (!late_region()) GTEST_SKIP() << "no pool thread joined within 2 s";
-  EXPECT_FALSE(pool.contended()) << "one late member is not enough";
-  if (!late_region()) GTEST_SKIP() << "no pool thread joined within 2 s";
-  EXPECT_TRUE(pool.contended());
   std::vector<std::thread::id> ran(3);
   std::vector<int> runs(3, 0);
   detail::parallel_region(3, [&](int t, int n) {
@@ -108,14 +89,49 @@ TEST(Threading, LateMembersTwiceMakeRegionsRunOnTheCallerForAWhile) {
     EXPECT_EQ(runs[static_cast<std::size_t>(t)], 1);
     EXPECT_EQ(ran[static_cast<std::size_t>(t)], caller) << "share " << t;
   }
-  // The pause ends by itself.
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-  while (pool.contended() && std::chrono::steady_clock::now() < end)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  EXPECT_FALSE(pool.contended());
-  pool.forget_late_members();
+  pool.late_members().forget();
+  EXPECT_FALSE(pool.late_members().paused());
+}
+#endif
+
+// The rule that starts a pause, on given times: a member finishing more than 200 us plus the
+// caller's own time after the caller is late; two late regions within 50 ms pause the pool for
+// 20 ms; one alone, two further apart, or members just within the margin do not.
+TEST(Threading, LateMembersTwiceWithinTheWindowPauseThePool) {
+  using Clock = detail::LateMembers::Clock;
+  using std::chrono::microseconds;
+  using std::chrono::milliseconds;
+  const Clock::time_point t0 = Clock::now();
+  // A region from `at`: the caller's shares take `own`, the last member ends `after` later.
+  auto region = [&](detail::LateMembers& m, Clock::time_point at, microseconds own,
+                    microseconds after) { return m.note(at, at + own, at + own + after); };
+  {
+    detail::LateMembers m;
+    EXPECT_FALSE(region(m, t0, microseconds(1000), microseconds(1150)));  // within own + 200 us
+    EXPECT_FALSE(region(m, t0 + milliseconds(3), microseconds(1000), microseconds(1199)));
+    EXPECT_FALSE(m.paused(t0 + milliseconds(5))) << "no member was late";
+  }
+  {
+    detail::LateMembers m;
+    EXPECT_FALSE(region(m, t0, microseconds(100), microseconds(5000))) << "once is not enough";
+    EXPECT_FALSE(m.paused(t0 + milliseconds(6)));
+    EXPECT_TRUE(region(m, t0 + milliseconds(10), microseconds(100), microseconds(5000)));
+    const Clock::time_point end = t0 + milliseconds(10) + microseconds(5100);
+    EXPECT_TRUE(m.paused(end + milliseconds(19)));
+    EXPECT_FALSE(m.paused(end + milliseconds(21))) << "the pause lasts 20 ms";
+    m.forget();
+    EXPECT_FALSE(m.paused(end + milliseconds(1)));
+  }
+  {
+    detail::LateMembers m;
+    EXPECT_FALSE(region(m, t0, microseconds(100), microseconds(5000)));
+    EXPECT_FALSE(region(m, t0 + milliseconds(60), microseconds(100), microseconds(5000)))
+        << "late twice, but 55 ms apart";
+    EXPECT_FALSE(m.paused(t0 + milliseconds(66)));
+  }
 }
 
+#if defined(_OPENMP)
 // A team that does not wake sleeping threads still runs every share exactly once: the caller
 // runs whatever no polling thread took.
 TEST(Threading, ATeamThatDoesNotWakeRunsEveryShareOnce) {

@@ -116,6 +116,45 @@ inline Team plan_team(int requested, Index tasks, double total_flops) {
   return Team(size, size > 1 && total_flops >= min_flops_to_wake);
 }
 
+/// Remembers when a team member was late (ThreadPool::run) and says when regions should stop
+/// waiting for members. A member that finishes more than late_margin plus the caller's own time
+/// after the caller was most likely not running (another process holds its core). Twice within
+/// late_window, and regions run their shares on the caller alone for the next pause; once is not
+/// enough (a virtual machine's core can stall for a moment).
+class LateMembers {
+ public:
+  using Clock = std::chrono::steady_clock;
+  static constexpr std::chrono::microseconds late_margin{200};
+  static constexpr std::chrono::milliseconds late_window{50};
+  static constexpr std::chrono::milliseconds pause{20};
+
+  /// A region whose caller ran its shares from `start` to `own_done` and whose last member
+  /// finished at `end`; returns whether this starts a pause.
+  bool note(Clock::time_point start, Clock::time_point own_done, Clock::time_point end) {
+    if (end - own_done <= (own_done - start) + late_margin) return false;
+    const Clock::rep now = end.time_since_epoch().count();
+    const Clock::rep previous = last_late_.exchange(now, std::memory_order_relaxed);
+    if (previous == 0 || now - previous >= Clock::duration(late_window).count()) return false;
+    pause_until((end + pause).time_since_epoch().count());
+    return true;
+  }
+  /// Whether regions at `now` should run their shares on the caller alone.
+  bool paused(Clock::time_point now = Clock::now()) const {
+    return now.time_since_epoch().count() < paused_until_.load(std::memory_order_relaxed);
+  }
+  /// Ends a pause and forgets earlier late members.
+  void forget() {
+    paused_until_.store(0, std::memory_order_relaxed);
+    last_late_.store(0, std::memory_order_relaxed);
+  }
+  /// Pauses until the given time (ticks of Clock since its epoch).
+  void pause_until(Clock::rep until) { paused_until_.store(until, std::memory_order_relaxed); }
+
+ private:
+  std::atomic<Clock::rep> paused_until_{0};
+  std::atomic<Clock::rep> last_late_{0};
+};
+
 #if defined(_OPENMP)
 /// The threads that run the library's parallel regions, started on first use and kept for the
 /// process (never destroyed: one may still be asleep when the process exits).
@@ -167,11 +206,12 @@ class ThreadPool {
     }
     if (wake) work_ready_.notify_all();
     const auto start = std::chrono::steady_clock::now();
+    int own_shares = 0;
     {
       const bool outer = in_team();
       in_team() = true;
       for (int i = next_share_.fetch_add(1, std::memory_order_relaxed); i < team;
-           i = next_share_.fetch_add(1, std::memory_order_relaxed))
+           i = next_share_.fetch_add(1, std::memory_order_relaxed), ++own_shares)
         region(i, team);
       in_team() = outer;
     }
@@ -191,35 +231,13 @@ class ThreadPool {
       std::unique_lock<std::mutex> lock(mutex_);
       work_done_.wait(lock, [this] { return active_.load(std::memory_order_relaxed) == 0; });
     }
-    if (waited) {
-      // A team member that finishes its share much later than the caller finished its own was
-      // most likely not running (another process holds its core). Twice within late_window, and
-      // the regions that follow run their shares on the caller alone for contended_pause instead
-      // of waiting again; once is not enough (a virtual machine's core can stall for a moment).
-      const auto end = std::chrono::steady_clock::now();
-      if (end - own_done > (own_done - start) + late_margin) {
-        const auto now = end.time_since_epoch().count();
-        const auto previous = last_late_.exchange(now, std::memory_order_relaxed);
-        if (previous != 0 &&
-            now - previous < std::chrono::steady_clock::duration(late_window).count())
-          contended_until_.store((end + contended_pause).time_since_epoch().count(),
-                                 std::memory_order_relaxed);
-      }
-    }
+    // A caller that ran no share has nothing to compare a member's time with.
+    if (waited && own_shares > 0) late_.note(start, own_done, std::chrono::steady_clock::now());
     return true;
   }
 
-  /// Whether recent regions waited for late team members (see run): regions should run every
-  /// share on the calling thread until the pause ends.
-  bool contended() const {
-    return std::chrono::steady_clock::now().time_since_epoch().count() <
-           contended_until_.load(std::memory_order_relaxed);
-  }
-  /// Ends a pause and forgets earlier late members (tests start from a known state with it).
-  void forget_late_members() {
-    contended_until_.store(0, std::memory_order_relaxed);
-    last_late_.store(0, std::memory_order_relaxed);
-  }
+  /// When recent regions waited for late members: regions then run every share on the caller.
+  LateMembers& late_members() { return late_; }
 
  private:
   ThreadPool() = default;
@@ -238,12 +256,6 @@ class ThreadPool {
     while (!done() && std::chrono::steady_clock::now() < end) std::this_thread::yield();
   }
   static constexpr std::chrono::microseconds spin_time{100};
-  /// How much later than the caller's own time a team member may finish (after the caller
-  /// finished) before the pool counts it as descheduled (a woken thread starts up to about this
-  /// late on a quiet machine), and how long regions then run on the caller alone.
-  static constexpr std::chrono::microseconds late_margin{200};
-  static constexpr std::chrono::milliseconds late_window{50};
-  static constexpr std::chrono::milliseconds contended_pause{20};
 
   void work(int index) {
     in_team() = true;
@@ -281,9 +293,7 @@ class ThreadPool {
   std::atomic<std::uint64_t> generation_{0};
   // The next share of the current region to run; taken by whoever is free, without the mutex.
   std::atomic<int> next_share_{0};
-  // steady_clock time (ticks since its epoch) until which regions run on their caller alone.
-  std::atomic<std::chrono::steady_clock::rep> contended_until_{0};
-  std::atomic<std::chrono::steady_clock::rep> last_late_{0};  // when a member was last late
+  LateMembers late_;
 };
 #endif
 
@@ -312,7 +322,7 @@ void parallel_region(Team plan, Region&& region) {
     }
   };
   ThreadPool& pool = ThreadPool::get();
-  if (pool.contended()) {
+  if (pool.late_members().paused()) {
     // Every share here, in order: the same split, so the same result, as with the team.
     const bool outer = in_team();
     in_team() = true;
