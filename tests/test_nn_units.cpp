@@ -82,6 +82,10 @@ TEST(NnUnits, LinearThreadedForwardSplitsRowsOrOutputs) {
   EXPECT_TRUE(retention::detail::split_columns(40, 301, 2)) << "40 rows split over outputs";
   EXPECT_FALSE(retention::detail::split_columns(300, 301, 2)) << "300 rows split over rows";
   EXPECT_FALSE(retention::detail::split_columns(40, 301, 1)) << "no team, no split";
+  const double flops_per_row = 2.0 * in * out;
+  EXPECT_EQ(retention::detail::plan_column_split(2, 40, out, flops_per_row).size, 2);
+  EXPECT_EQ(retention::detail::plan_column_split(2, 300, out, flops_per_row).size, 1);
+  EXPECT_EQ(retention::detail::plan_column_split(1, 40, out, flops_per_row).size, 1);
 }
 
 TEST(NnUnits, LayerNorm) {

@@ -76,7 +76,7 @@ TEST(Threading, LongSharesRunOnSeparateThreadsAtOnce) {
 TEST(Threading, APausedPoolRunsEveryShareOnTheCaller) {
   detail::ThreadPool& pool = detail::ThreadPool::get();
   const auto now = std::chrono::steady_clock::now();
-  pool.late_members().pause_until((now + std::chrono::seconds(60)).time_since_epoch().count());
+  pool.late_members().pause_until(now + std::chrono::seconds(60));
   const std::thread::id caller = std::this_thread::get_id();
   std::vector<std::thread::id> ran(3);
   std::vector<int> runs(3, 0);

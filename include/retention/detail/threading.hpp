@@ -61,6 +61,18 @@ inline bool& in_team() {
   return flag;
 }
 
+/// Marks the calling thread as inside a team for its lifetime (in_team), then restores the mark.
+class TeamScope {
+ public:
+  TeamScope() : outer_(in_team()) { in_team() = true; }
+  ~TeamScope() { in_team() = outer_; }
+  TeamScope(const TeamScope&) = delete;
+  TeamScope& operator=(const TeamScope&) = delete;
+
+ private:
+  bool outer_;
+};
+
 #endif
 
 /// Work (in flops, or flop-equivalents) below which a task is not worth a thread: tens of
@@ -135,7 +147,7 @@ class LateMembers {
     const Clock::rep now = end.time_since_epoch().count();
     const Clock::rep previous = last_late_.exchange(now, std::memory_order_relaxed);
     if (previous == 0 || now - previous >= Clock::duration(late_window).count()) return false;
-    pause_until((end + pause).time_since_epoch().count());
+    pause_until(end + pause);
     return true;
   }
   /// Whether regions at `now` should run their shares on the caller alone.
@@ -147,8 +159,10 @@ class LateMembers {
     paused_until_.store(0, std::memory_order_relaxed);
     last_late_.store(0, std::memory_order_relaxed);
   }
-  /// Pauses until the given time (ticks of Clock since its epoch).
-  void pause_until(Clock::rep until) { paused_until_.store(until, std::memory_order_relaxed); }
+  /// Pauses until `until`.
+  void pause_until(Clock::time_point until) {
+    paused_until_.store(until.time_since_epoch().count(), std::memory_order_relaxed);
+  }
 
  private:
   std::atomic<Clock::rep> paused_until_{0};
@@ -208,12 +222,10 @@ class ThreadPool {
     const auto start = std::chrono::steady_clock::now();
     int own_shares = 0;
     {
-      const bool outer = in_team();
-      in_team() = true;
+      const TeamScope scope;
       for (int i = next_share_.fetch_add(1, std::memory_order_relaxed); i < team;
            i = next_share_.fetch_add(1, std::memory_order_relaxed), ++own_shares)
         region(i, team);
-      in_team() = outer;
     }
     {
       // Every share is taken: threads that have not joined yet must not.
@@ -221,18 +233,13 @@ class ThreadPool {
       open_ = false;
     }
     const auto own_done = std::chrono::steady_clock::now();
-    bool waited = false;
-    spin_until([this, &waited] {
-      const bool done = active_.load(std::memory_order_acquire) == 0;
-      waited = waited || !done;
-      return done;
-    });
+    spin_until([this] { return active_.load(std::memory_order_acquire) == 0; });
     {
       std::unique_lock<std::mutex> lock(mutex_);
       work_done_.wait(lock, [this] { return active_.load(std::memory_order_relaxed) == 0; });
     }
     // A caller that ran no share has nothing to compare a member's time with.
-    if (waited && own_shares > 0) late_.note(start, own_done, std::chrono::steady_clock::now());
+    if (own_shares > 0) late_.note(start, own_done, std::chrono::steady_clock::now());
     return true;
   }
 
@@ -324,10 +331,8 @@ void parallel_region(Team plan, Region&& region) {
   ThreadPool& pool = ThreadPool::get();
   if (pool.late_members().paused()) {
     // Every share here, in order: the same split, so the same result, as with the team.
-    const bool outer = in_team();
-    in_team() = true;
+    const TeamScope scope;
     for (int i = 0; i < team; ++i) guarded(i, team);
-    in_team() = outer;
   } else if (!pool.run(team, guarded, plan.wake)) {
     guarded(0, 1);  // another thread's region holds the pool: this one runs here alone
   }
@@ -369,13 +374,23 @@ inline bool split_columns(Index rows, Index cols, int team) {
              static_cast<double>(cols) * (1.0 - 1.0 / static_cast<double>(team));
 }
 
+/// The team for a per-row computation of `rows` rows into `cols` outputs worth flops_per_row a
+/// row, at most `threads` threads, when it is to be split over its outputs (split_columns);
+/// a team of one when it is not (split its rows with for_row_blocks instead).
+inline Team plan_column_split(int threads, Index rows, Index cols, double flops_per_row) {
+  const Team team =
+      plan_team(threads, cols / min_columns_per_block, flops_per_row * static_cast<double>(rows));
+  return split_columns(rows, cols, team.size) ? team : Team(1);
+}
+
 /// Runs body(first_col, cols) over column blocks of `cols` outputs (starts at multiples of
-/// `align` outputs but the first), one block per share of `team`.
+/// column_block_align outputs but the first), one block per share of `team`.
 template <class Body>
-void for_column_blocks(Team team, Index cols, Index align, Body&& body) {
+void for_column_blocks(Team team, Index cols, Body&& body) {
   parallel_region(team, [&](int t, int n) {
     const auto edge = [&](int i) {
-      return i == n ? cols : std::min(cols, cols * i / n / align * align);
+      const Index a = column_block_align;
+      return i == n ? cols : std::min(cols, cols * i / n / a * a);
     };
     const Index c0 = edge(t), c1 = edge(t + 1);
     if (c1 > c0) body(c0, c1 - c0);

@@ -693,11 +693,10 @@ class VirBlock {
     const Index rows = x.rows(), hidden_n = fc1_.out_features();
     const double dim = static_cast<double>(x.cols()), hidden = static_cast<double>(hidden_n),
                  flops_per_row = 4.0 * dim * hidden + 20.0 * hidden;
-    const detail::Team team =
-        detail::plan_team(options.threads, hidden_n / detail::min_columns_per_block,
-                          flops_per_row * static_cast<double>(rows));
-    if (detail::split_columns(rows, hidden_n, team.size)) {
-      mlp_by_columns(x, team);
+    const detail::Team by_columns =
+        detail::plan_column_split(options.threads, rows, hidden_n, flops_per_row);
+    if (by_columns.size > 1) {
+      mlp_by_columns(x, by_columns);
       return;
     }
     detail::for_row_blocks(options.threads, rows, flops_per_row,
@@ -709,13 +708,13 @@ class VirBlock {
   void mlp_by_columns(Matrix<T>& x, detail::Team team) const {
     const Matrix<T> h = norm2_.forward(x);
     Matrix<T> u(x.rows(), fc1_.out_features());
-    detail::for_column_blocks(team, u.cols(), detail::column_block_align, [&](Index c0, Index n) {
+    detail::for_column_blocks(team, u.cols(), [&](Index c0, Index n) {
       fc1_.forward_columns_into(h, u, c0, n);
       auto block = u.middleCols(c0, n);
       gelu_inplace(block);
     });
     Matrix<T> m(x.rows(), x.cols());
-    detail::for_column_blocks(team, x.cols(), detail::column_block_align, [&](Index c0, Index n) {
+    detail::for_column_blocks(team, x.cols(), [&](Index c0, Index n) {
       fc2_.forward_columns_into(u, m, c0, n);
       x.middleCols(c0, n).array() +=
           m.middleCols(c0, n).array().rowwise() * ls2_.segment(c0, n).array();

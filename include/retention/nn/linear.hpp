@@ -90,10 +90,9 @@ class Linear {
     const Index rows = x.rows(), out = out_features();
     const double flops_per_row =
         2.0 * static_cast<double>(in_features()) * static_cast<double>(out);
-    const detail::Team by_columns = detail::plan_team(threads, out / detail::min_columns_per_block,
-                                                      flops_per_row * static_cast<double>(rows));
-    if (detail::split_columns(rows, out, by_columns.size)) {
-      detail::for_column_blocks(by_columns, out, detail::column_block_align,
+    const detail::Team by_columns = detail::plan_column_split(threads, rows, out, flops_per_row);
+    if (by_columns.size > 1) {
+      detail::for_column_blocks(by_columns, out,
                                 [&](Index c0, Index n) { forward_columns_into(x, y, c0, n); });
       return;
     }
