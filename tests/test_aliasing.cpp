@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // In-place calls (issue 15 #2): every _into of the three forms rejects an `out` that shares memory
 // with Q, K, V or a state (shape_error "<f>_into: out overlaps V; in-place calls are not
 // supported") before writing anything, while disjoint views of one buffer (column blocks, heads

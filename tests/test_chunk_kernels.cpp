@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // The chunkwise form's register-blocked kernels (detail/chunk_kernels.hpp) against the naive double
 // reference: every ragged width the column dispatch has (whole blocks, single packets, halving
 // tails down to one lane), key widths that are not a multiple of the row block, chunks longer than

@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // retention-test-labels: sanitize
 // Hostile and careless calls into every kernel-level public entry point (issue 15): gamma
 // schedules, the four decay masks, the three retention forms and their _into variants,

@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Long sequences in float (SPEC 1, SPEC 2): T = 100,000 through the recurrent and chunkwise forms,
 // T = 20,000 through the parallel form where the decay underflows to exactly 0, a huge starting
 // position; all finite and in agreement with a double reference. The reference here is SPEC 2's

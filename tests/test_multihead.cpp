@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Multi-head entry points over the time-major layout [B, T, H, D]: per-head gammas, states in and
 // out, thread-count independence, the decoding step, and every error.
 #include <retention/multihead.hpp>

@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Non-finite inputs propagate forward only (issue 15 #1): with an Inf or a NaN in token t of Q, K
 // or V, rows < t of every form are finite and equal to the recurrent form's rows (and to the
 // reference on the clean prefix); chunk and tile sizes around t, every normalisation, float and

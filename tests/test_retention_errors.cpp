@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Every runtime error of the single-head retention kernels (DESIGN: a shape_error naming the
 // function, the argument and both shapes), with the whole message checked. Type misuse (integer
 // scalars, mixed scalars, a non-causal mask) is a static_assert and cannot be exercised at run

@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // The cross-form sweep of SPEC 2 / SPEC 6: parallel, recurrent and chunkwise retention against the
 // naive double reference and against each other, over T, chunk, (dk, dv), gamma and normalisation.
 //

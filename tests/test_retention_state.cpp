@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // State hand-off (SPEC 2): a prefix in one form and the rest from the returned state in any other
 // form equals one pass; the final state may alias the initial one; retention_step is the recurrent
 // form one token at a time; a double state for float inputs; the state's own checks.

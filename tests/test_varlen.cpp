@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // Packed variable-length retention (cu_seqlens) and the padded-batch paths (lengths, mask): every
 // sequence's rows and final states against the naive double reference of each sequence alone
 // (docs/math.md §2), in every form and normalisation, lengths {1, 2, 17, 300} mixed, with initial

@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // ViR (docs/math.md §5): MHR, block and encoder against the naive double reference; all encoder
 // forms and orders against each other; causality of the class token; loading by the ViR authors'
 // parameter names (with prefixes) through ParameterMap; every error path, hostile sizes and enum

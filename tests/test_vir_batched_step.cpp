@@ -1,3 +1,4 @@
+// retention-test-links: compiled
 // ViR batched decoding (docs/math.md §5, §2.3): VirRetention::step_batch decodes B sequences in one
 // call, each at its own position with its own per-head states. Checked against B single-sequence
 // step() calls (outputs and states) and against the naive double reference of MHR over each whole

@@ -156,3 +156,9 @@ RowVector<typename DQ::Scalar> retention_step(const Eigen::MatrixBase<DQ>& q,
 }
 
 }  // namespace retention
+
+#if defined(RETENTION_COMPILED)
+// Compiled mode: the per-head forward kernels for CausalDecay in float and double come from the
+// retention_compiled library (src/forward_*.cpp); only the fronts above are compiled here.
+#include <retention/detail/retention/forward_instances.hpp>
+#endif

@@ -1,0 +1,11 @@
+// Compiled mode (RETENTION_COMPILED): the per-head forward kernels for CausalDecay with float
+// inputs and a float state instantiated once, here (detail/retention/forward_instances.hpp lists
+// them).
+#define RETENTION_COMPILED_BUILDING 1
+#include <retention/detail/retention/forward_instances.hpp>
+
+namespace retention {
+namespace detail {
+RETENTION_DETAIL_FORWARD_KERNELS(template, float, float)
+}  // namespace detail
+}  // namespace retention
