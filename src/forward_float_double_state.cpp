@@ -1,7 +1,7 @@
 // Compiled mode (RETENTION_COMPILED): the per-head forward kernels for CausalDecay with float
 // inputs and a double state instantiated once, here (detail/retention/forward_instances.hpp lists
 // them).
-#define RETENTION_COMPILED_BUILDING 1
+#define RETENTION_COMPILED_BUILDING_FORWARD 1
 #include <retention/detail/retention/forward_instances.hpp>
 
 namespace retention {

@@ -2,8 +2,9 @@
 // once, in src/forward_*.cpp: the three forms on row-major blocks (ConstRows / Rows, the one
 // operand type every front hands them) with a CausalDecay, for float with a float or double state
 // and for double. parallel.hpp, chunkwise.hpp and recurrent.hpp include this file at their end in
-// compiled mode, where it declares them `extern template`; the library's sources include it with
-// RETENTION_COMPILED_BUILDING defined and instantiate them with the macro below.
+// compiled mode, where it declares them `extern template` (in the library's other sources too, so
+// that the layers and the backward leave them to src/forward_*.cpp); those files include it with
+// RETENTION_COMPILED_BUILDING_FORWARD defined and instantiate them with the macro below.
 // The three form headers include none of each other, and each includes this file only after its
 // own definitions, so all three are complete when the declarations below are read.
 #pragma once
@@ -29,7 +30,7 @@
       const RetentionOptions<S>&);
 // clang-format on
 
-#if !defined(RETENTION_COMPILED_BUILDING)
+#if !defined(RETENTION_COMPILED_BUILDING_FORWARD)
 namespace retention {
 namespace detail {
 RETENTION_DETAIL_FORWARD_KERNELS(extern template, float, float)
