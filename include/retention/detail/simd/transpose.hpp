@@ -30,9 +30,11 @@ template <class Isa, class T>
     const Index valid = std::min<Index>(N, rows - j0);
     for (Index c0 = 0; c0 < c_full; c0 += N) {
       V block[N];
+#pragma GCC unroll 32
       for (int r = 0; r < N; ++r)
         block[r] = r < valid ? simd::load<N>(x + (j0 + r) * ldx + c0) : simd::splat<N>(T(0));
       simd::transpose_block<N, T>(block);
+#pragma GCC unroll 32
       for (int r = 0; r < N; ++r) simd::store(kt + (c0 + r) * ld + j0, block[r]);
     }
     for (Index j = j0; j < j0 + valid; ++j)

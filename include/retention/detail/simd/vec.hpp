@@ -217,20 +217,37 @@ template <int N, int first, class V, int... K>
   out = __builtin_shufflevector(a, b, (first + K / 2 + (K % 2) * N)...);
 }
 
+/// One round of transpose_block: out[2i] and out[2i + 1] interleave in[i] with in[i + N/2].
+template <int N, class T>
+[[gnu::always_inline]] inline void transpose_round(const Vec<T, N> (&in)[N], Vec<T, N> (&out)[N]) {
+  using Lanes = std::make_integer_sequence<int, N>;
+#pragma GCC unroll 32
+  for (int i = 0; i < N / 2; ++i) {
+    interleave<N, 0>(out[2 * i], in[i], in[i + N / 2], Lanes());
+    interleave<N, N / 2>(out[2 * i + 1], in[i], in[i + N / 2], Lanes());
+  }
+}
+
 /// In-register transpose of an N x N block held as N row vectors (N a power of two): after it,
 /// rows[c] holds what was column c. log2(N) rounds of interleaving row i with row i + N/2, the
-/// perfect shuffle that sorts lanes by their other index.
+/// perfect shuffle that sorts lanes by their other index. The rounds alternate between rows and a
+/// second array, all unrolled: a copy loop between rounds would leave the vectors in memory (g++
+/// 12 turns it into a call to memcpy).
 template <int N, class T>
 [[gnu::always_inline]] inline void transpose_block(Vec<T, N> (&rows)[N]) {
   if constexpr (N > 1) {
-    using Lanes = std::make_integer_sequence<int, N>;
-    for (int round = 1; round < N; round *= 2) {
-      Vec<T, N> next[N];
-      for (int i = 0; i < N / 2; ++i) {
-        interleave<N, 0>(next[2 * i], rows[i], rows[i + N / 2], Lanes());
-        interleave<N, N / 2>(next[2 * i + 1], rows[i], rows[i + N / 2], Lanes());
-      }
-      for (int i = 0; i < N; ++i) rows[i] = next[i];
+    constexpr int rounds = N >= 16 ? 4 : N >= 8 ? 3 : N >= 4 ? 2 : 1;
+    static_assert(N == 1 << rounds, "N: 2, 4, 8 or 16");
+    Vec<T, N> other[N];
+#pragma GCC unroll 4
+    for (int k = 0; k + 1 < rounds; k += 2) {
+      transpose_round<N, T>(rows, other);
+      transpose_round<N, T>(other, rows);
+    }
+    if constexpr (rounds % 2 == 1) {
+      transpose_round<N, T>(rows, other);
+#pragma GCC unroll 32
+      for (int i = 0; i < N; ++i) rows[i] = other[i];
     }
   }
 }
