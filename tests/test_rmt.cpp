@@ -1,5 +1,6 @@
 // The RMT attention layer (SPEC 4): LCE against a naive convolution loop, the whole layer against
 // the naive double reference in both modes, batching, weight loading and bad input.
+#include <retention/isa.hpp>
 #include <retention/layers/rmt.hpp>
 
 #include "reference/rmt_reference.hpp"
@@ -92,6 +93,40 @@ TYPED_TEST(RmtTest, LceMatchesNaiveConvolutionIncludingBorders) {
           << H << "x" << W;
     }
   }
+}
+
+// The LCE kernel on every instruction set the processor runs, with channel counts that fill whole
+// vectors and leave a tail (37 = 2 x 16 + 5 floats, 4 x 8 + 5 doubles) and images narrower and
+// shorter than the 5 x 5 window, against the naive convolution.
+TYPED_TEST(RmtTest, LceEveryInstructionSetMatchesNaiveConvolution) {
+  using T = TypeParam;
+  using retention::Isa;
+  const Isa saved = retention::active_isa();
+  const Index shapes[][2] = {{1, 1}, {2, 3}, {3, 7}, {7, 5}, {6, 9}};
+  std::uint64_t seed = 1200;
+  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512}) {
+    if (isa > retention::cpu_isa()) continue;
+    retention::set_active_isa(isa);
+    for (const auto& s : shapes)
+      for (Index C : {16, 37}) {
+        const Index H = s[0], W = s[1];
+        const Matrix<T> v = random_matrix<T>(2 * H * W, C, ++seed);
+        const Matrix<T> w = random_matrix<T>(C, 25, ++seed);
+        const Matrix<T> b = random_matrix<T>(1, C, ++seed);
+        const Matrix<T> got = retention::local_context_enhancement(v, 2, H, W, w, b, 1);
+        const Mat wd = w.template cast<double>();
+        const std::vector<double> wflat(wd.data(), wd.data() + wd.size());
+        const Mat bd = b.template cast<double>();
+        const std::vector<double> bflat(bd.data(), bd.data() + bd.size());
+        for (Index img = 0; img < 2; ++img) {
+          const Mat ref = rmt_reference::lce(
+              v.middleRows(img * H * W, H * W).template cast<double>(), H, W, wflat, bflat);
+          EXPECT_LE(relative_error(got.middleRows(img * H * W, H * W), ref), spec_tolerance<T>())
+              << retention::to_string(isa) << " " << H << "x" << W << " C " << C;
+        }
+      }
+  }
+  retention::set_active_isa(saved);
 }
 
 // Image rows spread over threads (the image is large enough for the thread rule to form a team of

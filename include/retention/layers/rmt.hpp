@@ -6,6 +6,7 @@
 
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
+#include <retention/detail/manhattan/lce_kernel.hpp>
 #include <retention/heads.hpp>
 #include <retention/masa.hpp>
 #include <retention/nn/linear.hpp>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace retention {
@@ -54,9 +56,29 @@ void lce_image_rows(const Eigen::MatrixBase<DV>& v, Index height, Index width,
                     const Matrix<T>& taps, const Eigen::MatrixBase<DB>& bias, Index first,
                     Index count, bool add, Matrix<T>& row, DOut& out) {
   const Index N = height * width;
+  using VT = std::decay_t<DV>;
+  // Rows of v reachable by pointer (a row-major view with contiguous rows): the dispatched kernel.
+  constexpr bool direct = (int(VT::Flags) & Eigen::DirectAccessBit) &&
+                          (int(VT::Flags) & Eigen::RowMajorBit) && !VT::IsVectorAtCompileTime &&
+                          std::is_same_v<typename VT::Scalar, T>;
   for (Index r = first; r < first + count; ++r) {
     const Index b = r / height, y = r % height;
     row.rowwise() = bias.row(0);
+    if constexpr (direct) {
+      const VT& vd = v.derived();
+      if (vd.innerStride() == 1) {
+        const T* image = vd.data() + b * N * vd.outerStride();
+        simd::dispatch<LceRowKernel>(image, Index(vd.outerStride()), height, width, y, taps.data(),
+                                     Index(taps.cols()), Index(row.cols()), row.data(),
+                                     Index(row.cols()));
+        auto dst = out.middleRows(b * N + y * width, width);
+        if (add)
+          dst += row;
+        else
+          dst = row;
+        continue;
+      }
+    }
     for (Index i = 0; i < 5; ++i) {
       const Index sy = y + i - 2;
       if (sy < 0 || sy >= height) continue;  // padding contributes zero
