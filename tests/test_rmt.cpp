@@ -72,34 +72,37 @@ rmt_reference::LayerParams load_random(ManhattanAttention<T>& layer, std::uint64
   return p;
 }
 
+// LCE of two random H x W images of C channels (seeds from *seed on), threads as given, against
+// the naive double convolution of each image.
+template <class T>
+void expect_lce_matches_naive(Index H, Index W, Index C, std::uint64_t* seed, int threads,
+                              const std::string& label) {
+  const Matrix<T> v = random_matrix<T>(2 * H * W, C, ++*seed);
+  const Matrix<T> w = random_matrix<T>(C, 25, ++*seed);
+  const Matrix<T> b = random_matrix<T>(1, C, ++*seed);
+  const Matrix<T> got = retention::local_context_enhancement(v, 2, H, W, w, b, threads);
+  const Mat wd = w.template cast<double>();
+  const std::vector<double> wflat(wd.data(), wd.data() + wd.size());
+  const Mat bd = b.template cast<double>();
+  const std::vector<double> bflat(bd.data(), bd.data() + bd.size());
+  for (Index img = 0; img < 2; ++img) {
+    const Mat ref = rmt_reference::lce(v.middleRows(img * H * W, H * W).template cast<double>(), H,
+                                       W, wflat, bflat);
+    EXPECT_LE(relative_error(got.middleRows(img * H * W, H * W), ref), spec_tolerance<T>())
+        << label << H << "x" << W << " C " << C;
+  }
+}
+
 TYPED_TEST(RmtTest, LceMatchesNaiveConvolutionIncludingBorders) {
-  using T = TypeParam;
   const Index shapes[][2] = {{1, 1}, {1, 6}, {2, 3}, {4, 4}, {7, 5}, {6, 9}};
   std::uint64_t seed = 1000;
-  for (const auto& s : shapes) {
-    const Index H = s[0], W = s[1], C = 5;
-    const Matrix<T> v = random_matrix<T>(2 * H * W, C, ++seed);
-    const Matrix<T> w = random_matrix<T>(C, 25, ++seed);
-    const Matrix<T> b = random_matrix<T>(1, C, ++seed);
-    const Matrix<T> got = retention::local_context_enhancement(v, 2, H, W, w, b);
-    const Mat wd = w.template cast<double>();
-    const std::vector<double> wflat(wd.data(), wd.data() + wd.size());
-    const Mat bd = b.template cast<double>();
-    const std::vector<double> bflat(bd.data(), bd.data() + bd.size());
-    for (Index img = 0; img < 2; ++img) {
-      const Mat ref = rmt_reference::lce(v.middleRows(img * H * W, H * W).template cast<double>(),
-                                         H, W, wflat, bflat);
-      EXPECT_LE(relative_error(got.middleRows(img * H * W, H * W), ref), spec_tolerance<T>())
-          << H << "x" << W;
-    }
-  }
+  for (const auto& s : shapes) expect_lce_matches_naive<TypeParam>(s[0], s[1], 5, &seed, 0, "");
 }
 
 // The LCE kernel on every instruction set the processor runs, with channel counts that fill whole
 // vectors and leave a tail (37 = 2 x 16 + 5 floats, 4 x 8 + 5 doubles) and images narrower and
 // shorter than the 5 x 5 window, against the naive convolution.
 TYPED_TEST(RmtTest, LceEveryInstructionSetMatchesNaiveConvolution) {
-  using T = TypeParam;
   using retention::Isa;
   const Isa saved = retention::active_isa();
   const Index shapes[][2] = {{1, 1}, {2, 3}, {3, 7}, {7, 5}, {6, 9}};
@@ -108,23 +111,9 @@ TYPED_TEST(RmtTest, LceEveryInstructionSetMatchesNaiveConvolution) {
     if (isa > retention::cpu_isa()) continue;
     retention::set_active_isa(isa);
     for (const auto& s : shapes)
-      for (Index C : {16, 37}) {
-        const Index H = s[0], W = s[1];
-        const Matrix<T> v = random_matrix<T>(2 * H * W, C, ++seed);
-        const Matrix<T> w = random_matrix<T>(C, 25, ++seed);
-        const Matrix<T> b = random_matrix<T>(1, C, ++seed);
-        const Matrix<T> got = retention::local_context_enhancement(v, 2, H, W, w, b, 1);
-        const Mat wd = w.template cast<double>();
-        const std::vector<double> wflat(wd.data(), wd.data() + wd.size());
-        const Mat bd = b.template cast<double>();
-        const std::vector<double> bflat(bd.data(), bd.data() + bd.size());
-        for (Index img = 0; img < 2; ++img) {
-          const Mat ref = rmt_reference::lce(
-              v.middleRows(img * H * W, H * W).template cast<double>(), H, W, wflat, bflat);
-          EXPECT_LE(relative_error(got.middleRows(img * H * W, H * W), ref), spec_tolerance<T>())
-              << retention::to_string(isa) << " " << H << "x" << W << " C " << C;
-        }
-      }
+      for (Index C : {16, 37})
+        expect_lce_matches_naive<TypeParam>(s[0], s[1], C, &seed, 1,
+                                            std::string(retention::to_string(isa)) + " ");
   }
   retention::set_active_isa(saved);
 }

@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <random>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 namespace retention {
@@ -49,49 +48,19 @@ namespace detail {
 
 /// LCE of v's image rows [first, first + count) (image row r = b * height + y) into out's token
 /// rows, assigned or, with add, added: out[y, x, :] (+)= bias + sum_{i,j<5} taps(5 i + j) (.)
-/// v[y + i - 2, x + j - 2, :], the taps in that order. One image row at a time, so its sum
-/// (width x C) stays in L1 while the 25 taps pass over it; `row` is its buffer [width, C].
-template <class DV, class DB, class T, class DOut>
-void lce_image_rows(const Eigen::MatrixBase<DV>& v, Index height, Index width,
-                    const Matrix<T>& taps, const Eigen::MatrixBase<DB>& bias, Index first,
-                    Index count, bool add, Matrix<T>& row, DOut& out) {
+/// v[y + i - 2, x + j - 2, :], the taps in that order. One image row at a time (LceRowKernel), so
+/// its sum (width x C) stays in L1 while the 25 taps pass over it; `row` is its buffer [width, C].
+template <class DB, class T, class DOut>
+void lce_image_rows(const ConstRows<T>& v, Index height, Index width, const Matrix<T>& taps,
+                    const Eigen::MatrixBase<DB>& bias, Index first, Index count, bool add,
+                    Matrix<T>& row, DOut& out) {
   const Index N = height * width;
-  using VT = std::decay_t<DV>;
-  // Rows of v reachable by pointer (a row-major view with contiguous rows): the dispatched kernel.
-  constexpr bool direct = (int(VT::Flags) & Eigen::DirectAccessBit) &&
-                          (int(VT::Flags) & Eigen::RowMajorBit) && !VT::IsVectorAtCompileTime &&
-                          std::is_same_v<typename VT::Scalar, T>;
   for (Index r = first; r < first + count; ++r) {
     const Index b = r / height, y = r % height;
     row.rowwise() = bias.row(0);
-    if constexpr (direct) {
-      const VT& vd = v.derived();
-      if (vd.innerStride() == 1) {
-        const T* image = vd.data() + b * N * vd.outerStride();
-        simd::dispatch<LceRowKernel>(image, Index(vd.outerStride()), height, width, y, taps.data(),
-                                     Index(taps.cols()), Index(row.cols()), row.data(),
-                                     Index(row.cols()));
-        auto dst = out.middleRows(b * N + y * width, width);
-        if (add)
-          dst += row;
-        else
-          dst = row;
-        continue;
-      }
-    }
-    for (Index i = 0; i < 5; ++i) {
-      const Index sy = y + i - 2;
-      if (sy < 0 || sy >= height) continue;  // padding contributes zero
-      for (Index j = 0; j < 5; ++j) {
-        const Index dx = j - 2;
-        // The output x range whose source x + dx stays inside the grid.
-        const Index x0 = std::max<Index>(0, -dx), x1 = std::min<Index>(width, width - dx);
-        if (x1 <= x0) continue;
-        row.middleRows(x0, x1 - x0).array() +=
-            v.middleRows(b * N + sy * width + x0 + dx, x1 - x0).array().rowwise() *
-            taps.row(5 * i + j).array();
-      }
-    }
+    simd::dispatch<LceRowKernel>(v.data() + b * N * v.outerStride(), Index(v.outerStride()), height,
+                                 width, y, taps.data(), Index(taps.cols()), Index(row.cols()),
+                                 row.data(), Index(row.cols()));
     auto dst = out.middleRows(b * N + y * width, width);
     if (add)
       dst += row;
@@ -106,13 +75,16 @@ template <class DV, class DB, class T, class DOut>
 void lce_into(const Eigen::MatrixBase<DV>& v, Index batch, Index height, Index width,
               const Matrix<T>& taps, const Eigen::MatrixBase<DB>& bias, bool add, int threads,
               DOut& out) {
+  // As the kernels' other fronts do: a view with contiguous rows as it is, anything else copied
+  // once (O(N C) against the convolution's 25 N C).
+  const ConstRows<T> rows(v.derived());
   const Index C = v.cols();
   const double flops_per_image_row = 50.0 * static_cast<double>(width) * static_cast<double>(C);
   for_row_blocks(
       threads, batch * height, flops_per_image_row,
       [&](Index first, Index count) {
         Matrix<T> row(width, C);
-        lce_image_rows(v, height, width, taps, bias, first, count, add, row, out);
+        lce_image_rows(rows, height, width, taps, bias, first, count, add, row, out);
       },
       1);
 }

@@ -1,7 +1,6 @@
 // retention::detail: one image row of RMT's local context enhancement (a depthwise 5 x 5
-// convolution, docs/math.md §4) as a dispatched kernel in explicit vectors: the same update
-// written as Eigen block expressions with a row-wise broadcast ran in scalar code unless the
-// compiler vectorised it itself, which g++ does at -O3 and not at -O2.
+// convolution, docs/math.md §4) as a dispatched kernel in explicit vectors, so that its speed
+// does not depend on the compiler vectorising a loop itself (g++ does at -O3, not at -O2).
 #pragma once
 
 #include <retention/core.hpp>
@@ -58,14 +57,18 @@ struct LceRowKernel {
       }
     }
     // The channels past the last whole vector, one at a time.
-    for (Index c = Cv; c < C; ++c)
-      for (Index x = 0; x < width; ++x) {
+    if (Cv == C) return;
+    for (Index x = 0; x < width; ++x) {
+      const int j_lo = static_cast<int>(std::max<Index>(0, 2 - x));
+      const int j_hi = static_cast<int>(std::min<Index>(5, width + 2 - x));
+      for (Index c = Cv; c < C; ++c) {
         T acc = row[x * ldr + c];
-        for (Index i = i_lo; i < i_hi; ++i)
-          for (Index j = std::max<Index>(0, 2 - x); j < std::min<Index>(5, width + 2 - x); ++j)
+        for (int i = i_lo; i < i_hi; ++i)
+          for (int j = j_lo; j < j_hi; ++j)
             acc += v[((y + i - 2) * width + x + j - 2) * ldv + c] * taps[(5 * i + j) * ldt + c];
         row[x * ldr + c] = acc;
       }
+    }
   }
 };
 
