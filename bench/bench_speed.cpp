@@ -395,8 +395,9 @@ void BM_chunkwise_backward(benchmark::State& state) {
 
 /// One chunk's micro-kernels alone (C = recommended_chunk, d = 128, float, 1 thread), operands in
 /// L1/L2: what the chunkwise forward and backward are made of. Per chunk the forward runs one
-/// scores kernel and one outputs+state pass; the backward (backward_chunkwise_fast.hpp) runs three
-/// scores kernels, one outputs pass, two outputs+state passes and one state transpose. range(0):
+/// scores kernel and one outputs+state pass; the backward (backward_chunkwise_fast.hpp) runs two
+/// scores kernels (the dK sweep reads the dQ sweep's tiles), one outputs pass, two outputs+state
+/// passes and one state transpose. range(0):
 /// 0 scores (K^T and the masked tile), 1 outputs, 2 state update, 3 outputs and state update, 4 the
 /// transpose of a d x d state.
 void BM_chunk_kernel(benchmark::State& state) {

@@ -322,11 +322,11 @@ TYPED_TEST(NonFiniteGradients, MultiHeadMasaAndMasad) {
 
 // Retention's backward forms, causal decay, normalisation none: a bad token t in q, k, v or dO
 // leaves dQ rows n < t and dK, dV rows m > t finite and equal to the clean run (dQ_n reads tokens
-// <= n of K, V and dO_n; dK_m, dV_m read tokens >= m).
+// <= n of K, V and dO_n; dK_m, dV_m read tokens >= m). Heads of 128 make the chunkwise backward
+// reuse its dQ sweep's score tiles in the dK sweep (at least 4 tile columns a head column).
 template <class T>
-void check_retention_forms(const std::vector<int>& forms) {
+void check_retention_forms(const std::vector<int>& forms, Index Tn, Index dk, Index dv) {
   const double tol = 10 * spec_tolerance<T>();
-  const Index Tn = 9, dk = 4, dv = 3;
   const retention::CausalDecay decay(0.9);
   const Matrix<T> Q0 = random_matrix<T>(Tn, dk, 1801), K0 = random_matrix<T>(Tn, dk, 1802);
   const Matrix<T> V0 = random_matrix<T>(Tn, dv, 1803), G0 = random_matrix<T>(Tn, dv, 1804);
@@ -341,7 +341,7 @@ void check_retention_forms(const std::vector<int>& forms) {
   Counts counts;
   for (const int form : forms) {
     const auto clean = run(form, Q0, K0, V0, G0);
-    for (const Index t : {Index(0), Index(4), Tn - 1})
+    for (const Index t : {Index(0), Index(4), Tn / 2, Tn - 1})
       for (int which = 0; which < 4; ++which)
         for (const auto& [bad, bad_name] : bad_values<T>()) {
           Matrix<T> Q = Q0, K = K0, V = V0, G = G0;
@@ -349,7 +349,8 @@ void check_retention_forms(const std::vector<int>& forms) {
           const auto g = run(form, Q, K, V, G);
           const std::string what = std::string(names[form]) + "_retention_backward, " +
                                    input_name(which) + " = " + bad_name + " at token " +
-                                   std::to_string(t);
+                                   std::to_string(t) + " of " + std::to_string(Tn) + ", dk " +
+                                   std::to_string(dk);
           Flags fq(Tn, dk), fk(Tn, dk), fv(Tn, dv);
           for (Index n = 0; n < Tn; ++n) {
             fq.row(n).setConstant(n >= t);
@@ -365,9 +366,12 @@ void check_retention_forms(const std::vector<int>& forms) {
 }
 
 TYPED_TEST(NonFiniteGradients, RetentionChunkwiseAndRecurrentCausal) {
-  check_retention_forms<TypeParam>({1, 2, 3});
+  check_retention_forms<TypeParam>({1, 2, 3}, 9, 4, 3);
+  check_retention_forms<TypeParam>({1, 2}, 40, 128, 128);
 }
 
-TYPED_TEST(NonFiniteGradients, RetentionParallelCausal) { check_retention_forms<TypeParam>({0}); }
+TYPED_TEST(NonFiniteGradients, RetentionParallelCausal) {
+  check_retention_forms<TypeParam>({0}, 9, 4, 3);
+}
 
 }  // namespace

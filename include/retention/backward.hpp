@@ -197,7 +197,9 @@ RetentionGradients<typename DQ::Scalar, StateScalar> parallel_retention_backward
 /// the three gradients run as retentions on the forward's chunk kernels (dQ in time order, dK and
 /// dV in one reversed sweep that shares their state); otherwise a forward sweep over the chunks
 /// carries the state (row factors, dQ) and a reverse sweep carries dS and dz (dK, dV). Extra memory
-/// O(T + C (C + dk + dv) + dk dv); no chunk-boundary states are stored.
+/// O(T + C (C + dk + dv) + dk dv), plus T x C score tiles that the dQ sweep keeps for the dK one
+/// where a head is at least 4 C wide (one sixteenth of the chunk-boundary states or less, which
+/// are not stored).
 template <class DQ, class DK, class DV, class DG, class Mask,
           class StateScalar = typename DQ::Scalar>
 RetentionGradients<typename DQ::Scalar, StateScalar> chunkwise_retention_backward(

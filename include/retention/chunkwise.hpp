@@ -31,12 +31,14 @@ namespace detail {
 /// masked score tile A = Q_i K_i^T (.) D_L (lower triangle only); then, one block of dv columns at
 /// a time, O_i = norm (.) (diag(gamma^(j+1)) Q_i S_prev + A V_i) and S_next = gamma^L S_prev +
 /// K~_i^T V_i on the same columns, so each block of S is read from L2 once per chunk and reused
-/// from L1.
+/// from L1. tiles, if set, is a zero-filled [T, Cp] buffer (Cp = ChunkSweep::Cp) that keeps every
+/// chunk's masked score tile: the chunk at row i0 writes rows [i0, i0 + L), its lower triangle
+/// exactly and nothing but zeros above it (the backward reuses them).
 template <class DQ, class DK, class DV, class DOut, class Mask, class T>
 void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                          const Eigen::MatrixBase<DV>& V, const Mask& decay, Index chunk, DOut& out,
                          Normalization normalization, Index p0, const RetentionState<T>* init,
-                         RetentionState<T>* final_state) {
+                         RetentionState<T>* final_state, T* tiles = nullptr) {
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
   ChunkSweep<T, Mask> sweep(decay, chunk, T_len);
   const Index C = sweep.C, Cp = sweep.Cp;
@@ -51,7 +53,7 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   // Kt and A start at zero: the kernels read a few entries they never write (keys beyond a short
   // last chunk, scores above the diagonal), and those must be finite so that D = 0 zeroes them.
   Matrix<T> Kt = Matrix<T>::Zero(dk, Cp);
-  Matrix<T> A = Matrix<T>::Zero(C, Cp);
+  Matrix<T> A_own = tiles ? Matrix<T>() : Matrix<T>::Zero(C, Cp);
   Matrix<T> Kw(C, dk);
   const Index lds = padded_state_stride<T>(dv);
   Matrix<T> S_store(dk, lds);
@@ -74,6 +76,7 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   for (Index i0 = 0; i0 < T_len; i0 += C) {
     const Index L = std::min(C, T_len - i0);
     const T gL = sweep.start(L);
+    Eigen::Map<Matrix<T>> A(tiles ? tiles + i0 * Cp : A_own.data(), L, Cp);
     gather_chunk_rows(Q, i0, L, Qc);
     gather_chunk_rows(K, i0, L, Kc);
     gather_chunk_rows(V, i0, L, Vc);

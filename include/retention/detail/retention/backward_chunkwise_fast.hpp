@@ -72,14 +72,19 @@ void scatter_chunk_rows_reversed(const Matrix<T>& src, Index first, Index L, Der
 /// time (row m' = T-1-m) on the same chunks, and the dV retention's state (keys Q, values Gu) is
 /// the transpose of the dK retention's (keys Gu, values Q), so one state R [dv, dk] serves both
 /// and is updated once per chunk instead of twice. V, Gu, Q, K and the outputs dK, dV are in
-/// time order; chunks are gathered reversed. R starts at *init_R (nullptr: zero); final_R, if set,
-/// receives R after the last chunk. A chunk whose keys or values (Gu, Q) hold an Inf or NaN takes
-/// the exact path of chunkwise_same_type: its products never read past the diagonal.
+/// time order; chunks are gathered reversed, on the grid of a forward sweep (the chunk holding
+/// the last row, possibly short, comes first). R starts at *init_R (nullptr: zero); final_R, if
+/// set, receives R after the last chunk. tiles, if set, holds the dQ pass's score tiles
+/// (chunkwise_same_type's tiles over queries Gu and keys V): the dK retention's tile V_i Gu_j^T in
+/// reversed time is that tile transposed and reversed in both indices, read in place instead of
+/// computed again. A chunk whose keys or values (Gu, Q) hold an Inf or NaN takes the exact path of
+/// chunkwise_same_type: its products never read past the diagonal.
 template <class T, class DV, class DG, class DQ, class DK, class OK, class OV>
 void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::MatrixBase<DG>& Gu,
                              const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                              const CausalDecay& decay, Index chunk, OK& dK, OV& dV,
-                             const Matrix<T>* init_R, Matrix<T>* final_R) {
+                             const Matrix<T>* init_R, Matrix<T>* final_R,
+                             const T* tiles = nullptr) {
   const Index T_len = V.rows(), dk = Q.cols(), dv = V.cols();
   ChunkSweep<T, CausalDecay> sweep(decay, chunk, T_len);
   const Index C = sweep.C, Cp = sweep.Cp;
@@ -101,9 +106,8 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   const Vector<T>& qf = sweep.qf;
   const Vector<T>& kf = sweep.kf;
 
-  for (Index i0 = 0; i0 < T_len; i0 += C) {
-    const Index L = std::min(C, T_len - i0);
-    const Index first = T_len - i0 - L;  // the chunk's first row in time order
+  for (Index first = (T_len - 1) / C * C; first >= 0; first -= C) {
+    const Index L = std::min(C, T_len - first);  // rows [first, first + L) in time order
     const T gL = sweep.start(L);
     gather_chunk_rows_reversed(V, first, L, Vc);
     gather_chunk_rows_reversed(Gu, first, L, Gc);
@@ -170,7 +174,15 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     if (!safe) {
       simd::dispatch<ChunkScoresKernel>(static_cast<const ChunkOperands<T>*>(&v));
       simd::dispatch<ChunkColumnsKernel>(static_cast<const ChunkOperands<T>*>(&v));
-      simd::dispatch<ChunkScoresKernel>(static_cast<const ChunkOperands<T>*>(&k));
+      if (tiles) {
+        // Reversed row i is time row first + L - 1 - i: entry (i, j) is the dQ tile's entry
+        // (L - 1 - j, L - 1 - i), zero where j > i.
+        k.a_view = tiles + (first + L - 1) * Cp + (L - 1);
+        k.a_rs = -1;
+        k.a_cs = -Cp;
+      } else {
+        simd::dispatch<ChunkScoresKernel>(static_cast<const ChunkOperands<T>*>(&k));
+      }
     } else {
       // Row j from its own prefix only, the state read before the update below.
       for (Index j = 0; j < L; ++j) {
@@ -200,7 +212,7 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
 
 /// Chunkwise backward of one CausalDecay head (state in the inputs' type) into dQ, dK [T, dk] and
 /// dV [T, dv], T >= 1; the inputs are checked. Extra memory O(T + dk dv) besides the forward
-/// kernels' chunk buffers.
+/// kernels' chunk buffers, and T Cp for the score tiles when 4 Cp <= min(dk, dv).
 template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, class T>
 void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                                      const Eigen::MatrixBase<DV>& V, const CausalDecay& decay,
@@ -254,6 +266,15 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
   Matrix<T> init_R, final_R;
   if (divided) init_R = static_cast<T>(1.0 / gamma) * fgrad->S.transpose();
 
+  // The dQ pass keeps its score tiles for the dK retention when a tile row (Cp entries) is at
+  // most a quarter of a head's row: one scores kernel less a chunk for T Cp floats of memory
+  // (bench/results/backward-ratio.md), at most (T / C) dk dv / 16.
+  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
+  const Index Cp = ChunkSweep<T, CausalDecay>::padded_columns(C);
+  Matrix<T> tiles;
+  if (4 * Cp <= std::min(dk, dv)) tiles = Matrix<T>::Zero(T_len, Cp);
+  T* const tile_data = tiles.size() ? tiles.data() : nullptr;
+
   auto run = [&](const auto& Gu) {
     RetentionState<T> init_q;
     if (init) {
@@ -261,9 +282,9 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
       init_q.z = Vector<T>::Zero(dv);
     }
     chunkwise_same_type(Gu, V, K, decay, chunk, dQ, Normalization::none, 0,
-                        init ? &init_q : nullptr, no_state);
+                        init ? &init_q : nullptr, no_state, tile_data);
     chunkwise_reversed_pair<T>(V, Gu, Q, K, decay, chunk, dK, dV, divided ? &init_R : nullptr,
-                               args.d_init ? &final_R : nullptr);
+                               args.d_init ? &final_R : nullptr, tile_data);
   };
   if (normalize)
     run(a.asDiagonal() * G);

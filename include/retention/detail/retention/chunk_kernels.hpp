@@ -109,14 +109,14 @@ template <class Isa, class T>
 
 /// Columns [j0, j0 + W NP) of one chunk's output rows:
 /// O[i, :] = norm[i] (qf[i] sum_c q[i, c] S[c, :] + sum_{j <= i} A[i, j] v[j, :]), i < rows.
-/// q [rows, dk] (ldq), s [dk, ..] (lds; not read when qf == nullptr: zero state), a [rows, lda]
-/// (the score tile, read below the causal limit only), v [rows, ..] (ldv), o (ldo); norm ==
-/// nullptr: no normalisation. A row block reads the values of keys up to its last row, weighted by
-/// zero scores above the diagonal: finite values only (see chunk_scores).
+/// q [rows, dk] (ldq), s [dk, ..] (lds; not read when qf == nullptr: zero state), A[i, j] at
+/// a[i ars + j acs] (the score tile, read below the causal limit only), v [rows, ..] (ldv), o
+/// (ldo); norm == nullptr: no normalisation. A row block reads the values of keys up to its last
+/// row, weighted by zero scores above the diagonal: finite values only (see chunk_scores).
 template <class Isa, int W, int NP, class T>
 [[gnu::always_inline]] inline void chunk_output_columns(const T* q, Index ldq, const T* s,
                                                         Index lds, const T* qf, const T* a,
-                                                        Index lda, const T* v, Index ldv,
+                                                        Index ars, Index acs, const T* v, Index ldv,
                                                         const T* norm, T* o, Index ldo, Index rows,
                                                         Index dk, Index j0) {
   chunk_for_rows<T, Isa>(
@@ -129,7 +129,7 @@ template <class Isa, int W, int NP, class T>
           acc.madd(q + i0 * ldq, ldq, 1, s + j0, lds, dk);
           acc.scale_rows(qf + i0);
         }
-        acc.madd(a + i0 * lda, lda, 1, v + j0, ldv, jend);
+        acc.madd(a + i0 * ars, ars, acs, v + j0, ldv, jend);
         if (norm) acc.scale_rows(norm + i0);
         acc.store(o + i0 * ldo + j0, ldo);
       });
@@ -242,7 +242,7 @@ Index padded_state_stride(Index n) {
 /// T, at least 1), the score tile's row stride Cp (C in whole vectors of every instruction set),
 /// the intra-chunk mask D_C zero-padded to Cp columns (its top-left L x L corner is D_L), the
 /// query factors gamma^(j+1), the key factors gamma^(C-1-l) and gamma^C. start(L) readies the key
-/// factors for a chunk of L rows and returns gamma^L.
+/// factors for a chunk of L rows and returns gamma^L (a short chunk may come first or last).
 template <class T, class Mask>
 struct ChunkSweep {
   const Mask& decay;
@@ -250,35 +250,48 @@ struct ChunkSweep {
   Matrix<T> D;
   Vector<T> qf, kf;
   T g_full;
+  Index kf_rows;  ///< the chunk length kf holds the key factors of
 
   ChunkSweep(const Mask& mask, Index chunk, Index rows)
       : decay(mask),
         C(std::min(chunk, std::max<Index>(rows, 1))),
-        Cp((C + simd::max_lanes<T> - 1) / simd::max_lanes<T> * simd::max_lanes<T>),
+        Cp(padded_columns(C)),
         D(Matrix<T>::Zero(C, Cp)),
         qf(mask.template query_factors<T>(C)),
         kf(mask.template key_factors<T>(C)),
-        g_full(static_cast<T>(mask.chunk_factor(C))) {
+        g_full(static_cast<T>(mask.chunk_factor(C))),
+        kf_rows(C) {
     mask.weights_into(0, 0, D.leftCols(C));
   }
 
-  /// gamma^L; kf holds the key factors of a chunk of L rows (only a last chunk is shorter).
+  /// The score tile's row stride for chunks of C rows.
+  static Index padded_columns(Index C) {
+    return (C + simd::max_lanes<T> - 1) / simd::max_lanes<T> * simd::max_lanes<T>;
+  }
+
+  /// gamma^L; kf holds the key factors of a chunk of L rows afterwards.
   T start(Index L) {
-    if (L == C) return g_full;
-    kf = decay.template key_factors<T>(L);
-    return static_cast<T>(decay.chunk_factor(L));
+    if (L != kf_rows) {
+      kf = decay.template key_factors<T>(L);
+      kf_rows = L;
+    }
+    return L == C ? g_full : static_cast<T>(decay.chunk_factor(L));
   }
 };
 
 /// One chunk's operands for the dispatched kernels below (pointers into the driver's buffers).
 template <class T>
 struct ChunkOperands {
-  const T* q;     ///< [rows, dk], row stride ldq
-  const T* k;     ///< [rows, dk] keys (row stride dk), transposed into kt by the score kernel
-  T* kt;          ///< [dk, ld] K^T
-  const T* d;     ///< [C, ld] intra-chunk mask
-  T* a;           ///< [C, ld] score tile
-  Index ld;       ///< a multiple of simd::max_lanes<T>
+  const T* q;  ///< [rows, dk], row stride ldq
+  const T* k;  ///< [rows, dk] keys (row stride dk), transposed into kt by the score kernel
+  T* kt;       ///< [dk, ld] K^T
+  const T* d;  ///< [C, ld] intra-chunk mask
+  T* a;        ///< [C, ld] score tile
+  Index ld;    ///< a multiple of simd::max_lanes<T>
+  /// When set, the outputs read the score tile entry (i, j) at a_view[i a_rs + j a_cs] instead of
+  /// a[i ld + j] (the backward reads a tile of the dQ pass transposed and reversed in place).
+  const T* a_view = nullptr;
+  Index a_rs = 0, a_cs = 0;
   const T* kw;    ///< [rows, dk] decayed keys
   const T* v;     ///< [rows, dv], row stride ldv
   T* s;           ///< [dk, dv] state, row stride lds
@@ -307,8 +320,10 @@ template <int W, int NP>
 struct ChunkOutputBlock {
   template <class Isa, class T>
   static void run(const ChunkOperands<T>* c, Index j0) {
-    chunk_output_columns<Isa, W, NP>(c->q, c->ldq, c->s, c->lds, c->qf, c->a, c->ld, c->v, c->ldv,
-                                     c->norm, c->o, c->ldo, c->rows, c->dk, j0);
+    const bool view = c->a_view != nullptr;
+    chunk_output_columns<Isa, W, NP>(c->q, c->ldq, c->s, c->lds, c->qf, view ? c->a_view : c->a,
+                                     view ? c->a_rs : c->ld, view ? c->a_cs : Index(1), c->v,
+                                     c->ldv, c->norm, c->o, c->ldo, c->rows, c->dk, j0);
   }
 };
 
