@@ -396,10 +396,10 @@ void BM_chunkwise_backward(benchmark::State& state) {
 /// One chunk's micro-kernels alone (C = recommended_chunk, d = 128, float, 1 thread), operands in
 /// L1/L2: what the chunkwise forward and backward are made of. Per chunk the forward runs one
 /// scores kernel and one outputs+state pass; the backward (backward_chunkwise_fast.hpp) runs two
-/// scores kernels (the dK sweep reads the dQ sweep's tiles), one outputs pass, two outputs+state
-/// passes and one state transpose. range(0):
-/// 0 scores (K^T and the masked tile), 1 outputs, 2 state update, 3 outputs and state update, 4 the
-/// transpose of a d x d state.
+/// scores kernels (the dK sweep reads the dQ sweep's tiles), two outputs+state passes, and for dV
+/// one state term and one outputs pass from it. range(0): 0 scores (K^T and the masked tile), 1
+/// outputs, 2 state update, 3 outputs and state update, 4 the dV state term
+/// (ReversedStateTermKernel: K^T, R K^T and its transpose), 5 outputs from a formed state term.
 void BM_chunk_kernel(benchmark::State& state) {
   namespace rd = retention::detail;
   const int kind = static_cast<int>(state.range(0));
@@ -408,7 +408,22 @@ void BM_chunk_kernel(benchmark::State& state) {
   rd::ChunkSweep<float, retention::CausalDecay> sweep(decay, C, 8192);
   const Index Cp = sweep.Cp, lds = rd::padded_state_stride<float>(d);
   Mat q = Mat::Random(C, d), k = Mat::Random(C, d) * 0.1f, v = Mat::Random(C, d), o(C, d);
-  Mat kt = Mat::Zero(d, Cp), a = Mat::Zero(C, Cp), s = Mat::Random(d, lds) * 0.01f, st(d, lds);
+  Mat kt = Mat::Zero(d, Cp), a = Mat::Zero(C, Cp), s = Mat::Random(d, lds) * 0.01f;
+  Mat kt2 = Mat::Zero(d, Cp), pt(d, Cp), p = Mat::Random(C, d);
+  Eigen::VectorXf qf_padded = Eigen::VectorXf::Zero(Cp);
+  qf_padded.head(C) = sweep.qf;
+  rd::StateTermOperands<float> term{};
+  term.k = k.data();
+  term.kt = kt2.data();
+  term.r = s.data();
+  term.qf = qf_padded.data();
+  term.pt = pt.data();
+  term.p = p.data();
+  term.rows = C;
+  term.dk = d;
+  term.dv = d;
+  term.ld = Cp;
+  term.ldr = lds;
   rd::ChunkOperands<float> ops{};
   ops.q = q.data();
   ops.k = k.data();
@@ -429,8 +444,9 @@ void BM_chunk_kernel(benchmark::State& state) {
   ops.dk = d;
   ops.dv = d;
   ops.beta = 0.5f;  // keeps the repeatedly updated state bounded
-  ops.outputs = kind == 1 || kind == 3;
+  ops.outputs = kind == 1 || kind == 3 || kind == 5;
   ops.update_state = kind == 2 || kind == 3;
+  if (kind == 5) ops.o_init = p.data();
   // The scores tile once, so that the outputs read a masked tile as they do in a sweep.
   rd::simd::dispatch<rd::ChunkScoresKernel>(static_cast<const rd::ChunkOperands<float>*>(&ops));
   const auto* cops = static_cast<const rd::ChunkOperands<float>*>(&ops);
@@ -438,12 +454,13 @@ void BM_chunk_kernel(benchmark::State& state) {
     if (kind == 0)
       rd::simd::dispatch<rd::ChunkScoresKernel>(cops);
     else if (kind == 4)
-      rd::transpose_rows(s.data(), lds, d, d, st.data(), lds);
+      rd::simd::dispatch<rd::ReversedStateTermKernel>(
+          static_cast<const rd::StateTermOperands<float>*>(&term));
     else
       rd::simd::dispatch<rd::ChunkColumnsKernel>(cops);
     benchmark::DoNotOptimize(o.data());
     benchmark::DoNotOptimize(s.data());
-    benchmark::DoNotOptimize(st.data());
+    benchmark::DoNotOptimize(p.data());
   }
   state.counters["chunk"] = static_cast<double>(C);
 }
@@ -849,7 +866,7 @@ void register_all(int requested_threads) {
       ->Args({16384})
       ->Iterations(1)
       ->Unit(benchmark::kMillisecond);
-  for (Index kind = 0; kind < 5; ++kind)
+  for (Index kind = 0; kind < 6; ++kind)
     benchmark::RegisterBenchmark("chunk_kernel", BM_chunk_kernel)->Args({kind});
   benchmark::RegisterBenchmark("chunkwise_backward_memory", BM_chunkwise_backward_memory)
       ->Args({8192})

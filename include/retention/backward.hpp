@@ -199,7 +199,8 @@ RetentionGradients<typename DQ::Scalar, StateScalar> parallel_retention_backward
 /// carries the state (row factors, dQ) and a reverse sweep carries dS and dz (dK, dV). Extra memory
 /// O(T + C (C + dk + dv) + dk dv), plus T x C score tiles that the dQ sweep keeps for the dK one
 /// where a head is at least 4 C wide (one sixteenth of the chunk-boundary states or less, which
-/// are not stored).
+/// are not stored); the calling thread keeps that buffer for its next call when it is 16 MiB or
+/// less.
 template <class DQ, class DK, class DV, class DG, class Mask,
           class StateScalar = typename DQ::Scalar>
 RetentionGradients<typename DQ::Scalar, StateScalar> chunkwise_retention_backward(

@@ -24,6 +24,7 @@
 #include <retention/decay.hpp>
 #include <retention/detail/retention/backward_kernels.hpp>
 #include <retention/detail/retention/chunk_kernels.hpp>
+#include <retention/detail/scratch.hpp>
 #include <retention/detail/simd/transpose.hpp>
 
 #include <algorithm>
@@ -68,10 +69,47 @@ void scatter_chunk_rows_reversed(const Matrix<T>& src, Index first, Index L, Der
   x.middleRows(first, L).colwise().reverse() = src.topRows(L);
 }
 
+/// The operands of ReversedStateTermKernel.
+template <class T>
+struct StateTermOperands {
+  const T* k;   ///< [rows, dk] the chunk's keys K_i (row stride dk)
+  T* kt;        ///< [dk, ld] K_i^T, zero beyond column rows
+  const T* r;   ///< [dv, dk] the state R (row stride ldr)
+  const T* qf;  ///< [ld] query factors, zero beyond rows
+  T* pt;        ///< [dv, ld] R K_i^T diag(qf)
+  T* p;         ///< [rows, dv] its transpose
+  Index rows, dk, dv, ld, ldr;
+};
+
+/// The dV retention's state term P = diag(qf) K_i R^T of one reversed chunk, formed transposed as
+/// R K_i^T diag(qf) and transposed back: the two transposes (K_i and the [dv, rows] product) move
+/// rows (dk + dv) numbers, against the dv dk of transposing R itself once a chunk.
+struct ReversedStateTermKernel {
+  template <class Isa, class T>
+  static void run(const StateTermOperands<T>* c) {
+    transpose_rows_isa<Isa>(c->k, c->dk, c->rows, c->dk, c->kt, c->ld);
+    chunk_for_columns<T, Isa>(
+        c->ld, [&](auto w_tag, auto np_tag, Index j0) __attribute__((always_inline)) {
+          constexpr int W = decltype(w_tag)::value, NP = decltype(np_tag)::value;
+          chunk_for_rows<T, Isa>(
+              c->dv, [&](auto r_tag, Index v0) __attribute__((always_inline)) {
+                constexpr int R = decltype(r_tag)::value;
+                simd::Block<T, W, R, NP> acc;
+                acc.set_zero();
+                acc.madd(c->r + v0 * c->ldr, c->ldr, 1, c->kt + j0, c->ld, c->dk);
+                acc.scale_columns(c->qf + j0);
+                acc.store(c->pt + v0 * c->ld + j0, c->ld);
+              });
+        });
+    transpose_rows_isa<Isa>(c->pt, c->ld, c->dv, c->rows, c->p, c->dv);
+  }
+};
+
 /// The dK and dV retentions of chunkwise_backward_by_retention in one sweep. Both run in reversed
 /// time (row m' = T-1-m) on the same chunks, and the dV retention's state (keys Q, values Gu) is
 /// the transpose of the dK retention's (keys Gu, values Q), so one state R [dv, dk] serves both
-/// and is updated once per chunk instead of twice. V, Gu, Q, K and the outputs dK, dV are in
+/// and is updated once per chunk instead of twice (the dV retention's state term comes from
+/// ReversedStateTermKernel). V, Gu, Q, K and the outputs dK, dV are in
 /// time order; chunks are gathered reversed, on the grid of a forward sweep (the chunk holding
 /// the last row, possibly short, comes first). R starts at *init_R (nullptr: zero); final_R, if
 /// set, receives R after the last chunk. tiles, if set, holds the dQ pass's score tiles
@@ -92,10 +130,13 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   // Transposed keys and score tiles start at zero: the kernels read entries they never write.
   Matrix<T> Gt = Matrix<T>::Zero(dv, Cp), Qt = Matrix<T>::Zero(dk, Cp);
   Matrix<T> A1 = Matrix<T>::Zero(C, Cp), A2 = Matrix<T>::Zero(C, Cp);
-  const Index ldr = padded_state_stride<T>(dk), ldrt = padded_state_stride<T>(dv);
-  Matrix<T> R_store(dv, ldr), Rt_store(dk, ldrt);
+  const Index ldr = padded_state_stride<T>(dk);
+  Matrix<T> R_store(dv, ldr);
   auto R = R_store.leftCols(dk);
-  auto Rt = Rt_store.leftCols(dv);
+  // The dV retention's state term and its operands (Kt's columns beyond a short chunk stay 0).
+  Matrix<T> Kt = Matrix<T>::Zero(dk, Cp), Pt(dv, Cp), P(C, dv);
+  Vector<T> qf_padded = Vector<T>::Zero(Cp);
+  qf_padded.head(C) = sweep.qf;
   bool state_nonzero = init_R != nullptr;
   if (init_R)
     R = *init_R;
@@ -124,11 +165,25 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
       prefetch_chunk_rows(dV, n, L_next);
     }
     Gw.topRows(L).noalias() = kf.head(L).asDiagonal() * Gc.topRows(L);
-    // The dV retention reads the state before this chunk's update, transposed.
-    if (state_nonzero) transpose_rows(R.data(), ldr, dv, dk, Rt.data(), ldrt);
     const bool safe = has_nonfinite(Gc.topRows(L)) || has_nonfinite(Qc.topRows(L));
+    // The dV retention's state term diag(qf) K_i R^T, from R before this chunk's update.
+    if (state_nonzero && !safe) {
+      StateTermOperands<T> t;
+      t.k = Kc.data();
+      t.kt = Kt.data();
+      t.r = R.data();
+      t.qf = qf_padded.data();
+      t.pt = Pt.data();
+      t.p = P.data();
+      t.rows = L;
+      t.dk = dk;
+      t.dv = dv;
+      t.ld = Cp;
+      t.ldr = ldr;
+      simd::dispatch<ReversedStateTermKernel>(static_cast<const StateTermOperands<T>*>(&t));
+    }
 
-    // dV: queries K, keys Q, values Gu, state R^T (read only).
+    // dV: queries K, keys Q, values Gu, state R^T (read only, through its state term P).
     ChunkOperands<T> v;
     v.q = Kc.data();
     v.k = Qc.data();
@@ -138,14 +193,15 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     v.ld = Cp;
     v.kw = nullptr;
     v.v = Gc.data();
-    v.s = Rt.data();
-    v.qf = state_nonzero ? qf.data() : nullptr;
+    v.s = nullptr;
+    v.qf = nullptr;
+    v.o_init = state_nonzero ? P.data() : nullptr;
     v.norm = nullptr;
     v.o = Ov.data();
     v.row_sum = nullptr;
     v.ldq = dk;
     v.ldv = dv;
-    v.lds = ldrt;
+    v.lds = 0;
     v.ldo = dv;
     v.rows = L;
     v.dk = dk;
@@ -163,6 +219,8 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     k.kw = Gw.data();
     k.v = Qc.data();
     k.s = R.data();
+    k.qf = state_nonzero ? qf.data() : nullptr;
+    k.o_init = nullptr;
     k.o = Ok.data();
     k.ldq = dv;
     k.ldv = dk;
@@ -191,7 +249,7 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
         a2.array() *= D.row(j).head(j + 1).array();
         auto ov = Ov.row(j);
         ov.noalias() = a2 * Gc.topRows(j + 1);
-        if (state_nonzero) ov.noalias() += qf(j) * (Kc.row(j) * Rt);
+        if (state_nonzero) ov.noalias() += qf(j) * (Kc.row(j) * R.transpose());
         auto a1 = A1.row(j).head(j + 1);
         a1.noalias() = Vc.row(j) * Gc.topRows(j + 1).transpose();
         a1.array() *= D.row(j).head(j + 1).array();
@@ -210,9 +268,13 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   if (final_R) *final_R = R;
 }
 
+/// ThreadScratch's tag for the score tiles of chunkwise_backward_by_retention.
+struct BackwardTileScratch {};
+
 /// Chunkwise backward of one CausalDecay head (state in the inputs' type) into dQ, dK [T, dk] and
 /// dV [T, dv], T >= 1; the inputs are checked. Extra memory O(T + dk dv) besides the forward
-/// kernels' chunk buffers, and T Cp for the score tiles when 4 Cp <= min(dk, dv).
+/// kernels' chunk buffers, and T Cp for the score tiles when 4 Cp <= min(dk, dv) (a buffer the
+/// thread keeps for its next call, ThreadScratch).
 template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, class T>
 void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                                      const Eigen::MatrixBase<DV>& V, const CausalDecay& decay,
@@ -271,9 +333,10 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
   // (bench/results/backward-ratio.md), at most (T / C) dk dv / 16.
   const Index C = std::min(chunk, std::max<Index>(T_len, 1));
   const Index Cp = ChunkSweep<T, CausalDecay>::padded_columns(C);
-  Matrix<T> tiles;
-  if (4 * Cp <= std::min(dk, dv)) tiles = Matrix<T>::Zero(T_len, Cp);
-  T* const tile_data = tiles.size() ? tiles.data() : nullptr;
+  const bool keep_tiles = 4 * Cp <= std::min(dk, dv);
+  const ThreadScratch<T, BackwardTileScratch> tiles(keep_tiles ? T_len * Cp : 0);
+  T* const tile_data = keep_tiles ? tiles.data() : nullptr;
+  if (keep_tiles) std::fill_n(tile_data, T_len * Cp, T(0));
 
   auto run = [&](const auto& Gu) {
     RetentionState<T> init_q;

@@ -111,21 +111,27 @@ template <class Isa, class T>
 /// O[i, :] = norm[i] (qf[i] sum_c q[i, c] S[c, :] + sum_{j <= i} A[i, j] v[j, :]), i < rows.
 /// q [rows, dk] (ldq), s [dk, ..] (lds; not read when qf == nullptr: zero state), A[i, j] at
 /// a[i ars + j acs] (the score tile, read below the causal limit only), v [rows, ..] (ldv), o
-/// (ldo); norm == nullptr: no normalisation. A row block reads the values of keys up to its last
-/// row, weighted by zero scores above the diagonal: finite values only (see chunk_scores).
+/// (ldo); norm == nullptr: no normalisation. With init != nullptr the state term is init [rows,
+/// ..] (row stride ldo), formed elsewhere, and q, s and qf are not read. A row block reads the
+/// values of keys up to its last row, weighted by zero scores above the diagonal: finite values
+/// only (see chunk_scores).
 template <class Isa, int W, int NP, class T>
 [[gnu::always_inline]] inline void chunk_output_columns(const T* q, Index ldq, const T* s,
                                                         Index lds, const T* qf, const T* a,
                                                         Index ars, Index acs, const T* v, Index ldv,
-                                                        const T* norm, T* o, Index ldo, Index rows,
-                                                        Index dk, Index j0) {
+                                                        const T* init, const T* norm, T* o,
+                                                        Index ldo, Index rows, Index dk, Index j0) {
   chunk_for_rows<T, Isa>(
       rows, [&](auto r_tag, Index i0) __attribute__((always_inline)) {
         constexpr int R = decltype(r_tag)::value;
         const Index jend = std::min<Index>(i0 + R, rows);
         simd::Block<T, W, R, NP> acc;
-        acc.set_zero();
-        if (qf) {
+        if (init) {
+          acc.load(init + i0 * ldo + j0, ldo);
+        } else {
+          acc.set_zero();
+        }
+        if (qf && !init) {
           acc.madd(q + i0 * ldq, ldq, 1, s + j0, lds, dk);
           acc.scale_rows(qf + i0);
         }
@@ -292,6 +298,9 @@ struct ChunkOperands {
   /// a[i ld + j] (the backward reads a tile of the dQ pass transposed and reversed in place).
   const T* a_view = nullptr;
   Index a_rs = 0, a_cs = 0;
+  /// When set, the outputs' state term [rows, dv] (row stride ldo), formed elsewhere; s and qf are
+  /// then not read by the outputs.
+  const T* o_init = nullptr;
   const T* kw;    ///< [rows, dk] decayed keys
   const T* v;     ///< [rows, dv], row stride ldv
   T* s;           ///< [dk, dv] state, row stride lds
@@ -323,7 +332,7 @@ struct ChunkOutputBlock {
     const bool view = c->a_view != nullptr;
     chunk_output_columns<Isa, W, NP>(c->q, c->ldq, c->s, c->lds, c->qf, view ? c->a_view : c->a,
                                      view ? c->a_rs : c->ld, view ? c->a_cs : Index(1), c->v,
-                                     c->ldv, c->norm, c->o, c->ldo, c->rows, c->dk, j0);
+                                     c->ldv, c->o_init, c->norm, c->o, c->ldo, c->rows, c->dk, j0);
   }
 };
 

@@ -103,6 +103,15 @@ struct Block {
 #pragma GCC unroll 16
       for (int p = 0; p < NP; ++p) acc[r][p] *= s[r];
   }
+  /// acc[:, c] *= s[c]: a scale per column.
+  [[gnu::always_inline]] void scale_columns(const T* s) {
+#pragma GCC unroll 16
+    for (int p = 0; p < NP; ++p) {
+      const Pk f = simd::load<W>(s + p * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r][p] *= f;
+    }
+  }
   [[gnu::always_inline]] void store(T* c, Index ldc) const {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
