@@ -11,6 +11,7 @@
 
 #include "reference/backward_reference.hpp"
 #include "reference/retention_reference.hpp"
+#include "support/isa_support.hpp"
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -28,25 +29,10 @@ using retention::Normalization;
 using retention_test::relative_error;
 using Md = retention::Matrix<double>;
 
+using retention_test::IsaScope;
+
 /// The variants this processor runs.
-std::vector<Isa> variants() {
-  std::vector<Isa> out;
-  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512})
-    if (isa <= retention::cpu_isa()) out.push_back(isa);
-  return out;
-}
-
-/// Selects an instruction set for one scope and restores the previous choice.
-class IsaScope {
- public:
-  explicit IsaScope(Isa isa) : saved_(retention::active_isa()) { retention::set_active_isa(isa); }
-  ~IsaScope() { retention::set_active_isa(saved_); }
-  IsaScope(const IsaScope&) = delete;
-  IsaScope& operator=(const IsaScope&) = delete;
-
- private:
-  Isa saved_;
-};
+std::vector<Isa> variants() { return retention_test::isa_variants(); }
 
 TEST(Isa, ChoiceIsSupportedAndSettable) {
   EXPECT_LE(retention::active_isa(), retention::cpu_isa());

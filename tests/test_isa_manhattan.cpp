@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "support/isa_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
@@ -25,20 +26,6 @@ using retention_test::random_matrix;
 using retention_test::relative_error;
 using retention_test::spec_tolerance;
 using Mat = Matrix<double>;
-
-/// The instruction sets this processor runs, baseline first.
-std::vector<Isa> runnable_isas() {
-  std::vector<Isa> out;
-  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512})
-    if (isa <= retention::cpu_isa()) out.push_back(isa);
-  return out;
-}
-
-/// Restores the active instruction set when a test ends, also on a failed assertion.
-struct IsaGuard {
-  Isa saved = retention::active_isa();
-  ~IsaGuard() { retention::set_active_isa(saved); }
-};
 
 /// ln of the 1-D axis weight between positions a (query) and b (key) along one axis: symmetric
 /// |a - b| ln gamma (ManhattanDecay), or causal (a - b) ln gamma for b <= a and -inf after
@@ -144,7 +131,7 @@ TYPED_TEST_SUITE(IsaManhattanTest, retention_test::ScalarTypes);
 /// each variant, against the references; and every variant against the baseline variant.
 TYPED_TEST(IsaManhattanTest, SingleHeadEveryVariantMatchesReference) {
   using T = TypeParam;
-  const IsaGuard guard;
+  const retention_test::IsaScope guard;
   const double gamma = 0.9;
   std::uint64_t seed = 1300;
   for (const Case& c : cases()) {
@@ -158,7 +145,7 @@ TYPED_TEST(IsaManhattanTest, SingleHeadEveryVariantMatchesReference) {
       const Mat ref_masa = masa_reference(Qd, Kd, Vd, causal, gamma, c.height, c.width);
       const Mat ref_masad = masad_reference(Qd, Kd, Vd, causal, gamma, c.height, c.width);
       std::vector<Matrix<T>> masa_out, masad_out;
-      for (Isa isa : runnable_isas()) {
+      for (Isa isa : retention_test::isa_variants()) {
         retention::set_active_isa(isa);
         const std::string what = std::string(retention::to_string(isa)) + " " +
                                  std::to_string(c.height) + "x" + std::to_string(c.width) + " dk " +
@@ -199,7 +186,7 @@ TYPED_TEST(IsaManhattanTest, SingleHeadEveryVariantMatchesReference) {
 /// against the single-head reference.
 TYPED_TEST(IsaManhattanTest, MultiHeadEveryVariantMatchesReference) {
   using T = TypeParam;
-  const IsaGuard guard;
+  const retention_test::IsaScope guard;
   const Index B = 2, heads = 3;
   const std::vector<double> gammas = {0.5, 0.9, 0.97};
   std::uint64_t seed = 2300;
@@ -219,7 +206,7 @@ TYPED_TEST(IsaManhattanTest, MultiHeadEveryVariantMatchesReference) {
           ref_masa.push_back(masa_reference(Qd, Kd, Vd, causal, g, c.height, c.width));
           ref_masad.push_back(masad_reference(Qd, Kd, Vd, causal, g, c.height, c.width));
         }
-      for (Isa isa : runnable_isas()) {
+      for (Isa isa : retention_test::isa_variants()) {
         retention::set_active_isa(isa);
         for (int threads : {1, 2}) {
           retention::MasaOptions o;
@@ -268,14 +255,14 @@ TYPED_TEST(IsaManhattanTest, MultiHeadEveryVariantMatchesReference) {
 /// weigh it (all of them with a symmetric mask; those at or after it with a causal one).
 TYPED_TEST(IsaManhattanTest, NonFiniteKeyReachesOnlyItsQueriesOnEveryVariant) {
   using T = TypeParam;
-  const IsaGuard guard;
+  const retention_test::IsaScope guard;
   for (Index W : {Index(70), Index(9)}) {
     const Index d = 17, x0 = W / 2;
     const std::uint64_t seed = static_cast<std::uint64_t>(W);
     const Matrix<T> Q = random_matrix<T>(W, d, 71 + seed), V = random_matrix<T>(W, d, 73 + seed);
     Matrix<T> K = random_matrix<T>(W, d, 72 + seed, 0.3);
     K(x0, 5) = std::numeric_limits<T>::quiet_NaN();
-    for (Isa isa : runnable_isas()) {
+    for (Isa isa : retention_test::isa_variants()) {
       retention::set_active_isa(isa);
       const Matrix<T> sym = retention::masad(Q, K, V, retention::ManhattanDecay(0.9, 1, W));
       EXPECT_TRUE(sym.array().isNaN().all()) << retention::to_string(isa) << " W " << W;
@@ -300,7 +287,7 @@ TYPED_TEST(IsaManhattanTest, NonFiniteKeyReachesOnlyItsQueriesOnEveryVariant) {
 /// which the kernels never write, sent lines to the careful path whenever they held a NaN.)
 TYPED_TEST(IsaManhattanTest, MasadLineIgnoresWhatItsBuffersHeld) {
   using T = TypeParam;
-  const IsaGuard guard;
+  const retention_test::IsaScope guard;
   const Index dk = 16, dv = 33;
   for (Index L : {Index(70), Index(9)}) {
     const std::uint64_t seed = static_cast<std::uint64_t>(L);
@@ -308,7 +295,7 @@ TYPED_TEST(IsaManhattanTest, MasadLineIgnoresWhatItsBuffersHeld) {
     const Matrix<T> V = random_matrix<T>(L, dv, 93 + seed);
     const Matrix<T> log_w =
         retention::detail::masad_log_tile<T>(retention::ManhattanDecay(0.9, 1, L).column_axis(), L);
-    for (Isa isa : runnable_isas()) {
+    for (Isa isa : retention_test::isa_variants()) {
       retention::set_active_isa(isa);
       Matrix<T> clean(L, dv), dirty(L, dv);
       auto ws = retention::detail::masad_workspace<T>(L, dk, dv);

@@ -4,6 +4,7 @@
 #include <retention/layers/rmt.hpp>
 
 #include "reference/rmt_reference.hpp"
+#include "support/isa_support.hpp"
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -103,19 +104,15 @@ TYPED_TEST(RmtTest, LceMatchesNaiveConvolutionIncludingBorders) {
 // vectors and leave a tail (37 = 2 x 16 + 5 floats, 4 x 8 + 5 doubles) and images narrower and
 // shorter than the 5 x 5 window, against the naive convolution.
 TYPED_TEST(RmtTest, LceEveryInstructionSetMatchesNaiveConvolution) {
-  using retention::Isa;
-  const Isa saved = retention::active_isa();
   const Index shapes[][2] = {{1, 1}, {2, 3}, {3, 7}, {7, 5}, {6, 9}};
   std::uint64_t seed = 1200;
-  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512}) {
-    if (isa > retention::cpu_isa()) continue;
-    retention::set_active_isa(isa);
+  for (retention::Isa isa : retention_test::isa_variants()) {
+    const retention_test::IsaScope scope(isa);
     for (const auto& s : shapes)
       for (Index C : {16, 37})
         expect_lce_matches_naive<TypeParam>(s[0], s[1], C, &seed, 1,
                                             std::string(retention::to_string(isa)) + " ");
   }
-  retention::set_active_isa(saved);
 }
 
 // Image rows spread over threads (the image is large enough for the thread rule to form a team of
