@@ -188,7 +188,7 @@ void chunkwise_wide_state(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBas
     z = init->z;
     state_nonzero = true;
   }
-  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
+  const Index C = chunk_length(chunk, T_len);
   const Matrix<T> D = decay.template weights<T>(0, C, 0, C);
   const Vector<Acc> qf = decay.template query_factors<Acc>(C);
   Vector<Acc> kf = decay.template key_factors<Acc>(C);

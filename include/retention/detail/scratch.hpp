@@ -13,12 +13,11 @@ namespace detail {
 constexpr std::size_t scratch_keep_bytes = std::size_t(1) << 24;
 
 /// n elements of T (contents unspecified, aligned as Eigen aligns its matrices) for the lifetime
-/// of this object, from a buffer that the
-/// calling thread keeps for the next ThreadScratch with the same Tag. A large block freed at the
-/// end of every call may go back to the system, and its pages are then mapped and faulted in again
-/// on the next call (bench/results/backward-ratio.md); a kept buffer is faulted in once. Requests
-/// above scratch_keep_bytes, and a second ThreadScratch of the same Tag alive on the same thread,
-/// get a buffer of their own.
+/// of this object, from a buffer that the calling thread keeps for the next ThreadScratch with
+/// the same Tag. A large block freed at the end of every call may go back to the system, and its
+/// pages are then mapped and faulted in again on the next call (bench/results/backward-ratio.md);
+/// a kept buffer is faulted in once. Requests above scratch_keep_bytes, and a second
+/// ThreadScratch of the same Tag alive on the same thread, get a buffer of their own.
 template <class T, class Tag>
 class ThreadScratch {
   using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;

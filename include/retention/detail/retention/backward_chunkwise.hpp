@@ -24,6 +24,7 @@
 #include <retention/decay.hpp>
 #include <retention/detail/retention/backward_chunkwise_fast.hpp>
 #include <retention/detail/retention/backward_kernels.hpp>
+#include <retention/detail/retention/chunk_kernels.hpp>
 
 #include <algorithm>
 #include <type_traits>
@@ -72,7 +73,7 @@ void chunkwise_backward_sweeps(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matr
                                const BackwardArgs<Acc>& args) {
   using T = typename DQ::Scalar;
   const Index T_len = Q.rows(), dk = Q.cols(), dv = V.cols();
-  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
+  const Index C = chunk_length(chunk, T_len);
   const Index chunks = (T_len + C - 1) / C;
   const Index p0 = args.start_position();
   const Normalization norm = args.normalization;

@@ -105,6 +105,40 @@ struct ReversedStateTermKernel {
   }
 };
 
+/// ReversedStateTermKernel's buffers for the chunks of one sweep (dk, dv, the sweep's C, Cp and
+/// query factors), and its call.
+template <class T>
+class ReversedStateTerm {
+ public:
+  ReversedStateTerm(Index dk, Index dv, Index C, Index Cp, const Vector<T>& qf)
+      : kt_(Matrix<T>::Zero(dk, Cp)), pt_(dv, Cp), p_(C, dv), qf_(Vector<T>::Zero(Cp)) {
+    qf_.head(C) = qf;
+  }
+
+  /// P [rows, dv] (row stride dv) for the keys k [rows, dk] (row stride dk) of a chunk of rows <=
+  /// C and the state r [dv, dk] (row stride ldr).
+  const T* form(const T* k, Index rows, const T* r, Index ldr) {
+    StateTermOperands<T> t;
+    t.k = k;
+    t.kt = kt_.data();
+    t.r = r;
+    t.qf = qf_.data();
+    t.pt = pt_.data();
+    t.p = p_.data();
+    t.rows = rows;
+    t.dk = Index(kt_.rows());
+    t.dv = Index(pt_.rows());
+    t.ld = Index(kt_.cols());
+    t.ldr = ldr;
+    simd::dispatch<ReversedStateTermKernel>(static_cast<const StateTermOperands<T>*>(&t));
+    return p_.data();
+  }
+
+ private:
+  Matrix<T> kt_, pt_, p_;  // K_i^T (zero beyond a short chunk's columns), R K_i^T diag(qf), P
+  Vector<T> qf_;           // the query factors, zero beyond C
+};
+
 /// The dK and dV retentions of chunkwise_backward_by_retention in one sweep. Both run in reversed
 /// time (row m' = T-1-m) on the same chunks, and the dV retention's state (keys Q, values Gu) is
 /// the transpose of the dK retention's (keys Gu, values Q), so one state R [dv, dk] serves both
@@ -133,10 +167,7 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   const Index ldr = padded_state_stride<T>(dk);
   Matrix<T> R_store(dv, ldr);
   auto R = R_store.leftCols(dk);
-  // The dV retention's state term and its operands (Kt's columns beyond a short chunk stay 0).
-  Matrix<T> Kt = Matrix<T>::Zero(dk, Cp), Pt(dv, Cp), P(C, dv);
-  Vector<T> qf_padded = Vector<T>::Zero(Cp);
-  qf_padded.head(C) = sweep.qf;
+  ReversedStateTerm<T> state_term(dk, dv, C, Cp, sweep.qf);
   bool state_nonzero = init_R != nullptr;
   if (init_R)
     R = *init_R;
@@ -167,21 +198,7 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     Gw.topRows(L).noalias() = kf.head(L).asDiagonal() * Gc.topRows(L);
     const bool safe = has_nonfinite(Gc.topRows(L)) || has_nonfinite(Qc.topRows(L));
     // The dV retention's state term diag(qf) K_i R^T, from R before this chunk's update.
-    if (state_nonzero && !safe) {
-      StateTermOperands<T> t;
-      t.k = Kc.data();
-      t.kt = Kt.data();
-      t.r = R.data();
-      t.qf = qf_padded.data();
-      t.pt = Pt.data();
-      t.p = P.data();
-      t.rows = L;
-      t.dk = dk;
-      t.dv = dv;
-      t.ld = Cp;
-      t.ldr = ldr;
-      simd::dispatch<ReversedStateTermKernel>(static_cast<const StateTermOperands<T>*>(&t));
-    }
+    const T* P = state_nonzero && !safe ? state_term.form(Kc.data(), L, R.data(), ldr) : nullptr;
 
     // dV: queries K, keys Q, values Gu, state R^T (read only, through its state term P).
     ChunkOperands<T> v;
@@ -195,7 +212,7 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     v.v = Gc.data();
     v.s = nullptr;
     v.qf = nullptr;
-    v.o_init = state_nonzero ? P.data() : nullptr;
+    v.o_init = P;
     v.norm = nullptr;
     v.o = Ov.data();
     v.row_sum = nullptr;
@@ -331,8 +348,7 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
   // The dQ pass keeps its score tiles for the dK retention when a tile row (Cp entries) is at
   // most a quarter of a head's row: one scores kernel less a chunk for T Cp floats of memory
   // (bench/results/backward-ratio.md), at most (T / C) dk dv / 16.
-  const Index C = std::min(chunk, std::max<Index>(T_len, 1));
-  const Index Cp = ChunkSweep<T, CausalDecay>::padded_columns(C);
+  const Index Cp = ChunkSweep<T, CausalDecay>::padded_columns(chunk_length(chunk, T_len));
   const bool keep_tiles = 4 * Cp <= std::min(dk, dv);
   const ThreadScratch<T, BackwardTileScratch> tiles(keep_tiles ? T_len * Cp : 0);
   T* const tile_data = keep_tiles ? tiles.data() : nullptr;

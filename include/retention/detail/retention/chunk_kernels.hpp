@@ -130,10 +130,10 @@ template <class Isa, int W, int NP, class T>
           acc.load(init + i0 * ldo + j0, ldo);
         } else {
           acc.set_zero();
-        }
-        if (qf && !init) {
-          acc.madd(q + i0 * ldq, ldq, 1, s + j0, lds, dk);
-          acc.scale_rows(qf + i0);
+          if (qf) {
+            acc.madd(q + i0 * ldq, ldq, 1, s + j0, lds, dk);
+            acc.scale_rows(qf + i0);
+          }
         }
         acc.madd(a + i0 * ars, ars, acs, v + j0, ldv, jend);
         if (norm) acc.scale_rows(norm + i0);
@@ -244,6 +244,11 @@ Index padded_state_stride(Index n) {
   return (n * static_cast<Index>(sizeof(T))) % 512 == 0 ? n + line : n;
 }
 
+/// The chunk length of a sweep over `rows` rows in chunks of `chunk`: at most rows, at least 1.
+inline Index chunk_length(Index chunk, Index rows) {
+  return std::min(chunk, std::max<Index>(rows, 1));
+}
+
 /// What a chunk sweep over T rows forms once (docs/math.md §2): the chunk length C (chunk, at most
 /// T, at least 1), the score tile's row stride Cp (C in whole vectors of every instruction set),
 /// the intra-chunk mask D_C zero-padded to Cp columns (its top-left L x L corner is D_L), the
@@ -260,7 +265,7 @@ struct ChunkSweep {
 
   ChunkSweep(const Mask& mask, Index chunk, Index rows)
       : decay(mask),
-        C(std::min(chunk, std::max<Index>(rows, 1))),
+        C(chunk_length(chunk, rows)),
         Cp(padded_columns(C)),
         D(Matrix<T>::Zero(C, Cp)),
         qf(mask.template query_factors<T>(C)),
