@@ -838,10 +838,12 @@ void register_all(int requested_threads) {
     benchmark::RegisterBenchmark("decode_kept", BM_decode_kept)
         ->Args({8, 16, 100, t})
         ->UseRealTime();
-    benchmark::RegisterBenchmark("chunkwise_train", BM_chunkwise_train)
-        ->Args({8192, t})
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
+    // T = 1024: a short sequence, where what a call allocates and frees weighs most.
+    for (Index T : {8192, 1024})
+      benchmark::RegisterBenchmark("chunkwise_train", BM_chunkwise_train)
+          ->Args({T, t})
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("chunkwise_backward", BM_chunkwise_backward)
         ->Args({8192, t})
         ->UseRealTime()

@@ -8,11 +8,13 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 // --- Allocation counting: every heap allocation of the process goes through these. -------------
@@ -26,32 +28,35 @@ void __libc_free(void*);
 
 namespace {
 std::atomic<long> g_allocations{0};
+std::atomic<long> g_bytes{0};
 std::atomic<bool> g_counting{false};
-void count() {
-  if (g_counting.load(std::memory_order_relaxed)) g_allocations.fetch_add(1);
+void count(std::size_t bytes) {
+  if (!g_counting.load(std::memory_order_relaxed)) return;
+  g_allocations.fetch_add(1);
+  g_bytes.fetch_add(static_cast<long>(bytes));
 }
 }  // namespace
 
 extern "C" {
 void* malloc(std::size_t n) {
-  count();
+  count(n);
   return __libc_malloc(n);
 }
 void* calloc(std::size_t a, std::size_t b) {
-  count();
+  count(a * b);
   return __libc_calloc(a, b);
 }
 void* realloc(void* p, std::size_t n) {
-  count();
+  count(n);
   return __libc_realloc(p, n);
 }
 int posix_memalign(void** out, std::size_t align, std::size_t n) {
-  count();
+  count(n);
   *out = __libc_memalign(align, n);
   return *out ? 0 : 12;  // ENOMEM
 }
 void* aligned_alloc(std::size_t align, std::size_t n) {
-  count();
+  count(n);
   return __libc_memalign(align, n);
 }
 void free(void* p) { __libc_free(p); }
@@ -67,10 +72,18 @@ using retention::RowVector;
 template <class F>
 long allocations_during(F&& f) {
   g_allocations.store(0);
+  g_bytes.store(0);
   g_counting.store(true);
   f();
   g_counting.store(false);
   return g_allocations.load();
+}
+
+/// Bytes allocated while f runs.
+template <class F>
+long bytes_during(F&& f) {
+  allocations_during(std::forward<F>(f));
+  return g_bytes.load();
 }
 
 TEST(Architecture, AllocationCounterSeesAllocations) {
@@ -129,6 +142,75 @@ TEST(Architecture, MultiHeadStepAllocatesNothingAfterTheFirst) {
   });
   EXPECT_EQ(n, 0);
   EXPECT_EQ(states[0].position, 101);
+}
+
+// The chunkwise forward and backward keep their chunk buffers and states per thread
+// (detail::KeptMatrices): freed at the end of every call, the few hundred KiB went back to the
+// system and were faulted in again on the next call. A repeated call allocates less than one
+// chunk buffer (C x d floats = 16 KiB here), and gives the same bits as the first, also after a
+// call of another shape has resized the kept buffers.
+TEST(Architecture, ChunkwiseCallsKeepTheirBuffers) {
+  const Index T = 300, d = 128, C = 32;  // 4 Cp <= d: the backward keeps score tiles too
+  const retention::CausalDecay decay(0.97);
+  const auto in = [&](Index t, Index dim, std::uint64_t seed) {
+    return retention_test::random_matrix<float>(t, dim, seed);
+  };
+  const Matrix<float> Q = in(T, d, 1), K = in(T, d, 2), V = in(T, d, 3), G = in(T, d, 4);
+  retention::RetentionState<float> init(d, d);
+  init.S = in(d, d, 5);
+  init.z = in(d, 1, 6).col(0).cwiseAbs();
+  init.position = 7;
+  retention::RetentionState<float> fgrad(d, d);
+  fgrad.S = in(d, d, 8);
+  struct Result {
+    Matrix<float> O, dQ, dK, dV;
+    retention::RetentionState<float> final_state, d_init;
+  };
+  const auto call = [&](Result& r) {
+    for (Matrix<float>* m : {&r.O, &r.dQ, &r.dK, &r.dV}) m->resize(T, d);
+    r.final_state = retention::RetentionState<float>(d, d);
+    r.d_init = retention::RetentionState<float>(d, d);
+    retention::RetentionOptions<float> fo;
+    fo.normalization = retention::Normalization::decay_and_score;
+    fo.initial_state = &init;
+    fo.final_state = &r.final_state;
+    retention::RetentionBackwardOptions<float> bo;
+    bo.normalization = retention::Normalization::decay_and_score;
+    bo.initial_state = &init;
+    bo.final_state_gradient = &fgrad;
+    const long bytes = bytes_during([&] {
+      retention::chunkwise_retention_into(Q, K, V, decay, C, r.O, fo);
+      retention::chunkwise_retention_backward_into(Q, K, V, decay, C, G, r.dQ, r.dK, r.dV, bo,
+                                                   &r.d_init);
+    });
+    return bytes;
+  };
+  // Another shape (narrower heads, a chunk longer than the sequence) sizes the kept buffers
+  // differently before each measured series.
+  const Matrix<float> q2 = in(20, 8, 9), k2 = in(20, 8, 10), v2 = in(20, 4, 11), g2 = in(20, 4, 12);
+  const auto other_shape = [&] {
+    retention::chunkwise_retention(q2, k2, v2, decay, 64);
+    retention::chunkwise_retention_backward(q2, k2, v2, decay, 64, g2);
+  };
+  Result first, again, after_other;
+  other_shape();
+  const long first_bytes = call(first);
+  const long again_bytes = call(again);
+  other_shape();
+  call(after_other);
+
+  EXPECT_GT(first_bytes, 300 * 1024) << "the first call sizes the kept buffers";
+  EXPECT_LT(again_bytes, 16 * 1024) << "a repeated call allocated " << again_bytes << " bytes";
+  for (const Result* r : {&again, &after_other}) {
+    EXPECT_EQ(r->O, first.O);
+    EXPECT_EQ(r->dQ, first.dQ);
+    EXPECT_EQ(r->dK, first.dK);
+    EXPECT_EQ(r->dV, first.dV);
+    EXPECT_EQ(r->final_state.S, first.final_state.S);
+    EXPECT_EQ(r->d_init.S, first.d_init.S);
+    EXPECT_EQ(r->d_init.z, first.d_init.z);
+  }
+  EXPECT_TRUE(first.dQ.allFinite() && first.dK.allFinite() && first.dV.allFinite());
 }
 
 // --- Nothing internal reaches a user who includes retention.hpp. ------------------------------

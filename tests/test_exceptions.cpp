@@ -17,6 +17,7 @@
 #include <cstring>
 #include <new>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -154,6 +155,44 @@ TEST(Exceptions, MultiHeadFinalStatesAreAllOrNothing) {
       },
       [&] { EXPECT_TRUE(same_state(states, before)); });
   EXPECT_EQ(states[0].position, 2 * T);
+}
+
+// The chunkwise passes keep their buffers per thread (detail::KeptMatrices): an allocation that
+// fails while those are resized must leave them usable, and the next call exact.
+TEST(Exceptions, ChunkwiseBackwardAfterAllocationFailures) {
+  const Index T = 70, d = 128, C = 16;  // 4 Cp <= d: the score-tile path
+  const retention::CausalDecay decay(0.95);
+  const Matrix<float> Q = retention_test::random_matrix<float>(T, d, 11);
+  const Matrix<float> K = retention_test::random_matrix<float>(T, d, 12);
+  const Matrix<float> V = retention_test::random_matrix<float>(T, d, 13);
+  const Matrix<float> G = retention_test::random_matrix<float>(T, d, 14);
+  retention::RetentionState<float> init(d, d), fgrad(d, d);
+  init.S = retention_test::random_matrix<float>(d, d, 15);
+  fgrad.S = retention_test::random_matrix<float>(d, d, 16);
+  retention::RetentionBackwardOptions<float> bo;
+  bo.normalization = retention::Normalization::decay_and_score;
+  bo.initial_state = &init;
+  bo.final_state_gradient = &fgrad;
+  const auto call = [&](Index chunk) {
+    retention::RetentionGradients<float> g =
+        retention::chunkwise_retention_backward(Q, K, V, decay, chunk, G, bo);
+    retention::RetentionOptions<float> fo;
+    fo.initial_state = &init;
+    Matrix<float> O = retention::chunkwise_retention(Q, K, V, decay, chunk, fo);
+    return std::make_pair(std::move(g), std::move(O));
+  };
+  const auto expected = call(C);
+  // Failures while the kept buffers are sized from another shape (chunk 7) and back.
+  for (Index chunk : {Index(7), C}) {
+    const int failures = inject_until_success([&] { call(chunk); }, [] {});
+    EXPECT_GT(failures, 0) << "chunk " << chunk;
+  }
+  const auto got = call(C);
+  EXPECT_EQ(got.first.dQ, expected.first.dQ);
+  EXPECT_EQ(got.first.dK, expected.first.dK);
+  EXPECT_EQ(got.first.dV, expected.first.dV);
+  EXPECT_EQ(got.first.d_initial_state.S, expected.first.d_initial_state.S);
+  EXPECT_EQ(got.second, expected.second);
 }
 
 TEST(Exceptions, AnExceptionOnAWorkerThreadReachesTheCaller) {

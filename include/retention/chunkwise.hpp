@@ -5,6 +5,7 @@
 #include <retention/decay.hpp>
 #include <retention/detail/retention/chunk_kernels.hpp>
 #include <retention/detail/retention/common.hpp>
+#include <retention/detail/scratch.hpp>
 #include <retention/detail/threading.hpp>
 #include <retention/state.hpp>
 
@@ -25,6 +26,9 @@ inline Index recommended_chunk(Index key_dim, Index value_dim) {
 }
 
 namespace detail {
+
+/// KeptMatrices' tag for chunkwise_same_type's chunk buffers and state.
+struct ChunkwiseSweepScratch {};
 
 /// Chunkwise retention with the state in the inputs' own type, on the register-blocked kernels of
 /// chunk_kernels.hpp. Per chunk: K_i^T and K~_i = diag(gamma^(L-1-l)) K_i are formed once; the
@@ -49,17 +53,21 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   // multi-head layout [B, T, H, D] consecutive token rows of a head are H D elements apart, 4 KiB
   // for 8 heads of 128 floats, so that the rows of one chunk all fall into the same few sets of the
   // L1 cache and evict each other while the kernels sweep over them.
-  Matrix<T> Qc(C, dk), Kc(C, dk), Vc(C, dv), Oc(C, dv);
+  KeptMatrices<T, ChunkwiseSweepScratch, 8, 3> kept;
+  Matrix<T>& Qc = kept.matrix(0, C, dk);
+  Matrix<T>& Kc = kept.matrix(1, C, dk);
+  Matrix<T>& Vc = kept.matrix(2, C, dv);
+  Matrix<T>& Oc = kept.matrix(3, C, dv);
   // Kt and A start at zero: the kernels read a few entries they never write (keys beyond a short
   // last chunk, scores above the diagonal), and those must be finite so that D = 0 zeroes them.
-  Matrix<T> Kt = Matrix<T>::Zero(dk, Cp);
-  Matrix<T> A_own = tiles ? Matrix<T>() : Matrix<T>::Zero(C, Cp);
-  Matrix<T> Kw(C, dk);
+  Matrix<T>& Kt = kept.zero_matrix(4, dk, Cp);
+  T* const A_own = tiles ? nullptr : kept.zero_matrix(5, C, Cp).data();
+  Matrix<T>& Kw = kept.matrix(6, C, dk);
   const Index lds = padded_state_stride<T>(dv);
-  Matrix<T> S_store(dk, lds);
-  auto S = S_store.leftCols(dv);
-  Vector<T> z(dk);
-  Vector<T> r(C), norm(C);
+  auto S = kept.matrix(7, dk, lds).leftCols(dv);
+  Vector<T>& z = kept.vector(0, dk);
+  Vector<T>& r = kept.vector(1, C);
+  Vector<T>& norm = kept.vector(2, C);
   bool state_nonzero = init != nullptr;
   if (init) {
     S = init->S;
@@ -76,7 +84,7 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   for (Index i0 = 0; i0 < T_len; i0 += C) {
     const Index L = std::min(C, T_len - i0);
     const T gL = sweep.start(L);
-    Eigen::Map<Matrix<T>> A(tiles ? tiles + i0 * Cp : A_own.data(), L, Cp);
+    Eigen::Map<Matrix<T>> A(tiles ? tiles + i0 * Cp : A_own, L, Cp);
     gather_chunk_rows(Q, i0, L, Qc);
     gather_chunk_rows(K, i0, L, Kc);
     gather_chunk_rows(V, i0, L, Vc);
@@ -162,11 +170,16 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   }
 
   if (final_state) {
-    // Copies made first, then swapped in: an allocation failure leaves *final_state untouched.
-    Matrix<T> S_final = S;
-    Vector<T> z_final = z;
-    final_state->S.swap(S_final);
-    final_state->z.swap(z_final);
+    if (final_state->S.rows() == dk && final_state->S.cols() == dv && final_state->z.size() == dk) {
+      final_state->S = S;  // into its own storage: nothing to allocate
+      final_state->z = z;
+    } else {
+      // Copies made first, then swapped in: an allocation failure leaves *final_state untouched.
+      Matrix<T> S_final = S;
+      Vector<T> z_final = z;
+      final_state->S.swap(S_final);
+      final_state->z.swap(z_final);
+    }
     final_state->position = p0 + T_len;
   }
 }

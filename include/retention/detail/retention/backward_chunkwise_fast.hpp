@@ -109,10 +109,15 @@ struct ReversedStateTermKernel {
 /// query factors), and its call.
 template <class T>
 class ReversedStateTerm {
+  struct Scratch {};  // KeptMatrices' tag
+
  public:
   ReversedStateTerm(Index dk, Index dv, Index C, Index Cp, const Vector<T>& qf)
-      : kt_(Matrix<T>::Zero(dk, Cp)), pt_(dv, Cp), p_(C, dv), qf_(Vector<T>::Zero(Cp)) {
-    qf_.head(C) = qf;
+      : kt_(kept_.zero_matrix(0, dk, Cp)),
+        pt_(kept_.matrix(1, dv, Cp)),
+        p_(kept_.matrix(2, C, dv)),
+        qf_(kept_.zero_matrix(3, Cp, 1)) {
+    qf_.col(0).head(C) = qf;
   }
 
   /// P [rows, dv] (row stride dv) for the keys k [rows, dk] (row stride dk) of a chunk of rows <=
@@ -135,9 +140,15 @@ class ReversedStateTerm {
   }
 
  private:
-  Matrix<T> kt_, pt_, p_;  // K_i^T (zero beyond a short chunk's columns), R K_i^T diag(qf), P
-  Vector<T> qf_;           // the query factors, zero beyond C
+  KeptMatrices<T, Scratch, 4> kept_;  // declared first: the references below point into it
+  Matrix<T>& kt_;                     // K_i^T (zero beyond a short chunk's columns)
+  Matrix<T>& pt_;                     // R K_i^T diag(qf)
+  Matrix<T>& p_;                      // P
+  Matrix<T>& qf_;                     // the query factors [Cp, 1], zero beyond C
 };
+
+/// KeptMatrices' tag for chunkwise_reversed_pair's chunk buffers and state.
+struct ReversedPairScratch {};
 
 /// The dK and dV retentions of chunkwise_backward_by_retention in one sweep. Both run in reversed
 /// time (row m' = T-1-m) on the same chunks, and the dV retention's state (keys Q, values Gu) is
@@ -160,13 +171,21 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   const Index T_len = V.rows(), dk = Q.cols(), dv = V.cols();
   ChunkSweep<T, CausalDecay> sweep(decay, chunk, T_len);
   const Index C = sweep.C, Cp = sweep.Cp;
-  Matrix<T> Vc(C, dv), Gc(C, dv), Qc(C, dk), Kc(C, dk), Ok(C, dk), Ov(C, dv), Gw(C, dv);
+  KeptMatrices<T, ReversedPairScratch, 12> kept;
+  Matrix<T>& Vc = kept.matrix(0, C, dv);
+  Matrix<T>& Gc = kept.matrix(1, C, dv);
+  Matrix<T>& Qc = kept.matrix(2, C, dk);
+  Matrix<T>& Kc = kept.matrix(3, C, dk);
+  Matrix<T>& Ok = kept.matrix(4, C, dk);
+  Matrix<T>& Ov = kept.matrix(5, C, dv);
+  Matrix<T>& Gw = kept.matrix(6, C, dv);
   // Transposed keys and score tiles start at zero: the kernels read entries they never write.
-  Matrix<T> Gt = Matrix<T>::Zero(dv, Cp), Qt = Matrix<T>::Zero(dk, Cp);
-  Matrix<T> A1 = Matrix<T>::Zero(C, Cp), A2 = Matrix<T>::Zero(C, Cp);
+  Matrix<T>& Gt = kept.zero_matrix(7, dv, Cp);
+  Matrix<T>& Qt = kept.zero_matrix(8, dk, Cp);
+  Matrix<T>& A1 = kept.zero_matrix(9, C, Cp);
+  Matrix<T>& A2 = kept.zero_matrix(10, C, Cp);
   const Index ldr = padded_state_stride<T>(dk);
-  Matrix<T> R_store(dv, ldr);
-  auto R = R_store.leftCols(dk);
+  auto R = kept.matrix(11, dv, ldr).leftCols(dk);
   ReversedStateTerm<T> state_term(dk, dv, C, Cp, sweep.qf);
   bool state_nonzero = init_R != nullptr;
   if (init_R)
@@ -285,8 +304,10 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   if (final_R) *final_R = R;
 }
 
-/// ThreadScratch's tag for the score tiles of chunkwise_backward_by_retention.
+/// ThreadScratch's tag for the score tiles of chunkwise_backward_by_retention, and KeptMatrices'
+/// for its states.
 struct BackwardTileScratch {};
+struct BackwardStateScratch {};
 
 /// Chunkwise backward of one CausalDecay head (state in the inputs' type) into dQ, dK [T, dk] and
 /// dV [T, dv], T >= 1; the inputs are checked. Extra memory O(T + dk dv) besides the forward
@@ -342,8 +363,10 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
 
   // dS_final^T / gamma as the reversed sweep's initial state R.
   const bool divided = fgrad != nullptr && divide;
-  Matrix<T> init_R, final_R;
-  if (divided) init_R = static_cast<T>(1.0 / gamma) * fgrad->S.transpose();
+  KeptMatrices<T, BackwardStateScratch, 4> kept;
+  Matrix<T>* const init_R = divided ? &kept.matrix(0, dv, dk) : nullptr;
+  if (divided) init_R->noalias() = static_cast<T>(1.0 / gamma) * fgrad->S.transpose();
+  Matrix<T>* const final_R = args.d_init ? &kept.matrix(1, dv, dk) : nullptr;
 
   // The dQ pass keeps its score tiles for the dK retention when a tile row (Cp entries) is at
   // most a quarter of a head's row: one scores kernel less a chunk for T Cp floats of memory
@@ -356,14 +379,16 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
 
   auto run = [&](const auto& Gu) {
     RetentionState<T> init_q;
+    Matrix<T>* const init_slot = init ? &kept.matrix(2, dv, dk) : nullptr;
     if (init) {
-      init_q.S = init->S.transpose();
+      init_q.S.swap(*init_slot);  // the slot's storage, handed back after the dQ pass
+      init_q.S.noalias() = init->S.transpose();
       init_q.z = Vector<T>::Zero(dv);
     }
     chunkwise_same_type(Gu, V, K, decay, chunk, dQ, Normalization::none, 0,
                         init ? &init_q : nullptr, no_state, tile_data);
-    chunkwise_reversed_pair<T>(V, Gu, Q, K, decay, chunk, dK, dV, divided ? &init_R : nullptr,
-                               args.d_init ? &final_R : nullptr, tile_data);
+    if (init) init_q.S.swap(*init_slot);
+    chunkwise_reversed_pair<T>(V, Gu, Q, K, decay, chunk, dK, dV, init_R, final_R, tile_data);
   };
   if (normalize)
     run(a.asDiagonal() * G);
@@ -397,10 +422,16 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
 
   if (args.d_init) {
     const T g = static_cast<T>(gamma);
-    Matrix<T> dS = g * final_R.transpose();
+    Matrix<T>& dS = kept.matrix(3, dk, dv);
+    dS.noalias() = g * final_R->transpose();
     Vector<T> dz = (gamma * w).template cast<T>();
     if (fgrad && !divide) dS += static_cast<T>(decay.chunk_factor(T_len)) * fgrad->S;
-    args.d_init->S = std::move(dS);
+    if (args.d_init->S.rows() == dk && args.d_init->S.cols() == dv) {
+      args.d_init->S = dS;  // into its own storage: nothing to allocate
+    } else {
+      Matrix<T> copy = dS;  // Eigen's resize would leave a freed block behind a failed allocation
+      args.d_init->S.swap(copy);
+    }
     args.d_init->z = std::move(dz);
     args.d_init->position = p0;
   }

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/scratch.hpp>
 #include <retention/detail/simd/block.hpp>
 #include <retention/detail/simd/dispatch.hpp>
 #include <retention/detail/simd/transpose.hpp>
@@ -256,9 +257,14 @@ inline Index chunk_length(Index chunk, Index rows) {
 /// factors for a chunk of L rows and returns gamma^L (a short chunk may come first or last).
 template <class T, class Mask>
 struct ChunkSweep {
+ private:
+  struct Scratch {};                  // KeptMatrices' tag
+  KeptMatrices<T, Scratch, 1> kept_;  // D's storage, kept by the thread (declared before D)
+
+ public:
   const Mask& decay;
   Index C, Cp;
-  Matrix<T> D;
+  Matrix<T>& D;
   Vector<T> qf, kf;
   T g_full;
   Index kf_rows;  ///< the chunk length kf holds the key factors of
@@ -267,7 +273,7 @@ struct ChunkSweep {
       : decay(mask),
         C(chunk_length(chunk, rows)),
         Cp(padded_columns(C)),
-        D(Matrix<T>::Zero(C, Cp)),
+        D(kept_.zero_matrix(0, C, Cp)),
         qf(mask.template query_factors<T>(C)),
         kf(mask.template key_factors<T>(C)),
         g_full(static_cast<T>(mask.chunk_factor(C))),
