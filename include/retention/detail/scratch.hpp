@@ -1,4 +1,4 @@
-// retention::detail: a buffer that a thread keeps from one call to the next.
+// retention::detail: buffers and matrices that a thread keeps from one call to the next.
 #pragma once
 
 #include <retention/core.hpp>
@@ -11,15 +11,49 @@
 namespace retention {
 namespace detail {
 
-/// The largest buffer ThreadScratch keeps between calls (16 MiB).
+/// The most a thread keeps between calls for one ThreadScratch or KeptMatrices (16 MiB).
 constexpr std::size_t scratch_keep_bytes = std::size_t(1) << 24;
 
+/// The calling thread's Store for Tag while this object lives, or a Store of its own when the
+/// thread's is in use (a second owner alive on the same thread). Why threads keep buffers: a
+/// block freed at the end of every call may go back to the system (glibc trims the heap's top),
+/// and the next call then faults its pages in again, which can cost more than a short call's
+/// work (bench/results/backward-ratio.md).
+template <class Store, class Tag>
+class ThreadKept {
+ public:
+  ThreadKept() : kept_(!busy()) {
+    if (kept_)
+      busy() = true;
+    else
+      own_ = std::make_unique<Store>();
+  }
+  ~ThreadKept() {
+    if (kept_) busy() = false;
+  }
+  ThreadKept(const ThreadKept&) = delete;
+  ThreadKept& operator=(const ThreadKept&) = delete;
+
+  Store& operator*() const { return kept_ ? thread_store() : *own_; }
+  Store* operator->() const { return &**this; }
+
+ private:
+  static Store& thread_store() {
+    static thread_local Store store;
+    return store;
+  }
+  static bool& busy() {
+    static thread_local bool in_use = false;
+    return in_use;
+  }
+
+  std::unique_ptr<Store> own_;
+  bool kept_;
+};
+
 /// n elements of T (contents unspecified, aligned as Eigen aligns its matrices) for the lifetime
-/// of this object, from a buffer that the calling thread keeps for the next ThreadScratch with
-/// the same Tag. A large block freed at the end of every call may go back to the system, and its
-/// pages are then mapped and faulted in again on the next call (bench/results/backward-ratio.md);
-/// a kept buffer is faulted in once. Requests above scratch_keep_bytes, and a second
-/// ThreadScratch of the same Tag alive on the same thread, get a buffer of their own.
+/// of this object, from a buffer the thread keeps (ThreadKept) and only ever grows; requests
+/// above scratch_keep_bytes get a buffer of their own.
 template <class T, class Tag>
 class ThreadScratch {
   using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
@@ -27,53 +61,27 @@ class ThreadScratch {
  public:
   explicit ThreadScratch(Index n) {
     const auto count = static_cast<std::size_t>(n);
-    bool& busy = kept_busy();
-    if (!busy && count * sizeof(T) <= scratch_keep_bytes) {
-      Buffer& kept = kept_buffer();
-      if (kept.size() < count) {
-        kept.clear();
-        kept.shrink_to_fit();
-        kept.resize(count);
-      }
-      busy = true;
-      holds_kept_ = true;
-      data_ = kept.data();
-    } else {
-      own_.resize(count);
-      data_ = own_.data();
+    Buffer& buffer = count * sizeof(T) <= scratch_keep_bytes ? *kept_ : large_;
+    if (buffer.size() < count) {
+      buffer.clear();
+      buffer.shrink_to_fit();
+      buffer.resize(count);
     }
+    data_ = buffer.data();
   }
-  ~ThreadScratch() {
-    if (holds_kept_) kept_busy() = false;
-  }
-  ThreadScratch(const ThreadScratch&) = delete;
-  ThreadScratch& operator=(const ThreadScratch&) = delete;
 
   T* data() const { return data_; }
 
  private:
-  static Buffer& kept_buffer() {
-    static thread_local Buffer buffer;
-    return buffer;
-  }
-  static bool& kept_busy() {
-    static thread_local bool busy = false;
-    return busy;
-  }
-
-  Buffer own_;
+  ThreadKept<Buffer, Tag> kept_;
+  Buffer large_;
   T* data_ = nullptr;
-  bool holds_kept_ = false;
 };
 
 /// The working matrices and vectors of one call (a sweep's chunk buffers, its state), from slots
-/// that the calling thread keeps for the next KeptMatrices with the same Tag: a call that frees
-/// a few hundred KiB at its end may hand them back to the system (glibc trims the heap's top), and
-/// the next call then faults their pages in again, which costs more than the work of a short
-/// sequence (bench/results/backward-ratio.md, session 18). matrix(i, rows, cols) and
-/// vector(i, n) give slot i at that shape, contents unspecified; a slot allocates only when its
-/// element count changes. Slots holding more than scratch_keep_bytes in all are released at the
-/// end, and a second KeptMatrices of the same Tag alive on the same thread gets slots of its own.
+/// the thread keeps (ThreadKept): matrix(i, rows, cols) and vector(i, n) give slot i at that
+/// shape, contents unspecified; a slot allocates only when its element count changes. Slots
+/// holding more than scratch_keep_bytes in all are released at the end.
 template <class T, class Tag, int Matrices, int Vectors = 0>
 class KeptMatrices {
   struct Slots {
@@ -82,19 +90,8 @@ class KeptMatrices {
   };
 
  public:
-  KeptMatrices() {
-    bool& busy = kept_busy();
-    if (!busy) {
-      busy = true;
-      holds_kept_ = true;
-      slots_ = &kept_slots();
-    } else {
-      own_ = std::make_unique<Slots>();
-      slots_ = own_.get();
-    }
-  }
+  KeptMatrices() = default;
   ~KeptMatrices() {
-    if (!holds_kept_) return;
     std::size_t elements = 0;
     for (const auto& m : slots_->m) elements += static_cast<std::size_t>(m.size());
     for (const auto& v : slots_->v) elements += static_cast<std::size_t>(v.size());
@@ -102,7 +99,6 @@ class KeptMatrices {
       for (auto& m : slots_->m) m.resize(0, 0);
       for (auto& v : slots_->v) v.resize(0);
     }
-    kept_busy() = false;
   }
   KeptMatrices(const KeptMatrices&) = delete;
   KeptMatrices& operator=(const KeptMatrices&) = delete;
@@ -129,18 +125,7 @@ class KeptMatrices {
   }
 
  private:
-  static Slots& kept_slots() {
-    static thread_local Slots slots;
-    return slots;
-  }
-  static bool& kept_busy() {
-    static thread_local bool busy = false;
-    return busy;
-  }
-
-  std::unique_ptr<Slots> own_;
-  Slots* slots_ = nullptr;
-  bool holds_kept_ = false;
+  ThreadKept<Slots, Tag> slots_;
 };
 
 }  // namespace detail

@@ -116,8 +116,9 @@ class ReversedStateTerm {
       : kt_(kept_.zero_matrix(0, dk, Cp)),
         pt_(kept_.matrix(1, dv, Cp)),
         p_(kept_.matrix(2, C, dv)),
-        qf_(kept_.zero_matrix(3, Cp, 1)) {
-    qf_.col(0).head(C) = qf;
+        qf_(kept_.vector(0, Cp)) {
+    qf_.setZero();
+    qf_.head(C) = qf;
   }
 
   /// P [rows, dv] (row stride dv) for the keys k [rows, dk] (row stride dk) of a chunk of rows <=
@@ -140,11 +141,11 @@ class ReversedStateTerm {
   }
 
  private:
-  KeptMatrices<T, Scratch, 4> kept_;  // declared first: the references below point into it
-  Matrix<T>& kt_;                     // K_i^T (zero beyond a short chunk's columns)
-  Matrix<T>& pt_;                     // R K_i^T diag(qf)
-  Matrix<T>& p_;                      // P
-  Matrix<T>& qf_;                     // the query factors [Cp, 1], zero beyond C
+  KeptMatrices<T, Scratch, 3, 1> kept_;  // declared first: the references below point into it
+  Matrix<T>& kt_;                        // K_i^T (zero beyond a short chunk's columns)
+  Matrix<T>& pt_;                        // R K_i^T diag(qf)
+  Matrix<T>& p_;                         // P
+  Vector<T>& qf_;                        // the query factors, zero beyond C
 };
 
 /// KeptMatrices' tag for chunkwise_reversed_pair's chunk buffers and state.
