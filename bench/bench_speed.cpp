@@ -365,20 +365,27 @@ void BM_chunkwise(benchmark::State& state) {
   state.counters["chunk"] = static_cast<double>(C);
 }
 
-/// Chunkwise forward then multi_head_retention_backward (one training step of the operator).
-void BM_chunkwise_train(benchmark::State& state) {
+/// The forward then multi_head_retention_backward in one form (one training step of the
+/// operator); range(0) = T, range(1) = threads.
+void train_steps(benchmark::State& state, retention::Form form) {
   const Index T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   Heads x(1, T, kHeads, kDim, kDim, 11);
   // The first call allocates and fills dL/dO and the gradients: outside the timed loop.
-  x.run_backward(retention::Form::chunkwise, 0, threads);
+  x.run_backward(form, 0, threads);
   for (auto _ : state) {
-    x.run(retention::Form::chunkwise, 0, threads);
-    x.run_backward(retention::Form::chunkwise, 0, threads);
+    x.run(form, 0, threads);
+    x.run_backward(form, 0, threads);
     benchmark::DoNotOptimize(x.grad_q.data());
   }
+}
+
+void BM_chunkwise_train(benchmark::State& state) {
+  train_steps(state, retention::Form::chunkwise);
   state.counters["chunk"] = static_cast<double>(retention::recommended_chunk(kDim, kDim));
 }
+
+void BM_parallel_train(benchmark::State& state) { train_steps(state, retention::Form::parallel); }
 
 /// multi_head_retention_backward alone (chunkwise), the forward's outputs not needed.
 void BM_chunkwise_backward(benchmark::State& state) {
@@ -507,7 +514,8 @@ void BM_recurrent(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-/// Extra heap bytes of one parallel_retention call of one head (inputs and output excluded).
+/// Extra heap bytes of one parallel_retention call of one head (inputs and output excluded), on
+/// a fresh thread, so that the buffers a thread keeps between calls are counted.
 void BM_parallel_memory(benchmark::State& state) {
   const Index T = state.range(0);
   const std::vector<float> q = random_buffer(static_cast<std::size_t>(T * kDim), 21);
@@ -520,7 +528,7 @@ void BM_parallel_memory(benchmark::State& state) {
   for (auto _ : state) {
     const long long base = heap::live.load();
     heap::peak.store(base);
-    retention::parallel_retention_into(Q, K, V, decay, out);
+    std::thread([&] { retention::parallel_retention_into(Q, K, V, decay, out); }).join();
     extra = static_cast<double>(heap::peak.load() - base);
     benchmark::DoNotOptimize(out.data());
   }
@@ -844,6 +852,10 @@ void register_all(int requested_threads) {
           ->Args({T, t})
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("parallel_train", BM_parallel_train)
+        ->Args({1024, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("chunkwise_backward", BM_chunkwise_backward)
         ->Args({8192, t})
         ->UseRealTime()

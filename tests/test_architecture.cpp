@@ -1,12 +1,14 @@
 // The library's shape (issue: one head loop, one thread rule, nothing internal leaks to users):
 // what including retention.hpp defines, what the public headers contain, and that decoding
 // allocates nothing after its first step (counted by interposing malloc and friends).
+#include <retention/detail/gemm.hpp>
 #include <retention/retention.hpp>
 
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -144,13 +146,15 @@ TEST(Architecture, MultiHeadStepAllocatesNothingAfterTheFirst) {
   EXPECT_EQ(states[0].position, 101);
 }
 
-// The chunkwise forward and backward keep their chunk buffers and states per thread
-// (detail::KeptMatrices): freed at the end of every call, the few hundred KiB went back to the
-// system and were faulted in again on the next call. A repeated call allocates less than one
+// The chunkwise and parallel forms, forward and backward, keep their working buffers per thread
+// (detail::KeptMatrices), and the parallel form's products keep Eigen's packing buffers
+// (detail::gemm_into): freed at the end of every call or product, the few hundred KiB went back to
+// the system and were faulted in again on the next. A repeated call allocates less than one
 // chunk buffer (C x d floats = 16 KiB here), and gives the same bits as the first, also after a
 // call of another shape has resized the kept buffers.
-TEST(Architecture, ChunkwiseCallsKeepTheirBuffers) {
-  const Index T = 300, d = 128, C = 32;  // 4 Cp <= d: the backward keeps score tiles too
+void expect_calls_keep_their_buffers(retention::Form form) {
+  const Index T = 300, d = 128, C = 32;  // chunkwise: 4 Cp <= d, so the backward keeps score
+                                         // tiles too; parallel: 300 keys need heap-sized packing
   const retention::CausalDecay decay(0.97);
   const auto in = [&](Index t, Index dim, std::uint64_t seed) {
     return retention_test::random_matrix<float>(t, dim, seed);
@@ -166,6 +170,7 @@ TEST(Architecture, ChunkwiseCallsKeepTheirBuffers) {
     Matrix<float> O, dQ, dK, dV;
     retention::RetentionState<float> final_state, d_init;
   };
+  const bool chunkwise = form == retention::Form::chunkwise;
   const auto call = [&](Result& r) {
     for (Matrix<float>* m : {&r.O, &r.dQ, &r.dK, &r.dV}) m->resize(T, d);
     r.final_state = retention::RetentionState<float>(d, d);
@@ -179,18 +184,33 @@ TEST(Architecture, ChunkwiseCallsKeepTheirBuffers) {
     bo.initial_state = &init;
     bo.final_state_gradient = &fgrad;
     const long bytes = bytes_during([&] {
-      retention::chunkwise_retention_into(Q, K, V, decay, C, r.O, fo);
-      retention::chunkwise_retention_backward_into(Q, K, V, decay, C, G, r.dQ, r.dK, r.dV, bo,
-                                                   &r.d_init);
+      if (chunkwise) {
+        retention::chunkwise_retention_into(Q, K, V, decay, C, r.O, fo);
+        retention::chunkwise_retention_backward_into(Q, K, V, decay, C, G, r.dQ, r.dK, r.dV, bo,
+                                                     &r.d_init);
+      } else {
+        retention::parallel_retention_into(Q, K, V, decay, r.O, fo);
+        retention::parallel_retention_backward_into(Q, K, V, decay, G, r.dQ, r.dK, r.dV, bo,
+                                                    &r.d_init);
+      }
     });
     return bytes;
   };
-  // Another shape (narrower heads, a chunk longer than the sequence) sizes the kept buffers
-  // differently before each measured series.
+  // Another shape (narrower heads; a chunk or tile longer than the sequence) sizes the kept
+  // buffers differently before each measured series.
   const Matrix<float> q2 = in(20, 8, 9), k2 = in(20, 8, 10), v2 = in(20, 4, 11), g2 = in(20, 4, 12);
   const auto other_shape = [&] {
-    retention::chunkwise_retention(q2, k2, v2, decay, 64);
-    retention::chunkwise_retention_backward(q2, k2, v2, decay, 64, g2);
+    if (chunkwise) {
+      retention::chunkwise_retention(q2, k2, v2, decay, 64);
+      retention::chunkwise_retention_backward(q2, k2, v2, decay, 64, g2);
+    } else {
+      retention::RetentionOptions<float> fo;
+      fo.tile = 64;
+      retention::parallel_retention(q2, k2, v2, decay, fo);
+      retention::RetentionBackwardOptions<float> bo;
+      bo.tile = 64;
+      retention::parallel_retention_backward(q2, k2, v2, decay, g2, bo);
+    }
   };
   Result first, again, after_other;
   other_shape();
@@ -207,10 +227,96 @@ TEST(Architecture, ChunkwiseCallsKeepTheirBuffers) {
     EXPECT_EQ(r->dK, first.dK);
     EXPECT_EQ(r->dV, first.dV);
     EXPECT_EQ(r->final_state.S, first.final_state.S);
+    EXPECT_EQ(r->final_state.z, first.final_state.z);
     EXPECT_EQ(r->d_init.S, first.d_init.S);
     EXPECT_EQ(r->d_init.z, first.d_init.z);
   }
   EXPECT_TRUE(first.dQ.allFinite() && first.dK.allFinite() && first.dV.allFinite());
+}
+
+TEST(Architecture, ChunkwiseCallsKeepTheirBuffers) {
+  expect_calls_keep_their_buffers(retention::Form::chunkwise);
+}
+
+TEST(Architecture, ParallelCallsKeepTheirBuffers) {
+  expect_calls_keep_their_buffers(retention::Form::parallel);
+}
+
+// detail::gemm_into must give Eigen's own `dst.noalias() (+)= lhs * rhs`, bit for bit, on every
+// path of Eigen's dispatch (coefficient-based, matrix-vector, GEMM), every storage order and
+// strided blocks, so that moving a product onto it changes no result. Both run as the library
+// runs its products: with Eigen's own threading off (SerialEigenScope), since a product that
+// Eigen splits over threads is blocked differently.
+template <class T>
+void expect_gemm_into_is_eigens_product() {
+  const retention::detail::SerialEigenScope serial;
+  using ColMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  std::uint64_t seed = 100;
+  for (const auto& [m, n, k] : std::vector<std::array<Index, 3>>{{3, 4, 5},
+                                                                 {1, 40, 30},
+                                                                 {40, 1, 30},
+                                                                 {7, 9, 0},
+                                                                 {33, 65, 17},
+                                                                 {128, 300, 128},
+                                                                 {300, 128, 600},
+                                                                 {2, 33, 64},
+                                                                 {129, 257, 1}}) {
+    const Matrix<T> big_a = retention_test::random_matrix<T>(m + 3, k + 5, ++seed);
+    const Matrix<T> big_b = retention_test::random_matrix<T>(k + 4, n + 6, ++seed);
+    const Matrix<T> bt = retention_test::random_matrix<T>(n, k, ++seed);
+    const ColMatrix cm = retention_test::random_matrix<T>(m, k, ++seed);
+    const Matrix<T> start = retention_test::random_matrix<T>(m, n, ++seed);
+    const auto a = big_a.block(2, 3, m, k);  // a strided row-major block
+    const auto b = big_b.block(1, 4, k, n);
+    for (bool accumulate : {false, true}) {
+      Matrix<T> want = start, got = start;
+      ColMatrix want_c = start, got_c = start;
+      if (accumulate) {
+        want.noalias() += a * b;
+        want_c.noalias() += cm * bt.transpose();
+      } else {
+        want.noalias() = a * b;
+        want_c.noalias() = cm * bt.transpose();
+      }
+      retention::detail::gemm_into(got, a, b, accumulate);
+      retention::detail::gemm_into(got_c, cm, bt.transpose(), accumulate);
+      EXPECT_EQ(got, want) << m << " x " << n << " x " << k << " accumulate " << accumulate;
+      EXPECT_EQ(got_c, want_c) << m << " x " << n << " x " << k << " accumulate " << accumulate;
+      // Into a block of a larger destination (Eigen's coefficient-based products round by the
+      // destination's alignment, so the reference is a block at the same place), whose other
+      // entries stay as they were.
+      Matrix<T> frame = Matrix<T>::Constant(m + 2, n + 3, T(7));
+      frame.block(1, 2, m, n) = start;
+      Matrix<T> want_frame = frame;
+      if (accumulate)
+        want_frame.block(1, 2, m, n).noalias() += a * b;
+      else
+        want_frame.block(1, 2, m, n).noalias() = a * b;
+      retention::detail::gemm_into(frame.block(1, 2, m, n), a, b, accumulate);
+      EXPECT_EQ(frame, want_frame) << m << " x " << n << " x " << k;
+      EXPECT_EQ(frame.col(0), Matrix<T>::Constant(m + 2, 1, T(7)));
+      EXPECT_EQ(frame.row(m + 1), Matrix<T>::Constant(1, n + 3, T(7)));
+    }
+  }
+}
+
+TEST(Architecture, GemmIntoIsEigensProductBitForBit) {
+  expect_gemm_into_is_eigens_product<float>();
+  expect_gemm_into_is_eigens_product<double>();
+  // Operands that Eigen's GEMM cannot take as they are (an expression, fixed sizes) keep Eigen's
+  // own product.
+  const retention::detail::SerialEigenScope serial;
+  const Matrix<float> a = retention_test::random_matrix<float>(40, 30, 201);
+  const Matrix<float> b = retention_test::random_matrix<float>(30, 50, 202);
+  Matrix<float> want(40, 50), got(40, 50);
+  want.noalias() = (a.array() * 2.0f).matrix() * b;
+  retention::detail::gemm_into(got, (a.array() * 2.0f).matrix(), b);
+  EXPECT_EQ(got, want);
+  const Eigen::Matrix<float, 8, 8> f8 = Eigen::Matrix<float, 8, 8>::Random();
+  Eigen::Matrix<float, 8, 8> want8, got8;
+  want8.noalias() = f8 * f8.transpose();
+  retention::detail::gemm_into(got8, f8, f8.transpose());
+  EXPECT_EQ(got8, want8);
 }
 
 // --- Nothing internal reaches a user who includes retention.hpp. ------------------------------

@@ -159,16 +159,29 @@ TEST(Exceptions, MultiHeadFinalStatesAreAllOrNothing) {
 
 // The chunkwise passes keep their buffers per thread (detail::KeptMatrices): an allocation that
 // fails while those are resized must leave them usable, and the next call exact.
+/// One head's inputs for a forward and a backward with an initial state and a final-state
+/// gradient (seeds seed .. seed + 5).
+struct HeadInputs {
+  HeadInputs(Index T, Index d, std::uint64_t seed)
+      : Q(retention_test::random_matrix<float>(T, d, seed)),
+        K(retention_test::random_matrix<float>(T, d, seed + 1)),
+        V(retention_test::random_matrix<float>(T, d, seed + 2)),
+        G(retention_test::random_matrix<float>(T, d, seed + 3)),
+        init(d, d),
+        fgrad(d, d) {
+    init.S = retention_test::random_matrix<float>(d, d, seed + 4);
+    fgrad.S = retention_test::random_matrix<float>(d, d, seed + 5);
+  }
+  Matrix<float> Q, K, V, G;
+  retention::RetentionState<float> init, fgrad;
+};
+
 TEST(Exceptions, ChunkwiseBackwardAfterAllocationFailures) {
-  const Index T = 70, d = 128, C = 16;  // 4 Cp <= d: the score-tile path
+  const Index C = 16;  // 4 Cp <= d: the score-tile path
+  const HeadInputs in(70, 128, 11);
+  const Matrix<float>&Q = in.Q, &K = in.K, &V = in.V, &G = in.G;
+  const retention::RetentionState<float>&init = in.init, &fgrad = in.fgrad;
   const retention::CausalDecay decay(0.95);
-  const Matrix<float> Q = retention_test::random_matrix<float>(T, d, 11);
-  const Matrix<float> K = retention_test::random_matrix<float>(T, d, 12);
-  const Matrix<float> V = retention_test::random_matrix<float>(T, d, 13);
-  const Matrix<float> G = retention_test::random_matrix<float>(T, d, 14);
-  retention::RetentionState<float> init(d, d), fgrad(d, d);
-  init.S = retention_test::random_matrix<float>(d, d, 15);
-  fgrad.S = retention_test::random_matrix<float>(d, d, 16);
   retention::RetentionBackwardOptions<float> bo;
   bo.normalization = retention::Normalization::decay_and_score;
   bo.initial_state = &init;
@@ -193,6 +206,50 @@ TEST(Exceptions, ChunkwiseBackwardAfterAllocationFailures) {
   EXPECT_EQ(got.first.dV, expected.first.dV);
   EXPECT_EQ(got.first.d_initial_state.S, expected.first.d_initial_state.S);
   EXPECT_EQ(got.second, expected.second);
+}
+
+// The parallel form keeps its buffers and Eigen's packing buffers per thread (KeptMatrices,
+// detail::gemm_into): the same, with tiles of 50 and the default, over 300 keys (packing buffers
+// above Eigen's stack limit), with a final state and the initial state's gradient.
+TEST(Exceptions, ParallelBackwardAfterAllocationFailures) {
+  const HeadInputs in(300, 128, 21);
+  const Matrix<float>&Q = in.Q, &K = in.K, &V = in.V, &G = in.G;
+  const retention::RetentionState<float>&init = in.init, &fgrad = in.fgrad;
+  const retention::CausalDecay decay(0.95);
+  struct Result {
+    retention::RetentionGradients<float> g;
+    Matrix<float> O;
+    retention::RetentionState<float> final_state;
+  };
+  const auto call = [&](Index tile) {
+    retention::RetentionBackwardOptions<float> bo;
+    bo.normalization = retention::Normalization::decay_and_score;
+    bo.initial_state = &init;
+    bo.final_state_gradient = &fgrad;
+    bo.tile = tile;
+    Result r;
+    r.g = retention::parallel_retention_backward(Q, K, V, decay, G, bo);
+    retention::RetentionOptions<float> fo;
+    fo.initial_state = &init;
+    fo.final_state = &r.final_state;
+    fo.tile = tile;
+    r.O = retention::parallel_retention(Q, K, V, decay, fo);
+    return r;
+  };
+  const Result expected = call(0);
+  for (Index tile : {Index(50), Index(0)}) {
+    const int failures = inject_until_success([&] { call(tile); }, [] {});
+    EXPECT_GT(failures, 0) << "tile " << tile;
+  }
+  const Result got = call(0);
+  EXPECT_EQ(got.g.dQ, expected.g.dQ);
+  EXPECT_EQ(got.g.dK, expected.g.dK);
+  EXPECT_EQ(got.g.dV, expected.g.dV);
+  EXPECT_EQ(got.g.d_initial_state.S, expected.g.d_initial_state.S);
+  EXPECT_EQ(got.g.d_initial_state.z, expected.g.d_initial_state.z);
+  EXPECT_EQ(got.O, expected.O);
+  EXPECT_EQ(got.final_state.S, expected.final_state.S);
+  EXPECT_EQ(got.final_state.z, expected.final_state.z);
 }
 
 TEST(Exceptions, AnExceptionOnAWorkerThreadReachesTheCaller) {

@@ -170,16 +170,7 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   }
 
   if (final_state) {
-    if (final_state->S.rows() == dk && final_state->S.cols() == dv && final_state->z.size() == dk) {
-      final_state->S = S;  // into its own storage: nothing to allocate
-      final_state->z = z;
-    } else {
-      // Copies made first, then swapped in: an allocation failure leaves *final_state untouched.
-      Matrix<T> S_final = S;
-      Vector<T> z_final = z;
-      final_state->S.swap(S_final);
-      final_state->z.swap(z_final);
-    }
+    store_state(*final_state, S, z);
     final_state->position = p0 + T_len;
   }
 }

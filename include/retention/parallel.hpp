@@ -3,7 +3,9 @@
 #pragma once
 
 #include <retention/decay.hpp>
+#include <retention/detail/gemm.hpp>
 #include <retention/detail/retention/common.hpp>
+#include <retention/detail/scratch.hpp>
 #include <retention/detail/threading.hpp>
 #include <retention/state.hpp>
 
@@ -17,6 +19,9 @@ namespace retention {
 constexpr Index default_parallel_tile = 128;
 
 namespace detail {
+
+struct ParallelForwardScratch {};
+struct ParallelForwardStateScratch {};
 
 template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
 void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
@@ -37,29 +42,29 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   // weight gamma^(n0-m) is 0 in T add exactly nothing and are skipped.
   const Index B =
       std::min(options.tile > 0 ? options.tile : default_parallel_tile, std::max<Index>(T_len, 1));
-  const Matrix<T> D = decay.template weights<T>(0, B, 0, B);
+  // Working buffers from slots the thread keeps (KeptMatrices): the mask, the score tile, the
+  // block's outputs, the state terms, the final state's products; the factor tables.
+  KeptMatrices<T, ParallelForwardScratch, 6, 5> kept;
+  Matrix<T>& D = kept.matrix(0, B, B);
+  decay.weights_into(0, 0, D);
   // pw[d] = gamma^d for d = 0..T (the largest distance any factor needs), each formed as exp(d ln
   // gamma); the key factors of block n0 are pw[n0 - m], read backwards. Keys at distance >=
   // horizon, where the factor is below the smallest normal number of T, contribute less than 1e-38
   // (float) of a weight each and are skipped; denormals that still arise are flushed (see
   // DenormalsFlushed).
   const DenormalsFlushed flush_guard;
-  Vector<T> pw(T_len + 1);
+  Vector<T>& pw = kept.vector(0, T_len + 1);
   Index horizon = T_len + 1;
   for (Index d = 0; d <= T_len; ++d) {
     pw(d) = static_cast<T>(decay.factor(d));
     if (pw(d) < std::numeric_limits<T>::min() && horizon > T_len) horizon = d;
   }
-  RowVector<T> kf(T_len);
-  Matrix<T> A(B, std::min(T_len, horizon + B));
-  Vector<T> r(B);
-  Matrix<T> Ob(B, dv);
-  Matrix<T> inter;
-  Vector<T> Qz;
-  if (init) {
-    inter.resize(B, dv);
-    Qz.resize(B);
-  }
+  Vector<T>& kf = kept.vector(1, T_len);
+  Matrix<T>& A = kept.matrix(1, B, std::min(T_len, horizon + B));
+  Vector<T>& r = kept.vector(2, B);
+  Matrix<T>& Ob = kept.matrix(2, B, dv);
+  Matrix<T>& inter = kept.matrix(3, init ? B : 0, dv);
+  Vector<T>& Qz = kept.vector(3, init ? B : 0);
   const bool score = options.normalization == Normalization::decay_and_score;
 
   for (Index n0 = 0; n0 < T_len; n0 += B) {
@@ -74,10 +79,11 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
     const Index m_start = std::max<Index>(0, n0 - horizon + 1);
     const Index M = n0 + Ln - m_start, Moff = n0 - m_start;
     auto Am = A.topLeftCorner(Ln, M);
-    Am.noalias() = Qn * K.middleRows(m_start, M).transpose();
+    gemm_into(Am, Qn, K.middleRows(m_start, M).transpose());
     if (Moff > 0) {
       for (Index l = 0; l < Moff; ++l) kf(l) = pw(n0 - m_start - l);
-      for (Index j = 0; j < Ln; ++j) Am.row(j).head(Moff).array() *= pw(j) * kf.head(Moff).array();
+      for (Index j = 0; j < Ln; ++j)
+        Am.row(j).head(Moff).array() *= pw(j) * kf.head(Moff).transpose().array();
     }
     // Row j may see keys and values up to n0 + j only. The mask is a product, and 0 x Inf = NaN:
     // a non-finite key or value in the diagonal block would reach the earlier rows of the block
@@ -89,10 +95,10 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
     Ad.array() *= D.topLeftCorner(Ln, Ln).array();
     if (score) r.head(Ln) = Am.rowwise().sum();
     if (!safe) {
-      On.noalias() = Am * V.middleRows(m_start, M);
+      gemm_into(On, Am, V.middleRows(m_start, M));
     } else {
       if (Moff > 0)
-        On.noalias() = Am.leftCols(Moff) * V.middleRows(m_start, Moff);
+        gemm_into(On, Am.leftCols(Moff), V.middleRows(m_start, Moff));
       else
         On.setZero();
       for (Index j = 0; j < Ln; ++j)
@@ -118,25 +124,29 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
 
   if (options.final_state) {
     // S_final = gamma^T S_init + sum_m gamma^(T-1-m) k_m^T v_m (z likewise), key block by block.
-    Matrix<Acc> S = Matrix<Acc>::Zero(dk, dv);
-    Vector<Acc> z = Vector<Acc>::Zero(dk);
+    Matrix<T>& Kw = kept.matrix(4, B, dk);
+    Vector<T>& wf = kept.vector(4, B);
+    // The products' transposes, as Eigen forms (K^T V) in a column-major temporary.
+    Matrix<T>& Pt = kept.matrix(5, dv, dk);
+    KeptMatrices<Acc, ParallelForwardStateScratch, 1, 1> kept_state;
+    Matrix<Acc>& S = kept_state.zero_matrix(0, dk, dv);
+    Vector<Acc>& z = kept_state.vector(0, dk);
+    z.setZero();
     if (init) {
       const Acc gT = static_cast<Acc>(decay.factor(T_len));
       S = gT * init->S;
       z = gT * init->z;
     }
-    Matrix<T> Kw(B, dk);
-    Vector<T> wf(B);
     for (Index m0 = 0; m0 < T_len; m0 += B) {
       const Index Lm = std::min(B, T_len - m0);
       for (Index l = 0; l < Lm; ++l) wf(l) = pw(T_len - 1 - m0 - l);
       auto Kwm = Kw.topRows(Lm);
       Kwm.noalias() = wf.head(Lm).asDiagonal() * K.middleRows(m0, Lm);
-      S += (Kwm.transpose() * V.middleRows(m0, Lm)).template cast<Acc>();
+      gemm_into(Pt, V.middleRows(m0, Lm).transpose(), Kwm);
+      S += Pt.transpose().template cast<Acc>();
       z += (Kwm.transpose() * Vector<T>::Ones(Lm)).template cast<Acc>();
     }
-    options.final_state->S = std::move(S);
-    options.final_state->z = std::move(z);
+    store_state(*options.final_state, S, z);
     options.final_state->position = p0 + T_len;
   }
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/state.hpp>
 
 #include <array>
 #include <cstddef>
@@ -127,6 +128,24 @@ class KeptMatrices {
  private:
   ThreadKept<Slots, Tag> slots_;
 };
+
+/// state.S = S and state.z = z for a state a call hands back (a final state, a state gradient):
+/// into the state's own storage when the shapes match, so nothing is allocated; otherwise both
+/// copies are made first and then swapped in, so that an allocation failure leaves the state
+/// untouched (assigning would not: Eigen's resize frees the old block before it allocates).
+template <class T, class DS, class DZ>
+void store_state(RetentionState<T>& state, const Eigen::MatrixBase<DS>& S,
+                 const Eigen::MatrixBase<DZ>& z) {
+  if (state.S.rows() == S.rows() && state.S.cols() == S.cols() && state.z.size() == z.size()) {
+    state.S = S;
+    state.z = z;
+  } else {
+    Matrix<T> S_copy = S;
+    Vector<T> z_copy = z;
+    state.S.swap(S_copy);
+    state.z.swap(z_copy);
+  }
+}
 
 }  // namespace detail
 }  // namespace retention

@@ -427,13 +427,7 @@ void chunkwise_backward_by_retention(const Eigen::MatrixBase<DQ>& Q, const Eigen
     dS.noalias() = g * final_R->transpose();
     Vector<T> dz = (gamma * w).template cast<T>();
     if (fgrad && !divide) dS += static_cast<T>(decay.chunk_factor(T_len)) * fgrad->S;
-    if (args.d_init->S.rows() == dk && args.d_init->S.cols() == dv) {
-      args.d_init->S = dS;  // into its own storage: nothing to allocate
-    } else {
-      Matrix<T> copy = dS;  // Eigen's resize would leave a freed block behind a failed allocation
-      args.d_init->S.swap(copy);
-    }
-    args.d_init->z = std::move(dz);
+    store_state(*args.d_init, dS, dz);
     args.d_init->position = p0;
   }
 }

@@ -10,7 +10,9 @@
 // Pairs whose decay factor is below the smallest normal number of T are skipped, as in the forward.
 #pragma once
 
+#include <retention/detail/gemm.hpp>
 #include <retention/detail/retention/backward_kernels.hpp>
+#include <retention/detail/scratch.hpp>
 
 #include <algorithm>
 #include <limits>
@@ -18,6 +20,9 @@
 
 namespace retention {
 namespace detail {
+
+struct ParallelBackwardScratch {};
+struct ParallelBackwardStateScratch {};
 
 /// Parallel backward of one head into dQ, dK [T, dk] and dV [T, dv]; the inputs are checked.
 /// Extra memory: T dv + T (the scaled upstream gradient and gs) plus three B x (T + B) tiles.
@@ -37,39 +42,43 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
   const RetentionState<Acc>* fin = args.final_grad;
   const Index B = std::min(tile, std::max<Index>(T_len, 1));
 
+  // Working buffers from slots the thread keeps (KeptMatrices).
+  KeptMatrices<T, ParallelBackwardScratch, 7, 5> kept;
   // pw[d] = gamma^d = exp(d ln gamma); horizon = the first distance whose factor is below T's
   // smallest normal number (T_len + 1 if none).
-  Vector<T> pw(T_len + 1);
+  Vector<T>& pw = kept.vector(0, T_len + 1);
   Index horizon = T_len + 1;
   for (Index d = 0; d <= T_len; ++d) {
     pw(d) = static_cast<T>(decay.factor(d));
     if (pw(d) < std::numeric_limits<T>::min() && horizon > T_len) horizon = d;
   }
-  const Matrix<T> D = decay.template weights<T>(0, B, 0, B);
+  Matrix<T>& D = kept.matrix(0, B, B);
+  decay.weights_into(0, 0, D);
   // With a non-finite input the products over a diagonal block run row by row over the causal
   // range only, so that a masked 0 never meets a later token's Inf or NaN (docs/math.md §2.6).
   const bool finite = Q.allFinite() && K.allFinite() && V.allFinite() && G.allFinite();
   const Index width = std::min(T_len, horizon + B);
-  Matrix<T> A(B, width), dP(B, width), U;
-  Matrix<T> Gu(T_len, dv);
-  Vector<T> gs = Vector<T>::Zero(T_len);
-  Vector<T> s(B);
-  Matrix<Acc> Qg, Guq, inter;
-  Vector<Acc> qz, gsq;
-  Matrix<Acc> dS0;
-  Vector<Acc> dz0;
-  if (exact) U.resize(B, dv);
-  if (init) {
-    Qg.resize(B, dk);
-    Guq.resize(B, dv);
-    gsq = Vector<Acc>::Zero(B);
-    qz.resize(B);
-    if (exact) inter.resize(B, dv);
-    if (args.d_init) {
-      dS0 = Matrix<Acc>::Zero(dk, dv);
-      dz0 = Vector<Acc>::Zero(dk);
-    }
-  }
+  Matrix<T>& A = kept.matrix(1, B, width);
+  Matrix<T>& dP = kept.matrix(2, B, width);
+  Matrix<T>& U = kept.matrix(3, exact ? B : 0, dv);
+  Matrix<T>& Gu = kept.matrix(4, T_len, dv);
+  Vector<T>& gs = kept.vector(1, T_len);
+  gs.setZero();
+  Vector<T>& s = kept.vector(2, B);
+  // The initial state's terms, in its scalar type (slots of their own, which a float head with a
+  // double state needs).
+  KeptMatrices<Acc, ParallelBackwardStateScratch, 4, 3> kept_acc;
+  const Index Bi = init ? B : 0;
+  Matrix<Acc>& Qg = kept_acc.matrix(0, Bi, dk);
+  Matrix<Acc>& Guq = kept_acc.matrix(1, Bi, dv);
+  Matrix<Acc>& inter = kept_acc.matrix(2, exact ? Bi : 0, dv);
+  Vector<Acc>& qz = kept_acc.vector(0, Bi);
+  Vector<Acc>& gsq = kept_acc.vector(1, Bi);
+  gsq.setZero();
+  const bool d_init = init && args.d_init;
+  Matrix<Acc>& dS0 = kept_acc.zero_matrix(3, d_init ? dk : 0, dv);
+  Vector<Acc>& dz0 = kept_acc.vector(2, d_init ? dk : 0);
+  dz0.setZero();
 
   // Decay of a query-block tile against keys [m_start, n0 + Ln): earlier keys m < n0 factor as
   // gamma^(n-m) = gamma^(n-n0) gamma^(n0-m) (both <= 1), the diagonal block is D.
@@ -104,7 +113,7 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
       Gun = Gn;
     } else {
       if (score) {
-        Am.noalias() = Qn * Km.transpose();
+        gemm_into(Am, Qn, Km.transpose());
         decay_query_tile(Am, n0, Ln, m_start);
         s.head(Ln) = Am.rowwise().sum();
         if (init) qz.head(Ln).noalias() = Qg.topRows(Ln) * init->z;
@@ -112,7 +121,7 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
       if (exact) {
         auto Un = U.topRows(Ln);
         if (finite) {
-          Un.noalias() = Am * Vm;
+          gemm_into(Un, Am, Vm);
         } else {
           for (Index j = 0; j < Ln; ++j) {
             const Index c = n0 - m_start + j + 1;  // keys up to query n0 + j
@@ -139,12 +148,12 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
     }
 
     auto dPm = dP.topLeftCorner(Ln, M);
-    dPm.noalias() = Gun * Vm.transpose();
+    gemm_into(dPm, Gun, Vm.transpose());
     if (exact) dPm.colwise() += gs.segment(n0, Ln);
     decay_query_tile(dPm, n0, Ln, m_start);
     auto dQn = dQ.middleRows(n0, Ln);
     if (finite) {
-      dQn.noalias() = dPm * Km;
+      gemm_into(dQn, dPm, Km);
     } else {
       for (Index j = 0; j < Ln; ++j) {
         const Index c = n0 - m_start + j + 1;
@@ -168,14 +177,10 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
 
   // Key blocks: key m0 + l against queries n in [m0, n_end); the diagonal block is D^T, a later
   // query n >= m0 + Lm factors as gamma^(n-m) = gamma^(n-m0-Lm) gamma^(m0+Lm-m).
-  Matrix<T> Vk, Kk;
-  Vector<T> lk;
-  if (fin) {
-    Vk.resize(B, dv);
-    Kk.resize(B, dk);
-    lk.resize(B);
-  }
-  RowVector<T> later(width);
+  Matrix<T>& Vk = kept.matrix(5, fin ? B : 0, dv);
+  Matrix<T>& Kk = kept.matrix(6, fin ? B : 0, dk);
+  Vector<T>& lk = kept.vector(3, fin ? B : 0);
+  Vector<T>& later = kept.vector(4, width);
   for (Index m0 = 0; m0 < T_len; m0 += B) {
     const Index Lm = std::min(B, T_len - m0);
     const Index n_end = std::min(T_len, m0 + Lm - 1 + horizon);
@@ -186,9 +191,9 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
     const auto Gun = Gu.middleRows(m0, N);
     auto Pt = dP.topLeftCorner(Lm, N);
     auto At = A.topLeftCorner(Lm, N);
-    Pt.noalias() = Vm * Gun.transpose();
+    gemm_into(Pt, Vm, Gun.transpose());
     if (exact) Pt.rowwise() += gs.segment(m0, N).transpose();
-    At.noalias() = Km * Qn.transpose();
+    gemm_into(At, Km, Qn.transpose());
     for (Index l = 0; l < Lm; ++l) {
       const auto dl = D.col(l).head(Lm).transpose();
       // Selected, not multiplied, as in decay_query_tile: a bad earlier token stays out of dK_m
@@ -198,16 +203,16 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
       At.row(l).head(Lm).array() =
           (dl.array() == T(0)).select(T(0), At.row(l).head(Lm).array() * dl.array());
       if (N > Lm) {
-        later.head(N - Lm) = pw(Lm - l) * pw.head(N - Lm).transpose();
-        Pt.row(l).tail(N - Lm).array() *= later.head(N - Lm).array();
-        At.row(l).tail(N - Lm).array() *= later.head(N - Lm).array();
+        later.head(N - Lm) = pw(Lm - l) * pw.head(N - Lm);
+        Pt.row(l).tail(N - Lm).array() *= later.head(N - Lm).transpose().array();
+        At.row(l).tail(N - Lm).array() *= later.head(N - Lm).transpose().array();
       }
     }
     auto dKm = dK.middleRows(m0, Lm);
     auto dVm = dV.middleRows(m0, Lm);
     if (finite) {
-      dKm.noalias() = Pt * Qn;
-      dVm.noalias() = At * Gun;
+      gemm_into(dKm, Pt, Qn);
+      gemm_into(dVm, At, Gun);
     } else {
       for (Index l = 0; l < Lm; ++l) {  // queries from key m0 + l on
         dKm.row(l).noalias() = Pt.row(l).tail(N - l) * Qn.bottomRows(N - l);
@@ -239,8 +244,7 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
       dS0 += gT * fin->S;
       dz0 += gT * fin->z;
     }
-    args.d_init->S = std::move(dS0);
-    args.d_init->z = std::move(dz0);
+    store_state(*args.d_init, dS0, dz0);
     args.d_init->position = p0;
   }
 }
