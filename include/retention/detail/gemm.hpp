@@ -9,6 +9,10 @@
 namespace retention {
 namespace detail {
 
+// The kept path uses Eigen 3.4's internal GEMM interface (general_matrix_matrix_product and
+// gemm_blocking_space); with any other Eigen version every product is Eigen's own.
+#if EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4
+
 struct GemmPackedLhsTag {};
 struct GemmPackedRhsTag {};
 
@@ -43,6 +47,8 @@ class KeptGemmBlocking
   ThreadScratch<T, GemmPackedRhsTag> b_;
 };
 
+#endif
+
 /// Whether gemm_into can hand an operand or destination type to Eigen's GEMM directly: scalar T,
 /// direct access with unit inner stride, sizes known at run time only (Eigen may choose other
 /// products for sizes fixed at compile time).
@@ -67,19 +73,20 @@ constexpr bool blas_products =
 /// Eigen runs as a sequential GEMM uses packing buffers the thread keeps (KeptGemmBlocking).
 /// Everything else is Eigen's own product: products that Eigen hands to a BLAS, operands that
 /// gemm_operand rejects, tiny products (coefficient-based), a single row or column
-/// (matrix-vector), an empty inner dimension, and products that Eigen may split over its own
-/// threads (Eigen::nbThreads() > 1: outside the library's regions, which set it to 1, with OpenMP
-/// on).
+/// (matrix-vector), an empty inner dimension, products that Eigen may split over its own threads
+/// (Eigen::nbThreads() > 1: outside the library's regions, which set it to 1, with OpenMP on),
+/// and every product with an Eigen other than 3.4.
 template <class Dst, class Lhs, class Rhs>
 void gemm_into(Dst&& dst, const Lhs& lhs, const Rhs& rhs, bool accumulate = false) {
-  using D = std::decay_t<Dst>;
-  using T = typename D::Scalar;
   const auto eigen_product = [&] {
     if (accumulate)
       dst.noalias() += lhs * rhs;
     else
       dst.noalias() = lhs * rhs;
   };
+#if EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4
+  using D = std::decay_t<Dst>;
+  using T = typename D::Scalar;
   if constexpr (blas_products<T> ||
                 !(gemm_operand<D, T> && gemm_operand<Lhs, T> && gemm_operand<Rhs, T>)) {
     eigen_product();
@@ -107,6 +114,9 @@ void gemm_into(Dst&& dst, const Lhs& lhs, const Rhs& rhs, bool accumulate = fals
                                                                      1, dst.outerStride(), T(1),
                                                                      blocking, nullptr);
   }
+#else
+  eigen_product();
+#endif
 }
 
 }  // namespace detail
