@@ -129,13 +129,15 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
     // The products' transposes, as Eigen forms (K^T V) in a column-major temporary.
     Matrix<T>& Pt = kept.matrix(5, dv, dk);
     KeptMatrices<Acc, ParallelForwardStateScratch, 1, 1> kept_state;
-    Matrix<Acc>& S = kept_state.zero_matrix(0, dk, dv);
+    Matrix<Acc>& S = kept_state.matrix(0, dk, dv);
     Vector<Acc>& z = kept_state.vector(0, dk);
-    z.setZero();
     if (init) {
       const Acc gT = static_cast<Acc>(decay.factor(T_len));
       S = gT * init->S;
       z = gT * init->z;
+    } else {
+      S.setZero();
+      z.setZero();
     }
     for (Index m0 = 0; m0 < T_len; m0 += B) {
       const Index Lm = std::min(B, T_len - m0);

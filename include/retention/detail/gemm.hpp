@@ -53,10 +53,11 @@ class KeptGemmBlocking
 /// direct access with unit inner stride, sizes known at run time only (Eigen may choose other
 /// products for sizes fixed at compile time).
 template <class X, class T>
-constexpr bool gemm_operand =
-    std::is_same<typename X::Scalar, T>::value && (int(X::Flags) & Eigen::DirectAccessBit) != 0 &&
-    int(X::InnerStrideAtCompileTime) == 1 &&
-    int(X::RowsAtCompileTime) == Eigen::Dynamic&& int(X::ColsAtCompileTime) == Eigen::Dynamic;
+constexpr bool gemm_operand = std::is_same<typename X::Scalar, T>::value &&
+                              (int(X::Flags) & Eigen::DirectAccessBit) != 0 &&
+                              int(X::InnerStrideAtCompileTime) == 1 &&
+                              (int(X::RowsAtCompileTime) == int(Eigen::Dynamic)) &&
+                              (int(X::ColsAtCompileTime) == int(Eigen::Dynamic));
 
 /// Whether Eigen hands products of T to a BLAS (EIGEN_USE_BLAS, e.g. RETENTION_USE_BLAS), which
 /// keeps its own buffers.
