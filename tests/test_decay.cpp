@@ -324,6 +324,54 @@ TYPED_TEST(CausalFactors, StepChunkQueryAndKeyFactors) {
   }
 }
 
+// The power table and its horizon: every entry gamma^d from std::pow in long double, the horizon
+// the first d whose rounded power is below the type's smallest normal number (found by a scan
+// here).
+TYPED_TEST(CausalFactors, PowerTableAndHorizon) {
+  using T = TypeParam;
+  // exp(k ln gamma) in double carries about k |ln gamma| eps relative, then one rounding to T.
+  const double round = sizeof(T) == sizeof(double) ? 2e-16 : 1.2e-7;
+  std::vector<double> gammas(std::begin(kGammas), std::end(kGammas));
+  gammas.push_back(1e-30);
+  for (double gamma : gammas)
+    for (Index size : {0, 1, 2, 40, 1100, 30000}) {
+      const CausalDecay d(gamma);
+      retention::Vector<T> pw(size);
+      const Index horizon = d.powers_into(pw);
+      Index expected = size;
+      for (Index k = 0; k < size; ++k) {
+        const long double exact =
+            std::pow(static_cast<long double>(gamma), static_cast<long double>(k));
+        const T rounded = static_cast<T>(exact);
+        if (expected == size && rounded < std::numeric_limits<T>::min()) expected = k;
+        if (exact >= static_cast<long double>(std::numeric_limits<T>::min()) * 2) {
+          ASSERT_TRUE(
+              close(static_cast<double>(pw(k)), static_cast<double>(exact),
+                    round + (1.0 + static_cast<double>(k) * std::abs(std::log(gamma))) * 4e-16))
+              << gamma << " " << k;
+        } else {
+          ASSERT_LE(static_cast<double>(pw(k)), 4.0 * std::numeric_limits<T>::min());
+        }
+        ASSERT_GE(pw(k), T(0));
+      }
+      EXPECT_EQ(horizon, expected) << gamma << " " << size;
+      if (size > 0) {
+        EXPECT_EQ(pw(0), T(1));
+      }
+    }
+  // A segment of a longer vector: only the segment is written.
+  retention::Vector<T> big = retention::Vector<T>::Constant(8, T(-1));
+  EXPECT_EQ(CausalDecay(0.5).powers_into(big.segment(2, 4)), 4);
+  EXPECT_EQ(big(1), T(-1));
+  EXPECT_EQ(big(2), T(1));
+  EXPECT_TRUE(close(static_cast<double>(big(5)), 0.125, 1e-7));
+  EXPECT_EQ(big(6), T(-1));
+  // gamma = 1: no horizon.
+  retention::Vector<T> ones(50);
+  EXPECT_EQ(CausalDecay(1.0).powers_into(ones), 50);
+  EXPECT_TRUE((ones.array() == T(1)).all());
+}
+
 TEST(CausalFactors, DecaySumIsTheGeometricSum) {
   const std::vector<double> retnet = retention::retnet_gammas(32);
   std::vector<double> gammas(std::begin(kGammas), std::end(kGammas));

@@ -320,6 +320,22 @@ class CausalDecay : public detail::DecayMaskBase<CausalDecay> {
     for (Index l = 0; l < length; ++l) f(l) = static_cast<T>(raw_factor(length - 1 - l));
     return f;
   }
+  /// Writes the power table out[d] = gamma^d, d = 0..out.size()-1 (into a vector, Map or
+  /// segment), and returns the horizon: the first d whose power, rounded to the element type, is
+  /// below that type's smallest normal number (out.size() if none). The parallel form skips keys
+  /// at or beyond the horizon (docs/math.md §1.3).
+  template <class Out>
+  Index powers_into(Out&& out) const {
+    using T = typename std::decay_t<Out>::Scalar;
+    static_assert(std::decay_t<Out>::IsVectorAtCompileTime, "powers_into writes a vector");
+    const Index size = out.size();
+    Index horizon = size;
+    for (Index d = 0; d < size; ++d) {
+      out(d) = static_cast<T>(raw_factor(d));
+      if (horizon == size && out(d) < std::numeric_limits<T>::min()) horizon = d;
+    }
+    return horizon;
+  }
   /// sum_{i=0}^{p} gamma^i = (1 - gamma^(p+1)) / (1 - gamma), or p + 1 at gamma = 1
   /// (the `decay` normalisation of docs/math.md §2), computed without cancellation through expm1; p
   /// >= 0 (p + 1 is formed in double, so p up to the largest Index is fine).

@@ -54,11 +54,7 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   // DenormalsFlushed).
   const DenormalsFlushed flush_guard;
   Vector<T>& pw = kept.vector(0, T_len + 1);
-  Index horizon = T_len + 1;
-  for (Index d = 0; d <= T_len; ++d) {
-    pw(d) = static_cast<T>(decay.factor(d));
-    if (pw(d) < std::numeric_limits<T>::min() && horizon > T_len) horizon = d;
-  }
+  const Index horizon = decay.powers_into(pw);
   Vector<T>& kf = kept.vector(1, T_len);
   Matrix<T>& A = kept.matrix(1, B, std::min(T_len, horizon + B));
   Vector<T>& r = kept.vector(2, B);

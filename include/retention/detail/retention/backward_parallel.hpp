@@ -44,14 +44,9 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
 
   // Working buffers from slots the thread keeps (KeptMatrices).
   KeptMatrices<T, ParallelBackwardScratch, 7, 5> kept;
-  // pw[d] = gamma^d = exp(d ln gamma); horizon = the first distance whose factor is below T's
-  // smallest normal number (T_len + 1 if none).
+  // pw[d] = gamma^d, d = 0..T; keys at distance >= horizon add nothing (as in the forward).
   Vector<T>& pw = kept.vector(0, T_len + 1);
-  Index horizon = T_len + 1;
-  for (Index d = 0; d <= T_len; ++d) {
-    pw(d) = static_cast<T>(decay.factor(d));
-    if (pw(d) < std::numeric_limits<T>::min() && horizon > T_len) horizon = d;
-  }
+  const Index horizon = decay.powers_into(pw);
   Matrix<T>& D = kept.matrix(0, B, B);
   decay.weights_into(0, 0, D);
   // With a non-finite input the products over a diagonal block run row by row over the causal
