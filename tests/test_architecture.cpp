@@ -1,6 +1,7 @@
 // The library's shape (issue: one head loop, one thread rule, nothing internal leaks to users):
 // what including retention.hpp defines, what the public headers contain, and that decoding
 // allocates nothing after its first step (counted by interposing malloc and friends).
+// retention-test-links: compiled
 #include <retention/detail/gemm.hpp>
 #include <retention/retention.hpp>
 
