@@ -21,10 +21,18 @@ Mat sine_matrix(Index rows, Index cols, double f) {
   return m;
 }
 
-/// ViR-S/16 with deterministic random weights (the tour's model), built once.
-const retention::VirEncoder<float>& vir_model() {
+/// ViR-S/16 with deterministic random weights (the tour's model), built once; with packed weights
+/// (VirConfig::packed_weights) a second copy of the same model.
+const retention::VirEncoder<float>& vir_model(bool packed = false) {
   static const retention::VirEncoder<float> model(retention::vir_s16(), 0);
-  return model;
+  static const retention::VirEncoder<float> packed_model(
+      [] {
+        retention::VirConfig c = retention::vir_s16();
+        c.packed_weights = true;
+        return c;
+      }(),
+      0);
+  return packed ? packed_model : model;
 }
 
 /// The tour's "ViR MHR" line: the first block's multi-head retention layer (fused projection, six
@@ -40,7 +48,7 @@ void BM_vir_mhr(benchmark::State& state) {
 /// The tour's ViR-S/16 encoder at 224 px: parallel form layer by layer (range(1) = 0), or chunk by
 /// chunk through every layer (range(1) = 1, chunks of 64 tokens), the two orders the thread rule's
 /// issue measured.
-void BM_vir_encoder(benchmark::State& state) {
+void run_vir_encoder(benchmark::State& state, bool packed) {
   const Index size = 224;
   std::vector<float> img(static_cast<std::size_t>(size * size * 3));
   for (std::size_t i = 0; i < img.size(); ++i)
@@ -53,8 +61,11 @@ void BM_vir_encoder(benchmark::State& state) {
     o.chunk = 64;
     o.order = retention::VirOrder::chunk_major;
   }
-  for (auto _ : state) benchmark::DoNotOptimize(vir_model().forward(view, o).data());
+  for (auto _ : state) benchmark::DoNotOptimize(vir_model(packed).forward(view, o).data());
 }
+void BM_vir_encoder(benchmark::State& state) { run_vir_encoder(state, false); }
+/// The same with every Linear packed once (VirConfig::packed_weights).
+void BM_vir_encoder_packed(benchmark::State& state) { run_vir_encoder(state, true); }
 
 /// The retention kernel of the ViR MHR layer alone (no projections): 197 tokens, 6 heads of 64,
 /// chunkwise. About 0.2 ms of work, below what the thread rule gives a second thread.
@@ -76,8 +87,9 @@ void BM_vir_mhr_kernel(benchmark::State& state) {
 }
 
 /// The RMT attention layer on a 28 x 28 grid, C = 128, 4 heads (MaSA and MaSAD).
-void BM_rmt_layer(benchmark::State& state) {
+void run_rmt_layer(benchmark::State& state, bool packed) {
   retention::ManhattanAttentionConfig cfg;
+  cfg.packed_weights = packed;
   cfg.embed_dim = 128;
   cfg.heads = 4;
   cfg.tile.threads = static_cast<int>(state.range(0));
@@ -87,10 +99,14 @@ void BM_rmt_layer(benchmark::State& state) {
   const Mat x = sine_matrix(28 * 28, 128, 0.01);
   for (auto _ : state) benchmark::DoNotOptimize(layer.forward(x, 28, 28).data());
 }
+void BM_rmt_layer(benchmark::State& state) { run_rmt_layer(state, false); }
+/// The same with its projections packed once (ManhattanAttentionConfig::packed_weights).
+void BM_rmt_layer_packed(benchmark::State& state) { run_rmt_layer(state, true); }
 
 /// The tour's MSR layer: T = 1024, d = 512, value_dim = 1024, 4 heads, chunkwise.
-void BM_msr_layer(benchmark::State& state) {
+void run_msr_layer(benchmark::State& state, bool packed) {
   retention::MsrConfig cfg;
+  cfg.packed_weights = packed;
   cfg.embed_dim = 512;
   cfg.value_dim = 1024;
   cfg.heads = 4;
@@ -100,6 +116,9 @@ void BM_msr_layer(benchmark::State& state) {
   const Mat x = sine_matrix(1024, 512, 0.001);
   for (auto _ : state) benchmark::DoNotOptimize(layer.forward(x).data());
 }
+void BM_msr_layer(benchmark::State& state) { run_msr_layer(state, false); }
+/// The same with its projections packed once (MsrConfig::packed_weights).
+void BM_msr_layer_packed(benchmark::State& state) { run_msr_layer(state, true); }
 
 /// Multi-head MaSAD, 56 x 56 grid, 8 heads of 64.
 void BM_masad(benchmark::State& state) {
@@ -127,9 +146,18 @@ void threads_by_mode(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_vir_mhr)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_vir_encoder)->Apply(threads_by_mode)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_vir_encoder_packed)
+    ->Apply(threads_by_mode)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_vir_mhr_kernel)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_rmt_layer)->Apply(threads_by_mode)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_rmt_layer_packed)
+    ->Apply(threads_by_mode)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_msr_layer)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_msr_layer_packed)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_masad)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace

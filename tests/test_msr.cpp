@@ -128,17 +128,19 @@ TYPED_TEST(MsrTest, MatchesReferenceInEveryForm) {
       {config(16, 32, 4, Normalization::decay_and_score, HeadNorm::rms, 1e-6, true), 300},
   };
   std::uint64_t seed = 1;
-  for (const auto& c : cases) {
-    const Pair<T> p = make_layer_pair<T>(c.cfg, seed++);
-    const Matrix<T> x = random_matrix<T>(c.T_len, c.cfg.embed_dim, seed++);
-    const Mat ref = msr_reference::forward(p.ref, x.template cast<double>());
-    for (const auto& f : kForms) {
-      const Matrix<T> y = p.layer.forward(x, f.form, f.chunk);
-      EXPECT_LE(relative_error(y, ref), 2 * spec_tolerance<T>())
-          << "d=" << c.cfg.embed_dim << " H=" << c.cfg.heads << " T=" << c.T_len << " form "
-          << retention::to_string(f.form) << " chunk " << f.chunk;
+  for (const bool packed : {false, true})  // MsrConfig::packed_weights
+    for (auto c : cases) {
+      c.cfg.packed_weights = packed;
+      const Pair<T> p = make_layer_pair<T>(c.cfg, seed++);
+      const Matrix<T> x = random_matrix<T>(c.T_len, c.cfg.embed_dim, seed++);
+      const Mat ref = msr_reference::forward(p.ref, x.template cast<double>());
+      for (const auto& f : kForms) {
+        const Matrix<T> y = p.layer.forward(x, f.form, f.chunk);
+        EXPECT_LE(relative_error(y, ref), 2 * spec_tolerance<T>())
+            << "d=" << c.cfg.embed_dim << " H=" << c.cfg.heads << " T=" << c.T_len << " form "
+            << retention::to_string(f.form) << " chunk " << f.chunk << (packed ? " packed" : "");
+      }
     }
-  }
 }
 
 // The library's normalisation factors are computable in every form, so the forms agree before

@@ -6,6 +6,7 @@
 #include <retention/nn/activations.hpp>
 #include <retention/nn/layer_norm.hpp>
 #include <retention/nn/linear.hpp>
+#include <retention/nn/parameters.hpp>
 
 #include "support/test_support.hpp"
 
@@ -87,6 +88,91 @@ TEST(NnUnits, LinearThreadedForwardSplitsRowsOrOutputs) {
   EXPECT_EQ(retention::detail::plan_column_split(2, 300, out, flops_per_row).size, 1);
   EXPECT_EQ(retention::detail::plan_column_split(1, 40, out, flops_per_row).size, 1);
 }
+
+/// y = x W^T + b written out in double.
+template <class T>
+Matrix<double> linear_reference(const retention::Linear<T>& l, const Matrix<T>& x) {
+  Matrix<double> want(x.rows(), l.out_features());
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index o = 0; o < l.out_features(); ++o) {
+      double s = l.has_bias() ? static_cast<double>(l.bias()(o)) : 0.0;
+      for (Index i = 0; i < l.in_features(); ++i)
+        s += static_cast<double>(x(r, i)) * static_cast<double>(l.weight()(o, i));
+      want(r, o) = s;
+    }
+  return want;
+}
+
+// A packed Linear (set_packed): every product against the sum written out in double, over output
+// counts that are and are not multiples of the packing's panels, inputs above and below Eigen's
+// depth block, one to 600 rows; column blocks that start and end inside a panel, outputs in a
+// block of a larger matrix, both threaded splits; a new weight (set_weight, load, a copy) is
+// packed again, and set_packed(false) goes back to the plain product.
+template <class T>
+void check_packed_linear(double tol) {
+  std::uint64_t seed = 100;
+  for (const Index out : {Index(1), Index(5), Index(47), Index(48), Index(49), Index(301)})
+    for (const Index in : {Index(1), Index(3), Index(200), Index(1100)}) {
+      retention::Linear<T> l(in, out, out % 2 == 1);
+      l.set_packed(true);
+      l.set_weight(random_matrix<double>(out, in, ++seed, 0.5));
+      if (l.has_bias()) l.set_bias(random_matrix<double>(1, out, ++seed));
+      ASSERT_TRUE(l.packed());
+      for (const Index rows : {Index(0), Index(1), Index(2), Index(7), Index(64), Index(600)}) {
+        const Matrix<T> x = random_matrix<T>(rows, in, ++seed);
+        const Matrix<double> want = linear_reference(l, x);
+        Matrix<T> y(rows, out);
+        l.forward_into(x, y);
+        EXPECT_LE(relative_error(y, want), tol) << out << " x " << in << ", " << rows << " rows";
+        // Outputs [c0, c0 + n) into a block of a larger matrix; nothing else written.
+        const Index c0 = out / 3, n = out - out / 3 - out / 5;
+        Matrix<T> big = Matrix<T>::Constant(rows + 2, out + 3, T(7));
+        auto block = big.block(1, 1, rows, out);
+        l.forward_columns_into(x, block, c0, n);
+        if (n > 0) {
+          EXPECT_LE(relative_error(Matrix<T>(block.middleCols(c0, n)), want.middleCols(c0, n)), tol)
+              << out << " x " << in << ", " << rows << " rows, columns " << c0 << " + " << n;
+        }
+        Matrix<T> outside = big;
+        outside.block(1, 1 + c0, rows, n).setConstant(T(7));
+        EXPECT_TRUE((outside.array() == T(7)).all()) << out << " x " << in << ", " << rows;
+      }
+    }
+  // Threaded splits over outputs (40 rows) and over rows (300), as in the test above.
+  retention::Linear<T> l(256, 301, true);
+  l.set_packed(true);
+  l.set_weight(random_matrix<double>(301, 256, 31, 0.1));
+  l.set_bias(random_matrix<double>(1, 301, 32));
+  EXPECT_EQ(l.column_align() % retention::detail::column_block_align, 0);
+  EXPECT_EQ(l.column_align() % retention::detail::PackedWeight<T>::granule(), 0);
+  for (const Index rows : {Index(40), Index(300)}) {
+    const Matrix<T> x = random_matrix<T>(rows, 256, 33 + rows);
+    Matrix<T> y(rows, 301);
+    l.forward_into(x, y, 2);
+    EXPECT_LE(relative_error(y, linear_reference(l, x)), tol) << rows << " rows, 2 threads";
+  }
+  // A new weight is packed again: set_weight, load, and on a copy (the original keeps its own).
+  const Matrix<T> x = random_matrix<T>(64, 256, 40);
+  retention::Linear<T> copy = l;
+  copy.set_weight(random_matrix<double>(301, 256, 41));
+  EXPECT_LE(relative_error(copy.forward(x), linear_reference(copy, x)), tol);
+  EXPECT_LE(relative_error(l.forward(x), linear_reference(l, x)), tol);
+  retention::ParameterMap m;
+  const Matrix<T> w = random_matrix<T>(301, 256, 42);
+  const retention::RowVector<T> b = random_matrix<T>(1, 301, 43);
+  m.add_dense("p.weight", w);
+  m.add_dense("p.bias", b);
+  l.load(m, "p.");
+  EXPECT_EQ(l.weight(), w);
+  EXPECT_LE(relative_error(l.forward(x), linear_reference(l, x)), tol);
+  l.set_packed(false);
+  EXPECT_FALSE(l.packed());
+  EXPECT_EQ(l.column_align(), retention::detail::column_block_align);
+  EXPECT_LE(relative_error(l.forward(x), linear_reference(l, x)), tol);
+}
+
+TEST(NnUnits, LinearPackedWeightsFloat) { check_packed_linear<float>(1e-5); }
+TEST(NnUnits, LinearPackedWeightsDouble) { check_packed_linear<double>(1e-13); }
 
 TEST(NnUnits, LayerNorm) {
   retention::LayerNorm<double> ln(6, 1e-5);

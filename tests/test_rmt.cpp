@@ -151,25 +151,28 @@ TYPED_TEST(RmtTest, LayerMatchesReference) {
   const Case cases[] = {
       {8, 2, 1, 4, 5, 4.0}, {12, 3, 2, 7, 7, 6.0}, {4, 1, 1, 1, 1, 4.0}, {16, 4, 1, 3, 8, 5.0}};
   std::uint64_t seed = 2000;
-  for (const Case& c : cases) {
-    ManhattanAttentionConfig cfg;
-    cfg.embed_dim = c.embed_dim;
-    cfg.heads = c.heads;
-    cfg.value_factor = c.value_factor;
-    cfg.heads_range = c.heads_range;
-    cfg.tile.query_tile = 5;  // small tiles so the streaming path really streams
-    cfg.tile.key_tile = 9;
-    ManhattanAttention<T> layer(cfg);
-    const rmt_reference::LayerParams p = load_random(layer, seed += 20);
-    const Matrix<T> x = random_matrix<T>(c.height * c.width, c.embed_dim, ++seed);
-    const Mat xd = x.template cast<double>();
-    for (RmtMode mode : {RmtMode::full, RmtMode::decomposed}) {
-      const Mat ref = rmt_reference::layer(xd, c.height, c.width, p, mode == RmtMode::decomposed);
-      EXPECT_LE(relative_error(layer.forward(x, c.height, c.width, mode), ref), spec_tolerance<T>())
-          << c.embed_dim << "/" << c.heads << " " << c.height << "x" << c.width << " "
-          << retention::to_string(mode);
+  for (const bool packed : {false, true})  // ManhattanAttentionConfig::packed_weights
+    for (const Case& c : cases) {
+      ManhattanAttentionConfig cfg;
+      cfg.packed_weights = packed;
+      cfg.embed_dim = c.embed_dim;
+      cfg.heads = c.heads;
+      cfg.value_factor = c.value_factor;
+      cfg.heads_range = c.heads_range;
+      cfg.tile.query_tile = 5;  // small tiles so the streaming path really streams
+      cfg.tile.key_tile = 9;
+      ManhattanAttention<T> layer(cfg);
+      const rmt_reference::LayerParams p = load_random(layer, seed += 20);
+      const Matrix<T> x = random_matrix<T>(c.height * c.width, c.embed_dim, ++seed);
+      const Mat xd = x.template cast<double>();
+      for (RmtMode mode : {RmtMode::full, RmtMode::decomposed}) {
+        const Mat ref = rmt_reference::layer(xd, c.height, c.width, p, mode == RmtMode::decomposed);
+        EXPECT_LE(relative_error(layer.forward(x, c.height, c.width, mode), ref),
+                  spec_tolerance<T>())
+            << c.embed_dim << "/" << c.heads << " " << c.height << "x" << c.width << " "
+            << retention::to_string(mode) << (packed ? " packed" : "");
+      }
     }
-  }
 }
 
 TYPED_TEST(RmtTest, BatchEqualsPerImage) {

@@ -299,19 +299,26 @@ TYPED_TEST(Vir, BlockOnFewRowsSplitOverOutputsMatchesReference) {
   ASSERT_TRUE(retention::detail::split_columns(rows, 4 * C, 2));
   ref::Config rc = small_ref(C, H, 1);
   const ref::Params P = random_params<T>(rc, 171);
-  retention::VirBlock<T> block(to_config(rc));
-  block.load(map_of(P), "blocks.0.");
   const Matrix<T> x = random_matrix<T>(rows, C, 172, 2.0);
   const Matrix<double> expected = ref::block(x.template cast<double>(), P, "blocks.0.", rc);
-  for (Form f : {Form::parallel, Form::chunkwise}) {
-    VirOptions o = opts(f, 16);
-    o.threads = 1;
-    const Matrix<T> one = block.forward(x, o);
-    o.threads = 2;
-    const Matrix<T> two = block.forward(x, o);
-    EXPECT_LE(relative_error(two, expected), spec_tolerance<T>()) << retention::to_string(f);
-    EXPECT_LE(relative_error(two, one), 100 * std::numeric_limits<T>::epsilon())
-        << retention::to_string(f);
+  // Also with packed weights (VirConfig::packed_weights), whose column splits fall on its panels.
+  for (const bool packed : {false, true}) {
+    retention::VirConfig config = to_config(rc);
+    config.packed_weights = packed;
+    retention::VirBlock<T> block(config);
+    block.load(map_of(P), "blocks.0.");
+    EXPECT_EQ(block.fc1().packed(), packed);
+    for (Form f : {Form::parallel, Form::chunkwise}) {
+      VirOptions o = opts(f, 16);
+      o.threads = 1;
+      const Matrix<T> one = block.forward(x, o);
+      o.threads = 2;
+      const Matrix<T> two = block.forward(x, o);
+      EXPECT_LE(relative_error(two, expected), spec_tolerance<T>())
+          << retention::to_string(f) << (packed ? ", packed" : "");
+      EXPECT_LE(relative_error(two, one), 100 * std::numeric_limits<T>::epsilon())
+          << retention::to_string(f) << (packed ? ", packed" : "");
+    }
   }
 }
 
@@ -324,30 +331,36 @@ TYPED_TEST(Vir, EncoderMatchesReferenceInEveryForm) {
   const ref::Config rc =
       small_ref(16, 2, 2, 4);  // 16 x 16 image, patch 4: 16 patches + class token
   const ref::Params P = random_params<T>(rc, 51);
-  retention::VirEncoder<T> enc(to_config(rc), 99);
-  load_all(enc, P);
-  // The training grid, then other grids (the position embedding is resampled) incl. non-square.
-  struct Size {
-    Index H, W;
-  };
-  for (const Size sz : {Size{16, 16}, Size{12, 20}, Size{4, 4}, Size{24, 8}}) {
-    const std::vector<double> img =
-        random_image<T>(sz.H, sz.W, 3, 61 + static_cast<std::uint64_t>(sz.H));
-    const std::vector<T> img_t = cast_image<T>(img);
-    const retention::ImageView<T> view{img_t.data(), sz.H, sz.W, 3};
-    const Matrix<double> expected = ref::encoder(img, sz.H, sz.W, P, rc);
-    const Index tokens = expected.rows();
-    for (const auto& [name, o] : all_runs(tokens)) {
-      const Matrix<T> y = enc.forward_tokens(view, o);
-      EXPECT_LE(relative_error(y, expected), spec_tolerance<T>())
-          << name << " image " << sz.H << "x" << sz.W;
-      const retention::RowVector<T> f = enc.forward(view, o);
-      EXPECT_LE(relative_error(f, expected.bottomRows(1)), spec_tolerance<T>()) << name;
+  for (const bool packed : {false, true}) {
+    retention::VirConfig config = to_config(rc);
+    config.packed_weights = packed;  // every Linear packed (Linear::set_packed)
+    retention::VirEncoder<T> enc(config, 99);
+    load_all(enc, P);
+    ASSERT_EQ(enc.patch_embed().packed(), packed);
+    ASSERT_EQ(enc.blocks().back().retention().qkv().packed(), packed);
+    // The training grid, then other grids (the position embedding is resampled) incl. non-square.
+    struct Size {
+      Index H, W;
+    };
+    for (const Size sz : {Size{16, 16}, Size{12, 20}, Size{4, 4}, Size{24, 8}}) {
+      const std::vector<double> img =
+          random_image<T>(sz.H, sz.W, 3, 61 + static_cast<std::uint64_t>(sz.H));
+      const std::vector<T> img_t = cast_image<T>(img);
+      const retention::ImageView<T> view{img_t.data(), sz.H, sz.W, 3};
+      const Matrix<double> expected = ref::encoder(img, sz.H, sz.W, P, rc);
+      const Index tokens = expected.rows();
+      for (const auto& [name, o] : all_runs(tokens)) {
+        const Matrix<T> y = enc.forward_tokens(view, o);
+        EXPECT_LE(relative_error(y, expected), spec_tolerance<T>())
+            << name << " image " << sz.H << "x" << sz.W << (packed ? ", packed" : "");
+        const retention::RowVector<T> f = enc.forward(view, o);
+        EXPECT_LE(relative_error(f, expected.bottomRows(1)), spec_tolerance<T>()) << name;
+      }
+      // Input tokens alone (patch embedding with the torch [C, 3, p, p] flattening, position, class
+      // last).
+      EXPECT_LE(relative_error(enc.tokens(view, 0, tokens), ref::tokens(img, sz.H, sz.W, P, rc)),
+                spec_tolerance<T>());
     }
-    // Input tokens alone (patch embedding with the torch [C, 3, p, p] flattening, position, class
-    // last).
-    EXPECT_LE(relative_error(enc.tokens(view, 0, tokens), ref::tokens(img, sz.H, sz.W, P, rc)),
-              spec_tolerance<T>());
   }
 }
 

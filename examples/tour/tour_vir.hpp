@@ -1,6 +1,6 @@
-// Tour section: ViR (docs/math.md §5). One line for multi-head retention on ViR-S/16's token count
-// and one for the whole ViR-S/16 encoder at 224 px: each form's time and the worst disagreement
-// between forms.
+// Tour section: ViR (docs/math.md §5). One line for multi-head retention on ViR-S/16's token count,
+// one for the whole ViR-S/16 encoder at 224 px (each form's time and the worst disagreement between
+// forms) and one for the encoder with packed weights (against the unpacked features).
 #pragma once
 
 #include <retention/layers/vir.hpp>
@@ -76,6 +76,22 @@ inline void tour_vir() {
     double worst = 0.0;
     for (const auto& f : feats) worst = std::max(worst, rel_diff(f, feats.front()));
     print_line("ViR-S/16 encoder feature", "224 px, 197 tokens, chunk 64", times, worst);
+
+    // The same model with its Linears packed once (VirConfig::packed_weights; twice the weights'
+    // memory): the two orders, each compared with the unpacked model's feature.
+    retention::VirConfig packed_config = retention::vir_s16();
+    packed_config.packed_weights = true;
+    const retention::VirEncoder<float> packed(packed_config, 0);
+    std::vector<FormTime> packed_times;
+    double packed_worst = 0.0;
+    for (std::size_t i : {std::size_t(0), std::size_t(3)}) {
+      const VirOptions o = forms[i].second;
+      retention::RowVector<float> f;
+      packed_times.push_back({forms[i].first, median_ms([&] { f = packed.forward(view, o); })});
+      packed_worst = std::max(packed_worst, rel_diff(f, feats[i]));
+    }
+    print_line("ViR-S/16 encoder, packed", "224 px, 197 tokens, chunk 64", packed_times,
+               packed_worst);
   }
 }
 

@@ -4,7 +4,9 @@
 
 #include <retention/detail/scratch.hpp>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 namespace retention {
 namespace detail {
@@ -119,6 +121,155 @@ void gemm_into(Dst&& dst, const Lhs& lhs, const Rhs& rhs, bool accumulate = fals
   eigen_product();
 #endif
 }
+
+/// A weight W [out, in] (row-major, torch's layout) packed once the way Eigen's GEMM packs the
+/// left operand of y^T = W x^T, which is how Eigen evaluates y = x W^T for a row-major y: panels
+/// of Traits::mr outputs, in blocks of kc inputs (the depth blocking Eigen computes from `in`
+/// alone) and mc outputs. product() then runs Eigen's block-panel kernel on it without packing the
+/// weight again, which a product of few rows spends much of its time on. Empty (and every product
+/// Eigen's own) with an Eigen other than 3.4 or when products go to a BLAS.
+template <class T>
+class PackedWeight {
+ public:
+  /// Outputs a split may start or end at (multiples of it, or the last output) without falling
+  /// back to Eigen's product for a ragged panel.
+  static Index granule() {
+#if EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4
+    return Traits::mr;
+#else
+    return 1;
+#endif
+  }
+
+  bool empty() const { return out_ == 0; }
+  void clear() {
+    out_ = in_ = kc_ = mc_ = k_blocks_ = 0;
+    Storage().swap(data_);
+    std::vector<Index>().swap(offsets_);
+  }
+
+  /// Packs W (row-major [out, in]); a no-op where products cannot use a packed weight.
+  void pack(const Matrix<T>& W) {
+    clear();
+#if EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4
+    if constexpr (!blas_products<T>) {
+      const Index out = W.rows(), in = W.cols();
+      if (out == 0 || in == 0) return;
+      out_ = out;
+      in_ = in;
+      // Eigen's blocking for this weight; kc depends on `in` only, mc only places the blocks.
+      Eigen::internal::gemm_blocking_space<Eigen::ColMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
+                                           Eigen::Dynamic, 1, false>
+          blocking(out, out, in, 1, true);
+      kc_ = std::min(in, blocking.kc());
+      mc_ = std::min(out, blocking.mc());
+      if (mc_ > Traits::mr) mc_ -= mc_ % Traits::mr;
+      // Each block starts on a 64-byte line: the packing stores aligned packets.
+      constexpr Index line = 64 / static_cast<Index>(sizeof(T));
+      k_blocks_ = (in + kc_ - 1) / kc_;
+      Index size = 0;
+      for (Index i2 = 0; i2 < out; i2 += mc_)
+        for (Index k2 = 0; k2 < in; k2 += kc_) {
+          offsets_.push_back(size);
+          size += ((std::min(i2 + mc_, out) - i2) * (std::min(k2 + kc_, in) - k2) + line - 1) /
+                  line * line;
+        }
+      data_.resize(static_cast<std::size_t>(size));
+      Eigen::internal::gemm_pack_lhs<T, Index, LhsMapper, Traits::mr, Traits::LhsProgress,
+                                     typename Traits::LhsPacket4Packing, Eigen::RowMajor>
+          pack_lhs;
+      const LhsMapper lhs(W.data(), in);
+      for (Index i2 = 0; i2 < out; i2 += mc_) {
+        const Index amc = std::min(i2 + mc_, out) - i2;
+        for (Index k2 = 0; k2 < in; k2 += kc_)
+          pack_lhs(data_.data() + block_offset(i2, k2), lhs.getSubMapper(i2, k2),
+                   std::min(k2 + kc_, in) - k2, amc);
+      }
+    }
+#else
+    (void)W;
+#endif
+  }
+
+  /// Whether product() can take x [m, in] and y [m, out] (both row-major with unit inner stride,
+  /// direct access, sizes known at run time): otherwise the caller runs Eigen's product.
+  template <class X, class Y>
+  static constexpr bool accepts() {
+    return gemm_operand<X, T> && gemm_operand<Y, T> && (int(X::Flags) & Eigen::RowMajorBit) != 0 &&
+           (int(Y::Flags) & Eigen::RowMajorBit) != 0;
+  }
+
+  /// y.middleCols(c0, n) = x W[c0 : c0 + n]^T from the packed panels, c0 and c0 + n at multiples
+  /// of granule() (or c0 + n = out); `y` is the whole [m, out] output. Returns false, writing
+  /// nothing, where Eigen would not run a blocked GEMM (one row, tiny products, Eigen's own
+  /// threads): the caller runs Eigen's product then, as before.
+  template <class X, class Y>
+  bool product(const X& x, Y& y, Index c0, Index n) const {
+#if EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4
+    if constexpr (accepts<X, Y>()) {
+      const Index m = x.rows();
+      eigen_assert(!empty() && x.cols() == in_ && y.rows() == m && y.cols() == out_);
+      eigen_assert(c0 % Traits::mr == 0 && ((c0 + n) % Traits::mr == 0 || c0 + n == out_));
+      if (n == 0) return true;
+      if (m <= 1 || in_ + m + n < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD || Eigen::nbThreads() > 1)
+        return false;
+      Eigen::internal::gemm_blocking_space<Eigen::ColMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
+                                           Eigen::Dynamic, 1, false>
+          blocking(n, m, in_, 1, true);
+      const Index nc = std::min(m, std::max<Index>(blocking.nc(), Traits::nr));
+      ThreadScratch<T, PackedWeightRhsTag> rhs_buffer(in_ * nc);
+      T* const packed_rhs = rhs_buffer.data();
+      Eigen::internal::gemm_pack_rhs<T, Index, RhsMapper, Traits::nr, Eigen::ColMajor> pack_rhs;
+      Eigen::internal::gebp_kernel<T, T, Index, ResMapper, Traits::mr, Traits::nr, false, false>
+          gebp;
+      const RhsMapper rhs(x.data(), x.outerStride());
+      const ResMapper res(y.data(), y.outerStride());
+      const Index c1 = c0 + n;
+      for (Index j = 0; j < m; ++j) y.row(j).segment(c0, n).setZero();
+      for (Index j2 = 0; j2 < m; j2 += nc) {
+        const Index anc = std::min(j2 + nc, m) - j2;
+        // x's rows [j2, j2 + anc) for every depth block, packed once for all outputs.
+        for (Index k2 = 0; k2 < in_; k2 += kc_)
+          pack_rhs(packed_rhs + k2 * anc, rhs.getSubMapper(k2, j2), std::min(k2 + kc_, in_) - k2,
+                   anc);
+        for (Index i2 = c0 / mc_ * mc_; i2 < c1; i2 += mc_) {
+          const Index amc = std::min(i2 + mc_, out_) - i2;
+          const Index r0 = std::max(c0, i2), r1 = std::min(c1, i2 + amc);
+          for (Index k2 = 0; k2 < in_; k2 += kc_) {
+            const Index akc = std::min(k2 + kc_, in_) - k2;
+            // Panels of mr outputs lie one after another in a block: rows r0 - i2 (a multiple of
+            // mr) start (r0 - i2) * akc into it.
+            gebp(res.getSubMapper(r0, j2), data_.data() + block_offset(i2, k2) + (r0 - i2) * akc,
+                 packed_rhs + k2 * anc, r1 - r0, akc, anc, T(1));
+          }
+        }
+      }
+      return true;
+    }
+#endif
+    (void)x, (void)y, (void)c0, (void)n;
+    return false;
+  }
+
+ private:
+  using Storage = std::vector<T, Eigen::aligned_allocator<T>>;
+  struct PackedWeightRhsTag {};
+#if EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4
+  using Traits = Eigen::internal::gebp_traits<T, T>;
+  using LhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::RowMajor>;
+  using RhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::ColMajor>;
+  using ResMapper =
+      Eigen::internal::blas_data_mapper<T, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
+#endif
+  /// Where block (i2, k2) starts in data_ (one entry per block of mc_ outputs and kc_ inputs).
+  Index block_offset(Index i2, Index k2) const {
+    return offsets_[static_cast<std::size_t>(i2 / mc_ * k_blocks_ + k2 / kc_)];
+  }
+
+  Storage data_;
+  std::vector<Index> offsets_;
+  Index out_ = 0, in_ = 0, kc_ = 0, mc_ = 0, k_blocks_ = 0;
+};
 
 }  // namespace detail
 }  // namespace retention

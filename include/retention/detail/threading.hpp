@@ -384,12 +384,12 @@ inline Team plan_column_split(int threads, Index rows, Index cols, double flops_
 }
 
 /// Runs body(first_col, cols) over column blocks of `cols` outputs (starts at multiples of
-/// column_block_align outputs but the first), one block per share of `team`.
+/// `align` outputs but the first), one block per share of `team`.
 template <class Body>
-void for_column_blocks(Team team, Index cols, Body&& body) {
+void for_column_blocks(Team team, Index cols, Body&& body, Index align = column_block_align) {
   parallel_region(team, [&](int t, int n) {
     const auto edge = [&](int i) {
-      const Index a = column_block_align;
+      const Index a = align;
       return i == n ? cols : std::min(cols, cols * i / n / a * a);
     };
     const Index c0 = edge(t), c1 = edge(t + 1);

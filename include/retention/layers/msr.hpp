@@ -48,6 +48,10 @@ struct MsrConfig {
   Index chunk = 0;
   /// Threads; 0 = OpenMP's default, capped by the work (detail/threading.hpp).
   int threads = 0;
+  /// Keep the fused projection and the output projection packed for Eigen's GEMM as well
+  /// (Linear::set_packed): prefill and forward skip packing the weights, at the cost of as much
+  /// memory again as those weights. Decoding steps (one row) do not use it.
+  bool packed_weights = false;
 };
 
 /// Decoding state of one sequence through one MSR layer: one RetentionState per head
@@ -457,6 +461,7 @@ MultiScaleRetention<T>::MultiScaleRetention(MsrConfig config)
   v_proj_ = Linear<T>(d, dvt, config_.biases);
   g_proj_ = Linear<T>(d, dvt, config_.biases);
   out_proj_ = Linear<T>(dvt, d, config_.biases);
+  out_proj_.set_packed(config_.packed_weights);
   fuse();
 }
 
@@ -490,8 +495,10 @@ MsrState<T> MultiScaleRetention<T>::make_state() const {
 template <class T>
 Linear<T> MultiScaleRetention<T>::fused_of(const Linear<T>& q, const Linear<T>& k,
                                            const Linear<T>& v, const Linear<T>& g) const {
-  return Linear<T>::concat(
+  Linear<T> fused = Linear<T>::concat(
       {{&q, 1.0}, {&k, 1.0 / std::sqrt(static_cast<double>(dk_))}, {&v, 1.0}, {&g, 1.0}});
+  fused.set_packed(config_.packed_weights);
+  return fused;
 }
 
 template <class T>

@@ -42,6 +42,10 @@ struct ManhattanAttentionConfig {
   RmtMode mode = RmtMode::full;
   /// Tiling and threading of the kernels (threads: 0 = OpenMP's default, capped by the work).
   MasaOptions tile;
+  /// Keep the fused q|k|v projection and the output projection packed for Eigen's GEMM as well
+  /// (Linear::set_packed): every forward skips packing them, at the cost of as much memory again
+  /// as those weights.
+  bool packed_weights = false;
 };
 
 namespace detail {
@@ -277,6 +281,7 @@ ManhattanAttention<T>::ManhattanAttention(const ManhattanAttentionConfig& config
   k_proj_ = Linear<T>(C, C, true);
   v_proj_ = Linear<T>(C, Cv, true);
   out_proj_ = Linear<T>(Cv, C, true);
+  out_proj_.set_packed(config.packed_weights);
   lce_w_ = Matrix<T>::Zero(Cv, 25);
   lce_b_ = RowVector<T>::Zero(Cv);
   fuse();
@@ -319,6 +324,7 @@ void ManhattanAttention<T>::fuse() {
   fused_ = Linear<T>::concat({{&q_proj_, 1.0},
                               {&k_proj_, 1.0 / std::sqrt(static_cast<double>(head_dim()))},
                               {&v_proj_, 1.0}});
+  fused_.set_packed(config_.packed_weights);
 }
 
 template <class T>

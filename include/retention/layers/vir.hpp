@@ -79,6 +79,10 @@ struct VirConfig {
   double layer_scale_init = 1.0;
   /// Per-head gammas; empty = linspace_gammas(heads) (docs/math.md §1.5).
   std::vector<double> gammas;
+  /// Keep every Linear (qkv, out_proj, fc1, fc2, the patch embedding) packed for Eigen's GEMM as
+  /// well (Linear::set_packed): products skip packing the weights, at the cost of as much memory
+  /// again as those weights. Decoding steps (one row) do not use it.
+  bool packed_weights = false;
 
   Index head_dim() const { return heads > 0 ? embed_dim / heads : 0; }
   /// 0 when mlp_ratio is not positive and finite or the width would not fit in Index (the layers
@@ -293,7 +297,9 @@ class VirRetention {
   /// Zero weights (fill them with load()); config.embed_dim = C, a multiple of config.heads;
   /// config.gammas empty = linspace_gammas(heads). The per-head masks are built here, once.
   explicit VirRetention(const VirConfig& config)
-      : VirRetention(config.embed_dim, config.heads, config.gammas) {}
+      : VirRetention(config.embed_dim, config.heads, config.gammas) {
+    set_packed_weights(config.packed_weights);
+  }
   /// The same with the three MHR sizes given directly.
   VirRetention(Index dim, Index heads, const std::vector<double>& gammas = {})
       : dim_(checked_dim("VirRetention", dim, heads)),
@@ -315,6 +321,11 @@ class VirRetention {
   const Linear<T>& qkv() const { return qkv_; }
   /// The output projection: W [C, C], bias [C].
   const Linear<T>& out_proj() const { return out_proj_; }
+  /// VirConfig::packed_weights for both projections.
+  void set_packed_weights(bool on) {
+    qkv_.set_packed(on);
+    out_proj_.set_packed(on);
+  }
 
   /// Reads "<prefix>qkv.weight" [3C, C], "<prefix>qkv.bias" [3C], "<prefix>out_proj.weight"
   /// [C, C], "<prefix>out_proj.bias" [C] from any source with find(name) -> const TensorRef*
@@ -562,13 +573,15 @@ class VirBlock {
   explicit VirBlock(const VirConfig& config)
       : config_(checked_config(config)),
         norm1_(config.embed_dim, config.layer_norm_eps),
-        retention_(config.embed_dim, config.heads, config.gammas),
+        retention_(config),
         norm2_(config.embed_dim, config.layer_norm_eps),
         fc1_(config.embed_dim, config.mlp_hidden(), true),
         fc2_(config.mlp_hidden(), config.embed_dim, true),
         ls1_(RowVector<T>::Constant(config.embed_dim, static_cast<T>(config.layer_scale_init))),
         ls2_(ls1_) {
     detail::assert_scalar<T>();
+    fc1_.set_packed(config.packed_weights);
+    fc2_.set_packed(config.packed_weights);
   }
 
   const VirConfig& config() const { return config_; }
@@ -708,17 +721,23 @@ class VirBlock {
   void mlp_by_columns(Matrix<T>& x, detail::Team team) const {
     const Matrix<T> h = norm2_.forward(x);
     Matrix<T> u(x.rows(), fc1_.out_features());
-    detail::for_column_blocks(team, u.cols(), [&](Index c0, Index n) {
-      fc1_.forward_columns_into(h, u, c0, n);
-      auto block = u.middleCols(c0, n);
-      gelu_inplace(block);
-    });
+    detail::for_column_blocks(
+        team, u.cols(),
+        [&](Index c0, Index n) {
+          fc1_.forward_columns_into(h, u, c0, n);
+          auto block = u.middleCols(c0, n);
+          gelu_inplace(block);
+        },
+        fc1_.column_align());
     Matrix<T> m(x.rows(), x.cols());
-    detail::for_column_blocks(team, x.cols(), [&](Index c0, Index n) {
-      fc2_.forward_columns_into(u, m, c0, n);
-      x.middleCols(c0, n).array() +=
-          m.middleCols(c0, n).array().rowwise() * ls2_.segment(c0, n).array();
-    });
+    detail::for_column_blocks(
+        team, x.cols(),
+        [&](Index c0, Index n) {
+          fc2_.forward_columns_into(u, m, c0, n);
+          x.middleCols(c0, n).array() +=
+              m.middleCols(c0, n).array().rowwise() * ls2_.segment(c0, n).array();
+        },
+        fc2_.column_align());
   }
 
   /// x += ls2 (.) fc2(GELU(fc1(LN2(x)))) on a block of rows.
@@ -767,6 +786,7 @@ class VirEncoder {
         cls_token_(RowVector<T>::Zero(config.embed_dim)),
         norm_(config.embed_dim, config.layer_norm_eps) {
     detail::assert_scalar<T>();
+    patch_.set_packed(config.packed_weights);
     blocks_.reserve(static_cast<std::size_t>(config.depth));
     for (Index d = 0; d < config.depth; ++d) blocks_.emplace_back(config_);
     detail::VirRng rng(seed);

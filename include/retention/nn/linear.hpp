@@ -3,9 +3,11 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/gemm.hpp>
 #include <retention/detail/threading.hpp>
 #include <retention/nn/parameters.hpp>
 
+#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -36,6 +38,27 @@ class Linear {
   void set_weight(const Eigen::MatrixBase<D>& w) {
     detail::check_shape("Linear::set_weight", "weight", w, out_features(), in_features());
     weight_ = w.template cast<T>();
+    if (packed_on_) packed_.pack(weight_);
+  }
+
+  /// Whether this Linear keeps a packed copy of W (README, Performance): the layout Eigen's GEMM
+  /// packs W into for every product, made once, so that products of two or more rows skip that
+  /// step. It takes as much memory again as W; results agree with the unpacked products to
+  /// rounding (and are the same bits where Eigen's blocking is the same). Off by default;
+  /// set_weight and load pack again while it is on. A no-op with a BLAS or an Eigen other than 3.4.
+  void set_packed(bool on) {
+    if (on)
+      packed_.pack(weight_);  // may throw std::bad_alloc: then nothing is packed and it stays off
+    else
+      packed_.clear();
+    packed_on_ = on;
+  }
+  bool packed() const { return packed_on_; }
+  /// Column splits of the outputs (forward_columns_into) at multiples of this run on packed panels
+  /// only; other splits compute their ragged edges with Eigen's product.
+  Index column_align() const {
+    const Index a = detail::column_block_align;
+    return packed_on_ ? std::lcm(a, detail::PackedWeight<T>::granule()) : a;
   }
   /// Sets b from any vector expression of out entries (row or column).
   template <class D>
@@ -65,19 +88,22 @@ class Linear {
     }
     weight_.swap(w);
     if (has_bias_) bias_.swap(b);
+    if (packed_on_) packed_.pack(weight_);
   }
 
   /// y = x W^T + b into y [rows, out] (y must not overlap x).
   template <class DX, class DY>
   void forward_into(const Eigen::MatrixBase<DX>& x, DY&& y) const {
-    y.noalias() = x * weight_.transpose();
+    if (!(packed_on_ && product_columns(x.derived(), y, 0, out_features())))
+      y.noalias() = x * weight_.transpose();
     if (has_bias_) y.rowwise() += bias_;
   }
   /// Outputs [c0, c0 + n) only: y.middleCols(c0, n) = x W[c0 : c0 + n]^T + b[c0 : c0 + n].
   template <class DX, class DY>
   void forward_columns_into(const Eigen::MatrixBase<DX>& x, DY&& y, Index c0, Index n) const {
     auto block = y.middleCols(c0, n);
-    block.noalias() = x * weight_.middleRows(c0, n).transpose();
+    if (!(packed_on_ && product_columns(x.derived(), y, c0, n)))
+      block.noalias() = x * weight_.middleRows(c0, n).transpose();
     if (has_bias_) block.rowwise() += bias_.segment(c0, n);
   }
   /// forward_into on a team of at most `threads` threads (0 = default), sized by the thread rule
@@ -92,8 +118,9 @@ class Linear {
         2.0 * static_cast<double>(in_features()) * static_cast<double>(out);
     const detail::Team by_columns = detail::plan_column_split(threads, rows, out, flops_per_row);
     if (by_columns.size > 1) {
-      detail::for_column_blocks(by_columns, out,
-                                [&](Index c0, Index n) { forward_columns_into(x, y, c0, n); });
+      detail::for_column_blocks(
+          by_columns, out, [&](Index c0, Index n) { forward_columns_into(x, y, c0, n); },
+          column_align());
       return;
     }
     detail::for_row_blocks(
@@ -123,7 +150,7 @@ class Linear {
         detail::fail(fn, "parts differ in in_features or bias");
       out += p.first->out_features();
     }
-    Linear r(in, out, bias);
+    Linear r(in, out, bias);  // not packed: the caller decides (set_packed)
     Index row = 0;
     for (const auto& p : parts) {
       const Index n = p.first->out_features();
@@ -143,9 +170,34 @@ class Linear {
     return Matrix<T>::Zero(out, in);
   }
 
+  /// y[:, c0 : c0 + n) = x W[c0 : c0 + n)^T without the bias from the packed panels, the ragged
+  /// edges of a split that does not fall on packed panels with Eigen's product; false (nothing
+  /// written) where the packed product does not apply (see PackedWeight::product).
+  template <class X, class Y>
+  bool product_columns(const X& x, Y& y, Index c0, Index n) const {
+    using Out = std::decay_t<Y>;
+    if constexpr (detail::PackedWeight<T>::template accepts<X, Out>()) {
+      if (packed_.empty()) return false;
+      const Index g = detail::PackedWeight<T>::granule(), c1 = c0 + n, out = out_features();
+      const Index a0 = (c0 + g - 1) / g * g, a1 = c1 == out ? out : c1 / g * g;
+      if (a1 <= a0) return false;
+      if (!packed_.product(x, y, a0, a1 - a0)) return false;
+      if (a0 > c0)
+        y.middleCols(c0, a0 - c0).noalias() = x * weight_.middleRows(c0, a0 - c0).transpose();
+      if (c1 > a1)
+        y.middleCols(a1, c1 - a1).noalias() = x * weight_.middleRows(a1, c1 - a1).transpose();
+      return true;
+    } else {
+      (void)x, (void)y, (void)c0, (void)n;
+      return false;
+    }
+  }
+
   Matrix<T> weight_;
   RowVector<T> bias_;
   bool has_bias_ = false;
+  bool packed_on_ = false;
+  detail::PackedWeight<T> packed_;
 };
 
 }  // namespace retention
