@@ -25,20 +25,21 @@ Matrix<T> random(Index rows, Index cols, unsigned seed) {
   return m;
 }
 
-retention::MultiScaleRetention<float> make_layer() {
+retention::MultiScaleRetention<float> make_layer(bool packed = false) {
   retention::MsrConfig c;
   c.embed_dim = 256;
   c.value_dim = 512;
   c.heads = 4;
   c.threads = 1;  // one core: the comparison is batching, not threading
+  c.packed_weights = packed;
   retention::MultiScaleRetention<float> layer(c);
   layer.init_random(1);
   return layer;
 }
 
-/// One batched step of B sequences at different positions.
+/// One batched step of B sequences at different positions (range(1): packed weights).
 void BM_MsrDecodeBatch(benchmark::State& st) {
-  const auto layer = make_layer();
+  const auto layer = make_layer(st.range(1) != 0);
   const Index B = st.range(0), d = layer.embed_dim();
   std::vector<retention::MsrState<float>> states;
   for (Index b = 0; b < B; ++b) {
@@ -56,7 +57,10 @@ void BM_MsrDecodeBatch(benchmark::State& st) {
   }
   st.SetItemsProcessed(st.iterations() * B);  // tokens
 }
-BENCHMARK(BM_MsrDecodeBatch)->Arg(1)->Arg(4)->Arg(16)->Arg(64)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_MsrDecodeBatch)
+    ->ArgsProduct({{1, 4, 16, 64}, {0, 1}})
+    ->ArgNames({"B", "packed"})
+    ->Unit(benchmark::kMicrosecond);
 
 /// The same B tokens decoded one sequence at a time.
 void BM_MsrDecodeOneByOne(benchmark::State& st) {
