@@ -89,6 +89,40 @@ TEST(NnUnits, LinearThreadedForwardSplitsRowsOrOutputs) {
   EXPECT_EQ(retention::detail::plan_column_split(1, 40, out, flops_per_row).size, 1);
 }
 
+// Two and three rows run one matrix-vector product per row (Eigen's GEMM would pack the whole
+// weight for them): against the sum in double, and the bits of each row's own product, so that a
+// batch of decoding sequences gives what decoding them one at a time gives.
+TEST(NnUnits, LinearFewRowsAreRowProducts) {
+  for (const Index out : {Index(3), Index(301)}) {
+    retention::Linear<float> l(256, out, true);
+    l.set_weight(random_matrix<float>(out, 256, 51, 0.1f));
+    l.set_bias(random_matrix<float>(1, out, 52));
+    for (const Index rows : {Index(2), Index(3)}) {
+      const Matrix<float> x = random_matrix<float>(rows, 256, 53 + rows);
+      Matrix<double> want(rows, out);
+      for (Index r = 0; r < rows; ++r)
+        for (Index o = 0; o < out; ++o) {
+          double s = l.bias()(o);
+          for (Index i = 0; i < 256; ++i)
+            s += static_cast<double>(x(r, i)) * static_cast<double>(l.weight()(o, i));
+          want(r, o) = s;
+        }
+      const Matrix<float> y = l.forward(x);
+      EXPECT_LE(relative_error(y, want), 1e-6) << rows << " rows";
+      for (Index r = 0; r < rows; ++r) {
+        const Matrix<float> one = l.forward(Matrix<float>(x.row(r)));
+        EXPECT_TRUE(y.row(r) == one.row(0)) << "row " << r << " of " << rows;
+      }
+      // Outputs [5, out) only (a column block, as the threaded split over outputs runs it).
+      if (out > 5) {
+        Matrix<float> part = Matrix<float>::Zero(rows, out);
+        l.forward_columns_into(x, part, 5, out - 5);
+        EXPECT_TRUE(part.rightCols(out - 5) == y.rightCols(out - 5)) << rows << " rows";
+      }
+    }
+  }
+}
+
 /// y = x W^T + b written out in double.
 template <class T>
 Matrix<double> linear_reference(const retention::Linear<T>& l, const Matrix<T>& x) {

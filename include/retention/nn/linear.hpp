@@ -95,15 +95,14 @@ class Linear {
   template <class DX, class DY>
   void forward_into(const Eigen::MatrixBase<DX>& x, DY&& y) const {
     if (!(packed_on_ && product_columns(x.derived(), y, 0, out_features())))
-      y.noalias() = x * weight_.transpose();
+      plain_product(x, y, 0, out_features());
     if (has_bias_) y.rowwise() += bias_;
   }
   /// Outputs [c0, c0 + n) only: y.middleCols(c0, n) = x W[c0 : c0 + n]^T + b[c0 : c0 + n].
   template <class DX, class DY>
   void forward_columns_into(const Eigen::MatrixBase<DX>& x, DY&& y, Index c0, Index n) const {
     auto block = y.middleCols(c0, n);
-    if (!(packed_on_ && product_columns(x.derived(), y, c0, n)))
-      block.noalias() = x * weight_.middleRows(c0, n).transpose();
+    if (!(packed_on_ && product_columns(x.derived(), y, c0, n))) plain_product(x, block, c0, n);
     if (has_bias_) block.rowwise() += bias_.segment(c0, n);
   }
   /// forward_into on a team of at most `threads` threads (0 = default), sized by the thread rule
@@ -169,6 +168,20 @@ class Linear {
     detail::checked_product("Linear", "out_features * in_features", out, in);
     return Matrix<T>::Zero(out, in);
   }
+
+  /// out = x W[c0 : c0 + n)^T (out has n columns) with Eigen's products. Two or three rows run one
+  /// matrix-vector product each, as a single row does: Eigen's GEMM would pack the whole weight
+  /// slice for them, which takes several times as long for a large weight (README, Performance).
+  template <class DX, class Out>
+  void plain_product(const Eigen::MatrixBase<DX>& x, Out&& out, Index c0, Index n) const {
+    const auto w = weight_.middleRows(c0, n);
+    if (x.rows() >= 2 && x.rows() <= max_rows_per_vector_product) {
+      for (Index r = 0; r < x.rows(); ++r) out.row(r).noalias() = x.row(r) * w.transpose();
+    } else {
+      out.noalias() = x * w.transpose();
+    }
+  }
+  static constexpr Index max_rows_per_vector_product = 3;
 
   /// y[:, c0 : c0 + n) = x W[c0 : c0 + n)^T without the bias from the packed panels, the ragged
   /// edges of a split that does not fall on packed panels with Eigen's product; false (nothing
