@@ -195,10 +195,8 @@ class Linear {
       const Index a0 = (c0 + g - 1) / g * g, a1 = c1 == out ? out : c1 / g * g;
       if (a1 <= a0) return false;
       if (!packed_.product(x, y, a0, a1 - a0)) return false;
-      if (a0 > c0)
-        y.middleCols(c0, a0 - c0).noalias() = x * weight_.middleRows(c0, a0 - c0).transpose();
-      if (c1 > a1)
-        y.middleCols(a1, c1 - a1).noalias() = x * weight_.middleRows(a1, c1 - a1).transpose();
+      if (a0 > c0) plain_product(x, y.middleCols(c0, a0 - c0), c0, a0 - c0);
+      if (c1 > a1) plain_product(x, y.middleCols(a1, c1 - a1), a1, c1 - a1);
       return true;
     } else {
       (void)x, (void)y, (void)c0, (void)n;
