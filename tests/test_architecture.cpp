@@ -5,14 +5,13 @@
 #include <retention/detail/gemm.hpp>
 #include <retention/retention.hpp>
 
+#include "support/alloc_counter.hpp"
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
 
 #include <array>
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -20,74 +19,14 @@
 #include <utility>
 #include <vector>
 
-// --- Allocation counting: every heap allocation of the process goes through these. -------------
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-void __libc_free(void*);
-}
-
-namespace {
-std::atomic<long> g_allocations{0};
-std::atomic<long> g_bytes{0};
-std::atomic<bool> g_counting{false};
-void count(std::size_t bytes) {
-  if (!g_counting.load(std::memory_order_relaxed)) return;
-  g_allocations.fetch_add(1);
-  g_bytes.fetch_add(static_cast<long>(bytes));
-}
-}  // namespace
-
-extern "C" {
-void* malloc(std::size_t n) {
-  count(n);
-  return __libc_malloc(n);
-}
-void* calloc(std::size_t a, std::size_t b) {
-  count(a * b);
-  return __libc_calloc(a, b);
-}
-void* realloc(void* p, std::size_t n) {
-  count(n);
-  return __libc_realloc(p, n);
-}
-int posix_memalign(void** out, std::size_t align, std::size_t n) {
-  count(n);
-  *out = __libc_memalign(align, n);
-  return *out ? 0 : 12;  // ENOMEM
-}
-void* aligned_alloc(std::size_t align, std::size_t n) {
-  count(n);
-  return __libc_memalign(align, n);
-}
-void free(void* p) { __libc_free(p); }
-}
-
 namespace {
 
 using retention::Index;
 using retention::Matrix;
 using retention::RowVector;
 
-/// Allocations made while f runs.
-template <class F>
-long allocations_during(F&& f) {
-  g_allocations.store(0);
-  g_bytes.store(0);
-  g_counting.store(true);
-  f();
-  g_counting.store(false);
-  return g_allocations.load();
-}
-
-/// Bytes allocated while f runs.
-template <class F>
-long bytes_during(F&& f) {
-  allocations_during(std::forward<F>(f));
-  return g_bytes.load();
-}
+using alloc_counter::allocations_during;
+using alloc_counter::bytes_during;
 
 TEST(Architecture, AllocationCounterSeesAllocations) {
   // The counter itself must work, or the zero below would prove nothing.
