@@ -333,10 +333,10 @@ class MultiScaleRetention(_Layer):
 
     def __init__(self, embed_dim, heads, value_dim=0, gammas=(), normalization="decay_and_score",
                  head_norm="rms", eps=1e-6, biases=False, form="chunkwise", chunk=0, threads=0,
-                 dtype="float64"):
+                 dtype="float64", packed_weights=False):
         super().__init__("MultiScaleRetention", dtype, embed_dim, heads, value_dim,
                          _gammas(gammas, "MultiScaleRetention"), normalization, head_norm, eps,
-                         biases, form, chunk, threads)
+                         biases, form, chunk, threads, bool(packed_weights))
         self._form, self._chunk = form, chunk
 
     def forward(self, x, form=None, chunk=None):
@@ -373,10 +373,10 @@ class ManhattanAttention(_Layer):
     out_proj, lepe.conv); load(state_dict, prefix, decay_name=...) reads the stage's decay."""
 
     def __init__(self, embed_dim, heads, value_factor=1, initial_value=2.0, heads_range=4.0,
-                 gammas=(), mode="full", threads=0, dtype="float64"):
+                 gammas=(), mode="full", threads=0, dtype="float64", packed_weights=False):
         super().__init__("ManhattanAttention", dtype, embed_dim, heads, value_factor,
                          initial_value, heads_range, _gammas(gammas, "ManhattanAttention"), mode,
-                         threads)
+                         threads, bool(packed_weights))
         self._mode = mode
 
     def forward(self, x, mode=None):
@@ -400,8 +400,9 @@ class ManhattanAttention(_Layer):
 class VirRetention(_Layer):
     """ViR multi-head retention (docs/math.md §5): qkv, out_proj. forward(x [T, C])."""
 
-    def __init__(self, embed_dim, heads, gammas=(), dtype="float64"):
-        super().__init__("VirRetention", dtype, embed_dim, heads, _gammas(gammas, "VirRetention"))
+    def __init__(self, embed_dim, heads, gammas=(), dtype="float64", packed_weights=False):
+        super().__init__("VirRetention", dtype, embed_dim, heads, _gammas(gammas, "VirRetention"),
+                         bool(packed_weights))
 
     def forward(self, x, form="parallel", chunk=0, threads=0):
         return self._out(x, self._impl.forward(self._in(x), form, chunk, threads))
@@ -413,9 +414,9 @@ class VirBlock(_Layer):
     """ViR block (docs/math.md §5): norm1, retention, ls1, norm2, mlp.fc1/fc2, ls2."""
 
     def __init__(self, embed_dim, heads, mlp_ratio=4.0, layer_norm_eps=1e-6,
-                 layer_scale_init=1.0, gammas=(), dtype="float64"):
+                 layer_scale_init=1.0, gammas=(), dtype="float64", packed_weights=False):
         super().__init__("VirBlock", dtype, embed_dim, heads, mlp_ratio, layer_norm_eps,
-                         layer_scale_init, _gammas(gammas, "VirBlock"))
+                         layer_scale_init, _gammas(gammas, "VirBlock"), bool(packed_weights))
 
     def forward(self, x, form="parallel", chunk=0, threads=0):
         return self._out(x, self._impl.forward(self._in(x), form, chunk, threads))
@@ -428,10 +429,10 @@ class VirEncoder(_Layer):
 
     def __init__(self, image_size=224, patch_size=16, in_channels=3, embed_dim=384, heads=6,
                  depth=12, mlp_ratio=4.0, layer_norm_eps=1e-6, layer_scale_init=1.0, gammas=(),
-                 seed=0, dtype="float64"):
+                 seed=0, dtype="float64", packed_weights=False):
         super().__init__("VirEncoder", dtype, image_size, patch_size, in_channels, embed_dim,
                          heads, depth, mlp_ratio, layer_norm_eps, layer_scale_init,
-                         _gammas(gammas, "VirEncoder"), seed)
+                         _gammas(gammas, "VirEncoder"), seed, bool(packed_weights))
 
     def forward(self, image, form="parallel", chunk=0, order="layer_major", threads=0,
                 tokens=False):

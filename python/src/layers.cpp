@@ -94,7 +94,7 @@ void bind_msr(py::module_& m, const std::string& suffix) {
       .def(py::init([](Index embed_dim, Index heads, Index value_dim,
                        const std::vector<double>& gammas, const std::string& normalization,
                        const std::string& head_norm, double eps, bool biases,
-                       const std::string& form, Index chunk, int threads) {
+                       const std::string& form, Index chunk, int threads, bool packed_weights) {
              retention::MsrConfig c;
              c.embed_dim = embed_dim;
              c.heads = heads;
@@ -112,12 +112,16 @@ void bind_msr(py::module_& m, const std::string& suffix) {
              c.form = form_of(form);
              c.chunk = chunk;
              c.threads = threads;
+             c.packed_weights = packed_weights;
              return Layer(c);
            }),
            py::arg("embed_dim"), py::arg("heads"), py::arg("value_dim") = 0,
            py::arg("gammas") = std::vector<double>(), py::arg("normalization") = "decay_and_score",
            py::arg("head_norm") = "rms", py::arg("eps") = 1e-6, py::arg("biases") = false,
-           py::arg("form") = "chunkwise", py::arg("chunk") = 0, py::arg("threads") = 0)
+           py::arg("form") = "chunkwise", py::arg("chunk") = 0, py::arg("threads") = 0,
+           py::arg("packed_weights") = false)
+      .def_property_readonly("packed_weights",
+                             [](const Layer& l) { return l.config().packed_weights; })
       .def_property_readonly("embed_dim", &Layer::embed_dim)
       .def_property_readonly("value_dim", &Layer::value_dim)
       .def_property_readonly("heads", &Layer::heads)
@@ -181,7 +185,7 @@ void bind_rmt(py::module_& m, const std::string& suffix) {
                     "RMT attention with Manhattan decay and LCE (docs/math.md §4), RMT's names.")
       .def(py::init([](Index embed_dim, Index heads, Index value_factor, double initial_value,
                        double heads_range, const std::vector<double>& gammas,
-                       const std::string& mode, int threads) {
+                       const std::string& mode, int threads, bool packed_weights) {
              retention::ManhattanAttentionConfig c;
              c.embed_dim = embed_dim;
              c.heads = heads;
@@ -191,12 +195,15 @@ void bind_rmt(py::module_& m, const std::string& suffix) {
              c.gammas = gammas;
              c.mode = mode_of(mode);
              c.tile.threads = threads;
+             c.packed_weights = packed_weights;
              return Layer(c);
            }),
            py::arg("embed_dim"), py::arg("heads"), py::arg("value_factor") = 1,
            py::arg("initial_value") = 2.0, py::arg("heads_range") = 4.0,
            py::arg("gammas") = std::vector<double>(), py::arg("mode") = "full",
-           py::arg("threads") = 0)
+           py::arg("threads") = 0, py::arg("packed_weights") = false)
+      .def_property_readonly("packed_weights",
+                             [](const Layer& l) { return l.config().packed_weights; })
       .def_property_readonly("embed_dim", &Layer::embed_dim)
       .def_property_readonly("heads", &Layer::heads)
       .def_property_readonly("value_dim", &Layer::value_dim)
@@ -229,7 +236,7 @@ void bind_rmt(py::module_& m, const std::string& suffix) {
 retention::VirConfig vir_config(Index image_size, Index patch_size, Index in_channels,
                                 Index embed_dim, Index heads, Index depth, double mlp_ratio,
                                 double layer_norm_eps, double layer_scale_init,
-                                const std::vector<double>& gammas) {
+                                const std::vector<double>& gammas, bool packed_weights) {
   retention::VirConfig c;
   c.image_size = image_size;
   c.patch_size = patch_size;
@@ -241,6 +248,7 @@ retention::VirConfig vir_config(Index image_size, Index patch_size, Index in_cha
   c.layer_norm_eps = layer_norm_eps;
   c.layer_scale_init = layer_scale_init;
   c.gammas = gammas;
+  c.packed_weights = packed_weights;
   return c;
 }
 
@@ -270,10 +278,15 @@ void bind_vir(py::module_& m, const std::string& suffix) {
 
   py::class_<Ret>(m, ("VirRetention_" + suffix).c_str(),
                   "ViR multi-head retention (docs/math.md §5): qkv, out_proj.")
-      .def(py::init([](Index dim, Index heads, const std::vector<double>& gammas) {
-             return Ret(dim, heads, gammas);
+      .def(py::init([](Index dim, Index heads, const std::vector<double>& gammas,
+                       bool packed_weights) {
+             Ret r(dim, heads, gammas);
+             r.set_packed_weights(packed_weights);
+             return r;
            }),
-           py::arg("embed_dim"), py::arg("heads"), py::arg("gammas") = std::vector<double>())
+           py::arg("embed_dim"), py::arg("heads"), py::arg("gammas") = std::vector<double>(),
+           py::arg("packed_weights") = false)
+      .def_property_readonly("packed_weights", [](const Ret& l) { return l.qkv().packed(); })
       .def_property_readonly("embed_dim", &Ret::dim)
       .def_property_readonly("heads", &Ret::heads)
       .def_property_readonly("gammas", &Ret::gammas)
@@ -293,13 +306,16 @@ void bind_vir(py::module_& m, const std::string& suffix) {
 
   py::class_<Block>(m, ("VirBlock_" + suffix).c_str(), "ViR block (docs/math.md §5).")
       .def(py::init([](Index embed_dim, Index heads, double mlp_ratio, double layer_norm_eps,
-                       double layer_scale_init, const std::vector<double>& gammas) {
+                       double layer_scale_init, const std::vector<double>& gammas,
+                       bool packed_weights) {
              return Block(vir_config(224, 16, 3, embed_dim, heads, 1, mlp_ratio, layer_norm_eps,
-                                     layer_scale_init, gammas));
+                                     layer_scale_init, gammas, packed_weights));
            }),
            py::arg("embed_dim"), py::arg("heads"), py::arg("mlp_ratio") = 4.0,
            py::arg("layer_norm_eps") = 1e-6, py::arg("layer_scale_init") = 1.0,
-           py::arg("gammas") = std::vector<double>())
+           py::arg("gammas") = std::vector<double>(), py::arg("packed_weights") = false)
+      .def_property_readonly("packed_weights",
+                             [](const Block& l) { return l.config().packed_weights; })
       .def_property_readonly("dtype", [](const Block&) { return dtype_name<T>(); })
       .def(
           "load",
@@ -319,12 +335,15 @@ void bind_vir(py::module_& m, const std::string& suffix) {
       .def(py::init([](Index image_size, Index patch_size, Index in_channels, Index embed_dim,
                        Index heads, Index depth, double mlp_ratio, double layer_norm_eps,
                        double layer_scale_init, const std::vector<double>& gammas,
-                       std::uint64_t seed) {
+                       std::uint64_t seed, bool packed_weights) {
              return Encoder(vir_config(image_size, patch_size, in_channels, embed_dim, heads, depth,
-                                       mlp_ratio, layer_norm_eps, layer_scale_init, gammas),
+                                       mlp_ratio, layer_norm_eps, layer_scale_init, gammas,
+                                       packed_weights),
                             seed);
            }),
-           RETENTION_PY_VIR_ARGS, py::arg("seed") = 0)
+           RETENTION_PY_VIR_ARGS, py::arg("seed") = 0, py::arg("packed_weights") = false)
+      .def_property_readonly("packed_weights",
+                             [](const Encoder& l) { return l.config().packed_weights; })
       .def_property_readonly("depth", &Encoder::depth)
       .def_property_readonly("parameter_count", &Encoder::parameter_count)
       .def_property_readonly("dtype", [](const Encoder&) { return dtype_name<T>(); })

@@ -41,12 +41,14 @@ def msr_reference(sd, x, heads, gammas, eps=1e-6):
     return (F.silu(g) * o.reshape(T, -1)) @ sd["out_proj.weight"].T
 
 
-def test_msr_loads_a_state_dict_and_matches_the_reference():
+@pytest.mark.parametrize("packed", [False, True])
+def test_msr_loads_a_state_dict_and_matches_the_reference(packed):
     d, heads, vd, T = 16, 2, 32, 13
     sd = {n: rand(*s) / 4 for n, s in (("q_proj.weight", (d, d)), ("k_proj.weight", (d, d)),
                                        ("v_proj.weight", (vd, d)), ("g_proj.weight", (vd, d)),
                                        ("out_proj.weight", (d, vd)))}
-    layer = retention.MultiScaleRetention(d, heads, value_dim=vd)
+    layer = retention.MultiScaleRetention(d, heads, value_dim=vd, packed_weights=packed)
+    assert layer.packed_weights is packed
     layer.load({"retention." + n: t for n, t in sd.items()}, prefix="retention.")
     x = rand(T, d)
     want = msr_reference(sd, x, heads, retention.retnet_gammas(heads))
@@ -108,8 +110,9 @@ def rmt_reference(sd, x, heads, gammas, decomposed):
     return lin("out_proj", att + lce).view(B, Hh, W, C)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("mode", ["full", "decomposed"])
-def test_manhattan_attention_matches_the_reference(mode):
+def test_manhattan_attention_matches_the_reference(mode, packed):
     C, heads, Hh, W = 8, 2, 3, 5
     sd = {}
     for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -117,13 +120,16 @@ def test_manhattan_attention_matches_the_reference(mode):
     sd["lepe.conv.weight"], sd["lepe.conv.bias"] = rand(C, 1, 5, 5) / 5, rand(C)
     gammas = [0.6, 0.85]
     sd["stage.decay"] = torch.log(torch.tensor(gammas, dtype=torch.float64))
-    layer = retention.ManhattanAttention(C, heads, mode=mode).load(sd, "", decay_name="stage.decay")
+    layer = retention.ManhattanAttention(C, heads, mode=mode, packed_weights=packed)
+    assert layer.packed_weights is packed
+    layer.load(sd, "", decay_name="stage.decay")
     assert layer.gammas == pytest.approx(gammas, rel=1e-15)
     x = rand(2, Hh, W, C)
     assert ref.rel_err(layer(x), rmt_reference(sd, x, heads, gammas, mode == "decomposed")) <= 1e-12
 
 
-def test_vir_block_matches_the_reference():
+@pytest.mark.parametrize("packed", [False, True])
+def test_vir_block_matches_the_reference(packed):
     C, heads, T, hidden = 8, 2, 11, 16
     sd = {"norm1.weight": 1 + rand(C) / 5, "norm1.bias": rand(C) / 5,
           "retention.qkv.weight": rand(3 * C, C) / 3, "retention.qkv.bias": rand(3 * C) / 3,
@@ -131,8 +137,9 @@ def test_vir_block_matches_the_reference():
           "ls1.gamma": rand(C), "norm2.weight": 1 + rand(C) / 5, "norm2.bias": rand(C) / 5,
           "mlp.fc1.weight": rand(hidden, C) / 3, "mlp.fc1.bias": rand(hidden) / 3,
           "mlp.fc2.weight": rand(C, hidden) / 3, "mlp.fc2.bias": rand(C) / 3, "ls2.gamma": rand(C)}
-    block = retention.VirBlock(C, heads, mlp_ratio=2.0).load({"blocks.0." + n: t
-                                                              for n, t in sd.items()}, "blocks.0.")
+    block = retention.VirBlock(C, heads, mlp_ratio=2.0, packed_weights=packed)
+    assert block.packed_weights is packed
+    block.load({"blocks.0." + n: t for n, t in sd.items()}, "blocks.0.")
     gammas = retention.linspace_gammas(heads)
     x = rand(T, C)
     h = F.layer_norm(x, (C,), sd["norm1.weight"], sd["norm1.bias"], eps=1e-6)
@@ -147,7 +154,8 @@ def test_vir_block_matches_the_reference():
     want = x1 + sd["ls2.gamma"] * m
     for form in ("parallel", "recurrent", "chunkwise"):
         assert ref.rel_err(block(x, form=form, chunk=4), want) <= 1e-12
-    mhr = retention.VirRetention(C, heads).load(sd, "retention.")
+    mhr = retention.VirRetention(C, heads, packed_weights=packed).load(sd, "retention.")
+    assert mhr.packed_weights is packed
     h1 = F.layer_norm(x, (C,), sd["norm1.weight"], sd["norm1.bias"], eps=1e-6)
     want_mhr = o @ sd["retention.out_proj.weight"].T + sd["retention.out_proj.bias"]
     assert ref.rel_err(mhr(h1, form="chunkwise", chunk=3), want_mhr) <= 1e-12
@@ -163,6 +171,12 @@ def test_vir_encoder_forms_agree():
                         ("chunkwise", "chunk_major")):
         assert ref.rel_err(enc(image, form=form, chunk=5, order=order), base) <= 1e-12
     assert enc(image, tokens=True).shape == (17, 16)
+    # Packed weights (the same seed, so the same parameters) in both orders.
+    packed = retention.VirEncoder(image_size=32, patch_size=8, embed_dim=16, heads=2, depth=2,
+                                  seed=5, packed_weights=True)
+    assert packed.packed_weights and not enc.packed_weights
+    for order in ("layer_major", "chunk_major"):
+        assert ref.rel_err(packed(image, form="chunkwise", chunk=5, order=order), base) <= 1e-12
     with pytest.raises(ValueError, match="VirEncoder"):
         enc(np.zeros((30, 32, 3)))
 
