@@ -165,6 +165,20 @@ template <class Isa, class T>
   }
 }
 
+/// masad_attend_rows for ND vectors of dv as a kernel of its own (simd::call): the four widths
+/// inlined into one function shared one register allocation, which kept fewer value vectors in
+/// registers where the including file's own flags are the defaults (bench/results/isa-dispatch.md).
+template <int ND>
+struct MasadAttendRowsKernel {
+  template <class Isa, class T>
+  static bool run(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum, T* out,
+                  Index out_step, Index rows, Index rows_valid, Index d0, Index dv) {
+    return masad_attend_rows<Isa, T, masad_rows<T, Isa>(ND), ND>(p, ldp, v, ldv, L, inv_sum, out,
+                                                                 out_step, rows, rows_valid, d0,
+                                                                 dv);
+  }
+};
+
 /// out[i, :dv] = inv_sum[i] sum_{j < L} p[i, j] v[j, :] for i < rows_valid; v [L, ldv] holds dv
 /// rounded up to whole vectors of Isa readable columns (zeros past dv), out rows are out_step
 /// apart. dv is processed masad_dv_vectors vectors at a time. Returns whether
@@ -182,19 +196,19 @@ template <class Isa, class T>
     bool ok = true;
     switch (std::min<Index>(most, (dvn - d0) / N)) {
       case 1:
-        ok = masad_attend_rows<Isa, T, masad_rows<T, Isa>(1), 1>(
-            p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
+        ok = simd::call<Isa, MasadAttendRowsKernel<1>>(p, ldp, v, ldv, L, inv_sum, out, out_step,
+                                                       rows, rows_valid, d0, dv);
         break;
       case 2:
-        ok = masad_attend_rows<Isa, T, masad_rows<T, Isa>(2), 2>(
-            p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
+        ok = simd::call<Isa, MasadAttendRowsKernel<2>>(p, ldp, v, ldv, L, inv_sum, out, out_step,
+                                                       rows, rows_valid, d0, dv);
         break;
       case 3:
-        ok = masad_attend_rows<Isa, T, masad_rows<T, Isa>(3), 3>(
-            p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
+        ok = simd::call<Isa, MasadAttendRowsKernel<3>>(p, ldp, v, ldv, L, inv_sum, out, out_step,
+                                                       rows, rows_valid, d0, dv);
         break;
       default:  // `most` vectors (3 or 4)
-        ok = masad_attend_rows<Isa, T, masad_rows<T, Isa>(most), most>(
+        ok = simd::call<Isa, MasadAttendRowsKernel<static_cast<int>(most)>>(
             p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
         break;
     }
