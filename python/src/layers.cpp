@@ -278,12 +278,12 @@ void bind_vir(py::module_& m, const std::string& suffix) {
 
   py::class_<Ret>(m, ("VirRetention_" + suffix).c_str(),
                   "ViR multi-head retention (docs/math.md §5): qkv, out_proj.")
-      .def(py::init([](Index dim, Index heads, const std::vector<double>& gammas,
-                       bool packed_weights) {
-             Ret r(dim, heads, gammas);
-             r.set_packed_weights(packed_weights);
-             return r;
-           }),
+      .def(py::init(
+               [](Index dim, Index heads, const std::vector<double>& gammas, bool packed_weights) {
+                 Ret r(dim, heads, gammas);
+                 r.set_packed_weights(packed_weights);
+                 return r;
+               }),
            py::arg("embed_dim"), py::arg("heads"), py::arg("gammas") = std::vector<double>(),
            py::arg("packed_weights") = false)
       .def_property_readonly("packed_weights", [](const Ret& l) { return l.qkv().packed(); })
@@ -336,10 +336,10 @@ void bind_vir(py::module_& m, const std::string& suffix) {
                        Index heads, Index depth, double mlp_ratio, double layer_norm_eps,
                        double layer_scale_init, const std::vector<double>& gammas,
                        std::uint64_t seed, bool packed_weights) {
-             return Encoder(vir_config(image_size, patch_size, in_channels, embed_dim, heads, depth,
-                                       mlp_ratio, layer_norm_eps, layer_scale_init, gammas,
-                                       packed_weights),
-                            seed);
+             return Encoder(
+                 vir_config(image_size, patch_size, in_channels, embed_dim, heads, depth, mlp_ratio,
+                            layer_norm_eps, layer_scale_init, gammas, packed_weights),
+                 seed);
            }),
            RETENTION_PY_VIR_ARGS, py::arg("seed") = 0, py::arg("packed_weights") = false)
       .def_property_readonly("packed_weights",

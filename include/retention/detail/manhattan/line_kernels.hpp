@@ -173,9 +173,8 @@ struct MasadAttendRowsKernel {
   template <class Isa, class T>
   static bool run(const T* p, Index ldp, const T* v, Index ldv, Index L, const T* inv_sum, T* out,
                   Index out_step, Index rows, Index rows_valid, Index d0, Index dv) {
-    return masad_attend_rows<Isa, T, masad_rows<T, Isa>(ND), ND>(p, ldp, v, ldv, L, inv_sum, out,
-                                                                 out_step, rows, rows_valid, d0,
-                                                                 dv);
+    return masad_attend_rows<Isa, T, masad_rows<T, Isa>(ND), ND>(
+        p, ldp, v, ldv, L, inv_sum, out, out_step, rows, rows_valid, d0, dv);
   }
 };
 
