@@ -6,6 +6,7 @@
 // process when one does, by design), so that only this library's failure paths are exercised.
 #include <retention/retention.hpp>
 
+#include "support/libc_alloc.hpp"
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -19,14 +20,6 @@
 #include <stdexcept>
 #include <utility>
 #include <vector>
-
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-void __libc_free(void*);
-}
 
 namespace {
 std::atomic<long> g_countdown{-1};  // < 0: never fail; 0: fail this and every later allocation

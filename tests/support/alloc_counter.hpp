@@ -3,17 +3,11 @@
 // Include it in ONE translation unit of a test program: it defines the C allocation functions.
 #pragma once
 
+#include "support/libc_alloc.hpp"
+
 #include <atomic>
 #include <cstddef>
 #include <utility>
-
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-void __libc_free(void*);
-}
 
 namespace alloc_counter {
 inline std::atomic<long> allocations{0};
