@@ -2,7 +2,8 @@
 // Run-time instruction-set dispatch (retention/isa.hpp, detail/simd/): every variant the processor
 // runs (baseline, AVX2, AVX-512) computes the retention kernels to the same contracts, checked
 // against naive double references written from the math; the vector exp against std::exp; the
-// in-register transpose against a plain copy.
+// in-register transpose against a plain copy; outputs written through non-temporal stores against
+// the same outputs written through the caches.
 #include <retention/backward.hpp>
 #include <retention/chunkwise.hpp>
 #include <retention/isa.hpp>
@@ -17,8 +18,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -267,6 +270,97 @@ TEST(Isa, VariantsAgreeOnMultiHeadChunkwise) {
   }
   for (std::size_t i = 1; i < outs.size(); ++i)
     EXPECT_LE(relative_error(outs[i], outs[0]), 2e-6) << retention::to_string(variants()[i]);
+}
+
+/// Outputs spanning more than detail::stream_output_min_bytes are written through non-temporal
+/// stores (StreamRowsKernel); they must hold the same bits as the cached stores give. One
+/// multi-head chunkwise forward and backward over [1, 2048, 8, 128] floats (8 MiB an output),
+/// once with 64-byte-aligned rows and once with every row 16 bytes past a line boundary (whole
+/// lines in the middle, partial lines at the ends), against each head run alone on contiguous
+/// copies (1 MiB, cached stores), in every variant; head 0 also against a naive double recurrence.
+TEST(Isa, StreamedOutputsEqualCachedOnes) {
+  using Mf = retention::Matrix<float>;
+  const Index T_len = 2048, H = 8, d = 128, chunk = 32, n = T_len * H * d;
+  const auto gammas = retention::retnet_gammas(H);
+  const Mf q = retention_test::random_matrix<float>(T_len, H * d, 11);
+  const Mf k = retention_test::random_matrix<float>(T_len, H * d, 12, 1.0 / std::sqrt(128.0));
+  const Mf v = retention_test::random_matrix<float>(T_len, H * d, 13);
+  const Mf g = retention_test::random_matrix<float>(T_len, H * d, 14);
+  // Each output in a buffer of its own, starting `offset` floats past a 64-byte boundary.
+  struct Out {
+    std::vector<float> storage;
+    float* p;
+    Out(Index size, Index offset) : storage(static_cast<std::size_t>(size + 32), -1.0f) {
+      auto a = reinterpret_cast<std::uintptr_t>(storage.data());
+      const auto skip = static_cast<Index>(((64 - a % 64) % 64) / sizeof(float));
+      p = storage.data() + skip + offset;
+    }
+  };
+  const auto view = [&](const float* x) { return retention::heads_view(x, 1, T_len, H, d); };
+  const auto out_view = [&](float* x) { return retention::heads_view(x, 1, T_len, H, d); };
+  for (Isa isa : variants()) {
+    IsaScope scope(isa);
+    for (Index offset : {Index(0), Index(4)}) {
+      const std::string what = std::string(retention::to_string(isa)) + " row offset " +
+                               std::to_string(offset * 4) + " bytes";
+      Out o(n, offset), dq(n, offset), dk(n, offset), dv(n, offset);
+      using Strided = Eigen::Map<Mf, 0, Eigen::OuterStride<>>;
+      const Strided o_map(o.p, T_len, d, Eigen::OuterStride<>(H * d));
+      ASSERT_TRUE(retention::detail::streams_chunk_rows<float>(o_map)) << what;
+      for (Normalization norm : {Normalization::none, Normalization::decay_and_score}) {
+        retention::MultiHeadOptions<float> fo;
+        fo.chunk = chunk;
+        fo.normalization = norm;
+        retention::multi_head_retention(view(q.data()), view(k.data()), view(v.data()),
+                                        out_view(o.p), retention::causal_masks(gammas), fo);
+        retention::MultiHeadBackwardOptions<float> bo;
+        bo.chunk = chunk;
+        bo.normalization = norm;
+        retention::multi_head_retention_backward(
+            view(q.data()), view(k.data()), view(v.data()), view(g.data()), out_view(dq.p),
+            out_view(dk.p), out_view(dv.p), retention::causal_masks(gammas), bo);
+        for (Index h = 0; h < H; ++h) {
+          const Mf qh = q.middleCols(h * d, d), kh = k.middleCols(h * d, d),
+                   vh = v.middleCols(h * d, d), gh = g.middleCols(h * d, d);
+          const retention::CausalDecay decay(gammas[static_cast<std::size_t>(h)]);
+          retention::RetentionOptions<float> ro;
+          ro.normalization = norm;
+          const Mf expected = retention::chunkwise_retention(qh, kh, vh, decay, chunk, ro);
+          retention::RetentionBackwardOptions<float> rbo;
+          rbo.normalization = norm;
+          const auto grads =
+              retention::chunkwise_retention_backward(qh, kh, vh, decay, chunk, gh, rbo);
+          const auto head = [&](const Out& x) {
+            return Mf(Strided(x.p + h * d, T_len, d, Eigen::OuterStride<>(H * d)));
+          };
+          const std::string at =
+              what + " " + retention::to_string(norm) + " head " + std::to_string(h);
+          EXPECT_EQ((head(o) - expected).cwiseAbs().maxCoeff(), 0.0f) << "out " << at;
+          EXPECT_EQ((head(dq) - grads.dQ).cwiseAbs().maxCoeff(), 0.0f) << "dq " << at;
+          EXPECT_EQ((head(dk) - grads.dK).cwiseAbs().maxCoeff(), 0.0f) << "dk " << at;
+          EXPECT_EQ((head(dv) - grads.dV).cwiseAbs().maxCoeff(), 0.0f) << "dv " << at;
+          if (h == 0 && norm == Normalization::none) {
+            // S_t = gamma S_(t-1) + k_t^T v_t, o_t = q_t S_t, in double.
+            const double gamma = gammas[0];
+            Md S = Md::Zero(d, d), naive(T_len, d);
+            for (Index t = 0; t < T_len; ++t) {
+              S = gamma * S + kh.row(t).transpose().cast<double>() * vh.row(t).cast<double>();
+              naive.row(t) = qh.row(t).cast<double>() * S;
+            }
+            EXPECT_LE(relative_error(head(o), naive), 1e-5) << "naive " << at;
+          }
+        }
+        // Nothing outside the outputs was written.
+        for (const Out* x : {&o, &dq, &dk, &dv}) {
+          const Index before = x->p - x->storage.data();
+          for (Index i = 0; i < before; ++i)
+            ASSERT_EQ(x->storage[static_cast<std::size_t>(i)], -1.0f) << what;
+          for (Index i = before + n; i < Index(x->storage.size()); ++i)
+            ASSERT_EQ(x->storage[static_cast<std::size_t>(i)], -1.0f) << what;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace

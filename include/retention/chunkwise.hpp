@@ -80,6 +80,8 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   const Matrix<T>& D = sweep.D;
   const Vector<T>& qf = sweep.qf;
   const Vector<T>& kf = sweep.kf;
+  // A large output is written past the caches: its lines are not read in before being overwritten.
+  const bool stream_out = streams_chunk_rows<T>(out);
 
   for (Index i0 = 0; i0 < T_len; i0 += C) {
     const Index L = std::min(C, T_len - i0);
@@ -94,7 +96,7 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
       prefetch_chunk_rows(Q, i0 + L, L_next);
       prefetch_chunk_rows(K, i0 + L, L_next);
       prefetch_chunk_rows(V, i0 + L, L_next);
-      prefetch_chunk_rows(out, i0 + L, L_next);
+      if (!stream_out) prefetch_chunk_rows(out, i0 + L, L_next);
     }
     ChunkOperands<T> ops;
     ops.q = Qc.data();
@@ -165,9 +167,10 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
       z = gL * z + Kw.topRows(L).colwise().sum().transpose();
     else
       z = Kw.topRows(L).colwise().sum().transpose();
-    scatter_chunk_rows(Oc, i0, L, out);
+    scatter_chunk_rows(Oc, i0, L, out, stream_out);
     state_nonzero = true;
   }
+  if (stream_out) simd::stream_fence();
 
   if (final_state) {
     store_state(*final_state, S, z);

@@ -54,15 +54,21 @@ void gather_chunk_rows_reversed(const Eigen::MatrixBase<Derived>& x, Index first
 }
 
 /// x's rows first + L - 1 down to first = src's first L rows (inverse of
-/// gather_chunk_rows_reversed).
+/// gather_chunk_rows_reversed); with `stream` as scatter_chunk_rows.
 template <class T, class Derived>
-void scatter_chunk_rows_reversed(const Matrix<T>& src, Index first, Index L, Derived& x) {
+void scatter_chunk_rows_reversed(const Matrix<T>& src, Index first, Index L, Derived& x,
+                                 bool stream = false) {
   using Plain = std::decay_t<Derived>;
   if constexpr (chunk_rows_direct<Plain, T>) {
     if (x.innerStride() == 1) {
       const Index os = x.outerStride();
-      simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()),
-                                     x.data() + (first + L - 1) * os, -os);
+      T* const dst = x.data() + (first + L - 1) * os;
+      if (stream)
+        simd::dispatch<StreamRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()), dst,
+                                         -os);
+      else
+        simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()), dst,
+                                       -os);
       return;
     }
   }
@@ -197,6 +203,8 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   const Matrix<T>& D = sweep.D;
   const Vector<T>& qf = sweep.qf;
   const Vector<T>& kf = sweep.kf;
+  // Large gradients are written past the caches, as chunkwise_same_type's output.
+  const bool stream_k = streams_chunk_rows<T>(dK), stream_v = streams_chunk_rows<T>(dV);
 
   for (Index first = (T_len - 1) / C * C; first >= 0; first -= C) {
     const Index L = std::min(C, T_len - first);  // rows [first, first + L) in time order
@@ -212,8 +220,8 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
       prefetch_chunk_rows(Gu, n, L_next);
       prefetch_chunk_rows(Q, n, L_next);
       prefetch_chunk_rows(K, n, L_next);
-      prefetch_chunk_rows(dK, n, L_next);
-      prefetch_chunk_rows(dV, n, L_next);
+      if (!stream_k) prefetch_chunk_rows(dK, n, L_next);
+      if (!stream_v) prefetch_chunk_rows(dV, n, L_next);
     }
     Gw.topRows(L).noalias() = kf.head(L).asDiagonal() * Gc.topRows(L);
     const bool safe = has_nonfinite(Gc.topRows(L)) || has_nonfinite(Qc.topRows(L));
@@ -298,10 +306,11 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     }
     simd::dispatch<ChunkColumnsKernel>(static_cast<const ChunkOperands<T>*>(&k));
 
-    scatter_chunk_rows_reversed(Ok, first, L, dK);
-    scatter_chunk_rows_reversed(Ov, first, L, dV);
+    scatter_chunk_rows_reversed(Ok, first, L, dK, stream_k);
+    scatter_chunk_rows_reversed(Ov, first, L, dV, stream_v);
     state_nonzero = true;
   }
+  if (stream_k || stream_v) simd::stream_fence();
   if (final_R) *final_R = R;
 }
 

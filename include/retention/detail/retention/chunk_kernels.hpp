@@ -18,6 +18,8 @@
 #include <retention/detail/simd/transpose.hpp>
 
 #include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 #if defined(__GNUC__)
@@ -179,6 +181,31 @@ struct CopyRowsKernel {
   }
 };
 
+/// As CopyRowsKernel, writing the whole cache lines of each dst row through non-temporal stores
+/// (simd::stream) and the partial lines at its ends through ordinary ones.
+struct StreamRowsKernel {
+  template <class Isa, class T>
+  static void run(const T* src, Index lds, Index rows, Index cols, T* dst, Index ldd) {
+    constexpr int N = simd::lanes<T, Isa>;
+    constexpr Index line = simd::max_bytes;
+    for (Index i = 0; i < rows; ++i) {
+      const T* s = src + i * lds;
+      T* d = dst + i * ldd;
+      // Elements before the first line boundary, then whole lines, then the rest.
+      const auto misalign = static_cast<Index>(reinterpret_cast<std::uintptr_t>(d) % line);
+      const Index head =
+          std::min<Index>(cols, misalign == 0 ? 0 : (line - misalign) / Index(sizeof(T)));
+      const Index body_end =
+          head + (cols - head) / (line / Index(sizeof(T))) * (line / Index(sizeof(T)));
+      Index j = 0;
+      for (; j < head; ++j) d[j] = s[j];
+      for (; j < body_end; j += N) simd::stream(d + j, simd::load<N>(s + j));
+      for (; j + N <= cols; j += N) simd::store(d + j, simd::load<N>(s + j));
+      for (; j < cols; ++j) d[j] = s[j];
+    }
+  }
+};
+
 /// Whether a chunk's rows of X are strided runs of T that CopyRowsKernel can copy (row-major,
 /// direct access; innerStride() == 1 is checked at run time).
 template <class X, class T>
@@ -222,14 +249,42 @@ void prefetch_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L)
   }
 }
 
-/// x's rows [i0, i0 + L) = src's first L rows (src contiguous), as gather_chunk_rows.
+/// Bytes an output must span (rows x row stride) before a sweep writes it through non-temporal
+/// stores: well above a core's L2, so that the output's lines would have left the caches before
+/// anyone read them, and reading them in before overwriting them is pure cost.
+constexpr std::size_t stream_output_min_bytes = std::size_t(8) << 20;
+
+/// Whether a sweep writes x's rows through StreamRowsKernel: x row-major with contiguous rows of
+/// at least two cache lines (so that most of each row is whole lines), spanning at least
+/// stream_output_min_bytes.
 template <class T, class Derived>
-void scatter_chunk_rows(const Matrix<T>& src, Index i0, Index L, Derived& x) {
+bool streams_chunk_rows(const Derived& x) {
+  using Plain = std::decay_t<Derived>;
+  if constexpr (chunk_rows_direct<Plain, T>) {
+    return x.innerStride() == 1 && x.rows() > 0 &&
+           static_cast<std::size_t>(x.cols()) * sizeof(T) >= 2 * simd::max_bytes &&
+           static_cast<std::size_t>(x.rows()) * static_cast<std::size_t>(x.outerStride()) *
+                   sizeof(T) >=
+               stream_output_min_bytes;
+  } else {
+    return false;
+  }
+}
+
+/// x's rows [i0, i0 + L) = src's first L rows (src contiguous), as gather_chunk_rows; with
+/// `stream` (streams_chunk_rows(x) holds) through non-temporal stores.
+template <class T, class Derived>
+void scatter_chunk_rows(const Matrix<T>& src, Index i0, Index L, Derived& x, bool stream = false) {
   using Plain = std::decay_t<Derived>;
   if constexpr (chunk_rows_direct<Plain, T>) {
     if (x.innerStride() == 1) {
-      simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()),
-                                     x.data() + i0 * x.outerStride(), Index(x.outerStride()));
+      T* const dst = x.data() + i0 * x.outerStride();
+      if (stream)
+        simd::dispatch<StreamRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()), dst,
+                                         Index(x.outerStride()));
+      else
+        simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()), dst,
+                                       Index(x.outerStride()));
       return;
     }
   }

@@ -264,6 +264,48 @@ template <int N, class T>
 #endif
 }
 
+/// Stores all lanes of v at p, which must be aligned to sizeof v, without bringing p's cache line
+/// in (a non-temporal store, where the target has one): for output written once and not read
+/// again soon, whose line would otherwise be read from memory before it is overwritten. Such
+/// stores are weakly ordered: stream_fence() before the data is handed to another thread.
+template <class T, class V>
+[[gnu::always_inline]] inline void stream(T* p, const V& v) {
+  static_assert(sizeof(V) % sizeof(T) == 0, "stream: lanes of another type");
+#if defined(__clang__)
+  if constexpr (sizeof(V) > sizeof(T)) {
+    __builtin_nontemporal_store(v, reinterpret_cast<V*>(p));
+    return;
+  }
+#elif defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
+  // GCC has no generic non-temporal store and declares its x86 builtins only where a header
+  // enables their instruction set, so the instruction itself (AT&T|Intel syntax), in the variants
+  // (dispatch.hpp) whose instruction set has vectors of this width, the only places one is
+  // instantiated.
+  constexpr bool single = std::is_same_v<T, float>, twin = std::is_same_v<T, double>;
+  if constexpr ((single || twin) && (sizeof(V) == 64 || sizeof(V) == 32)) {
+    if constexpr (single)
+      asm volatile("{vmovntps %1, %0|vmovntps %0, %1}" : "=m"(*reinterpret_cast<V*>(p)) : "v"(v));
+    else
+      asm volatile("{vmovntpd %1, %0|vmovntpd %0, %1}" : "=m"(*reinterpret_cast<V*>(p)) : "v"(v));
+    return;
+  } else if constexpr ((single || twin) && sizeof(V) == 16) {
+    if constexpr (single)
+      asm volatile("{movntps %1, %0|movntps %0, %1}" : "=m"(*reinterpret_cast<V*>(p)) : "x"(v));
+    else
+      asm volatile("{movntpd %1, %0|movntpd %0, %1}" : "=m"(*reinterpret_cast<V*>(p)) : "x"(v));
+    return;
+  }
+#endif
+  store(p, v);
+}
+
+/// Orders the stream() stores before later stores (x86's sfence); nothing elsewhere.
+[[gnu::always_inline]] inline void stream_fence() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE__)
+  __builtin_ia32_sfence();
+#endif
+}
+
 /// Hints that the cache line at p will be read soon, into L2 (for data larger than L1).
 [[gnu::always_inline]] inline void prefetch_l2(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
