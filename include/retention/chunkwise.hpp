@@ -82,7 +82,6 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
   const Vector<T>& kf = sweep.kf;
   // A large output is written past the caches: its lines are not read in before being overwritten.
   const bool stream_out = streams_chunk_rows<T>(out);
-  ChunkRowPrefetch prefetch;
 
   for (Index i0 = 0; i0 < T_len; i0 += C) {
     const Index L = std::min(C, T_len - i0);
@@ -91,13 +90,12 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     gather_chunk_rows(Q, i0, L, Qc);
     gather_chunk_rows(K, i0, L, Kc);
     gather_chunk_rows(V, i0, L, Vc);
-    // The next chunk's rows arrive while this one computes.
-    const Index L_next = std::min(C, T_len - i0 - L);
-    prefetch.start(L_next);
-    if (L_next > 0) {
-      prefetch.add(Q, i0 + L);
-      prefetch.add(K, i0 + L);
-      prefetch.add(V, i0 + L);
+    if (i0 + L < T_len) {
+      // The next chunk's rows arrive while this one computes.
+      const Index L_next = std::min(C, T_len - i0 - L);
+      prefetch_chunk_rows(Q, i0 + L, L_next);
+      prefetch_chunk_rows(K, i0 + L, L_next);
+      prefetch_chunk_rows(V, i0 + L, L_next);
       if (!stream_out) prefetch_chunk_rows(out, i0 + L, L_next);
     }
     ChunkOperands<T> ops;
@@ -119,7 +117,6 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     ops.rows = L;
     ops.dk = dk;
     ops.dv = dv;
-    ops.prefetch = &prefetch;
 
     // Row j of the chunk may see keys and values up to j only. The kernels mask by multiplying
     // (0 x Inf = NaN) and a row block reads a few values past its rows, so a chunk whose keys or
@@ -166,7 +163,6 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
       }
     }
     simd::dispatch<ChunkColumnsKernel>(static_cast<const ChunkOperands<T>*>(&ops));
-    prefetch.finish();
     if (state_nonzero)
       z = gL * z + Kw.topRows(L).colwise().sum().transpose();
     else

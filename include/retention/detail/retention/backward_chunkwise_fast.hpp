@@ -205,7 +205,6 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
   const Vector<T>& kf = sweep.kf;
   // Large gradients are written past the caches, as chunkwise_same_type's output.
   const bool stream_k = streams_chunk_rows<T>(dK), stream_v = streams_chunk_rows<T>(dV);
-  ChunkRowPrefetch prefetch;
 
   for (Index first = (T_len - 1) / C * C; first >= 0; first -= C) {
     const Index L = std::min(C, T_len - first);  // rows [first, first + L) in time order
@@ -214,14 +213,13 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     gather_chunk_rows_reversed(Gu, first, L, Gc);
     gather_chunk_rows_reversed(Q, first, L, Qc);
     gather_chunk_rows_reversed(K, first, L, Kc);
-    // The next chunk (the rows before this one) arrives while this one computes.
-    const Index L_next = std::min(C, first), n = first - L_next;
-    prefetch.start(L_next);
-    if (L_next > 0) {
-      prefetch.add(V, n, true);
-      prefetch.add(Gu, n, true);
-      prefetch.add(Q, n, true);
-      prefetch.add(K, n, true);
+    if (first > 0) {
+      // The next chunk (the rows before this one) arrives while this one computes.
+      const Index L_next = std::min(C, first), n = first - L_next;
+      prefetch_chunk_rows(V, n, L_next);
+      prefetch_chunk_rows(Gu, n, L_next);
+      prefetch_chunk_rows(Q, n, L_next);
+      prefetch_chunk_rows(K, n, L_next);
       if (!stream_k) prefetch_chunk_rows(dK, n, L_next);
       if (!stream_v) prefetch_chunk_rows(dV, n, L_next);
     }
@@ -257,7 +255,6 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     v.zero_state = !state_nonzero;
     v.outputs = true;
     v.update_state = false;
-    v.prefetch = &prefetch;
     // dK: queries V, keys Gu, values Q, state R (read, then updated).
     ChunkOperands<T> k = v;
     k.q = Vc.data();
@@ -309,7 +306,6 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     }
     simd::dispatch<ChunkColumnsKernel>(static_cast<const ChunkOperands<T>*>(&k));
 
-    prefetch.finish();
     scatter_chunk_rows_reversed(Ok, first, L, dK, stream_k);
     scatter_chunk_rows_reversed(Ov, first, L, dV, stream_v);
     state_nonzero = true;

@@ -110,65 +110,6 @@ template <class Isa, class T>
       });
 }
 
-/// Whether a chunk's rows of X are strided runs of T that CopyRowsKernel can copy (row-major,
-/// direct access; innerStride() == 1 is checked at run time).
-template <class X, class T>
-constexpr bool chunk_rows_direct = (int(X::Flags) & Eigen::DirectAccessBit) &&
-                                   (int(X::Flags) & Eigen::RowMajorBit) && !X::IsVectorAtCompileTime
-                                   && std::is_same_v<typename X::Scalar, T>;
-
-/// The next chunk's rows, brought into L2 a row at a time from inside the kernels' row loops while
-/// this chunk computes. Asked for all at once (about a thousand cache lines), the prefetches held
-/// the core for about as long as the copies they were meant to speed up.
-struct ChunkRowPrefetch {
-  static constexpr int max_sources = 4;
-  const char* first[max_sources] = {};  ///< each source's first row to fetch
-  Index stride[max_sources] = {};       ///< bytes from one row to the next (negative: reversed)
-  Index bytes[max_sources] = {};        ///< bytes of a row
-  int sources = 0;
-  Index rows = 0, next = 0;
-
-  /// Starts a queue of `rows` rows from each source added next.
-  void start(Index rows_) {
-    sources = 0;
-    rows = rows_;
-    next = 0;
-  }
-  /// Rows [i0, i0 + rows) of x (forward) or i0 + rows - 1 down to i0 (reversed), when x is a
-  /// row-major view with contiguous rows (other layouts are read through Eigen, unprefetched).
-  template <class Derived>
-  void add(const Eigen::MatrixBase<Derived>& x, Index i0, bool reversed = false) {
-    using Plain = std::decay_t<Derived>;
-    if constexpr (chunk_rows_direct<Plain, typename Plain::Scalar>) {
-      const Plain& d = x.derived();
-      if (d.innerStride() != 1 || sources == max_sources || rows <= 0 || d.cols() == 0) return;
-      constexpr auto size = static_cast<Index>(sizeof(typename Plain::Scalar));
-      const Index os = d.outerStride() * size;
-      first[sources] =
-          reinterpret_cast<const char*>(d.data()) + (reversed ? i0 + rows - 1 : i0) * os;
-      stride[sources] = reversed ? -os : os;
-      bytes[sources] = Index(d.cols()) * size;
-      ++sources;
-    }
-  }
-  /// Asks for the next row, if any.
-  [[gnu::always_inline]] void step() {
-    if (next < rows * sources) fetch(next++);
-  }
-  /// Asks for every row not asked for yet.
-  void finish() {
-    while (next < rows * sources) fetch(next++);
-  }
-
- private:
-  [[gnu::always_inline]] void fetch(Index n) const {
-    const auto src = static_cast<int>(n / rows);
-    const char* r = first[src] + (n % rows) * stride[src];
-    for (Index b = 0; b < bytes[src]; b += 64) simd::prefetch_l2(r + b);
-    simd::prefetch_l2(r + bytes[src] - 1);
-  }
-};
-
 /// Columns [j0, j0 + W NP) of one chunk's output rows:
 /// O[i, :] = norm[i] (qf[i] sum_c q[i, c] S[c, :] + sum_{j <= i} A[i, j] v[j, :]), i < rows.
 /// q [rows, dk] (ldq), s [dk, ..] (lds; not read when qf == nullptr: zero state), A[i, j] at
@@ -182,13 +123,11 @@ template <class Isa, int W, int NP, class T>
                                                         Index lds, const T* qf, const T* a,
                                                         Index ars, Index acs, const T* v, Index ldv,
                                                         const T* init, const T* norm, T* o,
-                                                        Index ldo, Index rows, Index dk, Index j0,
-                                                        ChunkRowPrefetch* prefetch) {
+                                                        Index ldo, Index rows, Index dk, Index j0) {
   chunk_for_rows<T, Isa>(
       rows, [&](auto r_tag, Index i0) __attribute__((always_inline)) {
         constexpr int R = decltype(r_tag)::value;
         const Index jend = std::min<Index>(i0 + R, rows);
-        if (prefetch) prefetch->step();
         simd::Block<T, W, R, NP> acc;
         if (init) {
           acc.load(init + i0 * ldo + j0, ldo);
@@ -212,11 +151,10 @@ template <class Isa, int W, int NP, class T>
 [[gnu::always_inline]] inline void chunk_state_columns(const T* kw, Index ldkw, const T* v,
                                                        Index ldv, T* s, Index lds, T beta,
                                                        bool zero_state, Index rows, Index dk,
-                                                       Index j0, ChunkRowPrefetch* prefetch) {
+                                                       Index j0) {
   chunk_for_rows<T, Isa>(
       dk, [&](auto r_tag, Index c0) __attribute__((always_inline)) {
         constexpr int R = decltype(r_tag)::value;
-        if (prefetch) prefetch->step();
         simd::Block<T, W, R, NP> acc;
         if (zero_state)
           acc.set_zero();
@@ -267,6 +205,13 @@ struct StreamRowsKernel {
     }
   }
 };
+
+/// Whether a chunk's rows of X are strided runs of T that CopyRowsKernel can copy (row-major,
+/// direct access; innerStride() == 1 is checked at run time).
+template <class X, class T>
+constexpr bool chunk_rows_direct = (int(X::Flags) & Eigen::DirectAccessBit) &&
+                                   (int(X::Flags) & Eigen::RowMajorBit) && !X::IsVectorAtCompileTime
+                                   && std::is_same_v<typename X::Scalar, T>;
 
 /// Rows [i0, i0 + L) of x into dst [L, x.cols()] (contiguous): through CopyRowsKernel when x is a
 /// row-major view with contiguous rows, else through Eigen.
@@ -434,8 +379,6 @@ struct ChunkOperands {
   bool zero_state;           ///< S starts at 0
   bool outputs;              ///< whether the column kernel writes the outputs too
   bool update_state = true;  ///< whether it updates S (the backward's dV pass only reads it)
-  /// The next chunk's rows, asked for a row per row block of the column kernels, or nullptr.
-  ChunkRowPrefetch* prefetch = nullptr;
 };
 
 /// K^T and the masked score tile of one chunk.
@@ -455,8 +398,7 @@ struct ChunkOutputBlock {
     const bool view = c->a_view != nullptr;
     chunk_output_columns<Isa, W, NP>(c->q, c->ldq, c->s, c->lds, c->qf, view ? c->a_view : c->a,
                                      view ? c->a_rs : c->ld, view ? c->a_cs : Index(1), c->v,
-                                     c->ldv, c->o_init, c->norm, c->o, c->ldo, c->rows, c->dk, j0,
-                                     c->prefetch);
+                                     c->ldv, c->o_init, c->norm, c->o, c->ldo, c->rows, c->dk, j0);
   }
 };
 
@@ -466,7 +408,7 @@ struct ChunkStateBlock {
   template <class Isa, class T>
   static void run(const ChunkOperands<T>* c, Index j0) {
     chunk_state_columns<Isa, W, NP>(c->kw, c->dk, c->v, c->ldv, c->s, c->lds, c->beta,
-                                    c->zero_state, c->rows, c->dk, j0, c->prefetch);
+                                    c->zero_state, c->rows, c->dk, j0);
   }
 };
 
