@@ -62,13 +62,7 @@ void scatter_chunk_rows_reversed(const Matrix<T>& src, Index first, Index L, Der
   if constexpr (chunk_rows_direct<Plain, T>) {
     if (x.innerStride() == 1) {
       const Index os = x.outerStride();
-      T* const dst = x.data() + (first + L - 1) * os;
-      if (stream)
-        simd::dispatch<StreamRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()), dst,
-                                         -os);
-      else
-        simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()), dst,
-                                       -os);
+      write_chunk_rows(src, L, x.data() + (first + L - 1) * os, -os, stream);
       return;
     }
   }

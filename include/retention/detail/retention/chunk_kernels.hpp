@@ -187,16 +187,15 @@ struct StreamRowsKernel {
   template <class Isa, class T>
   static void run(const T* src, Index lds, Index rows, Index cols, T* dst, Index ldd) {
     constexpr int N = simd::lanes<T, Isa>;
-    constexpr Index line = simd::max_bytes;
+    constexpr Index line = simd::max_bytes, size = static_cast<Index>(sizeof(T)),
+                    per_line = line / size;
     for (Index i = 0; i < rows; ++i) {
       const T* s = src + i * lds;
       T* d = dst + i * ldd;
       // Elements before the first line boundary, then whole lines, then the rest.
       const auto misalign = static_cast<Index>(reinterpret_cast<std::uintptr_t>(d) % line);
-      const Index head =
-          std::min<Index>(cols, misalign == 0 ? 0 : (line - misalign) / Index(sizeof(T)));
-      const Index body_end =
-          head + (cols - head) / (line / Index(sizeof(T))) * (line / Index(sizeof(T)));
+      const Index head = std::min<Index>(cols, misalign == 0 ? 0 : (line - misalign) / size);
+      const Index body_end = head + (cols - head) / per_line * per_line;
       Index j = 0;
       for (; j < head; ++j) d[j] = s[j];
       for (; j < body_end; j += N) simd::stream(d + j, simd::load<N>(s + j));
@@ -271,6 +270,17 @@ bool streams_chunk_rows(const Derived& x) {
   }
 }
 
+/// dst rows (stride ldd, negative for a reversed sweep) = src's first L rows (contiguous): through
+/// StreamRowsKernel with `stream`, else CopyRowsKernel.
+template <class T>
+void write_chunk_rows(const Matrix<T>& src, Index L, T* dst, Index ldd, bool stream) {
+  const Index cols = src.cols();
+  if (stream)
+    simd::dispatch<StreamRowsKernel>(src.data(), cols, L, cols, dst, ldd);
+  else
+    simd::dispatch<CopyRowsKernel>(src.data(), cols, L, cols, dst, ldd);
+}
+
 /// x's rows [i0, i0 + L) = src's first L rows (src contiguous), as gather_chunk_rows; with
 /// `stream` (streams_chunk_rows(x) holds) through non-temporal stores.
 template <class T, class Derived>
@@ -278,13 +288,7 @@ void scatter_chunk_rows(const Matrix<T>& src, Index i0, Index L, Derived& x, boo
   using Plain = std::decay_t<Derived>;
   if constexpr (chunk_rows_direct<Plain, T>) {
     if (x.innerStride() == 1) {
-      T* const dst = x.data() + i0 * x.outerStride();
-      if (stream)
-        simd::dispatch<StreamRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()), dst,
-                                         Index(x.outerStride()));
-      else
-        simd::dispatch<CopyRowsKernel>(src.data(), Index(src.cols()), L, Index(src.cols()), dst,
-                                       Index(x.outerStride()));
+      write_chunk_rows(src, L, x.data() + i0 * x.outerStride(), Index(x.outerStride()), stream);
       return;
     }
   }
