@@ -312,6 +312,105 @@ TYPED_TEST(BackwardMultiHead, ThreadCountDoesNotChangeTheResult) {
 }
 
 // Float inputs with a double state (the SPEC 1 wider accumulator), as per-head calls.
+// The parallel forms copy a head's rows out of a wider buffer when many blocks read them (T above
+// two tiles): a head of [1, T, 3, d] gives the bytes of the same head stored alone in the forward
+// and the same gradients to rounding, with states, every normalisation, gammas up to 1; and both
+// match the naive double reference. T = 70 with tile 8 takes the copies, tile 64 does not.
+TYPED_TEST(BackwardMultiHead, ParallelFormsOnStridedRowsEqualContiguousOnes) {
+  using T = TypeParam;
+  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  using StridedOut = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
+  const Index len = 70, H = 3, dk = 5, dv = 4, width = H * std::max(dk, dv);
+  const Matrix<T> q = random_matrix<T>(len, width, 71, 1.2),
+                  k = random_matrix<T>(len, width, 72, 1.2);
+  const Matrix<T> v = random_matrix<T>(len, width, 73), g = random_matrix<T>(len, width, 74);
+  ref::State init_d, fgrad_d;
+  init_d.S = random_matrix<double>(dk, dv, 75);
+  init_d.z = random_matrix<double>(dk, 1, 76);
+  init_d.position = 9;
+  fgrad_d.S = random_matrix<double>(dk, dv, 77);
+  fgrad_d.z = random_matrix<double>(dk, 1, 78);
+  const RetentionState<T> init = to_state<T>(init_d), fgrad = to_state<T>(fgrad_d);
+  const Index h = 1;  // a middle head: rows start inside the buffer's rows
+  for (const double gamma : {0.5, 0.96875, 1.0}) {
+    // The head's queries kept off the score normaliser's kink |r_n| = 1, where the derivative is
+    // not defined (ref::keep_scores_off_kink), written back into the buffer.
+    Matrix<T> qg = q;
+    qg.middleCols(h * dk, dk) =
+        ref::keep_scores_off_kink(q.middleCols(h * dk, dk).template cast<double>(),
+                                  k.middleCols(h * dk, dk).template cast<double>(),
+                                  v.middleCols(h * dv, dv).template cast<double>(), gamma, &init_d)
+            .template cast<T>();
+    for (Normalization norm :
+         {Normalization::none, Normalization::decay, Normalization::decay_and_score})
+      for (const Index tile : {Index(8), Index(64)}) {
+        const Strided Q(qg.data() + h * dk, len, dk, Eigen::OuterStride<>(width));
+        const Strided K(k.data() + h * dk, len, dk, Eigen::OuterStride<>(width));
+        const Strided V(v.data() + h * dv, len, dv, Eigen::OuterStride<>(width));
+        const Strided G(g.data() + h * dv, len, dv, Eigen::OuterStride<>(width));
+        const Matrix<T> Qc = Q, Kc = K, Vc = V, Gc = G;
+        const CausalDecay decay(gamma);
+        const std::string label = "gamma " + std::to_string(gamma) + " " +
+                                  retention::to_string(norm) + " tile " + std::to_string(tile);
+
+        RetentionState<T> fin_s, fin_c;
+        RetentionOptions<T> fo;
+        fo.normalization = norm;
+        fo.initial_state = &init;
+        fo.tile = tile;
+        Matrix<T> out_buf = Matrix<T>::Constant(len, width, T(-3));
+        StridedOut O(out_buf.data() + h * dv, len, dv, Eigen::OuterStride<>(width));
+        fo.final_state = &fin_s;
+        retention::parallel_retention_into(Q, K, V, decay, O, fo);
+        fo.final_state = &fin_c;
+        const Matrix<T> Oc = retention::parallel_retention(Qc, Kc, Vc, decay, fo);
+        EXPECT_TRUE(Matrix<T>(O) == Oc) << label;
+        EXPECT_TRUE(fin_s.S == fin_c.S && fin_s.z == fin_c.z) << label;
+        ref::State want_fin;
+        const Mat want =
+            ref::retention(Qc.template cast<double>(), Kc.template cast<double>(),
+                           Vc.template cast<double>(), gamma, norm, &init_d, &want_fin);
+        EXPECT_LE(relative_error(Oc, want), spec_tolerance<T>()) << label;
+        EXPECT_LE(relative_error(fin_c.S, want_fin.S), spec_tolerance<T>()) << label;
+
+        RetentionBackwardOptions<T> bo;
+        bo.normalization = norm;
+        bo.initial_state = &init;
+        bo.final_state_gradient = &fgrad;
+        bo.tile = tile;
+        Matrix<T> dq_buf = Matrix<T>::Constant(len, width, T(-3)), dk_buf = dq_buf, dv_buf = dq_buf;
+        StridedOut dQ(dq_buf.data() + h * dk, len, dk, Eigen::OuterStride<>(width));
+        StridedOut dK(dk_buf.data() + h * dk, len, dk, Eigen::OuterStride<>(width));
+        StridedOut dV(dv_buf.data() + h * dv, len, dv, Eigen::OuterStride<>(width));
+        RetentionState<T> dinit_s;
+        retention::parallel_retention_backward_into(Q, K, V, decay, G, dQ, dK, dV, bo, &dinit_s);
+        const RetentionGradients<T> gc =
+            retention::parallel_retention_backward(Qc, Kc, Vc, decay, Gc, bo);
+        // The backward writes its gradients' rows in place, and Eigen's small products round by
+        // the destination's alignment: equal to rounding (as EqualsPerHeadCalls).
+        const double tol = sizeof(T) == sizeof(double) ? 1e-14 : 1e-6;
+        EXPECT_LE(relative_error(dQ, gc.dQ), tol) << label;
+        EXPECT_LE(relative_error(dK, gc.dK), tol) << label;
+        EXPECT_LE(relative_error(dV, gc.dV), tol) << label;
+        EXPECT_LE(relative_error(dinit_s.S, gc.d_initial_state.S), tol) << label;
+        EXPECT_LE(relative_error(dinit_s.z, gc.d_initial_state.z), tol) << label;
+        // Nothing outside the head's columns was written.
+        for (Index c = 0; c < width; ++c) {
+          if (c >= h * dv && c < (h + 1) * dv) continue;
+          EXPECT_TRUE((out_buf.col(c).array() == T(-3)).all()) << label << " column " << c;
+        }
+        const ref::Gradients want_g = ref::retention_backward(
+            Qc.template cast<double>(), Kc.template cast<double>(), Vc.template cast<double>(),
+            gamma, norm, &init_d, Gc.template cast<double>(), &fgrad_d, false);
+        EXPECT_LE(relative_error(gc.dQ, want_g.dQ), 10 * spec_tolerance<T>()) << label;
+        EXPECT_LE(relative_error(gc.dK, want_g.dK), 10 * spec_tolerance<T>()) << label;
+        EXPECT_LE(relative_error(gc.dV, want_g.dV), 10 * spec_tolerance<T>()) << label;
+        EXPECT_LE(relative_error(gc.d_initial_state.S, want_g.dS0), 10 * spec_tolerance<T>())
+            << label;
+      }
+  }
+}
+
 TEST(BackwardMultiHeadWideState, FloatInputsDoubleState) {
   HeadBuffers<float> buf(1, 29, 2, 3, 4, 61, 1.0);
   const std::vector<double> gammas = {1.0 - std::ldexp(1.0, -26), 0.75};

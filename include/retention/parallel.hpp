@@ -1,5 +1,6 @@
 // retention: the parallel form (docs/math.md §2): O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init,
-// computed block by block so that extra memory is O(T * tile), never T x T.
+// computed block by block so that extra memory is O(T * tile), never T x T (plus a copy of K and V
+// when their rows are spread out, as a head of [B, T, H, D]: packed_rows).
 #pragma once
 
 #include <retention/decay.hpp>
@@ -22,6 +23,7 @@ namespace detail {
 
 struct ParallelForwardScratch {};
 struct ParallelForwardStateScratch {};
+struct ParallelRowsScratch {};
 
 template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
 void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
@@ -62,6 +64,13 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   Matrix<T>& inter = kept.matrix(3, init ? B : 0, dv);
   Vector<T>& Qz = kept.vector(3, init ? B : 0);
   const bool score = options.normalization == Normalization::decay_and_score;
+  // Keys and values are packed again for every query block that reads them (packed_rows).
+  KeptMatrices<T, ParallelRowsScratch, 2> kept_rows;
+  const bool many = std::min(T_len, horizon) > 2 * B;
+  const ConstRows<T> Kx =
+      packed_rows<T>(K, many, [&]() -> Matrix<T>& { return kept_rows.matrix(0, T_len, dk); });
+  const ConstRows<T> Vx =
+      packed_rows<T>(V, many, [&]() -> Matrix<T>& { return kept_rows.matrix(1, T_len, dv); });
 
   for (Index n0 = 0; n0 < T_len; n0 += B) {
     const Index Ln = std::min(B, T_len - n0);
@@ -75,7 +84,7 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
     const Index m_start = std::max<Index>(0, n0 - horizon + 1);
     const Index M = n0 + Ln - m_start, Moff = n0 - m_start;
     auto Am = A.topLeftCorner(Ln, M);
-    gemm_into(Am, Qn, K.middleRows(m_start, M).transpose());
+    gemm_into(Am, Qn, Kx.middleRows(m_start, M).transpose());
     if (Moff > 0) {
       for (Index l = 0; l < Moff; ++l) kf(l) = pw(n0 - m_start - l);
       for (Index j = 0; j < Ln; ++j)
@@ -85,20 +94,20 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
     // a non-finite key or value in the diagonal block would reach the earlier rows of the block
     // through the masked scores and through the zero-weighted terms of the output product. Blocks
     // that hold one (found by an O(Ln d) scan) take a path that never reads past the diagonal.
-    const bool safe = has_nonfinite(K.middleRows(n0, Ln)) || has_nonfinite(V.middleRows(n0, Ln));
+    const bool safe = has_nonfinite(Kx.middleRows(n0, Ln)) || has_nonfinite(Vx.middleRows(n0, Ln));
     auto Ad = Am.rightCols(Ln);
     if (safe) Ad.template triangularView<Eigen::StrictlyUpper>().setZero();
     Ad.array() *= D.topLeftCorner(Ln, Ln).array();
     if (score) r.head(Ln) = Am.rowwise().sum();
     if (!safe) {
-      gemm_into(On, Am, V.middleRows(m_start, M));
+      gemm_into(On, Am, Vx.middleRows(m_start, M));
     } else {
       if (Moff > 0)
-        gemm_into(On, Am.leftCols(Moff), V.middleRows(m_start, Moff));
+        gemm_into(On, Am.leftCols(Moff), Vx.middleRows(m_start, Moff));
       else
         On.setZero();
       for (Index j = 0; j < Ln; ++j)
-        On.row(j).noalias() += Ad.row(j).head(j + 1) * V.middleRows(n0, j + 1);
+        On.row(j).noalias() += Ad.row(j).head(j + 1) * Vx.middleRows(n0, j + 1);
     }
     if (init) {
       // diag(gamma^(n+1)) Q S_init with n = n0 + j, and the score term gamma^(n+1) q . z_init.
@@ -139,8 +148,8 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
       const Index Lm = std::min(B, T_len - m0);
       for (Index l = 0; l < Lm; ++l) wf(l) = pw(T_len - 1 - m0 - l);
       auto Kwm = Kw.topRows(Lm);
-      Kwm.noalias() = wf.head(Lm).asDiagonal() * K.middleRows(m0, Lm);
-      gemm_into(Pt, V.middleRows(m0, Lm).transpose(), Kwm);
+      Kwm.noalias() = wf.head(Lm).asDiagonal() * Kx.middleRows(m0, Lm);
+      gemm_into(Pt, Vx.middleRows(m0, Lm).transpose(), Kwm);
       S += Pt.transpose().template cast<Acc>();
       z += (Kwm.transpose() * Vector<T>::Ones(Lm)).template cast<Acc>();
     }
@@ -198,8 +207,10 @@ void parallel_retention_into(
 
 /// Parallel retention of one head, docs/math.md §2: O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q
 /// S_init, then the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]; extra
-/// memory O(T * tile). Row n depends on tokens <= n only, for any input values: an Inf or NaN
-/// reaches its own row and later ones (as in the recurrent form), never earlier rows.
+/// memory O(T * tile), plus T (dk + dv) when K's or V's rows are spread out (a head of a wider
+/// buffer) and T is above two tiles: a contiguous copy, packed faster. Row n depends on tokens <= n
+/// only, for any input values: an Inf or NaN reaches its own row and later ones (as in the
+/// recurrent form), never earlier rows.
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> parallel_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,

@@ -23,9 +23,11 @@ namespace detail {
 
 struct ParallelBackwardScratch {};
 struct ParallelBackwardStateScratch {};
+struct ParallelBackwardRowsScratch {};
 
 /// Parallel backward of one head into dQ, dK [T, dk] and dV [T, dv]; the inputs are checked.
-/// Extra memory: T dv + T (the scaled upstream gradient and gs) plus three B x (T + B) tiles.
+/// Extra memory: T dv + T (the scaled upstream gradient and gs) plus three B x (T + B) tiles, and
+/// T (2 dk + dv) for contiguous copies of Q, K and V when their rows are spread out (packed_rows).
 template <class DQ, class DK, class DV, class DG, class OQ, class OK, class OV, class Mask,
           class Acc>
 void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
@@ -49,9 +51,6 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
   const Index horizon = decay.powers_into(pw);
   Matrix<T>& D = kept.matrix(0, B, B);
   decay.weights_into(0, 0, D);
-  // With a non-finite input the products over a diagonal block run row by row over the causal
-  // range only, so that a masked 0 never meets a later token's Inf or NaN (docs/math.md §2.6).
-  const bool finite = Q.allFinite() && K.allFinite() && V.allFinite() && G.allFinite();
   const Index width = std::min(T_len, horizon + B);
   Matrix<T>& A = kept.matrix(1, B, width);
   Matrix<T>& dP = kept.matrix(2, B, width);
@@ -75,6 +74,21 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
   Vector<Acc>& dz0 = kept_acc.vector(2, d_init ? dk : 0);
   dz0.setZero();
 
+  // Keys and values are packed again for every query block that reads them, queries for every
+  // key block (packed_rows).
+  KeptMatrices<T, ParallelBackwardRowsScratch, 3> kept_rows;
+  const bool many = std::min(T_len, horizon) > 2 * B;
+  const ConstRows<T> Qx =
+      packed_rows<T>(Q, many, [&]() -> Matrix<T>& { return kept_rows.matrix(0, T_len, dk); });
+  const ConstRows<T> Kx =
+      packed_rows<T>(K, many, [&]() -> Matrix<T>& { return kept_rows.matrix(1, T_len, dk); });
+  const ConstRows<T> Vx =
+      packed_rows<T>(V, many, [&]() -> Matrix<T>& { return kept_rows.matrix(2, T_len, dv); });
+  // With a non-finite input the products over a diagonal block run row by row over the causal
+  // range only, so that a masked 0 never meets a later token's Inf or NaN (docs/math.md §2.6).
+  const bool finite =
+      !(has_nonfinite(Qx) || has_nonfinite(Kx) || has_nonfinite(Vx) || has_nonfinite(G));
+
   // Decay of a query-block tile against keys [m_start, n0 + Ln): earlier keys m < n0 factor as
   // gamma^(n-m) = gamma^(n-n0) gamma^(n0-m) (both <= 1), the diagonal block is D.
   auto decay_query_tile = [&](auto& tile_, Index n0, Index Ln, Index m_start) {
@@ -95,10 +109,10 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
     const Index Ln = std::min(B, T_len - n0);
     const Index m_start = std::max<Index>(0, n0 - horizon + 1);
     const Index M = n0 + Ln - m_start;
-    const auto Qn = Q.middleRows(n0, Ln);
+    const auto Qn = Qx.middleRows(n0, Ln);
     const auto Gn = G.middleRows(n0, Ln);
-    const auto Km = K.middleRows(m_start, M);
-    const auto Vm = V.middleRows(m_start, M);
+    const auto Km = Kx.middleRows(m_start, M);
+    const auto Vm = Vx.middleRows(m_start, M);
     const auto gq = pw.segment(n0 + 1, Ln);  // gamma^(n+1)
     auto Gun = Gu.middleRows(n0, Ln);
     auto Am = A.topLeftCorner(Ln, M);
@@ -180,9 +194,9 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
     const Index Lm = std::min(B, T_len - m0);
     const Index n_end = std::min(T_len, m0 + Lm - 1 + horizon);
     const Index N = n_end - m0;
-    const auto Km = K.middleRows(m0, Lm);
-    const auto Vm = V.middleRows(m0, Lm);
-    const auto Qn = Q.middleRows(m0, N);
+    const auto Km = Kx.middleRows(m0, Lm);
+    const auto Vm = Vx.middleRows(m0, Lm);
+    const auto Qn = Qx.middleRows(m0, N);
     const auto Gun = Gu.middleRows(m0, N);
     auto Pt = dP.topLeftCorner(Lm, N);
     auto At = A.topLeftCorner(Lm, N);
