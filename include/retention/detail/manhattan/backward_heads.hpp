@@ -6,6 +6,7 @@
 #include <retention/core.hpp>
 #include <retention/detail/manhattan/backward_attention.hpp>
 #include <retention/detail/manhattan/backward_log_tiles.hpp>
+#include <retention/detail/scratch.hpp>
 #include <retention/detail/threading.hpp>
 
 #include <algorithm>
@@ -39,12 +40,29 @@ GradConstMap<T> grad_top_const(const Matrix<T>& m, Index rows) {
   return GradConstMap<T>(m.data(), rows, m.cols(), Eigen::OuterStride<>(m.cols()));
 }
 
+/// KeptMatrices' tags of the contiguous copies below.
+struct AttentionRowsScratch {};
+struct AttentionGradientScratch {};
+
+/// m itself, or, when `many` tiles read it and its rows are spread out (a head of a [B, N, H, D]
+/// buffer), a contiguous copy in the buffer that buffer() returns: Eigen packs the operands of
+/// every tile product again, and packs contiguous rows faster
+/// (bench/results/design-measurements.md). The values are the same.
+template <class T, class Buffer>
+GradConstMap<T> grad_packed(const GradConstMap<T>& m, bool many, Buffer&& buffer) {
+  if (!many || m.outerStride() == m.cols()) return m;
+  Matrix<T>& buf = buffer();
+  buf = m;
+  return grad_top_const(buf, m.rows());
+}
+
 // ---------------------------------------------------------------------------------------------
 // MaSA
 // ---------------------------------------------------------------------------------------------
 
 /// MaSA forward of one head: out = softmax_row(Q K^T + ln D) V, lse [N]. Extra memory: the two axis
-/// tables and one workspace, O(H^2 + W^2 + query_tile (key_tile + dv)).
+/// tables and one workspace, O(H^2 + W^2 + query_tile (key_tile + dv)), and N (dk + dv) for
+/// contiguous copies of K and V when their rows are spread out and N is above two query tiles.
 template <class T, class Mask>
 void masa_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K, const GradConstMap<T>& V,
                        const Mask& mask, Index query_tile, Index key_tile, GradMap<T> out,
@@ -54,7 +72,14 @@ void masa_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K, const
   const Index bq = std::min(query_tile, N), bk = std::min(key_tile, N);
   const GridLogTile<T> log_tile(mask);
   AttentionWorkspace<T> ws(bq, bk, V.cols());
-  attention_forward<T>(Q, K, V, log_tile, bq, bk, out, lse, ws);
+  // Every query tile packs the keys and values again.
+  KeptMatrices<T, AttentionRowsScratch, 4> kept;
+  const bool many = N > 2 * bq;
+  const GradConstMap<T> Kx =
+      grad_packed<T>(K, many, [&]() -> Matrix<T>& { return kept.matrix(1, N, K.cols()); });
+  const GradConstMap<T> Vx =
+      grad_packed<T>(V, many, [&]() -> Matrix<T>& { return kept.matrix(2, N, V.cols()); });
+  attention_forward<T>(Q, Kx, Vx, log_tile, bq, bk, out, lse, ws);
 }
 
 /// MaSA backward of one head by the careful path (attention_backward_careful over the whole grid,
@@ -78,8 +103,9 @@ void masa_backward_careful(const GradConstMap<T>& Q, const GradConstMap<T>& K,
 /// MaSA backward of one head; overwrites dQ, dK, dV. When Q, K, V, G or the saved out hold an Inf
 /// or NaN, or lse a NaN or +inf (an O(N d) scan), the careful path runs instead: the tiles meet a
 /// masked pair as -inf + q.k and 0 * (g.v - delta), which a bad entry turns into NaN in rows that
-/// do not depend on it. Extra memory: shift and delta [N], the axis
-/// tables and two [query_tile, key_tile] tiles.
+/// do not depend on it. Extra memory: shift and delta [N], the axis tables and two [query_tile,
+/// key_tile] tiles; for a head of a wider buffer (rows spread out) and N above two tiles,
+/// contiguous copies of Q, K, V, G and the gradients, N (3 dk + 3 dv) values (grad_packed).
 template <class T, class Mask>
 void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                         const GradConstMap<T>& V, const Mask& mask, const GradConstMap<T>& out,
@@ -100,7 +126,30 @@ void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   attention_row_terms<T>(out, G, lse, shift, delta);
   const GridLogTile<T> log_tile(mask);
   AttentionWorkspace<T> ws(bq, bk, 0);
-  attention_backward<T>(Q, K, V, G, shift, delta, log_tile, bq, bk, dQ, dK, dV, ws);
+  // Every key tile packs the queries and dO again, and adds into every row of dQ; every query tile
+  // packs the keys and values again. Rows spread out in a wider buffer are copied to contiguous
+  // ones first (inputs) or gathered there and copied out once (gradients).
+  const bool many = N > 2 * std::max(bq, bk);
+  KeptMatrices<T, AttentionRowsScratch, 4> kept;
+  auto slot = [&](int i, Index cols) {
+    return [&kept, i, N, cols]() -> Matrix<T>& { return kept.matrix(i, N, cols); };
+  };
+  const GradConstMap<T> Qx = grad_packed<T>(Q, many, slot(0, Q.cols()));
+  const GradConstMap<T> Kx = grad_packed<T>(K, many, slot(1, K.cols()));
+  const GradConstMap<T> Vx = grad_packed<T>(V, many, slot(2, V.cols()));
+  const GradConstMap<T> Gx = grad_packed<T>(G, many, slot(3, G.cols()));
+  KeptMatrices<T, AttentionGradientScratch, 3> kept_grad;
+  auto gradient = [&](int i, GradMap<T> d) {
+    if (!many || d.outerStride() == d.cols()) return d;
+    Matrix<T>& buf = kept_grad.matrix(i, N, d.cols());
+    buf.setZero();
+    return grad_top(buf, N);
+  };
+  GradMap<T> dQx = gradient(0, dQ), dKx = gradient(1, dK), dVx = gradient(2, dV);
+  attention_backward<T>(Qx, Kx, Vx, Gx, shift, delta, log_tile, bq, bk, dQx, dKx, dVx, ws);
+  if (dQx.data() != dQ.data()) dQ = dQx;
+  if (dKx.data() != dK.data()) dK = dKx;
+  if (dVx.data() != dV.data()) dV = dVx;
 }
 
 // ---------------------------------------------------------------------------------------------
