@@ -226,7 +226,8 @@ void masad_forward_head_checked(const GradConstMap<T>& Q, const GradConstMap<T>&
 /// MaSA forward for training (docs/math.md §4.2): out = softmax_row(Q K^T + ln D) V [N, dv] and the
 /// row log-sum-exp lse [N] the backward needs. Q [N, dk], K [N, dk], V [N, dv], N = H W in raster
 /// order; mask is a ManhattanDecay or QuadrantCausalDecay over the H x W grid. Extra memory
-/// O(H^2 + W^2 + query_tile (key_tile + dv)).
+/// O(H^2 + W^2 + query_tile (key_tile + dv)), and N (dk + dv) when K and V are rows of a wider
+/// buffer (copied to contiguous rows, which the tile products pack faster).
 template <class DQ, class DK, class DV, class Mask>
 MasaForward<typename DQ::Scalar> masa_forward_train(const Eigen::MatrixBase<DQ>& Q,
                                                     const Eigen::MatrixBase<DK>& K,
@@ -253,7 +254,8 @@ MasaForward<typename DQ::Scalar> masa_forward_train(const Eigen::MatrixBase<DQ>&
 /// dv] and P recomputed tile by tile from saved.lse, dV = P^T G, dS = P (.) (G V^T - rowsum(G (.)
 /// O)), dQ = dS K, dK = dS^T Q. Returns dQ, dK [N, dk] and dV [N, dv]. Extra memory: 2 N + H^2 +
 /// W^2 + 2 query_tile key_tile values (inputs that are not row-major with unit inner stride are
-/// first copied, as everywhere below).
+/// first copied, as everywhere below; rows of a wider buffer, N above two tiles, are copied to
+/// contiguous rows as well, N (2 dk + 2 dv) values).
 template <class DQ, class DK, class DV, class Mask, class DG>
 MasaGradients<typename DQ::Scalar> masa_backward(const Eigen::MatrixBase<DQ>& Q,
                                                  const Eigen::MatrixBase<DK>& K,
