@@ -67,10 +67,8 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   // Keys and values are packed again for every query block that reads them (packed_rows).
   KeptMatrices<T, ParallelRowsScratch, 2> kept_rows;
   const bool many = std::min(T_len, horizon) > 2 * B;
-  const ConstRows<T> Kx =
-      packed_rows<T>(K, many, [&]() -> Matrix<T>& { return kept_rows.matrix(0, T_len, dk); });
-  const ConstRows<T> Vx =
-      packed_rows<T>(V, many, [&]() -> Matrix<T>& { return kept_rows.matrix(1, T_len, dv); });
+  const ConstRows<T> Kx = packed_rows(K.derived(), many, kept_rows, 0);
+  const ConstRows<T> Vx = packed_rows(V.derived(), many, kept_rows, 1);
 
   for (Index n0 = 0; n0 < T_len; n0 += B) {
     const Index Ln = std::min(B, T_len - n0);

@@ -147,5 +147,21 @@ void store_state(RetentionState<T>& state, const Eigen::MatrixBase<DS>& S,
   }
 }
 
+/// x, a row-major view with an outer stride (ConstRows or a strided Map), as the operand of
+/// products that pack it again and again (the parallel forms' keys and values, read by every
+/// later query block; MaSA's tile products): x itself, or, when `many` holds and x's rows are
+/// spread out (a head of a [B, T, H, D] buffer, each row on a page of its own), a contiguous copy
+/// in kept's matrix slot `slot`, which Eigen packs faster (bench/results/design-measurements.md).
+/// The values are the same, so the products do not change.
+template <class View, class Kept>
+View packed_rows(const View& x, bool many, Kept& kept, int slot) {
+  using T = typename View::Scalar;
+  if (!many || x.outerStride() == x.cols()) return x;
+  Matrix<T>& buf = kept.matrix(slot, x.rows(), x.cols());
+  buf = x;
+  return View(Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>(
+      buf.data(), buf.rows(), buf.cols(), Eigen::OuterStride<>(buf.cols())));
+}
+
 }  // namespace detail
 }  // namespace retention

@@ -40,21 +40,9 @@ GradConstMap<T> grad_top_const(const Matrix<T>& m, Index rows) {
   return GradConstMap<T>(m.data(), rows, m.cols(), Eigen::OuterStride<>(m.cols()));
 }
 
-/// KeptMatrices' tags of the contiguous copies below.
+/// KeptMatrices' tags of the contiguous copies of inputs (packed_rows) and gradients.
 struct AttentionRowsScratch {};
 struct AttentionGradientScratch {};
-
-/// m itself, or, when `many` tiles read it and its rows are spread out (a head of a [B, N, H, D]
-/// buffer), a contiguous copy in the buffer that buffer() returns: Eigen packs the operands of
-/// every tile product again, and packs contiguous rows faster
-/// (bench/results/design-measurements.md). The values are the same.
-template <class T, class Buffer>
-GradConstMap<T> grad_packed(const GradConstMap<T>& m, bool many, Buffer&& buffer) {
-  if (!many || m.outerStride() == m.cols()) return m;
-  Matrix<T>& buf = buffer();
-  buf = m;
-  return grad_top_const(buf, m.rows());
-}
 
 // ---------------------------------------------------------------------------------------------
 // MaSA
@@ -75,10 +63,8 @@ void masa_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K, const
   // Every query tile packs the keys and values again.
   KeptMatrices<T, AttentionRowsScratch, 4> kept;
   const bool many = N > 2 * bq;
-  const GradConstMap<T> Kx =
-      grad_packed<T>(K, many, [&]() -> Matrix<T>& { return kept.matrix(1, N, K.cols()); });
-  const GradConstMap<T> Vx =
-      grad_packed<T>(V, many, [&]() -> Matrix<T>& { return kept.matrix(2, N, V.cols()); });
+  const GradConstMap<T> Kx = packed_rows(K, many, kept, 1);
+  const GradConstMap<T> Vx = packed_rows(V, many, kept, 2);
   attention_forward<T>(Q, Kx, Vx, log_tile, bq, bk, out, lse, ws);
 }
 
@@ -105,7 +91,7 @@ void masa_backward_careful(const GradConstMap<T>& Q, const GradConstMap<T>& K,
 /// masked pair as -inf + q.k and 0 * (g.v - delta), which a bad entry turns into NaN in rows that
 /// do not depend on it. Extra memory: shift and delta [N], the axis tables and two [query_tile,
 /// key_tile] tiles; for a head of a wider buffer (rows spread out) and N above two tiles,
-/// contiguous copies of Q, K, V, G and the gradients, N (3 dk + 3 dv) values (grad_packed).
+/// contiguous copies of Q, K, V, G and the gradients, N (3 dk + 3 dv) values (packed_rows).
 template <class T, class Mask>
 void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                         const GradConstMap<T>& V, const Mask& mask, const GradConstMap<T>& out,
@@ -114,11 +100,11 @@ void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   SerialEigenScope serial;
   const Index N = Q.rows();
   const Index bq = std::min(query_tile, N), bk = std::min(key_tile, N);
-  dQ.setZero();
-  dK.setZero();
-  dV.setZero();
   if (!(grad_all_finite(Q) && grad_all_finite(K) && grad_all_finite(V) && grad_all_finite(G) &&
         grad_all_finite(out) && grad_lse_usable(lse))) {
+    dQ.setZero();
+    dK.setZero();
+    dV.setZero();
     masa_backward_careful<T>(Q, K, V, mask, G, dQ, dK, dV);
     return;
   }
@@ -131,19 +117,18 @@ void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   // ones first (inputs) or gathered there and copied out once (gradients).
   const bool many = N > 2 * std::max(bq, bk);
   KeptMatrices<T, AttentionRowsScratch, 4> kept;
-  auto slot = [&](int i, Index cols) {
-    return [&kept, i, N, cols]() -> Matrix<T>& { return kept.matrix(i, N, cols); };
-  };
-  const GradConstMap<T> Qx = grad_packed<T>(Q, many, slot(0, Q.cols()));
-  const GradConstMap<T> Kx = grad_packed<T>(K, many, slot(1, K.cols()));
-  const GradConstMap<T> Vx = grad_packed<T>(V, many, slot(2, V.cols()));
-  const GradConstMap<T> Gx = grad_packed<T>(G, many, slot(3, G.cols()));
+  const GradConstMap<T> Qx = packed_rows(Q, many, kept, 0);
+  const GradConstMap<T> Kx = packed_rows(K, many, kept, 1);
+  const GradConstMap<T> Vx = packed_rows(V, many, kept, 2);
+  const GradConstMap<T> Gx = packed_rows(G, many, kept, 3);
+  // attention_backward adds into the gradients: each starts at zero, in its own rows or in a
+  // contiguous buffer.
   KeptMatrices<T, AttentionGradientScratch, 3> kept_grad;
   auto gradient = [&](int i, GradMap<T> d) {
-    if (!many || d.outerStride() == d.cols()) return d;
-    Matrix<T>& buf = kept_grad.matrix(i, N, d.cols());
-    buf.setZero();
-    return grad_top(buf, N);
+    GradMap<T> g =
+        many && d.outerStride() != d.cols() ? grad_top(kept_grad.matrix(i, N, d.cols()), N) : d;
+    g.setZero();
+    return g;
   };
   GradMap<T> dQx = gradient(0, dQ), dKx = gradient(1, dK), dVx = gradient(2, dV);
   attention_backward<T>(Qx, Kx, Vx, Gx, shift, delta, log_tile, bq, bk, dQx, dKx, dVx, ws);

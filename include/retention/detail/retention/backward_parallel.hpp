@@ -78,12 +78,9 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
   // key block (packed_rows).
   KeptMatrices<T, ParallelBackwardRowsScratch, 3> kept_rows;
   const bool many = std::min(T_len, horizon) > 2 * B;
-  const ConstRows<T> Qx =
-      packed_rows<T>(Q, many, [&]() -> Matrix<T>& { return kept_rows.matrix(0, T_len, dk); });
-  const ConstRows<T> Kx =
-      packed_rows<T>(K, many, [&]() -> Matrix<T>& { return kept_rows.matrix(1, T_len, dk); });
-  const ConstRows<T> Vx =
-      packed_rows<T>(V, many, [&]() -> Matrix<T>& { return kept_rows.matrix(2, T_len, dv); });
+  const ConstRows<T> Qx = packed_rows(Q.derived(), many, kept_rows, 0);
+  const ConstRows<T> Kx = packed_rows(K.derived(), many, kept_rows, 1);
+  const ConstRows<T> Vx = packed_rows(V.derived(), many, kept_rows, 2);
   // With a non-finite input the products over a diagonal block run row by row over the causal
   // range only, so that a masked 0 never meets a later token's Inf or NaN (docs/math.md §2.6).
   const bool finite =

@@ -29,23 +29,6 @@ constexpr void assert_retention_types() {
                 "step, chunk, query and key factors");
 }
 
-/// x as the operand of products that pack it again and again (the parallel forms' keys and values,
-/// read by every later query block; the backward's queries, read by every earlier key block): x
-/// itself, or, when `many` holds and x's rows are spread out (rows of a wider buffer, such as a
-/// head of [B, T, H, D], each on a page of its own), a contiguous copy in the buffer that buffer()
-/// returns, which Eigen packs faster (bench/results/design-measurements.md). The values are the
-/// same, so the products do not change.
-template <class T, class Derived, class Buffer>
-ConstRows<T> packed_rows(const Eigen::MatrixBase<Derived>& x, bool many, Buffer&& buffer) {
-  bool spread = false;
-  if constexpr ((int(Derived::Flags) & Eigen::DirectAccessBit) != 0)
-    spread = x.derived().outerStride() != x.cols();
-  if (!(many && spread)) return ConstRows<T>(x.derived());
-  Matrix<T>& buf = buffer();
-  buf = x;
-  return ConstRows<T>(buf);
-}
-
 /// Calls kernel(Q, K, V, out) with the inputs as ConstRows and the output as Rows (core.hpp), so
 /// that the form kernel behind it is compiled once per scalar, mask and state type.
 template <class DQ, class DK, class DV, class DOut, class Kernel>
