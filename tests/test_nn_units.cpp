@@ -238,7 +238,8 @@ TEST(NnUnits, Activations) {
   {
     const Index n = 96001;
     Matrix<float> xf(1, n);
-    for (Index i = 0; i < n; ++i) xf(0, i) = static_cast<float>(-12.0 + 24.0 * static_cast<double>(i) / (n - 1.0));
+    for (Index i = 0; i < n; ++i)
+      xf(0, i) = static_cast<float>(-12.0 + 24.0 * static_cast<double>(i) / (n - 1.0));
     Matrix<float> gf = xf;
     retention::gelu_inplace(gf);
     Matrix<float> g1 = xf.leftCols(7);
