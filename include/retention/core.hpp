@@ -133,6 +133,15 @@ constexpr void assert_same_scalar() {
                 "retention: mixed scalar types; cast the inputs to one of float or double");
 }
 
+/// True when x holds an Inf or a NaN: x * 0 is 0 for every finite entry and NaN otherwise, so one
+/// vectorised sum answers it. O(size), next to nothing beside the products it guards.
+template <class Derived>
+bool has_nonfinite(const Eigen::MatrixBase<Derived>& x) {
+  using T = typename Derived::Scalar;
+  if (x.size() == 0) return false;
+  return !((x.array() * T(0)).sum() == T(0));
+}
+
 /// The one operand type the retention and Manhattan kernels are compiled for: rows of a row-major
 /// matrix with unit inner stride and any row stride (a Matrix, a row block of one, one head of a
 /// HeadsView). The public fronts take any Eigen expression and pass it on as this type, so that the

@@ -151,15 +151,6 @@ void attention_backward(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   }
 }
 
-/// Whether every entry of a strided matrix is finite (an O(rows cols) scan): x * 0 is NaN exactly
-/// for an Inf or NaN x.
-template <class T>
-bool grad_all_finite(const GradConstMap<T>& m) {
-  if (m.rows() == 0 || m.cols() == 0) return true;
-  const T s = (m.array() * T(0)).sum();
-  return s == s;
-}
-
 /// Whether a saved log-sum-exp holds only finite values or -inf (a fully masked row).
 template <class T>
 bool grad_lse_usable(const GradConstVec<T>& lse) {

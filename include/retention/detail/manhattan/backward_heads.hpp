@@ -100,8 +100,8 @@ void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   SerialEigenScope serial;
   const Index N = Q.rows();
   const Index bq = std::min(query_tile, N), bk = std::min(key_tile, N);
-  if (!(grad_all_finite(Q) && grad_all_finite(K) && grad_all_finite(V) && grad_all_finite(G) &&
-        grad_all_finite(out) && grad_lse_usable(lse))) {
+  if (has_nonfinite(Q) || has_nonfinite(K) || has_nonfinite(V) || has_nonfinite(G) ||
+      has_nonfinite(out) || !grad_lse_usable(lse)) {
     dQ.setZero();
     dK.setZero();
     dV.setZero();
@@ -283,9 +283,9 @@ void masad_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                          GradMap<T> dV) {
   SerialEigenScope serial;
   const Index H = mask.height(), W = mask.width(), dk = Q.cols(), dv = V.cols();
-  if (!(grad_all_finite(Q) && grad_all_finite(K) && grad_all_finite(V) && grad_all_finite(G) &&
-        grad_all_finite(out) && grad_all_finite(u) && grad_lse_usable(row_lse) &&
-        grad_lse_usable(column_lse))) {
+  if (has_nonfinite(Q) || has_nonfinite(K) || has_nonfinite(V) || has_nonfinite(G) ||
+      has_nonfinite(out) || has_nonfinite(u) || !grad_lse_usable(row_lse) ||
+      !grad_lse_usable(column_lse)) {
     masad_backward_careful<T>(Q, K, V, mask, u, G, dQ, dK, dV);
     return;
   }

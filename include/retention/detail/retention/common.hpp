@@ -110,15 +110,6 @@ class DenormalsFlushed {
   unsigned saved_ = 0;
 };
 
-/// True when x holds an Inf or a NaN: x * 0 is 0 for every finite entry and NaN otherwise, so one
-/// vectorised sum answers it. O(size), next to nothing beside the products it guards.
-template <class Derived>
-bool has_nonfinite(const Eigen::MatrixBase<Derived>& x) {
-  using T = typename Derived::Scalar;
-  if (x.size() == 0) return false;
-  return !((x.array() * T(0)).sum() == T(0));
-}
-
 /// Throws unless position + count fits in an Index (positions index the decay and the rotation).
 inline void check_position_range(const char* function, const char* name, Index position,
                                  Index count) {
