@@ -90,14 +90,6 @@ void chunkwise_same_type(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase
     gather_chunk_rows(Q, i0, L, Qc);
     gather_chunk_rows(K, i0, L, Kc);
     gather_chunk_rows(V, i0, L, Vc);
-    if (i0 + L < T_len) {
-      // The next chunk's rows arrive while this one computes.
-      const Index L_next = std::min(C, T_len - i0 - L);
-      prefetch_chunk_rows(Q, i0 + L, L_next);
-      prefetch_chunk_rows(K, i0 + L, L_next);
-      prefetch_chunk_rows(V, i0 + L, L_next);
-      if (!stream_out) prefetch_chunk_rows(out, i0 + L, L_next);
-    }
     ChunkOperands<T> ops;
     ops.q = Qc.data();
     ops.k = Kc.data();

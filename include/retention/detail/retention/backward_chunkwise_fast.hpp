@@ -207,16 +207,6 @@ void chunkwise_reversed_pair(const Eigen::MatrixBase<DV>& V, const Eigen::Matrix
     gather_chunk_rows_reversed(Gu, first, L, Gc);
     gather_chunk_rows_reversed(Q, first, L, Qc);
     gather_chunk_rows_reversed(K, first, L, Kc);
-    if (first > 0) {
-      // The next chunk (the rows before this one) arrives while this one computes.
-      const Index L_next = std::min(C, first), n = first - L_next;
-      prefetch_chunk_rows(V, n, L_next);
-      prefetch_chunk_rows(Gu, n, L_next);
-      prefetch_chunk_rows(Q, n, L_next);
-      prefetch_chunk_rows(K, n, L_next);
-      if (!stream_k) prefetch_chunk_rows(dK, n, L_next);
-      if (!stream_v) prefetch_chunk_rows(dV, n, L_next);
-    }
     Gw.topRows(L).noalias() = kf.head(L).asDiagonal() * Gc.topRows(L);
     const bool safe = has_nonfinite(Gc.topRows(L)) || has_nonfinite(Qc.topRows(L));
     // The dV retention's state term diag(qf) K_i R^T, from R before this chunk's update.

@@ -227,27 +227,6 @@ void gather_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L, M
   dst.topRows(L) = x.middleRows(i0, L);
 }
 
-/// Asks for rows [i0, i0 + L) of x into L2 ahead of gather_chunk_rows (or, with write, of
-/// scatter_chunk_rows). In the multi-head layout a head's consecutive rows lie H D elements apart,
-/// a page apart for 8 heads of 128 floats, where the hardware prefetchers do not follow, so
-/// without this every row of a gather waits for memory.
-template <class Derived>
-void prefetch_chunk_rows(const Eigen::MatrixBase<Derived>& x, Index i0, Index L) {
-  using Plain = std::decay_t<Derived>;
-  if constexpr (chunk_rows_direct<Plain, typename Plain::Scalar>) {
-    using T = typename Plain::Scalar;
-    const Plain& d = x.derived();
-    if (d.innerStride() != 1 || L <= 0) return;
-    constexpr Index line = 64 / static_cast<Index>(sizeof(T));
-    const Index cols = d.cols(), os = d.outerStride();
-    for (Index i = i0; i < i0 + L; ++i) {
-      const T* r = d.data() + i * os;
-      for (Index c = 0; c < cols; c += line) simd::prefetch_l2(r + c);
-      simd::prefetch_l2(r + cols - 1);
-    }
-  }
-}
-
 /// Bytes an output must span (rows x row stride) before a sweep writes it through non-temporal
 /// stores: well above a core's L2, so that the output's lines would have left the caches before
 /// anyone read them, and reading them in before overwriting them is pure cost.
