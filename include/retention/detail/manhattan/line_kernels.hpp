@@ -100,9 +100,9 @@ template <class Isa, class T, int R, int ND>
   constexpr int N = simd::lanes<T, Isa>;
   using V = simd::Vec<T, N>;
   const T* vb = v + d0;
-  V check[ND];
-#pragma GCC unroll 16
-  for (int u = 0; u < ND; ++u) check[u] = simd::splat<N>(T(0));
+  // One vector for the finiteness sum: with one per column vector, the default-flags build (generic
+  // tuning) spilled a value vector of the product loop to the stack.
+  V check = simd::splat<N>(T(0));
   for (Index i0 = 0; i0 < rows; i0 += R) {
     simd::Block<T, N, R, ND> b;
     b.set_zero();
@@ -116,7 +116,7 @@ template <class Isa, class T, int R, int ND>
 #pragma GCC unroll 16
       for (int u = 0; u < ND; ++u) {
         const V y = b.acc[r][u] * f;
-        check[u] += y;
+        check += y;
         const Index c0 = d0 + u * N;
         if (c0 + N <= store_cols) {
           simd::store(o + u * N, y);
@@ -132,9 +132,7 @@ template <class Isa, class T, int R, int ND>
       }
     }
   }
-#pragma GCC unroll 16
-  for (int u = 1; u < ND; ++u) check[0] += check[u];
-  const T sum = simd::hsum<N, T>(check[0]);
+  const T sum = simd::hsum<N, T>(check);
   return sum - sum == T(0);
 }
 
