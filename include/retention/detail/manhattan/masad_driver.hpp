@@ -234,19 +234,13 @@ struct MasadGrid {
 /// all heads is larger than L1).
 template <class T>
 void masad_prefetch_rows(const T* p, Index step, Index rows, Index cols) {
-#if defined(__GNUC__) || defined(__clang__)
+  // Compilers without a prefetch get an empty simd::prefetch_l2, and the loop goes with it.
   constexpr Index line = static_cast<Index>(64 / sizeof(T));
   for (Index i = 0; i < rows; ++i) {
     const T* r = p + i * step;
     for (Index c = 0; c < cols; c += line) simd::prefetch_l2(r + c);
     simd::prefetch_l2(r + cols - 1);
   }
-#else
-  (void)p;
-  (void)step;
-  (void)rows;
-  (void)cols;
-#endif
 }
 
 /// MaSAD of every (image, head) of a grid (docs/math.md §4): for each image, every head's attention

@@ -297,7 +297,7 @@ template <class T, class V>
 /// Hints that the cache line at p will be read soon, into L2 (for data larger than L1). In GCC an
 /// asm statement: its pure-const analysis counts __builtin_prefetch as no effect, so a function
 /// that only prefetches (masad_prefetch_rows) is found "const" and its calls are deleted wherever
-/// it is not inlined first (every -O2 build did so).
+/// it is not inlined first (bench_speed's -O2 build lost all of them).
 [[gnu::always_inline]] inline void prefetch_l2(const void* p) {
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
   asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
