@@ -312,6 +312,70 @@ TYPED_TEST(ParallelTiles, AnyTileMatchesReference) {
   }
 }
 
+// Sequences longer than the decay's horizon (the distance past which gamma^d is below T's smallest
+// normal number), so that query blocks start reading keys at any offset, not only at 0; heads as
+// column blocks of one wider buffer (rows spread out) and tiles of any size.
+TYPED_TEST(ParallelTiles, BeyondTheHorizonMatchesReference) {
+  using T = TypeParam;
+  const Index len = 403, dk = 9, dv = 7;
+  const Matrix<T> qkv = random_matrix<T>(len, 3 * dk + 2 * dv, 911, 1.1);
+  const auto Q = qkv.leftCols(dk);
+  const auto K = qkv.middleCols(dk + 3, dk);
+  const auto V = qkv.middleCols(2 * dk + 5, dv);
+  const Matrix<double> Qd = Q.template cast<double>(), Kd = K.template cast<double>(),
+                       Vd = V.template cast<double>();
+  ref::State init;
+  init.S = random_matrix<T>(dk, dv, 912).template cast<double>();
+  init.z = random_matrix<T>(dk, 1, 913).template cast<double>();
+  init.position = 5;
+  const RetentionState<T> st = to_state<T>(init);
+  // Horizons: float 0.5 -> 126, 0.02 -> 23; double 0.02 -> 182.
+  for (double gamma : {0.5, 0.02}) {
+    for (const Normalization norm :
+         {Normalization::none, Normalization::decay, Normalization::decay_and_score}) {
+      for (const bool with_state : {false, true}) {
+        const Matrix<double> expected =
+            ref::retention(Qd, Kd, Vd, gamma, norm, with_state ? &init : nullptr);
+        for (Index tile : {0, 5, 33, 64, 130}) {
+          RetentionOptions<T> opt;
+          opt.normalization = norm;
+          opt.initial_state = with_state ? &st : nullptr;
+          opt.tile = tile;
+          EXPECT_LE(relative_error(
+                        retention::parallel_retention(Q, K, V, retention::CausalDecay(gamma), opt),
+                        expected),
+                    spec_tolerance<T>())
+              << "tile " << tile << " gamma " << gamma << " state " << with_state;
+        }
+      }
+    }
+  }
+}
+
+// Heads wider than one depth block of the products (520 floats or doubles on AVX-512).
+TYPED_TEST(ParallelTiles, WideHeadsMatchReference) {
+  using T = TypeParam;
+  const Index len = 150;
+  for (const auto& dims : {std::pair<Index, Index>{1030, 7}, std::pair<Index, Index>{7, 1030}}) {
+    const Index dk = dims.first, dv = dims.second;
+    const Matrix<T> Q = random_matrix<T>(len, dk, 921), V = random_matrix<T>(len, dv, 923);
+    const Matrix<T> K = random_matrix<T>(len, dk, 922, 1.0 / std::sqrt(static_cast<double>(dk)));
+    const Matrix<double> expected =
+        ref::retention(Q.template cast<double>(), K.template cast<double>(),
+                       V.template cast<double>(), 0.9, Normalization::decay_and_score);
+    for (Index tile : {0, 40}) {
+      RetentionOptions<T> opt;
+      opt.normalization = Normalization::decay_and_score;
+      opt.tile = tile;
+      EXPECT_LE(
+          relative_error(retention::parallel_retention(Q, K, V, retention::CausalDecay(0.9), opt),
+                         expected),
+          spec_tolerance<T>())
+          << "dk " << dk << " dv " << dv << " tile " << tile;
+    }
+  }
+}
+
 // Eigen expressions and maps as inputs (DESIGN: any dense expression), and the _into variants.
 template <class T>
 class RetentionExpressions : public ::testing::Test {};

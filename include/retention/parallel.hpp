@@ -1,6 +1,6 @@
 // retention: the parallel form (docs/math.md §2): O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q S_init,
-// computed block by block so that extra memory is O(T * tile), never T x T (plus a copy of K and V
-// when their rows are spread out, as a head of [B, T, H, D]: packed_rows).
+// computed block by block so that extra memory is O(T * tile), never T x T, plus K and V packed
+// once for all blocks (T (dk + dv) numbers).
 #pragma once
 
 #include <retention/decay.hpp>
@@ -24,6 +24,7 @@ namespace detail {
 struct ParallelForwardScratch {};
 struct ParallelForwardStateScratch {};
 struct ParallelRowsScratch {};
+struct ParallelPanelScratch {};
 
 template <class DQ, class DK, class DV, class DOut, class Mask, class StateScalar>
 void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
@@ -58,71 +59,130 @@ void parallel_retention_rows(const Eigen::MatrixBase<DQ>& Q, const Eigen::Matrix
   Vector<T>& pw = kept.vector(0, T_len + 1);
   const Index horizon = decay.powers_into(pw);
   Vector<T>& kf = kept.vector(1, T_len);
-  Matrix<T>& A = kept.matrix(1, B, std::min(T_len, horizon + B));
   Vector<T>& r = kept.vector(2, B);
-  Matrix<T>& Ob = kept.matrix(2, B, dv);
   Matrix<T>& inter = kept.matrix(3, init ? B : 0, dv);
   Vector<T>& Qz = kept.vector(3, init ? B : 0);
   const bool score = options.normalization == Normalization::decay_and_score;
-  // Keys and values are packed again for every query block that reads them (packed_rows).
+  const Index span = std::min(T_len, horizon + B);  // the most keys one query block reads
+
+  // With Eigen 3.4's own products (BlockPanel), the keys (as K^T) and the values are packed once
+  // for all query blocks, and the scores are formed directly as the left operand of the output
+  // product, in panels; Eigen's product would pack all three again for every block. Otherwise
+  // keys and values are packed again for every query block that reads them (packed_rows).
+  using Panels = BlockPanel<T>;
+  constexpr bool panels = Panels::available;
   KeptMatrices<T, ParallelRowsScratch, 2> kept_rows;
-  const bool many = std::min(T_len, horizon) > 2 * B;
+  const bool many = !panels && std::min(T_len, horizon) > 2 * B;
+  const ConstRows<T> Qx(Q.derived());
   const ConstRows<T> Kx = packed_rows(K.derived(), many, kept_rows, 0);
   const ConstRows<T> Vx = packed_rows(V.derived(), many, kept_rows, 1);
+  KeptMatrices<T, ParallelPanelScratch, 0, 5> kept_panels;
+  T *Kp = nullptr, *Vp = nullptr, *Sp = nullptr, *Qp = nullptr, *Op = nullptr;
+  Index score_depth = 0, out_depth = 0;
+  if constexpr (panels) {
+    Kp = kept_panels.vector(0, T_len * dk).data();
+    Vp = kept_panels.vector(1, T_len * dv).data();
+    Panels::pack_rhs_transposed(Kp, Kx.data(), Kx.outerStride(), T_len, dk);
+    Panels::pack_rhs(Vp, Vx.data(), Vx.outerStride(), T_len, dv);
+    // A block's scores: its keys rounded out to whole column panels at both ends.
+    Sp = kept_panels.vector(2, B * (span + 2 * Panels::nr)).data();
+    Qp = kept_panels.vector(3, B * dk).data();
+    Op = kept_panels.vector(4, B * dv).data();
+    score_depth = Panels::depth_block(B, span, dk);
+    out_depth = Panels::depth_block(B, dv, span);
+  }
 
   for (Index n0 = 0; n0 < T_len; n0 += B) {
     const Index Ln = std::min(B, T_len - n0);
-    const auto Qn = Q.middleRows(n0, Ln);
-    // The block's output rows are formed in a buffer of their own and copied out: Eigen's small
-    // products and element-wise loops start with scalar iterations up to the destination's first
-    // aligned element, so computing in place would round differently for differently aligned
-    // outputs (a head of a packed batch against the same rows alone).
-    auto On = Ob.topRows(Ln);
+    const auto Qn = Qx.middleRows(n0, Ln);
     // Keys [m_start, n0) are those with a nonzero factor gamma^(n0 - m) (distance < horizon).
     const Index m_start = std::max<Index>(0, n0 - horizon + 1);
     const Index M = n0 + Ln - m_start, Moff = n0 - m_start;
-    auto Am = A.topLeftCorner(Ln, M);
-    gemm_into(Am, Qn, Kx.middleRows(m_start, M).transpose());
-    if (Moff > 0) {
-      for (Index l = 0; l < Moff; ++l) kf(l) = pw(n0 - m_start - l);
-      for (Index j = 0; j < Ln; ++j)
-        Am.row(j).head(Moff).array() *= pw(j) * kf.head(Moff).transpose().array();
-    }
+    for (Index l = 0; l < Moff; ++l) kf(l) = pw(n0 - m_start - l);
     // Row j may see keys and values up to n0 + j only. The mask is a product, and 0 x Inf = NaN:
     // a non-finite key or value in the diagonal block would reach the earlier rows of the block
     // through the masked scores and through the zero-weighted terms of the output product. Blocks
     // that hold one (found by an O(Ln d) scan) take a path that never reads past the diagonal.
     const bool safe = has_nonfinite(Kx.middleRows(n0, Ln)) || has_nonfinite(Vx.middleRows(n0, Ln));
-    auto Ad = Am.rightCols(Ln);
-    if (safe) Ad.template triangularView<Eigen::StrictlyUpper>().setZero();
-    Ad.array() *= D.topLeftCorner(Ln, Ln).array();
-    if (score) r.head(Ln) = Am.rowwise().sum();
-    if (!safe) {
-      gemm_into(On, Am, Vx.middleRows(m_start, M));
-    } else {
-      if (Moff > 0)
-        gemm_into(On, Am.leftCols(Moff), Vx.middleRows(m_start, Moff));
-      else
+    // The state term, the normalisation and the copy out, on the block's outputs.
+    const auto finish = [&](auto&& On) {
+      if (init) {
+        // diag(gamma^(n+1)) Q S_init with n = n0 + j, and the score term gamma^(n+1) q . z_init.
+        const auto gq = pw.segment(n0 + 1, Ln);
+        if (std::is_same<T, Acc>::value) {
+          inter.topRows(Ln).noalias() = Qn * init->S.template cast<T>();
+        } else {
+          inter.topRows(Ln) = (Qn.template cast<Acc>() * init->S).template cast<T>();
+        }
+        On.noalias() += gq.asDiagonal() * inter.topRows(Ln);
+        if (score) {
+          Qz.head(Ln).noalias() = Qn * init->z.template cast<T>();
+          r.head(Ln).array() += gq.array() * Qz.head(Ln).array();
+        }
+      }
+      normalize_rows(decay, options.normalization, p0 + n0, On, r.head(Ln));
+      out.middleRows(n0, Ln) = On;
+    };
+    bool done = false;
+    if constexpr (panels) {
+      if (!safe) {
+        using ColMajor = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+        // Score columns [c0, c1): the keys [m_start, n0 + Ln) widened to whole packed panels;
+        // the extra columns are computed and never read.
+        const Index c0 = m_start / Panels::nr * Panels::nr;
+        const Index c1 = std::min(T_len, (n0 + Ln + Panels::nr - 1) / Panels::nr * Panels::nr);
+        const Index Mc = c1 - c0, lead = m_start - c0;
+        Eigen::Map<ColMajor> On(Op, Ln, dv);
         On.setZero();
-      for (Index j = 0; j < Ln; ++j)
-        On.row(j).noalias() += Ad.row(j).head(j + 1) * Vx.middleRows(n0, j + 1);
+        for (Index i0 = 0, h = 0; i0 < Ln; i0 += h) {
+          h = Panels::panel_rows(Ln - i0);
+          T* const P = Sp + i0 * Mc;
+          Eigen::Map<ColMajor> S(P, h, Mc);
+          S.setZero();
+          Panels::pack_lhs_panel(Qp + i0 * dk, Qn.row(i0).data(), Qx.outerStride(), h, dk);
+          for (Index k0 = 0; k0 < dk; k0 += score_depth)
+            Panels::product(P, h, Qp + i0 * dk, dk, k0, Kp + c0 * dk, dk, k0, h,
+                            std::min(score_depth, dk - k0), Mc);
+          for (Index l = 0; l < Moff; ++l)
+            S.col(lead + l).array() *= kf(l) * pw.segment(i0, h).array();
+          S.middleCols(lead + Moff, Ln).array() *= D.block(i0, 0, h, Ln).array();
+          if (score) r.segment(i0, h) = S.middleCols(lead, M).rowwise().sum();
+          for (Index k0 = 0; k0 < M; k0 += out_depth)
+            Panels::product(On.data() + i0, Ln, P, Mc, lead + k0, Vp, T_len, m_start + k0, h,
+                            std::min(out_depth, M - k0), dv);
+        }
+        finish(On);
+        done = true;
+      }
     }
-    if (init) {
-      // diag(gamma^(n+1)) Q S_init with n = n0 + j, and the score term gamma^(n+1) q . z_init.
-      const auto gq = pw.segment(n0 + 1, Ln);
-      if (std::is_same<T, Acc>::value) {
-        inter.topRows(Ln).noalias() = Qn * init->S.template cast<T>();
+    if (!done) {
+      Matrix<T>& A = kept.matrix(1, B, span);
+      Matrix<T>& Ob = kept.matrix(2, B, dv);
+      // The block's output rows are formed in a buffer of their own and copied out: Eigen's small
+      // products and element-wise loops start with scalar iterations up to the destination's
+      // first aligned element, so computing in place would round differently for differently
+      // aligned outputs (a head of a packed batch against the same rows alone).
+      auto On = Ob.topRows(Ln);
+      auto Am = A.topLeftCorner(Ln, M);
+      gemm_into(Am, Qn, Kx.middleRows(m_start, M).transpose());
+      for (Index j = 0; j < Ln && Moff > 0; ++j)
+        Am.row(j).head(Moff).array() *= pw(j) * kf.head(Moff).transpose().array();
+      auto Ad = Am.rightCols(Ln);
+      if (safe) Ad.template triangularView<Eigen::StrictlyUpper>().setZero();
+      Ad.array() *= D.topLeftCorner(Ln, Ln).array();
+      if (score) r.head(Ln) = Am.rowwise().sum();
+      if (!safe) {
+        gemm_into(On, Am, Vx.middleRows(m_start, M));
       } else {
-        inter.topRows(Ln) = (Qn.template cast<Acc>() * init->S).template cast<T>();
+        if (Moff > 0)
+          gemm_into(On, Am.leftCols(Moff), Vx.middleRows(m_start, Moff));
+        else
+          On.setZero();
+        for (Index j = 0; j < Ln; ++j)
+          On.row(j).noalias() += Ad.row(j).head(j + 1) * Vx.middleRows(n0, j + 1);
       }
-      On.noalias() += gq.asDiagonal() * inter.topRows(Ln);
-      if (score) {
-        Qz.head(Ln).noalias() = Qn * init->z.template cast<T>();
-        r.head(Ln).array() += gq.array() * Qz.head(Ln).array();
-      }
+      finish(On);
     }
-    normalize_rows(decay, options.normalization, p0 + n0, On, r.head(Ln));
-    out.middleRows(n0, Ln) = On;
   }
 
   if (options.final_state) {
@@ -205,10 +265,10 @@ void parallel_retention_into(
 
 /// Parallel retention of one head, docs/math.md §2: O = (Q K^T (.) D) V + diag(gamma^(n+1)) Q
 /// S_init, then the chosen normalisation. Q [T, dk], K [T, dk], V [T, dv] -> O [T, dv]; extra
-/// memory O(T * tile), plus T (dk + dv) when K's or V's rows are spread out (a head of a wider
-/// buffer) and T is above two tiles: a contiguous copy, packed faster. Row n depends on tokens <= n
-/// only, for any input values: an Inf or NaN reaches its own row and later ones (as in the
-/// recurrent form), never earlier rows.
+/// memory O(T * tile), plus T (dk + dv) for K and V packed once for all query blocks (with Eigen
+/// 3.4's own products; with a BLAS, a contiguous copy of them when their rows are spread out and T
+/// is above two tiles). Row n depends on tokens <= n only, for any input values: an Inf or NaN
+/// reaches its own row and later ones (as in the recurrent form), never earlier rows.
 template <class DQ, class DK, class DV, class Mask, class StateScalar = typename DQ::Scalar>
 Matrix<typename DQ::Scalar> parallel_retention(
     const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,

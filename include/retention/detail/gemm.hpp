@@ -271,5 +271,79 @@ class PackedWeight {
   Index out_ = 0, in_ = 0, kc_ = 0, mc_ = 0, k_blocks_ = 0;
 };
 
+/// Eigen 3.4's block-panel kernel on operands the caller packs once and reuses (the parallel form
+/// packs a head's keys and values once per call, where Eigen's product packs them again for every
+/// query block). C [rows, cols] (column-major, leading dimension ldc) += A B, with Eigen's packed
+/// layouts: B packed over its whole depth as the right operand; A one left panel of panel_rows()
+/// rows, which for those heights is an ordinary column-major block (rows x depth, leading
+/// dimension rows), so a product can write a left operand directly. `available` is false (and
+/// the callers keep Eigen's product) with another Eigen, when products go to a BLAS, where the
+/// kernel's column panels are not of 4, and on processors other than x86 and Arm, where Eigen may
+/// bring kernels with packed layouts of their own (POWER's MMA kernels).
+template <class T>
+struct BlockPanel {
+#if EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4 &&                                 \
+    (defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(__aarch64__) || \
+     defined(__arm__))
+  using Traits = Eigen::internal::gebp_traits<T, T>;
+  static constexpr bool available = !blas_products<T> && Traits::nr == 4;
+  /// Columns of B per packed panel: a column range starting at a multiple of it can be read from
+  /// a packing of more columns.
+  static constexpr Index nr = Traits::nr;
+
+  /// Height of the next left panel with `rows` rows left: three, two or one packets (as the kernel
+  /// peels them) or a single row.
+  static Index panel_rows(Index rows) {
+    constexpr Index p = Traits::LhsProgress;
+    if (Traits::mr >= 3 * p && rows >= 3 * p) return 3 * p;
+    if (Traits::mr >= 2 * p && rows >= 2 * p) return 2 * p;
+    return rows >= p ? p : 1;
+  }
+  /// B = X^T for X [cols, depth] (row-major, row stride `stride`): cols * depth values.
+  static void pack_rhs_transposed(T* dst, const T* X, Index stride, Index cols, Index depth) {
+    using Mapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::ColMajor>;
+    Eigen::internal::gemm_pack_rhs<T, Index, Mapper, Traits::nr, Eigen::ColMajor> pack;
+    pack(dst, Mapper(X, stride), depth, cols);
+  }
+  /// B = X for X [depth, cols] (row-major): depth * cols values. Packed in slabs of rows (Eigen's
+  /// panel mode) so that rows far apart (a head of a wider buffer) are read a few at a time.
+  static void pack_rhs(T* dst, const T* X, Index stride, Index depth, Index cols) {
+    using Mapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::RowMajor>;
+    Eigen::internal::gemm_pack_rhs<T, Index, Mapper, Traits::nr, Eigen::RowMajor, false, true> pack;
+    constexpr Index slab = 64;
+    const Mapper rows(X, stride);
+    for (Index k0 = 0; k0 < depth; k0 += slab)
+      pack(dst, rows.getSubMapper(k0, 0), std::min(slab, depth - k0), cols, depth, k0);
+  }
+  /// One left panel from X [rows, depth] (row-major), rows = panel_rows(...): rows * depth values.
+  static void pack_lhs_panel(T* dst, const T* X, Index stride, Index rows, Index depth) {
+    using Mapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::RowMajor>;
+    Eigen::internal::gemm_pack_lhs<T, Index, Mapper, Traits::mr, Traits::LhsProgress,
+                                   typename Traits::LhsPacket4Packing, Eigen::RowMajor>
+        pack;
+    pack(dst, Mapper(X, stride), depth, rows);
+  }
+  /// C += A[:, offsetA : offsetA + depth] B[offsetB : offsetB + depth, :], A one left panel of
+  /// `rows` rows packed over strideA columns (at a 64-byte boundary), B packed over strideB rows
+  /// from its first column.
+  static void product(T* C, Index ldc, const T* A, Index strideA, Index offsetA, const T* B,
+                      Index strideB, Index offsetB, Index rows, Index depth, Index cols) {
+    using ResMapper =
+        Eigen::internal::blas_data_mapper<T, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
+    Eigen::internal::gebp_kernel<T, T, Index, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
+    gebp(ResMapper(C, ldc), A, B, rows, depth, cols, T(1), strideA, strideB, offsetA, offsetB);
+  }
+  /// Eigen's depth blocking for a product of these sizes (how many rows of B one call reads).
+  static Index depth_block(Index rows, Index cols, Index depth) {
+    Eigen::internal::gemm_blocking_space<Eigen::ColMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
+                                         Eigen::Dynamic, 1, false>
+        blocking(rows, cols, depth, 1, true);
+    return std::max<Index>(1, std::min(depth, blocking.kc()));
+  }
+#else
+  static constexpr bool available = false;
+#endif
+};
+
 }  // namespace detail
 }  // namespace retention
