@@ -325,12 +325,13 @@ struct Case {
   int gammas;  // 0: all 26, 1: 10, 2: 4
   bool all_norms;
 };
-const Case kCases[] = {{1, 1, 1, 0, true},       {1, 2, 3, 0, true},    {1, 128, 128, 2, true},
-                       {2, 1, 1, 0, true},       {2, 16, 16, 0, true},  {17, 1, 1, 0, true},
-                       {17, 2, 3, 0, true},      {17, 16, 16, 0, true}, {17, 128, 128, 2, false},
-                       {64, 3, 2, 0, true},      {64, 16, 16, 1, true}, {64, 64, 128, 2, false},
-                       {64, 128, 128, 2, false}, {257, 2, 3, 1, false}, {257, 16, 16, 2, false},
-                       {1000, 4, 4, 2, false}};
+const Case kCases[] = {
+    {1, 1, 1, 0, true},       {1, 2, 3, 0, true},       {1, 128, 128, 2, true},
+    {2, 1, 1, 0, true},       {2, 16, 16, 0, true},     {17, 1, 1, 0, true},
+    {17, 2, 3, 0, true},      {17, 16, 16, 0, true},    {17, 128, 128, 2, false},
+    {64, 3, 2, 0, true},      {64, 16, 16, 1, true},    {64, 64, 128, 2, false},
+    {64, 128, 128, 2, false}, {257, 2, 3, 1, false},    {257, 16, 16, 2, false},
+    {1000, 4, 4, 2, false},   {150, 1030, 5, 2, false}, {150, 5, 1030, 2, false}};
 
 std::vector<double> gamma_set(int which) {
   const std::vector<double> r = retention::retnet_gammas(24);

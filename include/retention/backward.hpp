@@ -175,8 +175,9 @@ void recurrent_retention_backward_into(
 
 /// Gradients of parallel_retention (docs/math.md §7): Q, K [T, dk], V [T, dv], dO = dL/dO [T, dv]
 /// -> dQ, dK, dV (+ d_initial_state). Query and key blocks of `tile` rows; extra memory
-/// O(T (tile + dv)), never T x T, plus T (2 dk + dv) when the inputs' rows are spread out (a head
-/// of a wider buffer) and T is above two tiles: contiguous copies, packed faster.
+/// O(T (tile + d)), never T x T: with Eigen 3.4's own products and finite inputs, the operands
+/// packed once (2 T (dk + dv) numbers); otherwise T (2 dk + dv) for contiguous copies when the
+/// inputs' rows are spread out (a head of a wider buffer) and T is above two tiles.
 template <class DQ, class DK, class DV, class DG, class Mask,
           class StateScalar = typename DQ::Scalar>
 RetentionGradients<typename DQ::Scalar, StateScalar> parallel_retention_backward(
