@@ -77,7 +77,7 @@ template <class T>
 void check_exp(Isa isa) {
   IsaScope scope(isa);
   const double lowest = sizeof(T) == 4 ? -87.0 : -708.0;
-  std::mt19937_64 rng(42 + static_cast<int>(isa));
+  std::mt19937_64 rng(42u + static_cast<unsigned>(isa));
   std::uniform_real_distribution<double> wide(1.1 * lowest, 0.0), narrow(-2.0, 0.0);
   std::vector<double> x;
   for (int i = 0; i < 20000; ++i) x.push_back(i % 2 ? wide(rng) : narrow(rng));

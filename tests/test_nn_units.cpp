@@ -61,7 +61,7 @@ TEST(NnUnits, LinearThreadedForwardSplitsRowsOrOutputs) {
   l.set_weight(random_matrix<float>(out, in, 21, 0.1f));
   l.set_bias(random_matrix<float>(1, out, 22));
   for (const Index rows : {Index(1), Index(40), Index(300)}) {
-    const Matrix<float> x = random_matrix<float>(rows, in, 23 + rows);
+    const Matrix<float> x = random_matrix<float>(rows, in, 23 + static_cast<std::uint64_t>(rows));
     Matrix<double> want(rows, out);
     for (Index r = 0; r < rows; ++r)
       for (Index o = 0; o < out; ++o) {
@@ -98,7 +98,8 @@ TEST(NnUnits, LinearFewRowsAreRowProducts) {
     l.set_weight(random_matrix<float>(out, 256, 51, 0.1f));
     l.set_bias(random_matrix<float>(1, out, 52));
     for (const Index rows : {Index(2), Index(3)}) {
-      const Matrix<float> x = random_matrix<float>(rows, 256, 53 + rows);
+      const Matrix<float> x =
+          random_matrix<float>(rows, 256, 53 + static_cast<std::uint64_t>(rows));
       Matrix<double> want(rows, out);
       for (Index r = 0; r < rows; ++r)
         for (Index o = 0; o < out; ++o) {
@@ -180,7 +181,7 @@ void check_packed_linear(double tol) {
   EXPECT_EQ(l.column_align() % retention::detail::column_block_align, 0);
   EXPECT_EQ(l.column_align() % retention::detail::PackedWeight<T>::granule(), 0);
   for (const Index rows : {Index(40), Index(300)}) {
-    const Matrix<T> x = random_matrix<T>(rows, 256, 33 + rows);
+    const Matrix<T> x = random_matrix<T>(rows, 256, 33 + static_cast<std::uint64_t>(rows));
     Matrix<T> y(rows, 301);
     l.forward_into(x, y, 2);
     EXPECT_LE(relative_error(y, linear_reference(l, x)), tol) << rows << " rows, 2 threads";

@@ -802,7 +802,9 @@ TYPED_TEST(NonFiniteLayers, MasadQuadrantCausalLongLines) {
   const double tol = 10 * spec_tolerance<T>();
   const double gamma = 0.95;
   const Index dk = 3, dv = 5;
-  for (const auto& [Hg, Wg] : {std::pair<Index, Index>{3, 70}, std::pair<Index, Index>{70, 3}}) {
+  for (const auto& grid : {std::pair<Index, Index>{3, 70}, std::pair<Index, Index>{70, 3}}) {
+    // Plain variables: lambdas below capture them (C++17 lets no lambda capture a binding).
+    const Index Hg = grid.first, Wg = grid.second;
     const Index N = Hg * Wg;
     const retention::QuadrantCausalDecay mask(gamma, Hg, Wg);
     const Matrix<T> Q0 = random_matrix<T>(N, dk, 1301), K0 = random_matrix<T>(N, dk, 1302);

@@ -88,7 +88,9 @@ std::vector<Index> segment_lengths(int P, int pattern) {
   static const std::vector<std::vector<Index>> base = {
       {13, 1, 22, 7}, {1, 30, 5, 12}, {9, 0, 14, 3}};
   std::vector<Index> L(static_cast<std::size_t>(P));
-  for (int r = 0; r < P; ++r) L[static_cast<std::size_t>(r)] = base[pattern][r % 4] + 2 * (r / 4);
+  for (int r = 0; r < P; ++r)
+    L[static_cast<std::size_t>(r)] =
+        base[static_cast<std::size_t>(pattern)][static_cast<std::size_t>(r % 4)] + 2 * (r / 4);
   if (P == 1) L[0] = 17;
   return L;
 }
@@ -105,7 +107,8 @@ template <class T>
 struct Heads {
   Index B, Tlen, H, D;
   std::vector<T> data;
-  Heads(Index b, Index t, Index h, Index d) : B(b), Tlen(t), H(h), D(d), data(b * t * h * d) {}
+  Heads(Index b, Index t, Index h, Index d)
+      : B(b), Tlen(t), H(h), D(d), data(static_cast<std::size_t>(b * t * h * d)) {}
   void randomize(std::uint64_t seed, double scale = 1.0) {
     const Matrix<T> m = random_matrix<T>(1, static_cast<Index>(data.size()), seed, scale);
     std::copy(m.data(), m.data() + m.size(), data.begin());

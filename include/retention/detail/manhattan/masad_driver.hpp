@@ -338,7 +338,8 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
       std::atomic<Index> next{0};       // the unit's next line to hand out
       std::atomic<Index> rows_done{0};  // its finished row lines
     };
-    const std::unique_ptr<UnitCounters[]> counters(new UnitCounters[units]);
+    const std::unique_ptr<UnitCounters[]> counters(
+        new UnitCounters[static_cast<std::size_t>(units)]);
     std::mutex mutex;
     std::condition_variable rows_finished;
     std::atomic<bool> failed{false};  // a failed line releases every waiter
@@ -348,8 +349,9 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
         const Index first = units * share / shares;
         for (Index step = 0; step < units; ++step) {
           const Index u = (first + step) % units;
-          std::atomic<Index>& next = counters[u].next;
-          std::atomic<Index>& rows_done = counters[u].rows_done;
+          UnitCounters& unit = counters[static_cast<std::size_t>(u)];
+          std::atomic<Index>& next = unit.next;
+          std::atomic<Index>& rows_done = unit.rows_done;
           for (Index t = next.fetch_add(1, std::memory_order_relaxed); t < lines;
                t = next.fetch_add(1, std::memory_order_relaxed)) {
             if (failed.load(std::memory_order_relaxed)) return;
