@@ -27,6 +27,48 @@ struct ParallelBackwardRowsScratch {};
 
 struct ParallelBackwardPanelScratch {};
 
+/// The final-state gradient's terms of a key block (docs/math.md §7), added to its dK and dV:
+/// S_final = gamma^T S_init + sum_m gamma^(T-1-m) k_m^T v_m, so dK_m += gamma^(T-1-m) (v_m
+/// dS_final^T + dz_final^T) and dV_m += gamma^(T-1-m) k_m dS_final. `dist` = T - m0 - Lm (the
+/// block's last key is at distance dist from the end); Kk, Vk, lk are working buffers of >= Lm
+/// rows.
+template <class T, class DK, class DV, class Acc, class OK, class OV>
+void add_final_state_terms(const DK& Km, const DV& Vm, const Vector<T>& pw, Index dist,
+                           const RetentionState<Acc>& fin, Matrix<T>& Kk, Matrix<T>& Vk,
+                           Vector<T>& lk, OK&& dKm, OV&& dVm) {
+  const Index Lm = Km.rows();
+  lk.head(Lm) = pw.segment(dist, Lm).reverse();  // gamma^(T-1-m)
+  Vk.topRows(Lm) = lk.head(Lm).asDiagonal() * Vm;
+  Kk.topRows(Lm) = lk.head(Lm).asDiagonal() * Km;
+  if constexpr (std::is_same<T, Acc>::value) {
+    dKm.noalias() += Vk.topRows(Lm) * fin.S.transpose();
+    dKm.noalias() += lk.head(Lm) * fin.z.transpose();
+    dVm.noalias() += Kk.topRows(Lm) * fin.S;
+  } else {
+    const Matrix<Acc> a = Vk.topRows(Lm).template cast<Acc>() * fin.S.transpose() +
+                          lk.head(Lm).template cast<Acc>() * fin.z.transpose();
+    const Matrix<Acc> b = Kk.topRows(Lm).template cast<Acc>() * fin.S;
+    dKm += a.template cast<T>();
+    dVm += b.template cast<T>();
+  }
+}
+
+/// dL/dS_init (and dz_init) into args.d_init when asked: the query blocks' sums dS0, dz0 plus
+/// gamma^T times the final-state gradient.
+template <class Mask, class Acc>
+void store_initial_state_gradient(const Mask& decay, Index T_len, const RetentionState<Acc>* fin,
+                                  const BackwardArgs<Acc>& args, Matrix<Acc>& dS0,
+                                  Vector<Acc>& dz0) {
+  if (!args.d_init) return;
+  const Acc gT = static_cast<Acc>(decay.factor(T_len));
+  if (fin) {
+    dS0 += gT * fin->S;
+    dz0 += gT * fin->z;
+  }
+  store_state(*args.d_init, dS0, dz0);
+  args.d_init->position = args.start_position();
+}
+
 /// parallel_backward for finite inputs with Eigen 3.4's own products (BlockPanel::available): the
 /// operands the blocks read (K^T, K, V^T, V for the query blocks, then Q^T, Q, Gu^T, Gu for the
 /// key blocks) are packed once, in four buffers of T d numbers, and each tile is formed panel by
@@ -239,36 +281,11 @@ void parallel_backward_panels(const ConstRows<T>& Q, const ConstRows<T>& K, cons
     auto dVm = dV.middleRows(m0, Lm);
     dKm = dKm_;
     dVm = dVm_;
-    if (fin) {
-      // The final state: S_final = gamma^T S_init + sum_m gamma^(T-1-m) k_m^T v_m.
-      const auto Km = K.middleRows(m0, Lm);
-      const auto Vm = V.middleRows(m0, Lm);
-      lk.head(Lm) = pw.segment(T_len - m0 - Lm, Lm).reverse();  // gamma^(T-1-m)
-      Vk.topRows(Lm) = lk.head(Lm).asDiagonal() * Vm;
-      Kk.topRows(Lm) = lk.head(Lm).asDiagonal() * Km;
-      if constexpr (std::is_same<T, Acc>::value) {
-        dKm.noalias() += Vk.topRows(Lm) * fin->S.transpose();
-        dKm.noalias() += lk.head(Lm) * fin->z.transpose();
-        dVm.noalias() += Kk.topRows(Lm) * fin->S;
-      } else {
-        const Matrix<Acc> a = Vk.topRows(Lm).template cast<Acc>() * fin->S.transpose() +
-                              lk.head(Lm).template cast<Acc>() * fin->z.transpose();
-        const Matrix<Acc> b = Kk.topRows(Lm).template cast<Acc>() * fin->S;
-        dKm += a.template cast<T>();
-        dVm += b.template cast<T>();
-      }
-    }
+    if (fin)
+      add_final_state_terms(K.middleRows(m0, Lm), V.middleRows(m0, Lm), pw, T_len - m0 - Lm, *fin,
+                            Kk, Vk, lk, dKm, dVm);
   }
-
-  if (args.d_init) {
-    const Acc gT = static_cast<Acc>(decay.factor(T_len));
-    if (fin) {
-      dS0 += gT * fin->S;
-      dz0 += gT * fin->z;
-    }
-    store_state(*args.d_init, dS0, dz0);
-    args.d_init->position = p0;
-  }
+  store_initial_state_gradient(decay, T_len, fin, args, dS0, dz0);
 }
 
 /// Parallel backward of one head into dQ, dK [T, dk] and dV [T, dv]; the inputs are checked.
@@ -479,34 +496,9 @@ void parallel_backward(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<D
         dVm.row(l).noalias() = At.row(l).tail(N - l) * Gun.bottomRows(N - l);
       }
     }
-    if (fin) {
-      // The final state: S_final = gamma^T S_init + sum_m gamma^(T-1-m) k_m^T v_m.
-      lk.head(Lm) = pw.segment(T_len - m0 - Lm, Lm).reverse();  // gamma^(T-1-m)
-      Vk.topRows(Lm) = lk.head(Lm).asDiagonal() * Vm;
-      Kk.topRows(Lm) = lk.head(Lm).asDiagonal() * Km;
-      if constexpr (std::is_same<T, Acc>::value) {
-        dKm.noalias() += Vk.topRows(Lm) * fin->S.transpose();
-        dKm.noalias() += lk.head(Lm) * fin->z.transpose();
-        dVm.noalias() += Kk.topRows(Lm) * fin->S;
-      } else {
-        const Matrix<Acc> a = Vk.topRows(Lm).template cast<Acc>() * fin->S.transpose() +
-                              lk.head(Lm).template cast<Acc>() * fin->z.transpose();
-        const Matrix<Acc> b = Kk.topRows(Lm).template cast<Acc>() * fin->S;
-        dKm += a.template cast<T>();
-        dVm += b.template cast<T>();
-      }
-    }
+    if (fin) add_final_state_terms(Km, Vm, pw, T_len - m0 - Lm, *fin, Kk, Vk, lk, dKm, dVm);
   }
-
-  if (args.d_init) {
-    const Acc gT = static_cast<Acc>(decay.factor(T_len));
-    if (fin) {
-      dS0 += gT * fin->S;
-      dz0 += gT * fin->z;
-    }
-    store_state(*args.d_init, dS0, dz0);
-    args.d_init->position = p0;
-  }
+  store_initial_state_gradient(decay, T_len, fin, args, dS0, dz0);
 }
 
 }  // namespace detail
