@@ -8,6 +8,7 @@
 
 #include "reference/masa_backward_reference.hpp"
 #include "reference/rmt_reference.hpp"
+#include "support/isa_support.hpp"
 #include "support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -105,9 +107,11 @@ TYPED_TEST(MasaBackwardTest, ForwardTrainEqualsLibraryForward) {
       EXPECT_LE(worst(relative_error(f.out, retention::masa(Q, K, V, decay))), spec_tolerance<T>())
           << c.height << "x" << c.width;
       const auto d = retention::masad_forward_train(Q, K, V, decay, opt);
-      EXPECT_LE(worst(relative_error(d.out, retention::masad(Q, K, V, c.gamma, c.height, c.width))),
-                spec_tolerance<T>())
+      const Matrix<T> plain = retention::masad(Q, K, V, c.gamma, c.height, c.width);
+      EXPECT_LE(worst(relative_error(d.out, plain)), spec_tolerance<T>())
           << c.height << "x" << c.width;
+      // The same line kernels: the training forward's output is masad()'s to the bit.
+      EXPECT_TRUE(d.out == plain) << c.height << "x" << c.width;
     }
   }
 }
@@ -191,6 +195,47 @@ TYPED_TEST(MasaBackwardTest, BackwardMatchesReference) {
               << name(kind) << " " << c.height << "x" << c.width;
         }
       });
+    }
+}
+
+// MaSAD's training forward and backward run dispatched line kernels: every instruction-set
+// variant against the reference, on lines from 1 token to longer than four vectors of any variant
+// (70), odd grids and dims of 1, 17 and 33.
+TYPED_TEST(MasaBackwardTest, MasadTrainingEveryIsaMatchesReference) {
+  using T = TypeParam;
+  const retention_test::IsaScope guard;
+  const Case lines[] = {{3, 70, 17, 5, 0.9}, {70, 2, 1, 33, 0.95}, {7, 9, 33, 1, 1.0},
+                        {1, 1, 2, 3, 0.8},   {9, 7, 16, 16, 0.75}, {1, 13, 4, 17, 0.9}};
+  std::uint64_t seed = 2600;
+  for (const Case& c : lines)
+    for (MaskKind kind : kinds) {
+      const Index N = c.height * c.width;
+      const Matrix<T> Q = random_matrix<T>(N, c.dk, ++seed, 2.0);
+      const Matrix<T> K = random_matrix<T>(N, c.dk, ++seed, 2.0);
+      const Matrix<T> V = random_matrix<T>(N, c.dv, ++seed);
+      const Matrix<T> G = random_matrix<T>(N, c.dv, ++seed);
+      const Mat Qd = to_double(Q), Kd = to_double(K), Vd = to_double(V), Gd = to_double(G);
+      const ref::Masad f = ref::masad(Qd, Kd, Vd, kind, c.gamma, c.height, c.width);
+      const ref::Grads d = ref::masad_backward(Qd, Kd, Vd, kind, c.gamma, c.height, c.width, Gd);
+      for (retention::Isa isa : retention_test::isa_variants()) {
+        retention::set_active_isa(isa);
+        const std::string what = std::string(retention::to_string(isa)) + " " + name(kind) + " " +
+                                 std::to_string(c.height) + "x" + std::to_string(c.width) + " dk " +
+                                 std::to_string(c.dk) + " dv " + std::to_string(c.dv);
+        with_mask(kind, c.gamma, c.height, c.width, [&](const auto& mask) {
+          const auto saved = retention::masad_forward_train(Q, K, V, mask);
+          EXPECT_LE(relative_error(saved.out, f.O), spec_tolerance<T>()) << what;
+          EXPECT_LE(relative_error(saved.u, f.u), spec_tolerance<T>()) << what;
+          EXPECT_LE(relative_error(to_double(saved.row_lse), f.row_lse), spec_tolerance<T>())
+              << what;
+          EXPECT_LE(relative_error(to_double(saved.column_lse), f.column_lse), spec_tolerance<T>())
+              << what;
+          const auto g = retention::masad_backward(Q, K, V, mask, G, saved);
+          EXPECT_LE(relative_error(g.dQ, d.dQ), spec_tolerance<T>()) << what;
+          EXPECT_LE(relative_error(g.dK, d.dK), spec_tolerance<T>()) << what;
+          EXPECT_LE(relative_error(g.dV, d.dV), spec_tolerance<T>()) << what;
+        });
+      }
     }
 }
 

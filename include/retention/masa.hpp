@@ -138,7 +138,7 @@ Matrix<typename DQ::Scalar> masa(const Eigen::MatrixBase<DQ>& Q, const Eigen::Ma
   detail::check_masa_inputs("masa", Q, K, V, mask.height(), mask.width());
   detail::check_masa_options("masa", options);
   Matrix<T> out(Q.rows(), V.cols());
-  detail::masa_into_impl<T>(Q, K, V, mask, detail::dense_map(out), options);
+  detail::masa_head_impl<T>(Q, K, V, mask, detail::dense_map(out), options);
   return out;
 }
 
@@ -187,7 +187,7 @@ void multi_head_masa(const HeadsView<const T>& q, const HeadsView<const T>& k,
   const double work = 2.0 * n * n * static_cast<double>(q.dim + v.dim);
   MasaOptions inner = options;
   for_each_head(q.batch, q.heads, work, options.threads, [&](Index b, Index h) {
-    detail::masa_into_impl<T>(q.head(b, h), k.head(b, h), v.head(b, h),
+    detail::masa_head_impl<T>(q.head(b, h), k.head(b, h), v.head(b, h),
                               masks[static_cast<std::size_t>(h)], out.head(b, h), inner);
   });
 }

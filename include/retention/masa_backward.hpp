@@ -198,23 +198,15 @@ void masa_forward_head_checked(const GradConstMap<T>& Q, const GradConstMap<T>& 
                   dk, dv, mask, out.data(), out.outerStride(), lse.data(), lse.innerStride());
 }
 
-/// masad_forward_head, or MaSAD's careful path when Q, K or V holds an Inf or NaN (a bad q makes
-/// its u row bad, which the column pass then reads as a value).
+/// masad_forward_head (whose lines take their careful path themselves); MaSAD's lines are never
+/// tiled.
 template <class T, class Mask>
 void masad_forward_head_checked(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                                 const GradConstMap<T>& V, const Mask& mask, Index query_tile,
                                 Index key_tile, GradMap<T> out, GradMap<T> u, GradVec<T> row_lse,
                                 GradVec<T> column_lse) {
-  const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
-  if (masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
-                         V.outerStride(), N, dk, dv)) {
-    masad_forward_head<T>(Q, K, V, mask, query_tile, key_tile, out, u, row_lse, column_lse);
-    return;
-  }
-  masad_careful_head<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
-                        V.outerStride(), dk, dv, mask, out.data(), out.outerStride(), u.data(),
-                        u.outerStride(), row_lse.data(), row_lse.innerStride(), column_lse.data(),
-                        column_lse.innerStride());
+  (void)query_tile, (void)key_tile;
+  masad_forward_head<T>(Q, K, V, mask, out, u, row_lse, column_lse);
 }
 
 }  // namespace detail
@@ -309,7 +301,8 @@ MasaGradients<typename DQ::Scalar> masa_backward(const Eigen::MatrixBase<DQ>& Q,
 /// . k[y,x'] + lnDx[x, x']) v[y, x'], then the column pass o[y, x] = sum_y' softmax_y'(q[y,x] .
 /// k[y',x] + lnDy[y, y']) u[y', x]; returns out [N, dv], u [N, dv] and both passes' lse [N].
 /// Q [N, dk], K [N, dk], V [N, dv] in raster order; lnDx from mask.column_axis(), lnDy from
-/// mask.row_axis(). Short lines are batched into groups of about 32 tokens.
+/// mask.row_axis(). The lines run through the inference kernels of masad() (the tile sizes of
+/// options do not apply), which also write u and the lse rows.
 template <class DQ, class DK, class DV, class Mask>
 MasadForward<typename DQ::Scalar> masad_forward_train(const Eigen::MatrixBase<DQ>& Q,
                                                       const Eigen::MatrixBase<DK>& K,
@@ -492,14 +485,25 @@ void multi_head_masad_forward_train(const HeadsView<const T>& q, const HeadsView
   detail::check_view_shape(fn, "u", u, q.batch, N, q.heads, v.dim);
   detail::check_view_shape(fn, "row_lse", row_lse, q.batch, N, q.heads, 1);
   detail::check_view_shape(fn, "column_lse", column_lse, q.batch, N, q.heads, 1);
-  const double flops =
-      2.0 * detail::masad_pair_count(masks[0]) * static_cast<double>(q.dim + v.dim);
-  for_each_head(q.batch, q.heads, flops, options.threads, [&](Index b, Index h) {
-    detail::masad_forward_head_checked<T>(
-        q.head(b, h), k.head(b, h), v.head(b, h), masks[static_cast<std::size_t>(h)],
-        options.query_tile, options.key_tile, out.head(b, h), u.head(b, h),
-        detail::head_vector(row_lse, b, h), detail::head_vector(column_lse, b, h));
-  });
+  // The line schedule of multi_head_masad (every head's lines of an image on the team).
+  detail::MasadGrid<T> g;
+  g.q = q.data, g.k = k.data, g.v = v.data, g.out = out.data, g.u = u.data;
+  g.ldq = q.time_stride, g.ldk = k.time_stride, g.ldv = v.time_stride, g.ldo = out.time_stride;
+  g.ldu = u.time_stride;
+  g.hq = q.head_stride, g.hk = k.head_stride, g.hv = v.head_stride, g.ho = out.head_stride;
+  g.hu = u.head_stride;
+  g.bq = q.batch_stride, g.bk = k.batch_stride, g.bv = v.batch_stride, g.bo = out.batch_stride;
+  g.bu = u.batch_stride;
+  g.batch = q.batch;
+  g.height = masks.front().height();
+  g.width = masks.front().width();
+  g.heads = q.heads;
+  g.dk = q.dim;
+  g.dv = v.dim;
+  g.row_lse = {row_lse.data, row_lse.time_stride, row_lse.head_stride, row_lse.batch_stride};
+  g.column_lse = {column_lse.data, column_lse.time_stride, column_lse.head_stride,
+                  column_lse.batch_stride};
+  detail::masad_grid<T>(g, masks, options.threads);
 }
 
 /// Multi-head MaSAD backward from the saved out, u [B, N, heads, dv] and row_lse, column_lse

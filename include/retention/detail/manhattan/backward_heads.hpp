@@ -6,10 +6,13 @@
 #include <retention/core.hpp>
 #include <retention/detail/manhattan/backward_attention.hpp>
 #include <retention/detail/manhattan/backward_log_tiles.hpp>
+#include <retention/detail/manhattan/line_backward.hpp>
+#include <retention/detail/manhattan/masad_driver.hpp>
 #include <retention/detail/scratch.hpp>
 #include <retention/detail/threading.hpp>
 
 #include <algorithm>
+#include <limits>
 
 namespace retention {
 namespace detail {
@@ -57,6 +60,14 @@ void masa_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K, const
                        GradVec<T> lse) {
   SerialEigenScope serial;
   const Index N = Q.rows();
+  if (N <= masa_line_tokens) {
+    const Matrix<T> lw = masa_line_log_tile<T>(mask);
+    MasadWorkspace<T> ws = masad_workspace<T>(N, Q.cols(), V.cols());
+    masad_line<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), Q.cols(), V.data(),
+                  V.outerStride(), V.cols(), N, lw, out.data(), out.outerStride(), ws, lse.data(),
+                  lse.innerStride());
+    return;
+  }
   const Index bq = std::min(query_tile, N), bk = std::min(key_tile, N);
   const GridLogTile<T> log_tile(mask);
   AttentionWorkspace<T> ws(bq, bk, V.cols());
@@ -108,6 +119,22 @@ void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
     masa_backward_careful<T>(Q, K, V, mask, G, dQ, dK, dV);
     return;
   }
+  if (N <= masa_line_tokens) {
+    const Matrix<T> lw = masa_line_log_tile<T>(mask);
+    MasadBackwardWorkspace<T> ws(N, Q.cols(), V.cols());
+    dQ.setZero();
+    dK.setZero();
+    MasadLineBackwardJob<T> job;
+    job.q = Q.data(), job.k = K.data(), job.v = V.data(), job.g = G.data();
+    job.q_step = Q.outerStride(), job.k_step = K.outerStride(), job.v_step = V.outerStride();
+    job.g_step = G.outerStride();
+    job.lw = lw.data(), job.ldl = lw.cols();
+    job.dq = dQ.data(), job.dk = dK.data(), job.dv = dV.data();
+    job.dq_step = dQ.outerStride(), job.dk_step = dK.outerStride(), job.dv_step = dV.outerStride();
+    job.L = N, job.dkk = Q.cols(), job.dvv = V.cols();
+    masad_line_backward<T>(job, lse.data(), lse.innerStride(), out.data(), out.outerStride(), ws);
+    return;
+  }
   Vector<T> shift(N), delta(N);
   attention_row_terms<T>(out, G, lse, shift, delta);
   const GridLogTile<T> log_tile(mask);
@@ -141,99 +168,34 @@ void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
 // MaSAD
 // ---------------------------------------------------------------------------------------------
 
-/// Lines of `length` tokens handled as one group (out of `lines`): short lines are batched up to
-/// about this many tokens, so a group's products are large enough for a GEMM to pay off; the price
-/// is the cross-line entries, computed and masked out (at most this many per row).
-constexpr Index masad_group_tokens = 32;
-
-inline Index masad_lines_per_group(Index length, Index lines) {
-  return std::max<Index>(1, std::min(lines, masad_group_tokens / length));
-}
-
-/// Per-head buffers of a MaSAD call: the two axis tables, one attention workspace and the packed
-/// copies of a group of column lines (whose tokens are W rows apart in the grid).
-template <class T>
-struct MasadHeadBuffers {
-  Matrix<T> lx, ly;  // [W, W] along x (row pass), [H, H] along y (column pass)
-  Index row_group = 1, col_group = 1;
-  Index bq = 1, bk = 1;
-  AttentionWorkspace<T> ws;
-  Matrix<T> q, k, v, o, g, dq, dk, dv;  // [column group tokens, dk or dv]
-  Vector<T> lse, shift, delta;          // [max group tokens]
-
-  template <class Mask>
-  MasadHeadBuffers(const Mask& mask, Index dk_, Index dv_, Index query_tile, Index key_tile,
-                   bool backward)
-      : lx(mask.column_axis().template log_weights<T>(0, mask.width(), 0, mask.width())),
-        ly(mask.row_axis().template log_weights<T>(0, mask.height(), 0, mask.height())),
-        row_group(masad_lines_per_group(mask.width(), mask.height())),
-        col_group(masad_lines_per_group(mask.height(), mask.width())),
-        ws(1, 1, 0) {
-    const Index H = mask.height(), W = mask.width();
-    const Index row_tokens = row_group * W, col_tokens = col_group * H;
-    const Index most = std::max(row_tokens, col_tokens);
-    bq = std::min(query_tile, most);
-    bk = std::min(key_tile, most);
-    ws = AttentionWorkspace<T>(bq, bk, backward ? 0 : dv_);
-    q.resize(col_tokens, dk_);
-    k.resize(col_tokens, dk_);
-    v.resize(col_tokens, dv_);
-    o.resize(col_tokens, dv_);
-    if (backward) {
-      g.resize(std::max(col_tokens, row_tokens), dv_);
-      dq.resize(col_tokens, dk_);
-      dk.resize(col_tokens, dk_);
-      dv.resize(col_tokens, dv_);
-      shift.resize(most);
-      delta.resize(most);
-    }
-    lse.resize(col_tokens);
-  }
-};
-
-/// Copies rows [src = y W + x] of the column lines x0 .. x0 + lines - 1 into dst, line after line
-/// (dst row l H + y).
-template <class T, class Src>
-void masad_gather(const Src& src, Index H, Index W, Index x0, Index lines, Matrix<T>& dst) {
-  for (Index l = 0; l < lines; ++l)
-    for (Index y = 0; y < H; ++y) dst.row(l * H + y) = src.row(y * W + x0 + l);
-}
-
 /// MaSAD forward of one head: u = row pass (along x), out = column pass (along y) of u, with each
-/// pass's lse. Q, K [N, dk], V, out, u [N, dv], row_lse, column_lse [N].
+/// pass's lse. Q, K [N, dk], V, out, u [N, dv], row_lse, column_lse [N]. The line attentions of
+/// masad() (masad_grid, serial), which also write u and the lse rows; a line with a non-finite
+/// output is redone on its careful path (docs/math.md §2.6), so out is masad()'s to the bit.
 template <class T, class Mask>
 void masad_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
-                        const GradConstMap<T>& V, const Mask& mask, Index query_tile,
-                        Index key_tile, GradMap<T> out, GradMap<T> u, GradVec<T> row_lse,
-                        GradVec<T> column_lse) {
-  SerialEigenScope serial;
-  const Index H = mask.height(), W = mask.width(), dk = Q.cols(), dv = V.cols();
-  MasadHeadBuffers<T> b(mask, dk, dv, query_tile, key_tile, false);
-  // Row pass: a group of grid rows is a block of consecutive tokens, read in place.
-  const LineLogTile<T> along_x(b.lx);
-  for (Index y0 = 0; y0 < H; y0 += b.row_group) {
-    const Index rows = std::min(b.row_group, H - y0) * W, n0 = y0 * W;
-    attention_forward<T>(grad_rows(Q, n0, rows), grad_rows(K, n0, rows), grad_rows(V, n0, rows),
-                         along_x, b.bq, b.bk, grad_rows(u, n0, rows),
-                         grad_segment(row_lse, n0, rows), b.ws);
-  }
-  // Column pass: a group of grid columns is gathered into packed buffers, then scattered back.
-  const LineLogTile<T> along_y(b.ly);
-  const GradConstMap<T> U = grad_const(u);
-  for (Index x0 = 0; x0 < W; x0 += b.col_group) {
-    const Index lines = std::min(b.col_group, W - x0), rows = lines * H;
-    masad_gather(Q, H, W, x0, lines, b.q);
-    masad_gather(K, H, W, x0, lines, b.k);
-    masad_gather(U, H, W, x0, lines, b.v);
-    attention_forward<T>(grad_top_const(b.q, rows), grad_top_const(b.k, rows),
-                         grad_top_const(b.v, rows), along_y, b.bq, b.bk, grad_top(b.o, rows),
-                         GradVec<T>(b.lse.data(), rows, Eigen::InnerStride<>(1)), b.ws);
-    for (Index l = 0; l < lines; ++l)
-      for (Index y = 0; y < H; ++y) {
-        out.row(y * W + x0 + l) = b.o.row(l * H + y);
-        column_lse(y * W + x0 + l) = b.lse(l * H + y);
-      }
-  }
+                        const GradConstMap<T>& V, const Mask& mask, GradMap<T> out, GradMap<T> u,
+                        GradVec<T> row_lse, GradVec<T> column_lse) {
+  MasadGrid<T> g;
+  g.q = Q.data();
+  g.k = K.data();
+  g.v = V.data();
+  g.out = out.data();
+  g.u = u.data();
+  g.ldq = Q.outerStride();
+  g.ldk = K.outerStride();
+  g.ldv = V.outerStride();
+  g.ldo = out.outerStride();
+  g.ldu = u.outerStride();
+  g.height = mask.height();
+  g.width = mask.width();
+  g.dk = Q.cols();
+  g.dv = V.cols();
+  g.row_lse.data = row_lse.data();
+  g.row_lse.token = row_lse.innerStride();
+  g.column_lse.data = column_lse.data();
+  g.column_lse.token = column_lse.innerStride();
+  masad_grid<T>(g, std::vector<Mask>{mask}, 1);
 }
 
 /// MaSAD backward of one head by the careful path: attention_backward_careful on every grid column
@@ -269,11 +231,12 @@ void masad_backward_careful(const GradConstMap<T>& Q, const GradConstMap<T>& K,
 }
 
 /// MaSAD backward of one head; overwrites dQ, dK, dV. Inputs with an Inf or NaN (Q, K, V, G, the
-/// saved out and u; a NaN or +inf lse) take masad_backward_careful: a packed line group shares
-/// one product across lines, through which a bad entry would reach the group's other lines. The
-/// column pass runs backward first (dQ, dK and dU = dL/du, kept in dV's buffer), then the row pass
-/// (dQ, dK added, dV from dU). Extra memory: the axis tables, one workspace and O(group tokens *
-/// (dk + dv)) packed buffers; no [N, dv] dU.
+/// saved out and u; a NaN or +inf lse) take masad_backward_careful: the line kernels meet a masked
+/// pair as -inf + q.k and 0 * (g.v - delta), which a bad entry turns into NaN in rows that do not
+/// depend on it. The column pass runs backward first (dQ, dK and dU = dL/du, kept in dV's rows),
+/// then the row pass (dQ, dK added, dV from dU), one line at a time through masad_line_backward.
+/// Extra memory: the two padded axis tiles and one line workspace, O(L^2 + L (dk + dv)) for L =
+/// max(H, W); nothing of size N.
 template <class T, class Mask>
 void masad_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                          const GradConstMap<T>& V, const Mask& mask, const GradConstMap<T>& out,
@@ -281,7 +244,7 @@ void masad_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                          const GradConstVec<T>& column_lse, const GradConstMap<T>& G,
                          Index query_tile, Index key_tile, GradMap<T> dQ, GradMap<T> dK,
                          GradMap<T> dV) {
-  SerialEigenScope serial;
+  (void)query_tile, (void)key_tile;  // MaSAD's lines are never tiled
   const Index H = mask.height(), W = mask.width(), dk = Q.cols(), dv = V.cols();
   if (has_nonfinite(Q) || has_nonfinite(K) || has_nonfinite(V) || has_nonfinite(G) ||
       has_nonfinite(out) || has_nonfinite(u) || !grad_lse_usable(row_lse) ||
@@ -289,51 +252,53 @@ void masad_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
     masad_backward_careful<T>(Q, K, V, mask, u, G, dQ, dK, dV);
     return;
   }
-  MasadHeadBuffers<T> b(mask, dk, dv, query_tile, key_tile, true);
+  const Matrix<T> lx = masad_log_tile<T>(mask.column_axis(), W);
+  const Matrix<T> ly = masad_log_tile<T>(mask.row_axis(), H);
+  MasadBackwardWorkspace<T> ws(std::max(H, W), dk, dv);
   dQ.setZero();
   dK.setZero();
-  // Column pass backward: queries q, keys k, values u, output out, upstream G.
-  const LineLogTile<T> along_y(b.ly);
-  for (Index x0 = 0; x0 < W; x0 += b.col_group) {
-    const Index lines = std::min(b.col_group, W - x0), rows = lines * H;
-    masad_gather(Q, H, W, x0, lines, b.q);
-    masad_gather(K, H, W, x0, lines, b.k);
-    masad_gather(u, H, W, x0, lines, b.v);
-    masad_gather(out, H, W, x0, lines, b.o);
-    masad_gather(G, H, W, x0, lines, b.g);
-    for (Index l = 0; l < lines; ++l)
-      for (Index y = 0; y < H; ++y) b.lse(l * H + y) = column_lse(y * W + x0 + l);
-    const GradConstMap<T> o = grad_top_const(b.o, rows), g = grad_top_const(b.g, rows);
-    attention_row_terms<T>(o, g, GradConstVec<T>(b.lse.data(), rows, Eigen::InnerStride<>(1)),
-                           b.shift, b.delta);
-    GradMap<T> dq = grad_top(b.dq, rows), dk_ = grad_top(b.dk, rows), du = grad_top(b.dv, rows);
-    dq.setZero();
-    dk_.setZero();
-    du.setZero();
-    attention_backward<T>(grad_top_const(b.q, rows), grad_top_const(b.k, rows),
-                          grad_top_const(b.v, rows), g, b.shift, b.delta, along_y, b.bq, b.bk, dq,
-                          dk_, du, b.ws);
-    for (Index l = 0; l < lines; ++l)
-      for (Index y = 0; y < H; ++y) {
-        const Index n = y * W + x0 + l, p = l * H + y;
-        dQ.row(n) += dq.row(p);
-        dK.row(n) += dk_.row(p);
-        dV.row(n) = du.row(p);
-      }
+  const Index lq = Q.outerStride(), lk = K.outerStride(), lv = V.outerStride(),
+              lu = u.outerStride(), lo = out.outerStride(), lg = G.outerStride(),
+              ldq = dQ.outerStride(), ldk = dK.outerStride(), ldv = dV.outerStride();
+  MasadLineBackwardJob<T> job;
+  job.dkk = dk;
+  job.dvv = dv;
+  // Column pass backward: queries q, keys k, values u, output out, upstream G; writes dU into
+  // dV's rows (each token's once).
+  job.L = H;
+  job.lw = ly.data();
+  job.ldl = ly.cols();
+  job.q_step = W * lq, job.k_step = W * lk, job.v_step = W * lu, job.g_step = W * lg;
+  job.dq_step = W * ldq, job.dk_step = W * ldk, job.dv_step = W * ldv;
+  for (Index x = 0; x < W; ++x) {
+    job.q = Q.data() + x * lq;
+    job.k = K.data() + x * lk;
+    job.v = u.data() + x * lu;
+    job.g = G.data() + x * lg;
+    job.dq = dQ.data() + x * ldq;
+    job.dk = dK.data() + x * ldk;
+    job.dv = dV.data() + x * ldv;
+    masad_line_backward<T>(job, column_lse.data() + x * column_lse.innerStride(),
+                           W * column_lse.innerStride(), out.data() + x * lo, W * lo, ws);
   }
-  // Row pass backward: queries q, keys k, values V, output u, upstream dU (read out of dV's rows
-  // before they are overwritten with the row group's dV).
-  const LineLogTile<T> along_x(b.lx);
-  for (Index y0 = 0; y0 < H; y0 += b.row_group) {
-    const Index rows = std::min(b.row_group, H - y0) * W, n0 = y0 * W;
-    GradMap<T> dVr = grad_rows(dV, n0, rows);
-    b.g.topRows(rows) = dVr;
-    dVr.setZero();
-    const GradConstMap<T> g = grad_top_const(b.g, rows), ur = grad_rows(u, n0, rows);
-    attention_row_terms<T>(ur, g, grad_segment(row_lse, n0, rows), b.shift, b.delta);
-    attention_backward<T>(grad_rows(Q, n0, rows), grad_rows(K, n0, rows), grad_rows(V, n0, rows), g,
-                          b.shift, b.delta, along_x, b.bq, b.bk, grad_rows(dQ, n0, rows),
-                          grad_rows(dK, n0, rows), dVr, b.ws);
+  // Row pass backward: queries q, keys k, values V, output u, upstream dU (read from dV's rows
+  // before the kernel overwrites them with dV).
+  job.L = W;
+  job.lw = lx.data();
+  job.ldl = lx.cols();
+  job.q_step = lq, job.k_step = lk, job.v_step = lv, job.g_step = ldv;
+  job.dq_step = ldq, job.dk_step = ldk, job.dv_step = ldv;
+  for (Index y = 0; y < H; ++y) {
+    const Index n0 = y * W;
+    job.q = Q.data() + n0 * lq;
+    job.k = K.data() + n0 * lk;
+    job.v = V.data() + n0 * lv;
+    job.g = dV.data() + n0 * ldv;
+    job.dq = dQ.data() + n0 * ldq;
+    job.dk = dK.data() + n0 * ldk;
+    job.dv = dV.data() + n0 * ldv;
+    masad_line_backward<T>(job, row_lse.data() + n0 * row_lse.innerStride(), row_lse.innerStride(),
+                           u.data() + n0 * lu, lu, ws);
   }
 }
 

@@ -1,4 +1,4 @@
-// retention::detail: the ln D tiles of the MaSA / MaSAD training kernels, read from the two 1-D
+// retention::detail: the ln D tiles of the MaSA training kernels, read from the two 1-D
 // axis log-tables of a separable 2-D mask (docs/math.md §1.2: D = row_axis (x) column_axis in
 // raster order), never from a distance formula of their own.
 #pragma once
@@ -50,35 +50,6 @@ class GridLogTile {
  private:
   Index width_;
   Matrix<T> ly_, lx_;
-};
-
-/// ln D of a group of consecutive lines of `length` tokens each, packed line after line: tokens of
-/// one line get axis[p, p'] (p, p' their positions along the line), tokens of different lines -inf.
-/// Batching short MaSAD lines this way gives one product per group instead of one per line.
-template <class T>
-class LineLogTile {
- public:
-  /// axis: the [length, length] log-table of the line's 1-D mask (not copied; must outlive this).
-  explicit LineLogTile(const Matrix<T>& axis) : axis_(axis), length_(axis.rows()) {}
-
-  bool operator()(Index n0, Index m0, GradTile<T>& tile) const {
-    constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-    bool any = false;
-    for (Index i = 0; i < tile.rows(); ++i) {
-      const Index line_start = ((n0 + i) / length_) * length_, p = n0 + i - line_start;
-      const Index lo = std::max(m0, line_start),
-                  hi = std::min(m0 + tile.cols(), line_start + length_);
-      tile.row(i).setConstant(neg_inf);
-      if (lo >= hi) continue;
-      tile.row(i).segment(lo - m0, hi - lo) = axis_.row(p).segment(lo - line_start, hi - lo);
-      any = any || axis_.row(p).segment(lo - line_start, hi - lo).maxCoeff() > neg_inf;
-    }
-    return any;
-  }
-
- private:
-  const Matrix<T>& axis_;
-  Index length_;
 };
 
 }  // namespace detail

@@ -41,6 +41,7 @@ struct MasadWorkspace {
   Matrix<T> acc;      // [rows, dvp] unnormalised output (lines too long for the fused kernels)
   Vector<T> row_max;  // [rows] logit row maxima
   Vector<T> inv_sum;  // [rows] 1 / softmax row sums
+  Vector<T> lse;      // [rows] log-sum-exp of the logit rows (the training forward)
   std::vector<const T*> lw_rows;  // [rows] where each row's log-weights start
 };
 
@@ -57,6 +58,7 @@ MasadWorkspace<T> masad_workspace(Index side, Index dk, Index dv) {
   ws.acc.resize(rows, dvp);
   ws.row_max.resize(rows);
   ws.inv_sum.resize(rows);
+  ws.lse.resize(rows);
   ws.lw_rows.resize(static_cast<std::size_t>(rows));
   return ws;
 }
@@ -71,6 +73,7 @@ struct MasadLineBuffers {
   T* acc = nullptr;
   T* row_max = nullptr;
   T* inv_sum = nullptr;
+  T* lse = nullptr;
   const T** lw_rows = nullptr;
   Index ldkt = 0, ldv = 0, lds = 0, lda = 0;
 
@@ -82,6 +85,7 @@ struct MasadLineBuffers {
         acc(ws.acc.data()),
         row_max(ws.row_max.data()),
         inv_sum(ws.inv_sum.data()),
+        lse(ws.lse.data()),
         lw_rows(ws.lw_rows.data()),
         ldkt(ws.kt.cols()),
         ldv(ws.v.cols()),
@@ -92,6 +96,7 @@ struct MasadLineBuffers {
 /// One line of MaSAD (what masad_line computes) where it fits the fused kernels of
 /// line_kernels.hpp (L <= masad_line_vectors * N), by the tile kernels otherwise; called
 /// through simd::dispatch once per line, so the choice uses the active instruction set's width.
+/// With want_lse, also ws->lse[i] = log sum_j exp(logit[i, j]) for i < L (the training forward's).
 /// Returns false when some output is not finite: out is then to be redone by masad_line_careful
 /// with the values at *careful_v (row stride *careful_ldv), which are v itself or, when the kernel
 /// copied v before writing out (which may alias v), that copy.
@@ -104,7 +109,8 @@ struct MasadLineKernel {
   template <class Isa, class T>
   static bool run(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
                   Index v_step, Index dv, Index L, const T* lw, Index ldl, T* out, Index out_step,
-                  const MasadLineBuffers<T>* ws, const T** careful_v, Index* careful_ldv) {
+                  const MasadLineBuffers<T>* ws, bool want_lse, const T** careful_v,
+                  Index* careful_ldv) {
     constexpr Index R = simd::layout_rows, N = simd::lanes<T, Isa>;
     const Index Lr = masa_round_up(L, R), Ln = masa_round_up(L, N);
     *careful_v = v;
@@ -126,7 +132,8 @@ struct MasadLineKernel {
       *careful_v = ws->v;  // out may overwrite v (the column pass): the careful path reads the copy
       *careful_ldv = ws->ldv;
       simd::call<Isa, MasadSoftmaxLine>(Index(Ln / N), qq, ldq, dk, static_cast<const T*>(ws->kt),
-                                        ws->ldkt, lw, ldl, s, ws->lds, Lr, ws->inv_sum);
+                                        ws->ldkt, lw, ldl, s, ws->lds, Lr, ws->inv_sum,
+                                        want_lse ? ws->lse : nullptr);
       // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
       return simd::call<Isa, MasadAttendLine>(
           static_cast<const T*>(s), ws->lds, static_cast<const T*>(ws->v), ws->ldv, L,
@@ -140,6 +147,7 @@ struct MasadLineKernel {
                          static_cast<const T* const*>(nullptr), s, ws->lds, Lr, L, ws->row_max);
     for (Index i = 0; i < L; ++i) {
       const T sum = masa_exp_sum_isa<Isa>(s + i * ws->lds, Ln, ws->row_max[i]);
+      if (want_lse) ws->lse[i] = ws->row_max[i] + std::log(sum);
       ws->inv_sum[i] = sum == T(0) ? T(0) : T(1) / sum;  // 0 only if every logit were -inf
     }
     const T* vv = v;
@@ -180,28 +188,34 @@ struct MasadLineKernel {
 template <class T>
 void masad_line_careful(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
                         Index v_step, Index dv, Index L, const T* lw, Index ldl, T* out,
-                        Index out_step) {
+                        Index out_step, T* lse = nullptr, Index lse_step = 0) {
   masa_careful_rows<T>(
       q, q_step, k, k_step, v, v_step, L, L, dk, dv,
-      [lw, ldl](Index i, Index j) { return lw[i * ldl + j]; }, out, out_step);
+      [lw, ldl](Index i, Index j) { return lw[i * ldl + j]; }, out, out_step, lse, lse_step);
 }
 
 /// One softmax attention along a line of L tokens (a grid row or a grid column): token j of the
 /// line is row j of q, k, v, out at steps q_step, k_step, v_step, out_step elements apart. out[j,
 /// :] = sum_j' softmax_j'(q_j . k_j' + log_w[j, j']) v[j', :]; log_w is the line's [L, L]
-/// log-weight tile padded as masad_log_tile pads it. out may alias v. One dispatched kernel call;
-/// a line with a non-finite output is redone on the careful path (docs/math.md §2.6).
+/// log-weight tile padded as masad_log_tile pads it. out may alias v. With lse != nullptr, also
+/// lse[j lse_step] = log sum_j' exp(q_j . k_j' + log_w[j, j']). One dispatched kernel call; a line
+/// with a non-finite output is redone on the careful path (docs/math.md §2.6).
 template <class T>
 void masad_line(const T* q, Index q_step, const T* k, Index k_step, Index dk, const T* v,
                 Index v_step, Index dv, Index L, const Matrix<T>& log_w, T* out, Index out_step,
-                MasadWorkspace<T>& ws) {
+                MasadWorkspace<T>& ws, T* lse = nullptr, Index lse_step = 0) {
   const MasadLineBuffers<T> b(ws);
   const T* careful_v = v;
   Index careful_ldv = v_step;
   if (!simd::dispatch<MasadLineKernel>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w.data(),
-                                       log_w.cols(), out, out_step, &b, &careful_v, &careful_ldv))
+                                       log_w.cols(), out, out_step, &b, lse != nullptr, &careful_v,
+                                       &careful_ldv)) {
     masad_line_careful<T>(q, q_step, k, k_step, dk, careful_v, careful_ldv, dv, L, log_w.data(),
-                          log_w.cols(), out, out_step);
+                          log_w.cols(), out, out_step, lse, lse_step);
+    return;
+  }
+  if (lse)
+    for (Index i = 0; i < L; ++i) lse[i * lse_step] = ws.lse(i);
 }
 
 /// The [L, L] log-weight tile of one MaSAD axis, padded to [L rounded to row blocks, L rounded to
@@ -216,6 +230,17 @@ Matrix<T> masad_log_tile(const Axis& axis, Index L) {
   return w;
 }
 
+/// Per-token values of a MaSAD call (the training forward's log-sum-exp): token n of head h of
+/// image b at data + b image + n token + h head; data == nullptr: none.
+template <class T>
+struct MasadTokenValues {
+  T* data = nullptr;
+  Index token = 0, head = 0, image = 0;
+  T* at(Index b, Index n, Index h) const {
+    return data ? data + b * image + n * token + h * head : nullptr;
+  }
+};
+
 /// Where the operands of a MaSAD call live: head h of image b's token n = y W + x starts at
 /// q + b bq + n ldq + h hq (likewise k, v, out).
 template <class T>
@@ -228,6 +253,11 @@ struct MasadGrid {
   Index hq = 0, hk = 0, hv = 0, ho = 0;      // between consecutive heads
   Index bq = 0, bk = 0, bv = 0, bo = 0;      // between consecutive images
   Index batch = 1, height = 0, width = 0, heads = 1, dk = 0, dv = 0;
+  // The training forward's extras: the row pass's output u in a buffer of its own (nullptr: in
+  // out, overwritten by the column pass) and each pass's log-sum-exp.
+  T* u = nullptr;
+  Index ldu = 0, hu = 0, bu = 0;
+  MasadTokenValues<T> row_lse, column_lse;
 };
 
 /// Asks for `rows` rows of `cols` elements, `step` elements apart, to be brought into L2 (a line of
@@ -245,9 +275,9 @@ void masad_prefetch_rows(const T* p, Index step, Index rows, Index cols) {
 
 /// MaSAD of every (image, head) of a grid (docs/math.md §4): for each image, every head's attention
 /// along each grid row, writing u into out, then along each grid column, reading u from out and
-/// overwriting it with the result. u lives in out itself: each line attention copies (fused) or
-/// reads into its accumulators (tiled) all its values before it writes its own rows, and the lines
-/// of one pass touch disjoint rows.
+/// overwriting it with the result. u lives in out itself (unless g.u gives it a buffer of its
+/// own): each line attention copies (fused) or reads into its accumulators (tiled) all its values
+/// before it writes its own rows, and the lines of one pass touch disjoint rows.
 ///
 /// Threads take whole lines, each line for all heads of a head group in turn (all heads when
 /// serial, half of them with a team): a line of a [.., heads * d] buffer is then one contiguous
@@ -269,9 +299,13 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
   }
   const auto line = [&](const T* q, Index q_step, const T* k, Index k_step, const T* v,
                         Index v_step, Index L, const Matrix<T>& log_w, T* o, Index o_step,
-                        MasadWorkspace<T>& ws) {
-    masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws);
+                        MasadWorkspace<T>& ws, T* lse, Index lse_step) {
+    masad_line<T>(q, q_step, k, k_step, dk, v, v_step, dv, L, log_w, o, o_step, ws, lse, lse_step);
   };
+  // Where the row pass writes u and the column pass reads it.
+  T* const u_base = g.u ? g.u : g.out;
+  const Index ldu = g.u ? g.ldu : g.ldo, hu = g.u ? g.hu : g.ho, bu = g.u ? g.bu : g.bo;
+
   const double work = 2.0 * static_cast<double>(g.batch * heads * N) * static_cast<double>(H + W) *
                       static_cast<double>(dk + dv);
   const Team team = plan_team(threads, g.batch * std::max(H, W), work);
@@ -298,29 +332,31 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
     const T* q = g.q + b * g.bq + y * W * g.ldq;
     const T* k = g.k + b * g.bk + y * W * g.ldk;
     const T* v = g.v + b * g.bv + y * W * g.ldv;
-    T* o = g.out + b * g.bo + y * W * g.ldo;
+    T* o = u_base + b * bu + y * W * ldu;
     masad_prefetch_rows(q + h0 * g.hq, g.ldq, W, span(h0, h1, g.hq, dk));
     masad_prefetch_rows(k + h0 * g.hk, g.ldk, W, span(h0, h1, g.hk, dk));
     masad_prefetch_rows(v + h0 * g.hv, g.ldv, W, span(h0, h1, g.hv, dv));
     for (Index h = h0; h < h1; ++h)
       line(q + h * g.hq, g.ldq, k + h * g.hk, g.ldk, v + h * g.hv, g.ldv, W,
-           log_x[static_cast<std::size_t>(h)], o + h * g.ho, g.ldo, ws);
+           log_x[static_cast<std::size_t>(h)], o + h * hu, ldu, ws, g.row_lse.at(b, y * W, h),
+           g.row_lse.token);
   };
-  // Grid column x of unit u: tokens x, x + W, ..., every W-th row; u is read from out.
+  // Grid column x of unit u: tokens x, x + W, ..., every W-th row, whose values are the row
+  // pass's u.
   const auto column = [&](Index u, Index x, MasadWorkspace<T>& ws) {
     Index b = 0, h0 = 0, h1 = 0;
     unit_heads(u, b, h0, h1);
     const T* q = g.q + b * g.bq + x * g.ldq;
     const T* k = g.k + b * g.bk + x * g.ldk;
     T* o = g.out + b * g.bo + x * g.ldo;
+    const T* uu = u_base + b * bu + x * ldu;
     masad_prefetch_rows(q + h0 * g.hq, W * g.ldq, H, span(h0, h1, g.hq, dk));
     masad_prefetch_rows(k + h0 * g.hk, W * g.ldk, H, span(h0, h1, g.hk, dk));
-    masad_prefetch_rows<T>(o + h0 * g.ho, W * g.ldo, H, span(h0, h1, g.ho, dv));
-    for (Index h = h0; h < h1; ++h) {
-      T* oh = o + h * g.ho;
-      line(q + h * g.hq, W * g.ldq, k + h * g.hk, W * g.ldk, oh, W * g.ldo, H,
-           log_y[static_cast<std::size_t>(h)], oh, W * g.ldo, ws);
-    }
+    masad_prefetch_rows<T>(uu + h0 * hu, W * ldu, H, span(h0, h1, hu, dv));
+    for (Index h = h0; h < h1; ++h)
+      line(q + h * g.hq, W * g.ldq, k + h * g.hk, W * g.ldk, uu + h * hu, W * ldu, H,
+           log_y[static_cast<std::size_t>(h)], o + h * g.ho, W * g.ldo, ws,
+           g.column_lse.at(b, x, h), W * g.column_lse.token);
   };
   // A unit's lines: its H row lines, then its W column lines, which read what all of its rows
   // wrote.
@@ -392,28 +428,45 @@ void masad_grid(const MasadGrid<T>& g, const std::vector<Mask2D>& masks, int thr
   }
 }
 
-/// MaSAD of one head by the careful path (docs/math.md §2.6), for the training forward, whose
-/// batched line groups share one logit product across lines (a bad key or value would reach the
-/// other lines of its group through their -inf entries): every grid row of q, k, v into u (ldu)
-/// and row_lse (row_step apart), then every grid column of q, k, u into out (ldo) and column_lse
-/// (column_step apart), by masa_careful_rows with the mask's axis tables in double.
-template <class T, class Mask2D>
-void masad_careful_head(const T* q, Index ldq, const T* k, Index ldk, const T* v, Index ldv,
-                        Index dk, Index dv, const Mask2D& mask, T* out, Index ldo, T* u, Index ldu,
-                        T* row_lse, Index row_step, T* column_lse, Index column_step) {
+/// Grids of up to this many tokens (RMT's last stage, 7 x 7) run MaSA as one line of MaSAD's
+/// kernels over the whole [N, N] log-weight tile: their products are too small for the tiled
+/// path's Eigen GEMMs, and the line kernels are dispatched on the instruction set.
+constexpr Index masa_line_tokens = 64;
+
+/// ln D of the whole grid padded as masad_log_tile pads a line's: [N rounded to row blocks, N
+/// rounded to the layout width], padding columns -inf, padding rows 0.
+template <class T, class Mask>
+Matrix<T> masa_line_log_tile(const Mask& mask) {
+  const Index N = mask.height() * mask.width();
+  Matrix<T> w =
+      Matrix<T>::Zero(masa_round_up(N, simd::layout_rows), masa_round_up(N, simd::max_lanes<T>));
+  w.rightCols(w.cols() - N).setConstant(-std::numeric_limits<T>::infinity());
+  // ln D[n, m] = ly[y_n, y_m] + lx[x_n, x_m] (docs/math.md §1.2), a grid row of keys at a time.
   const Index H = mask.height(), W = mask.width();
-  const Matrix<double> lx = mask.column_axis().template log_weights<double>(0, W, 0, W);
-  const Matrix<double> ly = mask.row_axis().template log_weights<double>(0, H, 0, H);
-  for (Index y = 0; y < H; ++y)
-    masa_careful_rows<T>(
-        q + y * W * ldq, ldq, k + y * W * ldk, ldk, v + y * W * ldv, ldv, W, W, dk, dv,
-        [&](Index i, Index j) { return lx(i, j); }, u + y * W * ldu, ldu,
-        row_lse + y * W * row_step, row_step);
-  for (Index x = 0; x < W; ++x)
-    masa_careful_rows<T>(
-        q + x * ldq, W * ldq, k + x * ldk, W * ldk, u + x * ldu, W * ldu, H, H, dk, dv,
-        [&](Index i, Index j) { return ly(i, j); }, out + x * ldo, W * ldo,
-        column_lse + x * column_step, W * column_step);
+  const Matrix<T> ly = mask.row_axis().template log_weights<T>(0, H, 0, H);
+  const Matrix<T> lx = mask.column_axis().template log_weights<T>(0, W, 0, W);
+  for (Index n = 0; n < N; ++n)
+    for (Index ym = 0; ym < H; ++ym)
+      w.row(n).segment(ym * W, W) = lx.row(n % W).array() + ly(n / W, ym);
+  return w;
+}
+
+/// MaSA of one head (masa()'s work): a grid of at most masa_line_tokens tokens with finite inputs
+/// as one line of the line kernels, everything else by masa_into_impl's tiles.
+template <class T, class Mask2D>
+void masa_head_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRows<T>& V,
+                    const Mask2D& mask, MasaMap<T> out, const MasaOptions& options) {
+  const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
+  if (N > masa_line_tokens ||
+      !masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
+                          V.outerStride(), N, dk, dv)) {
+    masa_into_impl<T>(Q, K, V, mask, out, options);
+    return;
+  }
+  const Matrix<T> lw = masa_line_log_tile<T>(mask);
+  MasadWorkspace<T> ws = masad_workspace<T>(N, dk, dv);
+  masad_line<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), dk, V.data(), V.outerStride(),
+                dv, N, lw, out.data(), out.outerStride(), ws);
 }
 
 template <class T, class Mask2D>
