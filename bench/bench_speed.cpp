@@ -54,6 +54,7 @@
 // Operators written in other headers join the comparison once those headers exist.
 #if __has_include(<retention/masa.hpp>) && !defined(RETENTION_BENCH_NO_MASA)
 #include <retention/masa.hpp>
+#include <retention/masa_backward.hpp>
 #define RETENTION_BENCH_HAS_MASA 1
 #endif
 #if __has_include(<retention/layers/msr.hpp>) && !defined(RETENTION_BENCH_NO_MSR)
@@ -642,6 +643,45 @@ void BM_masad(benchmark::State& state) {
   }
 }
 
+/// One training step of MaSA (range 2 = 0) or MaSAD (1) on the grid: the forward that saves what
+/// the backward needs, then the backward from it, dO random (what a training loop runs).
+void BM_grid_train(benchmark::State& state) {
+  Grid g(state.range(0), 41);
+  const bool decomposed = state.range(2) != 0;
+  const Index side = state.range(0), N = side * side, H = kMasaHeads, d = kMasaDim;
+  const auto n = static_cast<std::size_t>(N * H * d);
+  const std::vector<float> dO = random_buffer(n, 45);
+  std::vector<float> u(n), lse(static_cast<std::size_t>(N * H)), lse2(lse.size()), dq(n), dk(n),
+      dv(n);
+  std::vector<retention::ManhattanDecay> masks;
+  for (double gamma : g.gammas) masks.emplace_back(gamma, side, side);
+  retention::MasaTrainOptions opt;
+  opt.threads = static_cast<int>(state.range(1));
+  const auto in = [&](const std::vector<float>& x, Index dim) {
+    return retention::heads_view(x.data(), 1, N, H, dim);
+  };
+  const auto out = [&](std::vector<float>& x, Index dim) {
+    return retention::heads_view(x.data(), 1, N, H, dim);
+  };
+  for (auto _ : state) {
+    if (decomposed) {
+      retention::multi_head_masad_forward_train<float>(in(g.q, d), in(g.k, d), in(g.v, d), masks,
+                                                       out(g.out, d), out(u, d), out(lse, 1),
+                                                       out(lse2, 1), opt);
+      retention::multi_head_masad_backward<float>(
+          in(g.q, d), in(g.k, d), in(g.v, d), masks, in(g.out, d), in(u, d), in(lse, 1),
+          in(lse2, 1), in(dO, d), out(dq, d), out(dk, d), out(dv, d), opt);
+    } else {
+      retention::multi_head_masa_forward_train<float>(in(g.q, d), in(g.k, d), in(g.v, d), masks,
+                                                      out(g.out, d), out(lse, 1), opt);
+      retention::multi_head_masa_backward<float>(in(g.q, d), in(g.k, d), in(g.v, d), masks,
+                                                 in(g.out, d), in(lse, 1), in(dO, d), out(dq, d),
+                                                 out(dk, d), out(dv, d), opt);
+    }
+    benchmark::DoNotOptimize(dq.data());
+  }
+}
+
 /// The plain dense MaSA per head with Eigen GEMMs: S = Q K^T + L as an [N, N] matrix, row softmax,
 /// S V. The yardstick the streaming masa kernel is compared with.
 void BM_masa_dense_reference(benchmark::State& state) {
@@ -893,6 +933,15 @@ void register_all(int requested_threads) {
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
     }
+    // Training steps: MaSA on RMT's smaller grids, MaSAD on its largest.
+    benchmark::RegisterBenchmark("masa_train", BM_grid_train)
+        ->Args({28, t, 0})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("masad_train", BM_grid_train)
+        ->Args({56, t, 1})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
 #endif
 #if defined(RETENTION_BENCH_HAS_MSR)
     benchmark::RegisterBenchmark("machine/projection", BM_machine_projection)

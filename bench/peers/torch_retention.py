@@ -282,6 +282,14 @@ def masad(q, k, v, lx, ly):
     return (a @ ut).transpose(2, 3)
 
 
+def grid_train_step(fn, q, k, v, d_out):
+    """fn's forward with autograd on leaf copies of q, k, v, then the backward of d_out."""
+    with torch.enable_grad():
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        fn(qq, kk, vv).backward(d_out)
+    return qq.grad
+
+
 # ------------------------------------------------------------------------------------------------
 # Layout helpers: the C++ side uses [B, T, H, D] (and [B, Hh, W, heads * d] for grids).
 # ------------------------------------------------------------------------------------------------
@@ -616,6 +624,15 @@ def bench(threads, which):
             ax = axis_logits(glg, side)
             res[f"masa_{side}"] = {"seconds": median_seconds(lambda: masa(q, k, v, logits))}
             res[f"masad_{side}"] = {"seconds": median_seconds(lambda: masad(q, k, v, ax, ax))}
+            # A training step through autograd (forward, then backward of dO), as bench_speed's
+            # masa_train (28 x 28) and masad_train (56 x 56).
+            d_out = rnd(1, hm, side, side, dm)
+            if side == 28:
+                res["masa_train_28"] = {"seconds": median_seconds(
+                    lambda: grid_train_step(lambda a, b, c: masa(a, b, c, logits), q, k, v, d_out))}
+            else:
+                res["masad_train_56"] = {"seconds": median_seconds(
+                    lambda: grid_train_step(lambda a, b, c: masad(a, b, c, ax, ax), q, k, v, d_out))}
     if want("msr"):
         t, dm, hm = 8192, 1024, 8
         vd = int(os.environ.get("RETENTION_MSR_VALUE_DIM", str(dm)))
