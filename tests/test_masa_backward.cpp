@@ -14,9 +14,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -237,6 +240,27 @@ TYPED_TEST(MasaBackwardTest, MasadTrainingEveryIsaMatchesReference) {
         });
       }
     }
+}
+
+// The line backward checks the inputs it reads, not only the saved state: a NaN value under
+// QuadrantCausalDecay with the state saved by a clean forward still reaches only the gradients
+// that depend on it (the lines would otherwise meet it as 0 * NaN at every masked pair).
+TYPED_TEST(MasaBackwardTest, MasadBackwardChecksInputsBesideSavedState) {
+  using T = TypeParam;
+  const Index H = 4, W = 5, N = H * W;
+  const Matrix<T> Q = random_matrix<T>(N, 3, 2701), K = random_matrix<T>(N, 3, 2702);
+  const Matrix<T> V = random_matrix<T>(N, 2, 2703), G = random_matrix<T>(N, 2, 2704);
+  const retention::QuadrantCausalDecay mask(0.9, H, W);
+  const auto saved = retention::masad_forward_train(Q, K, V, mask);
+  const auto clean = retention::masad_backward(Q, K, V, mask, G, saved);
+  Matrix<T> bad = V;
+  // The last token of the first grid row: along its row only it weighs its own value, and the
+  // queries left of it (their rows and columns) never reach it.
+  bad(W - 1, 1) = std::numeric_limits<T>::quiet_NaN();
+  const auto g = retention::masad_backward(Q, K, bad, mask, G, saved);
+  const Matrix<T> got = g.dQ.topRows(W - 1), want = clean.dQ.topRows(W - 1);
+  ASSERT_TRUE(got.allFinite()) << got;
+  EXPECT_LE(relative_error(got, want), spec_tolerance<T>());
 }
 
 // The overloads without saved state run the forward themselves: same gradients.

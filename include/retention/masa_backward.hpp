@@ -20,6 +20,7 @@
 #include <retention/detail/threading.hpp>
 #include <retention/heads.hpp>
 
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -532,13 +533,55 @@ void multi_head_masad_backward(const HeadsView<const T>& q, const HeadsView<cons
   detail::check_view_shape(fn, "dv", dv, q.batch, N, q.heads, v.dim);
   const double flops =
       2.0 * detail::masad_pair_count(masks[0]) * static_cast<double>(3 * q.dim + 2 * v.dim);
-  for_each_head(q.batch, q.heads, flops, options.threads, [&](Index b, Index h) {
-    detail::masad_backward_head<T>(
-        q.head(b, h), k.head(b, h), v.head(b, h), masks[static_cast<std::size_t>(h)],
-        out.head(b, h), u.head(b, h), detail::head_vector(row_lse, b, h),
-        detail::head_vector(column_lse, b, h), d_out.head(b, h), options.query_tile,
-        options.key_tile, dq.head(b, h), dk.head(b, h), dv.head(b, h));
-  });
+  const Index H = masks.front().height(), W = masks.front().width(), heads = q.heads;
+  // Each head's padded axis tiles, shared by the batch.
+  std::vector<Matrix<T>> lx, ly;
+  for (const Mask& m : masks) {
+    lx.push_back(detail::masad_log_tile<T>(m.column_axis(), W));
+    ly.push_back(detail::masad_log_tile<T>(m.row_axis(), H));
+  }
+  detail::MasadBackwardStrides st;
+  st.q = q.time_stride, st.k = k.time_stride, st.v = v.time_stride, st.out = out.time_stride;
+  st.u = u.time_stride, st.g = d_out.time_stride, st.row_lse = row_lse.time_stride;
+  st.column_lse = column_lse.time_stride;
+  st.dq = dq.time_stride, st.dk = dk.time_stride, st.dv = dv.time_stride;
+  // Units of work: image b's heads [h0, h1), a line at a time for all of them (as masad()
+  // schedules its lines); with a team, as many head groups per image as members.
+  const detail::Team team = detail::plan_team(options.threads, q.batch * heads,
+                                              flops * static_cast<double>(q.batch * heads));
+  const Index wanted = team.size > 1 ? std::min<Index>(heads, team.size) : 1;
+  const Index group = (heads + wanted - 1) / wanted, groups = (heads + group - 1) / group;
+  detail::for_each_with_workspace(
+      team, q.batch * groups,
+      [&] { return detail::MasadBackwardWorkspace<T>(std::max(H, W), q.dim, v.dim); },
+      [&](Index unit, detail::MasadBackwardWorkspace<T>& ws) {
+        const Index b = unit / groups, h0 = (unit % groups) * group;
+        const Index h1 = std::min(heads, h0 + group);
+        std::vector<detail::MasadBackwardHead<T>> lines;
+        for (Index h = h0; h < h1; ++h) {
+          const std::size_t hs = static_cast<std::size_t>(h);
+          auto dQ = dq.head(b, h), dK = dk.head(b, h);
+          dQ.setZero();
+          dK.setZero();
+          detail::MasadBackwardHead<T> line;
+          line.q = q.head(b, h).data(), line.k = k.head(b, h).data(), line.v = v.head(b, h).data();
+          line.out = out.head(b, h).data(), line.u = u.head(b, h).data();
+          line.g = d_out.head(b, h).data();
+          line.row_lse = detail::head_vector(row_lse, b, h).data();
+          line.column_lse = detail::head_vector(column_lse, b, h).data();
+          line.dq = dQ.data(), line.dk = dK.data(), line.dv = dv.head(b, h).data();
+          line.lx = &lx[hs], line.ly = &ly[hs];
+          lines.push_back(line);
+        }
+        const std::unique_ptr<bool[]> failed(new bool[lines.size()]());
+        detail::masad_backward_lines<T>(lines.data(), static_cast<Index>(lines.size()), st, H, W,
+                                        q.dim, v.dim, ws, failed.get());
+        for (Index h = h0; h < h1; ++h)  // a head with an Inf or NaN: its careful path
+          if (failed[static_cast<std::size_t>(h - h0)])
+            detail::masad_backward_careful<T>(
+                q.head(b, h), k.head(b, h), v.head(b, h), masks[static_cast<std::size_t>(h)],
+                u.head(b, h), d_out.head(b, h), dq.head(b, h), dk.head(b, h), dv.head(b, h));
+      });
 }
 
 /// Multi-head MaSAD backward without saved state: each head runs its forward first (out and u

@@ -230,13 +230,96 @@ void masad_backward_careful(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   }
 }
 
-/// MaSAD backward of one head; overwrites dQ, dK, dV. Inputs with an Inf or NaN (Q, K, V, G, the
-/// saved out and u; a NaN or +inf lse) take masad_backward_careful: the line kernels meet a masked
-/// pair as -inf + q.k and 0 * (g.v - delta), which a bad entry turns into NaN in rows that do not
-/// depend on it. The column pass runs backward first (dQ, dK and dU = dL/du, kept in dV's rows),
-/// then the row pass (dQ, dK added, dV from dU), one line at a time through masad_line_backward.
-/// Extra memory: the two padded axis tiles and one line workspace, O(L^2 + L (dk + dv)) for L =
-/// max(H, W); nothing of size N.
+/// One head of a MaSAD backward over lines (masad_backward_lines): its operands, with the row
+/// strides of MasadBackwardStrides, and its mask's padded axis tiles.
+template <class T>
+struct MasadBackwardHead {
+  const T* q = nullptr;
+  const T* k = nullptr;
+  const T* v = nullptr;
+  const T* out = nullptr;
+  const T* u = nullptr;
+  const T* g = nullptr;
+  const T* row_lse = nullptr;
+  const T* column_lse = nullptr;
+  T* dq = nullptr;
+  T* dk = nullptr;
+  T* dv = nullptr;
+  const Matrix<T>* lx = nullptr;  // [W, W] along x (row pass), padded (masad_log_tile)
+  const Matrix<T>* ly = nullptr;  // [H, H] along y (column pass)
+};
+
+/// Steps between consecutive tokens of each operand (the same for every head of a call).
+struct MasadBackwardStrides {
+  Index q = 0, k = 0, v = 0, out = 0, u = 0, g = 0, row_lse = 0, column_lse = 0;
+  Index dq = 0, dk = 0, dv = 0;
+};
+
+/// The MaSAD backward (docs/math.md §7.6) of `count` heads, one line at a time through
+/// masad_line_backward, each line for every head in turn (a head of a wider buffer is a short
+/// piece of each token's row; the heads together read whole rows, which the caches keep between
+/// them). The column pass runs backward first (dQ, dK and dU = dL/du, kept in dV's rows), then the
+/// row pass (dQ, dK added, dV from dU). dQ and dK must be zero. A head whose line meets an input
+/// the line kernels cannot take (masad_line_backward) gets failed[i] = true and no more lines;
+/// its gradients are then partial, for the caller to redo by masad_backward_careful.
+template <class T>
+void masad_backward_lines(const MasadBackwardHead<T>* heads, Index count,
+                          const MasadBackwardStrides& st, Index H, Index W, Index dk, Index dv,
+                          MasadBackwardWorkspace<T>& ws, bool* failed) {
+  MasadLineBackwardJob<T> job;
+  job.dkk = dk;
+  job.dvv = dv;
+  // Column pass backward: queries q, keys k, values u, output out, upstream G; writes dU into
+  // dV's rows (each token's once).
+  job.L = H;
+  job.q_step = W * st.q, job.k_step = W * st.k, job.v_step = W * st.u, job.g_step = W * st.g;
+  job.dq_step = W * st.dq, job.dk_step = W * st.dk, job.dv_step = W * st.dv;
+  for (Index x = 0; x < W; ++x)
+    for (Index i = 0; i < count; ++i) {
+      if (failed[i]) continue;
+      const MasadBackwardHead<T>& h = heads[i];
+      job.lw = h.ly->data();
+      job.ldl = h.ly->cols();
+      job.q = h.q + x * st.q;
+      job.k = h.k + x * st.k;
+      job.v = h.u + x * st.u;
+      job.g = h.g + x * st.g;
+      job.dq = h.dq + x * st.dq;
+      job.dk = h.dk + x * st.dk;
+      job.dv = h.dv + x * st.dv;
+      failed[i] = !masad_line_backward<T>(job, h.column_lse + x * st.column_lse, W * st.column_lse,
+                                          h.out + x * st.out, W * st.out, ws);
+    }
+  // Row pass backward: queries q, keys k, values V, output u, upstream dU (read from dV's rows
+  // before the kernel overwrites them with dV).
+  job.L = W;
+  job.q_step = st.q, job.k_step = st.k, job.v_step = st.v, job.g_step = st.dv;
+  job.dq_step = st.dq, job.dk_step = st.dk, job.dv_step = st.dv;
+  for (Index y = 0; y < H; ++y)
+    for (Index i = 0; i < count; ++i) {
+      if (failed[i]) continue;
+      const MasadBackwardHead<T>& h = heads[i];
+      const Index n0 = y * W;
+      job.lw = h.lx->data();
+      job.ldl = h.lx->cols();
+      job.q = h.q + n0 * st.q;
+      job.k = h.k + n0 * st.k;
+      job.v = h.v + n0 * st.v;
+      job.g = h.dv + n0 * st.dv;
+      job.dq = h.dq + n0 * st.dq;
+      job.dk = h.dk + n0 * st.dk;
+      job.dv = h.dv + n0 * st.dv;
+      failed[i] = !masad_line_backward<T>(job, h.row_lse + n0 * st.row_lse, st.row_lse,
+                                          h.u + n0 * st.u, st.u, ws);
+    }
+}
+
+/// MaSAD backward of one head; overwrites dQ, dK, dV: masad_backward_lines, redone by
+/// masad_backward_careful when a line meets an Inf or NaN in Q, K, V, G, the saved out or u, or an
+/// lse of NaN or +inf (checked on the way, on data the lines read anyway): the line kernels meet a
+/// masked pair as -inf + q.k and 0 * (g.v - delta), which a bad entry turns into NaN in rows that
+/// do not depend on it. Extra memory: the two padded axis tiles and one line workspace,
+/// O(L^2 + L (dk + dv)) for L = max(H, W); nothing of size N.
 template <class T, class Mask>
 void masad_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                          const GradConstMap<T>& V, const Mask& mask, const GradConstMap<T>& out,
@@ -246,60 +329,24 @@ void masad_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                          GradMap<T> dV) {
   (void)query_tile, (void)key_tile;  // MaSAD's lines are never tiled
   const Index H = mask.height(), W = mask.width(), dk = Q.cols(), dv = V.cols();
-  if (has_nonfinite(Q) || has_nonfinite(K) || has_nonfinite(V) || has_nonfinite(G) ||
-      has_nonfinite(out) || has_nonfinite(u) || !grad_lse_usable(row_lse) ||
-      !grad_lse_usable(column_lse)) {
-    masad_backward_careful<T>(Q, K, V, mask, u, G, dQ, dK, dV);
-    return;
-  }
   const Matrix<T> lx = masad_log_tile<T>(mask.column_axis(), W);
   const Matrix<T> ly = masad_log_tile<T>(mask.row_axis(), H);
   MasadBackwardWorkspace<T> ws(std::max(H, W), dk, dv);
   dQ.setZero();
   dK.setZero();
-  const Index lq = Q.outerStride(), lk = K.outerStride(), lv = V.outerStride(),
-              lu = u.outerStride(), lo = out.outerStride(), lg = G.outerStride(),
-              ldq = dQ.outerStride(), ldk = dK.outerStride(), ldv = dV.outerStride();
-  MasadLineBackwardJob<T> job;
-  job.dkk = dk;
-  job.dvv = dv;
-  // Column pass backward: queries q, keys k, values u, output out, upstream G; writes dU into
-  // dV's rows (each token's once).
-  job.L = H;
-  job.lw = ly.data();
-  job.ldl = ly.cols();
-  job.q_step = W * lq, job.k_step = W * lk, job.v_step = W * lu, job.g_step = W * lg;
-  job.dq_step = W * ldq, job.dk_step = W * ldk, job.dv_step = W * ldv;
-  for (Index x = 0; x < W; ++x) {
-    job.q = Q.data() + x * lq;
-    job.k = K.data() + x * lk;
-    job.v = u.data() + x * lu;
-    job.g = G.data() + x * lg;
-    job.dq = dQ.data() + x * ldq;
-    job.dk = dK.data() + x * ldk;
-    job.dv = dV.data() + x * ldv;
-    masad_line_backward<T>(job, column_lse.data() + x * column_lse.innerStride(),
-                           W * column_lse.innerStride(), out.data() + x * lo, W * lo, ws);
-  }
-  // Row pass backward: queries q, keys k, values V, output u, upstream dU (read from dV's rows
-  // before the kernel overwrites them with dV).
-  job.L = W;
-  job.lw = lx.data();
-  job.ldl = lx.cols();
-  job.q_step = lq, job.k_step = lk, job.v_step = lv, job.g_step = ldv;
-  job.dq_step = ldq, job.dk_step = ldk, job.dv_step = ldv;
-  for (Index y = 0; y < H; ++y) {
-    const Index n0 = y * W;
-    job.q = Q.data() + n0 * lq;
-    job.k = K.data() + n0 * lk;
-    job.v = V.data() + n0 * lv;
-    job.g = dV.data() + n0 * ldv;
-    job.dq = dQ.data() + n0 * ldq;
-    job.dk = dK.data() + n0 * ldk;
-    job.dv = dV.data() + n0 * ldv;
-    masad_line_backward<T>(job, row_lse.data() + n0 * row_lse.innerStride(), row_lse.innerStride(),
-                           u.data() + n0 * lu, lu, ws);
-  }
+  MasadBackwardHead<T> h;
+  h.q = Q.data(), h.k = K.data(), h.v = V.data(), h.out = out.data(), h.u = u.data();
+  h.g = G.data(), h.row_lse = row_lse.data(), h.column_lse = column_lse.data();
+  h.dq = dQ.data(), h.dk = dK.data(), h.dv = dV.data();
+  h.lx = &lx, h.ly = &ly;
+  MasadBackwardStrides st;
+  st.q = Q.outerStride(), st.k = K.outerStride(), st.v = V.outerStride();
+  st.out = out.outerStride(), st.u = u.outerStride(), st.g = G.outerStride();
+  st.row_lse = row_lse.innerStride(), st.column_lse = column_lse.innerStride();
+  st.dq = dQ.outerStride(), st.dk = dK.outerStride(), st.dv = dV.outerStride();
+  bool failed = false;
+  masad_backward_lines<T>(&h, 1, st, H, W, dk, dv, ws, &failed);
+  if (failed) masad_backward_careful<T>(Q, K, V, mask, u, G, dQ, dK, dV);
 }
 
 }  // namespace detail

@@ -125,11 +125,26 @@ struct MasadLineBackwardJob {
   Index L = 0, dkk = 0, dvv = 0;
 };
 
+/// Whether rows x cols values (row stride ld, cols a multiple of Isa's lanes) are all finite:
+/// x * 0 is NaN exactly for Inf and NaN, and a sum of them stays NaN.
+template <class Isa, class T>
+[[gnu::always_inline]] inline bool masad_block_finite(const T* x, Index ld, Index rows,
+                                                      Index cols) {
+  constexpr Index N = simd::lanes<T, Isa>;
+  using V = simd::Vec<T, N>;
+  V acc = simd::splat<N>(T(0));
+  for (Index i = 0; i < rows; ++i)
+    for (Index c = 0; c < cols; c += N) acc += simd::load<N>(x + i * ld + c) * T(0);
+  const T sum = simd::hsum<N, T>(acc);
+  return sum == sum;
+}
+
 /// The line backward (the header comment's steps) on the workspace's buffers; called through
-/// simd::dispatch once per line.
+/// simd::dispatch once per line. Returns false, with the line's gradients unwritten, when q, k, v
+/// or g hold an Inf or NaN (checked on the copies the kernel makes anyway).
 struct MasadLineBackwardKernel {
   template <class Isa, class T>
-  static void run(const MasadLineBackwardJob<T>* job, MasadBackwardWorkspace<T>* ws) {
+  static bool run(const MasadLineBackwardJob<T>* job, MasadBackwardWorkspace<T>* ws) {
     constexpr Index R = simd::layout_rows, N = simd::lanes<T, Isa>;
     using V = simd::Vec<T, N>;
     const MasadLineBackwardJob<T>& j = *job;
@@ -151,6 +166,10 @@ struct MasadLineBackwardKernel {
     std::fill(g + L * ldg, g + Lr * ldg, T(0));
     transpose_rows_isa<Isa>(j.k, j.k_step, L, dk, ws->kt.data(), ldt);
     transpose_rows_isa<Isa>(j.v, j.v_step, L, dv, ws->vt.data(), ldt);
+    if (!(masad_block_finite<Isa>(q, ldq, L, ldq) && masad_block_finite<Isa>(kk, ldk, L, ldk) &&
+          masad_block_finite<Isa>(g, ldg, L, ldg) &&
+          masad_block_finite<Isa>(ws->vt.data(), ldt, dv, Ln)))
+      return false;
     // P = exp(ln D + Q K^T - lse); padded columns have ln D = -inf, padded rows shift = +inf.
     masad_block_product<Isa, T>(q, ldq, 1, ws->kt.data(), ldt, dk, j.lw, j.ldl, p, ldp, Lr, Ln / N);
     // dP = G V^T, then dS = P (.) (dP - delta).
@@ -189,14 +208,17 @@ struct MasadLineBackwardKernel {
       }
       std::copy(c, c + dv, ov);
     }
+    return true;
   }
 };
 
 /// The backward of one MaSAD line: fills the workspace's shift (lse, +inf past the line) and
 /// delta (rowsum(G (.) out) in double, cast), then runs the dispatched kernel. lse and out are the
-/// forward's for this line, lse_step and out_step apart.
+/// forward's for this line, lse_step and out_step apart. Returns false, with the line's gradients
+/// unwritten, where the line kernels would not be exact (docs/math.md §2.6): an Inf or NaN in q,
+/// k, v, g or out (delta not finite), or an lse of NaN or +inf.
 template <class T>
-void masad_line_backward(MasadLineBackwardJob<T>& job, const T* lse, Index lse_step, const T* out,
+bool masad_line_backward(MasadLineBackwardJob<T>& job, const T* lse, Index lse_step, const T* out,
                          Index out_step, MasadBackwardWorkspace<T>& ws) {
   const Index L = job.L;
   constexpr T inf = std::numeric_limits<T>::infinity();
@@ -214,12 +236,17 @@ void masad_line_backward(MasadLineBackwardJob<T>& job, const T* lse, Index lse_s
         d[r] += static_cast<double>(o[c + r]) * static_cast<double>(g[c + r]);
     for (; c < job.dvv; ++c) d[0] += static_cast<double>(o[c]) * static_cast<double>(g[c]);
     ws.delta[i] = static_cast<T>((d[0] + d[1]) + (d[2] + d[3]));
+    // x - x is 0 for a finite x and NaN for Inf and NaN; an lse of -inf (a fully masked row) is
+    // usable, NaN and +inf are not.
+    const T dd = ws.delta[i];
+    if (!(dd - dd == T(0)) || !(l == l) || l == inf) return false;
   }
   for (Index i = L; i < ws.shift.size(); ++i) {
     ws.shift[i] = inf;
     ws.delta[i] = T(0);
   }
-  simd::dispatch<MasadLineBackwardKernel>(static_cast<const MasadLineBackwardJob<T>*>(&job), &ws);
+  return simd::dispatch<MasadLineBackwardKernel>(static_cast<const MasadLineBackwardJob<T>*>(&job),
+                                                 &ws);
 }
 
 }  // namespace detail
