@@ -46,14 +46,16 @@ constexpr int masad_dv_vectors = simd::Blocking<T, Isa>::accumulators / 4;
 /// R),
 ///   S[i, j] = lw[i, j] + sum_c q[i, c] kt[c, j],   j < NP * lanes,
 ///   p[i, j] = exp(S[i, j] - max_j S[i, :]),   inv_sum[i] = 1 / sum_j p[i, j],
-/// and, with lse != nullptr, lse[i] = max_j S[i, :] + log sum_j p[i, j] (the training forward's
-/// log-sum-exp). q [rows, dk] (row stride ldq), kt = K^T [dk, ldk >= NP * lanes], lw [rows, ldl]
-/// the log-weights with -inf in the padding columns (they come out as weight 0 and never win the
-/// max), p [rows, ldp].
+/// and, with row_max != nullptr, row_max[i] = max_j S[i, :] and row_sum[i] = sum_j p[i, j] (the
+/// training forward's log-sum-exp is their log's sum: stores only, no call inside the kernel).
+/// q [rows, dk] (row stride ldq), kt = K^T [dk, ldk >= NP * lanes], lw [rows, ldl] the log-weights
+/// with -inf in the padding columns (they come out as weight 0 and never win the max), p [rows,
+/// ldp].
 template <class Isa, class T, int R, int NP>
 [[gnu::always_inline]] inline void masad_softmax_rows(const T* q, Index ldq, Index dk, const T* kt,
                                                       Index ldk, const T* lw, Index ldl, T* p,
-                                                      Index ldp, Index rows, T* inv_sum, T* lse) {
+                                                      Index ldp, Index rows, T* inv_sum, T* row_max,
+                                                      T* row_sum) {
   constexpr int N = simd::lanes<T, Isa>;
   using V = simd::Vec<T, N>;
   for (Index i0 = 0; i0 < rows; i0 += R) {
@@ -84,7 +86,10 @@ template <class Isa, class T, int R, int NP>
       if (u > 0) sum += e[u];
     }
     const T s = simd::hsum<N, T>(sum);
-    if (lse) lse[i] = inv_sum[i] + std::log(s);
+    if (row_max) {
+      row_max[i] = inv_sum[i];
+      row_sum[i] = s;
+    }
     // s >= 1 (the max weighs 1); a NaN s stays NaN (s > 0 would turn it into a weight of 0).
     inv_sum[i] = s == T(0) ? T(0) : T(1) / s;
   }
@@ -140,28 +145,29 @@ template <class Isa, class T, int R, int ND>
 }
 
 /// Logit-softmax of a line whose logits fit np vectors of Isa (1 <= np <= 4), with the row block
-/// of masad_rows(np). rows is a multiple of simd::layout_rows; lse as masad_softmax_rows.
+/// of masad_rows(np). rows is a multiple of simd::layout_rows; row_max, row_sum as
+/// masad_softmax_rows.
 template <class Isa, class T>
 [[gnu::always_inline]] inline void masad_softmax_line(Index np, const T* q, Index ldq, Index dk,
                                                       const T* kt, Index ldk, const T* lw,
                                                       Index ldl, T* p, Index ldp, Index rows,
-                                                      T* inv_sum, T* lse) {
+                                                      T* inv_sum, T* row_max, T* row_sum) {
   switch (np) {
     case 1:
       masad_softmax_rows<Isa, T, masad_rows<T, Isa>(1), 1>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp,
-                                                           rows, inv_sum, lse);
+                                                           rows, inv_sum, row_max, row_sum);
       break;
     case 2:
       masad_softmax_rows<Isa, T, masad_rows<T, Isa>(2), 2>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp,
-                                                           rows, inv_sum, lse);
+                                                           rows, inv_sum, row_max, row_sum);
       break;
     case 3:
       masad_softmax_rows<Isa, T, masad_rows<T, Isa>(3), 3>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp,
-                                                           rows, inv_sum, lse);
+                                                           rows, inv_sum, row_max, row_sum);
       break;
     default:
       masad_softmax_rows<Isa, T, masad_rows<T, Isa>(4), 4>(q, ldq, dk, kt, ldk, lw, ldl, p, ldp,
-                                                           rows, inv_sum, lse);
+                                                           rows, inv_sum, row_max, row_sum);
       break;
   }
 }
@@ -223,8 +229,9 @@ template <class Isa, class T>
 struct MasadSoftmaxLine {
   template <class Isa, class T>
   static void run(Index np, const T* q, Index ldq, Index dk, const T* kt, Index ldk, const T* lw,
-                  Index ldl, T* p, Index ldp, Index rows, T* inv_sum, T* lse) {
-    masad_softmax_line<Isa>(np, q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum, lse);
+                  Index ldl, T* p, Index ldp, Index rows, T* inv_sum, T* row_max, T* row_sum) {
+    masad_softmax_line<Isa>(np, q, ldq, dk, kt, ldk, lw, ldl, p, ldp, rows, inv_sum, row_max,
+                            row_sum);
   }
 };
 struct MasadAttendLine {

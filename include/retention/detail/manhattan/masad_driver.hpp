@@ -131,9 +131,11 @@ struct MasadLineKernel {
       masa_copy_rows(v, v_step, L, dv, ws->v, ws->ldv);
       *careful_v = ws->v;  // out may overwrite v (the column pass): the careful path reads the copy
       *careful_ldv = ws->ldv;
-      simd::call<Isa, MasadSoftmaxLine>(Index(Ln / N), qq, ldq, dk, static_cast<const T*>(ws->kt),
-                                        ws->ldkt, lw, ldl, s, ws->lds, Lr, ws->inv_sum,
-                                        want_lse ? ws->lse : nullptr);
+      simd::call<Isa, MasadSoftmaxLine>(
+          Index(Ln / N), qq, ldq, dk, static_cast<const T*>(ws->kt), ws->ldkt, lw, ldl, s, ws->lds,
+          Lr, ws->inv_sum, want_lse ? ws->row_max : nullptr, want_lse ? ws->lse : nullptr);
+      if (want_lse)  // the kernel left each row's max and sum
+        for (Index i = 0; i < L; ++i) ws->lse[i] = ws->row_max[i] + std::log(ws->lse[i]);
       // Rows past L hold finite logits of zero queries; their outputs are computed and dropped.
       return simd::call<Isa, MasadAttendLine>(
           static_cast<const T*>(s), ws->lds, static_cast<const T*>(ws->v), ws->ldv, L,
