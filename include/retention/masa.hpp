@@ -205,20 +205,8 @@ void multi_head_masad(const HeadsView<const T>& q, const HeadsView<const T>& k,
   for (const auto& m : masks)
     if (m.height() != masks.front().height() || m.width() != masks.front().width())
       detail::fail(fn, "masks: every head must use the same grid");
-  detail::MasadGrid<T> g;
-  g.q = q.data;
-  g.k = k.data;
-  g.v = v.data;
-  g.out = out.data;
-  g.ldq = q.time_stride, g.ldk = k.time_stride, g.ldv = v.time_stride, g.ldo = out.time_stride;
-  g.hq = q.head_stride, g.hk = k.head_stride, g.hv = v.head_stride, g.ho = out.head_stride;
-  g.bq = q.batch_stride, g.bk = k.batch_stride, g.bv = v.batch_stride, g.bo = out.batch_stride;
-  g.batch = q.batch;
-  g.height = masks.front().height();
-  g.width = masks.front().width();
-  g.heads = q.heads;
-  g.dk = q.dim;
-  g.dv = v.dim;
+  const detail::MasadGrid<T> g =
+      detail::masad_views_grid<T>(q, k, v, out, masks.front().height(), masks.front().width());
   detail::masad_grid<T>(g, masks, options.threads);
 }
 

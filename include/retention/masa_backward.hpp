@@ -487,20 +487,9 @@ void multi_head_masad_forward_train(const HeadsView<const T>& q, const HeadsView
   detail::check_view_shape(fn, "row_lse", row_lse, q.batch, N, q.heads, 1);
   detail::check_view_shape(fn, "column_lse", column_lse, q.batch, N, q.heads, 1);
   // The line schedule of multi_head_masad (every head's lines of an image on the team).
-  detail::MasadGrid<T> g;
-  g.q = q.data, g.k = k.data, g.v = v.data, g.out = out.data, g.u = u.data;
-  g.ldq = q.time_stride, g.ldk = k.time_stride, g.ldv = v.time_stride, g.ldo = out.time_stride;
-  g.ldu = u.time_stride;
-  g.hq = q.head_stride, g.hk = k.head_stride, g.hv = v.head_stride, g.ho = out.head_stride;
-  g.hu = u.head_stride;
-  g.bq = q.batch_stride, g.bk = k.batch_stride, g.bv = v.batch_stride, g.bo = out.batch_stride;
-  g.bu = u.batch_stride;
-  g.batch = q.batch;
-  g.height = masks.front().height();
-  g.width = masks.front().width();
-  g.heads = q.heads;
-  g.dk = q.dim;
-  g.dv = v.dim;
+  detail::MasadGrid<T> g =
+      detail::masad_views_grid<T>(q, k, v, out, masks.front().height(), masks.front().width());
+  g.u = u.data, g.ldu = u.time_stride, g.hu = u.head_stride, g.bu = u.batch_stride;
   g.row_lse = {row_lse.data, row_lse.time_stride, row_lse.head_stride, row_lse.batch_stride};
   g.column_lse = {column_lse.data, column_lse.time_stride, column_lse.head_stride,
                   column_lse.batch_stride};

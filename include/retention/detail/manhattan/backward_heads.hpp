@@ -176,21 +176,9 @@ template <class T, class Mask>
 void masad_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                         const GradConstMap<T>& V, const Mask& mask, GradMap<T> out, GradMap<T> u,
                         GradVec<T> row_lse, GradVec<T> column_lse) {
-  MasadGrid<T> g;
-  g.q = Q.data();
-  g.k = K.data();
-  g.v = V.data();
-  g.out = out.data();
+  MasadGrid<T> g = masad_head_grid<T>(Q, K, V, out, mask.height(), mask.width());
   g.u = u.data();
-  g.ldq = Q.outerStride();
-  g.ldk = K.outerStride();
-  g.ldv = V.outerStride();
-  g.ldo = out.outerStride();
   g.ldu = u.outerStride();
-  g.height = mask.height();
-  g.width = mask.width();
-  g.dk = Q.cols();
-  g.dv = V.cols();
   g.row_lse.data = row_lse.data();
   g.row_lse.token = row_lse.innerStride();
   g.column_lse.data = column_lse.data();

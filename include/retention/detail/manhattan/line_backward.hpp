@@ -25,6 +25,26 @@
 namespace retention {
 namespace detail {
 
+/// Columns [v0 N, (v0 + NP) N) of masad_block_product, in blocks of as many rows as NP vectors
+/// allow.
+template <class Isa, class T, int NP>
+[[gnu::always_inline]] inline void masad_block_columns(const T* a, Index ars, Index aks, const T* b,
+                                                       Index ldb, Index depth, const T* init,
+                                                       Index ldi, T* c, Index ldc, Index rows,
+                                                       Index v0) {
+  constexpr int N = simd::lanes<T, Isa>;
+  constexpr int R = simd::Blocking<T, Isa>::rows(NP, simd::layout_rows);
+  for (Index i0 = 0; i0 < rows; i0 += R) {
+    simd::Block<T, N, R, NP> blk;
+    if (init)
+      blk.load(init + i0 * ldi + v0 * N, ldi);
+    else
+      blk.set_zero();
+    blk.madd(a + i0 * ars, ars, aks, b + v0 * N, ldb, depth);
+    blk.store(c + i0 * ldc + v0 * N, ldc);
+  }
+}
+
 /// c[i, :] = (init ? init[i, :] : 0) + sum_{s < depth} a[i ars + s aks] b[s, :] for i < rows (a
 /// multiple of simd::layout_rows) over `vectors` vectors of Isa's lanes; c, init and b rows ldc,
 /// ldi, ldb apart. Blocks of two vectors, a last one of one.
@@ -33,30 +53,11 @@ template <class Isa, class T>
                                                        Index ldb, Index depth, const T* init,
                                                        Index ldi, T* c, Index ldc, Index rows,
                                                        Index vectors) {
-  constexpr int N = simd::lanes<T, Isa>;
-  constexpr int R2 = simd::Blocking<T, Isa>::rows(2, simd::layout_rows);
-  constexpr int R1 = simd::Blocking<T, Isa>::rows(1, simd::layout_rows);
   Index v0 = 0;
   for (; v0 + 2 <= vectors; v0 += 2)
-    for (Index i0 = 0; i0 < rows; i0 += R2) {
-      simd::Block<T, N, R2, 2> blk;
-      if (init)
-        blk.load(init + i0 * ldi + v0 * N, ldi);
-      else
-        blk.set_zero();
-      blk.madd(a + i0 * ars, ars, aks, b + v0 * N, ldb, depth);
-      blk.store(c + i0 * ldc + v0 * N, ldc);
-    }
+    masad_block_columns<Isa, T, 2>(a, ars, aks, b, ldb, depth, init, ldi, c, ldc, rows, v0);
   if (v0 < vectors)
-    for (Index i0 = 0; i0 < rows; i0 += R1) {
-      simd::Block<T, N, R1, 1> blk;
-      if (init)
-        blk.load(init + i0 * ldi + v0 * N, ldi);
-      else
-        blk.set_zero();
-      blk.madd(a + i0 * ars, ars, aks, b + v0 * N, ldb, depth);
-      blk.store(c + i0 * ldc + v0 * N, ldc);
-    }
+    masad_block_columns<Isa, T, 1>(a, ars, aks, b, ldb, depth, init, ldi, c, ldc, rows, v0);
 }
 
 /// dst[i, :ld] = x[i, :cols] for i < rows, zero from column cols on (ld a multiple of Isa's lanes,

@@ -11,6 +11,7 @@
 #include <retention/detail/simd/dispatch.hpp>
 #include <retention/detail/simd/transpose.hpp>
 #include <retention/detail/threading.hpp>
+#include <retention/heads.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -471,28 +472,35 @@ void masa_head_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRow
                 dv, N, lw, out.data(), out.outerStride(), ws);
 }
 
+/// The MasadGrid of views q, k [B, H W, heads, dk] and v, out [B, H W, heads, dv] (any strides).
+template <class T>
+MasadGrid<T> masad_views_grid(const HeadsView<const T>& q, const HeadsView<const T>& k,
+                              const HeadsView<const T>& v, const HeadsView<T>& out, Index H,
+                              Index W) {
+  MasadGrid<T> g;
+  g.q = q.data, g.k = k.data, g.v = v.data, g.out = out.data;
+  g.ldq = q.time_stride, g.ldk = k.time_stride, g.ldv = v.time_stride, g.ldo = out.time_stride;
+  g.hq = q.head_stride, g.hk = k.head_stride, g.hv = v.head_stride, g.ho = out.head_stride;
+  g.bq = q.batch_stride, g.bk = k.batch_stride, g.bv = v.batch_stride, g.bo = out.batch_stride;
+  g.batch = q.batch, g.height = H, g.width = W, g.heads = q.heads, g.dk = q.dim, g.dv = v.dim;
+  return g;
+}
+
+/// The MasadGrid of one head's rows Q, K [N, dk], V, out [N, dv] (their own row strides).
+template <class T, class QM, class KM, class VM, class OM>
+MasadGrid<T> masad_head_grid(const QM& Q, const KM& K, const VM& V, OM& out, Index H, Index W) {
+  return masad_views_grid<T>(
+      HeadsView<const T>{Q.data(), 1, H * W, 1, Q.cols(), 0, Q.outerStride(), 0},
+      HeadsView<const T>{K.data(), 1, H * W, 1, K.cols(), 0, K.outerStride(), 0},
+      HeadsView<const T>{V.data(), 1, H * W, 1, V.cols(), 0, V.outerStride(), 0},
+      HeadsView<T>{out.data(), 1, H * W, 1, out.cols(), 0, out.outerStride(), 0}, H, W);
+}
+
 template <class T, class Mask2D>
 void masad_into_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRows<T>& V,
                      const Mask2D& mask, MasaMap<T> out, int threads) {
-  const Index H = mask.height(), W = mask.width();
-  MasadGrid<T> g;
-  g.q = Q.data();
-  g.k = K.data();
-  g.v = V.data();
-  g.out = out.data();
-  g.ldq = Q.outerStride();
-  g.ldk = K.outerStride();
-  g.ldv = V.outerStride();
-  g.ldo = out.outerStride();
-  g.hq = g.hk = Q.cols();
-  g.hv = g.ho = V.cols();
-  g.batch = 1;
-  g.height = H;
-  g.width = W;
-  g.heads = 1;
-  g.dk = Q.cols();
-  g.dv = V.cols();
-  masad_grid<T>(g, std::vector<Mask2D>{mask}, threads);
+  masad_grid<T>(masad_head_grid<T>(Q, K, V, out, mask.height(), mask.width()),
+                std::vector<Mask2D>{mask}, threads);
 }
 
 }  // namespace detail
