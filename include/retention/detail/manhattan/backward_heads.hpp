@@ -1,6 +1,7 @@
-// retention::detail: one head of the MaSA / MaSAD training kernels (forward saving what the
-// backward needs, and the backward), on strided maps. Eigen runs single-threaded inside a head;
-// parallelism is over heads (masa_backward.hpp).
+// retention::detail: the MaSA / MaSAD training kernels (forward saving what the backward needs,
+// and the backward) of one head on strided maps, and MaSAD's backward over the lines of a group
+// of heads. Eigen runs single-threaded inside; parallelism is over heads or head groups
+// (masa_backward.hpp).
 #pragma once
 
 #include <retention/core.hpp>
@@ -17,17 +18,7 @@
 namespace retention {
 namespace detail {
 
-/// Segment [n0, n0 + rows) of a strided vector.
-template <class T>
-GradVec<T> grad_segment(GradVec<T> v, Index n0, Index rows) {
-  return GradVec<T>(v.data() + n0 * v.innerStride(), rows, Eigen::InnerStride<>(v.innerStride()));
-}
-template <class T>
-GradConstVec<T> grad_segment(const GradConstVec<T>& v, Index n0, Index rows) {
-  return GradConstVec<T>(v.data() + n0 * v.innerStride(), rows,
-                         Eigen::InnerStride<>(v.innerStride()));
-}
-
+/// A mutable map seen as a const one.
 template <class T>
 GradConstMap<T> grad_const(GradMap<T> m) {
   return GradConstMap<T>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.outerStride()));
@@ -37,10 +28,6 @@ GradConstMap<T> grad_const(GradMap<T> m) {
 template <class T>
 GradMap<T> grad_top(Matrix<T>& m, Index rows) {
   return GradMap<T>(m.data(), rows, m.cols(), Eigen::OuterStride<>(m.cols()));
-}
-template <class T>
-GradConstMap<T> grad_top_const(const Matrix<T>& m, Index rows) {
-  return GradConstMap<T>(m.data(), rows, m.cols(), Eigen::OuterStride<>(m.cols()));
 }
 
 /// KeptMatrices' tags of the contiguous copies of inputs (packed_rows) and gradients.
