@@ -24,8 +24,10 @@ class GridLogTile {
         ly_(mask.row_axis().template log_weights<T>(0, mask.height(), 0, mask.height())),
         lx_(mask.column_axis().template log_weights<T>(0, mask.width(), 0, mask.width())) {}
 
-  /// Writes ln D over [n0, n0 + tile.rows()) x [m0, m0 + tile.cols()); false when all are -inf.
-  bool operator()(Index n0, Index m0, GradTile<T>& tile) const {
+  /// Writes ln D over [n0, n0 + tile.rows()) x [m0, m0 + tile.cols()) into a dense tile (a
+  /// matrix, Map or Block); false when all are -inf.
+  template <class Tile>
+  bool operator()(Index n0, Index m0, Tile&& tile) const {
     constexpr T neg_inf = -std::numeric_limits<T>::infinity();
     bool any = false;
     for (Index i = 0; i < tile.rows(); ++i) {

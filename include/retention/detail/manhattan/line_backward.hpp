@@ -9,6 +9,7 @@
 #pragma once
 
 #include <retention/core.hpp>
+#include <retention/detail/manhattan/backward_attention.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
 #include <retention/detail/simd/block.hpp>
 #include <retention/detail/simd/dispatch.hpp>
@@ -221,27 +222,15 @@ struct MasadLineBackwardKernel {
 template <class T>
 bool masad_line_backward(MasadLineBackwardJob<T>& job, const T* lse, Index lse_step, const T* out,
                          Index out_step, MasadBackwardWorkspace<T>& ws) {
-  const Index L = job.L;
+  const Index L = job.L, dv = job.dvv;
   constexpr T inf = std::numeric_limits<T>::infinity();
-  for (Index i = 0; i < L; ++i) {
-    const T l = lse[i * lse_step];
-    ws.shift[i] = l == -inf ? inf : l;  // a fully masked row: P = exp(-inf) = 0
-    // In double: it is subtracted from G V^T, where float cancellation would otherwise show. Four
-    // sums, so that the adds do not wait for each other.
-    const T* o = out + i * out_step;
-    const T* g = job.g + i * job.g_step;
-    double d[4] = {0.0, 0.0, 0.0, 0.0};
-    Index c = 0;
-    for (; c + 4 <= job.dvv; c += 4)
-      for (int r = 0; r < 4; ++r)
-        d[r] += static_cast<double>(o[c + r]) * static_cast<double>(g[c + r]);
-    for (; c < job.dvv; ++c) d[0] += static_cast<double>(o[c]) * static_cast<double>(g[c]);
-    ws.delta[i] = static_cast<T>((d[0] + d[1]) + (d[2] + d[3]));
-    // x - x is 0 for a finite x and NaN for Inf and NaN; an lse of -inf (a fully masked row) is
-    // usable, NaN and +inf are not.
-    const T dd = ws.delta[i];
-    if (!(dd - dd == T(0)) || !(l == l) || l == inf) return false;
-  }
+  const GradConstMap<T> o(out, L, dv, Eigen::OuterStride<>(out_step)),
+      g(job.g, L, dv, Eigen::OuterStride<>(job.g_step));
+  const GradConstVec<T> l(lse, L, Eigen::InnerStride<>(lse_step));
+  if (!grad_lse_usable(l)) return false;
+  attention_row_terms<T>(o, g, l, ws.shift, ws.delta);
+  // A delta that is not finite: out or g holds an Inf or NaN.
+  if (!ws.delta.head(L).allFinite()) return false;
   for (Index i = L; i < ws.shift.size(); ++i) {
     ws.shift[i] = inf;
     ws.delta[i] = T(0);

@@ -5,6 +5,7 @@
 
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
+#include <retention/detail/manhattan/backward_log_tiles.hpp>
 #include <retention/detail/manhattan/line_kernels.hpp>
 #include <retention/detail/manhattan/masa_driver.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
@@ -444,13 +445,8 @@ Matrix<T> masa_line_log_tile(const Mask& mask) {
   Matrix<T> w =
       Matrix<T>::Zero(masa_round_up(N, simd::layout_rows), masa_round_up(N, simd::max_lanes<T>));
   w.rightCols(w.cols() - N).setConstant(-std::numeric_limits<T>::infinity());
-  // ln D[n, m] = ly[y_n, y_m] + lx[x_n, x_m] (docs/math.md §1.2), a grid row of keys at a time.
-  const Index H = mask.height(), W = mask.width();
-  const Matrix<T> ly = mask.row_axis().template log_weights<T>(0, H, 0, H);
-  const Matrix<T> lx = mask.column_axis().template log_weights<T>(0, W, 0, W);
-  for (Index n = 0; n < N; ++n)
-    for (Index ym = 0; ym < H; ++ym)
-      w.row(n).segment(ym * W, W) = lx.row(n % W).array() + ly(n / W, ym);
+  const GridLogTile<T> grid(mask);
+  grid(0, 0, w.topLeftCorner(N, N));
   return w;
 }
 
