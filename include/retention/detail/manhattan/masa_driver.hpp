@@ -8,6 +8,7 @@
 #include <retention/decay.hpp>
 #include <retention/detail/manhattan/careful_rows.hpp>
 #include <retention/detail/manhattan/tile_kernels.hpp>
+#include <retention/detail/scratch.hpp>
 #include <retention/detail/simd/dispatch.hpp>
 #include <retention/detail/threading.hpp>
 
@@ -46,21 +47,12 @@ T axis_log_weight(const Matrix<T>& tile, Index s) {
   return s >= 0 ? tile(s, 0) : tile(0, -s);
 }
 
-/// MaSA's operands laid out for the tile kernels: Q copied with zero rows past N (whole row
-/// blocks), K transposed with zero columns past N (key tiles in whole vectors), and V with its
-/// columns padded to simd::max_lanes<T> when dv needs it.
-template <class T>
-struct MasaOperands {
-  Matrix<T> q, kt, v;
-  const T* v_data = nullptr;
-  Index ldv = 0, dvp = 0;
-  // ln D of a key tile starting at m0 = a W + b, as two small periodic tables (Manhattan =
-  // symmetric_H (x) symmetric_W, docs/math.md §1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n
-  // - a + H - 1, b + j), with log_x[x][c] = |x - c mod W| ln gamma  [W, W + key columns] and
-  // log_y[dy + H - 1][c] = |dy - floor(c / W)| ln gamma  [2H - 1, W + key columns]. O(H (W +
-  // key_tile)) values instead of a [query_tile, key_tile] tile rebuilt for every pair of tiles.
-  Matrix<T> log_x, log_y;
-};
+/// KeptMatrices' tag of MaSA's operands laid out for the tile kernels (slots: Q copied with zero
+/// rows past N (whole row blocks), K transposed with zero columns past N (key tiles in whole
+/// vectors), V with its columns padded to simd::max_lanes<T> when dv needs it, and the two ln D
+/// tables of masa_log_tables). Kept by the thread: fresh pages for them on every call cost a fifth
+/// of a 28 x 28 head's time in page faults.
+struct MasaOperandsScratch {};
 
 /// What every query tile of one MaSA call reads, as plain pointers and sizes (the dispatched
 /// kernel takes nothing else).
@@ -72,7 +64,8 @@ struct MasaTileJob {
   const T* log_x = nullptr;
   const T* log_y = nullptr;
   T* out = nullptr;
-  Index dk = 0, dv = 0, ldk = 0, ldv = 0, ldx = 0, ldy = 0, ldo = 0;
+  T* lse = nullptr;  // the training forward's log-sum-exp rows, lse_step apart (or nullptr)
+  Index dk = 0, dv = 0, ldk = 0, ldv = 0, ldx = 0, ldy = 0, ldo = 0, lse_step = 0;
   Index N = 0, height = 0, width = 0, key_tile = 0;
 };
 
@@ -103,7 +96,8 @@ struct MasaTileBuffers {
 /// One query tile [n0, n0 + rows) of MaSA, written to out rows [n0, n0 + rows): for each key tile,
 /// logits + ln D by the logit kernel (ln D as its initial value, the tile's row max on the way
 /// out), online softmax (running row max and sum), then acc = rescale * acc + P V by the attend
-/// kernel. Called through simd::dispatch once per query tile.
+/// kernel; with job->lse, also lse = row max + log(row sum). Called through simd::dispatch once per
+/// query tile.
 struct MasaQueryTileKernel {
   template <class Isa, class T>
   static void run(const MasaTileJob<T>* job, const MasaTileBuffers<T>* ws, Index n0, Index rows) {
@@ -158,6 +152,8 @@ struct MasaQueryTileKernel {
       T* o = j.out + (n0 + i) * j.ldo;
       const T sum = ws->row_sum[i];
       for (Index c = 0; c < j.dv; ++c) o[c] = a[c] / sum;
+      if (j.lse)
+        j.lse[(n0 + i) * j.lse_step] = sum == T(0) ? neg_inf : ws->row_max[i] + std::log(sum);
     }
   }
 };
@@ -222,6 +218,31 @@ void masa_careful(const T* q, Index ldq, const T* k, Index ldk, const T* v, Inde
       lse_step);
 }
 
+/// MaSA's ln D tables for key tiles of up to key_tile columns, from the mask's own axis tiles (no
+/// gamma formula here). ln D of a key tile starting at m0 = a W + b as two small periodic tables
+/// (a separable mask, docs/math.md §1): ln D[n, m0 + j] = log_x(x_n, b + j) + log_y(y_n - a + H -
+/// 1, b + j), with log_x[x][c] = ln D_x(x, c mod W)  [W, W + key columns] and log_y[dy + H - 1][c]
+/// = ln D_y(dy - floor(c / W))  [2H - 1, W + key columns]: O(H (W + key_tile)) values instead of a
+/// [query_tile, key_tile] tile rebuilt for every pair of tiles.
+template <class T, class Mask2D>
+void masa_log_tables(const Mask2D& decay, Index key_tile, Matrix<T>& log_x, Matrix<T>& log_y) {
+  const Index H = decay.height(), W = decay.width();
+  const Index span = W + masa_round_up(key_tile, simd::max_lanes<T>);
+  const Matrix<T> lx = decay.column_axis().template log_weights<T>(0, W, 0, W);
+  const Matrix<T> ly = decay.row_axis().template log_weights<T>(0, H, 0, H);
+  log_x.resize(W, span);
+  for (Index x = 0; x < W; ++x)
+    for (Index c = 0; c < span; ++c) log_x(x, c) = lx(x, c % W);
+  log_y.resize(2 * H - 1, span);
+  for (Index dy = -(H - 1); dy < H; ++dy)
+    for (Index c = 0; c < span; ++c) {
+      // Signed row offset dy - c / W; past the grid (c / W >= H) the value is never used
+      // unmasked, so it is clamped into the table.
+      const Index s = std::max<Index>(std::min<Index>(dy - c / W, H - 1), -(H - 1));
+      log_y(dy + H - 1, c) = axis_log_weight(ly, s);
+    }
+}
+
 /// Whether MaSA's fast kernels may run on Q, K, V: all finite (an O(N d) scan against the
 /// O(N^2 d) attention). A bad q only reaches its own row there, but the scan covers it too so that
 /// one path, the same for float and double, defines every output that depends on a bad token.
@@ -232,66 +253,55 @@ bool masa_inputs_finite(const T* q, Index ldq, const T* k, Index ldk, const T* v
          masa_rows_finite(v, ldv, N, dv);
 }
 
+/// MaSA of one head by the tiles (masa_careful when an input holds an Inf or NaN); with lse !=
+/// nullptr also the rows' log-sum-exp, lse_step apart (the training forward).
 template <class T, class Mask2D>
 void masa_into_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRows<T>& V,
-                    const Mask2D& decay, MasaMap<T> out, const MasaOptions& options) {
+                    const Mask2D& decay, MasaMap<T> out, const MasaOptions& options,
+                    T* lse = nullptr, Index lse_step = 0) {
   constexpr Index R = simd::layout_rows, P = simd::max_lanes<T>;
   const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
   const Index H = decay.height(), W = decay.width();
   if (!masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
                           V.outerStride(), N, dk, dv)) {
     masa_careful<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(), V.outerStride(),
-                    dk, dv, decay, out.data(), out.outerStride());
+                    dk, dv, decay, out.data(), out.outerStride(), lse, lse_step);
     return;
   }
   const Index bq = std::min(options.query_tile, N), bk = std::min(options.key_tile, N);
-  MasaOperands<T> ops;
-  {
-    // Both axes' factors come from the decay's own tiles (no gamma formula here); table column c
-    // stands for key offset c from the start of a grid row.
-    const Index span = W + masa_round_up(bk, P);
-    const Matrix<T> lx = decay.column_axis().template log_weights<T>(0, W, 0, W);
-    const Matrix<T> ly = decay.row_axis().template log_weights<T>(0, H, 0, H);
-    ops.log_x.resize(W, span);
-    for (Index x = 0; x < W; ++x)
-      for (Index c = 0; c < span; ++c) ops.log_x(x, c) = lx(x, c % W);
-    ops.log_y.resize(2 * H - 1, span);
-    for (Index dy = -(H - 1); dy < H; ++dy)
-      for (Index c = 0; c < span; ++c) {
-        // Signed row offset dy - c / W; past the grid (c / W >= H) the value is never used
-        // unmasked, so it is clamped into the table.
-        const Index s = std::max<Index>(std::min<Index>(dy - c / W, H - 1), -(H - 1));
-        ops.log_y(dy + H - 1, c) = axis_log_weight(ly, s);
-      }
-  }
-  ops.q.resize(N + R, dk);
-  masa_copy_rows(Q.data(), Q.outerStride(), N, dk, ops.q.data(), dk);
-  ops.q.bottomRows(R).setZero();
-  ops.kt.resize(dk, N + P);
-  transpose_rows(K.data(), K.outerStride(), N, dk, ops.kt.data(), N + P);
-  ops.dvp = masa_round_up(dv, P);
-  if (ops.dvp == dv) {  // V is read in place
-    ops.v_data = V.data();
-    ops.ldv = V.outerStride();
-  } else {
-    ops.v.resize(N, ops.dvp);
-    masa_copy_rows(V.data(), V.outerStride(), N, dv, ops.v.data(), ops.dvp);
-    ops.v_data = ops.v.data();
-    ops.ldv = ops.dvp;
+  KeptMatrices<T, MasaOperandsScratch, 5> kept;
+  Matrix<T>& log_x = kept.matrix(3, 1, 1);
+  Matrix<T>& log_y = kept.matrix(4, 1, 1);
+  masa_log_tables<T>(decay, bk, log_x, log_y);
+  Matrix<T>& q = kept.matrix(0, N + R, dk);
+  masa_copy_rows(Q.data(), Q.outerStride(), N, dk, q.data(), dk);
+  q.bottomRows(R).setZero();
+  Matrix<T>& kt = kept.matrix(1, dk, N + P);
+  transpose_rows(K.data(), K.outerStride(), N, dk, kt.data(), N + P);
+  const Index dvp = masa_round_up(dv, P);
+  const T* v_data = V.data();  // V is read in place when its rows are whole vectors
+  Index ldv = V.outerStride();
+  if (dvp != dv) {
+    Matrix<T>& v = kept.matrix(2, N, dvp);
+    masa_copy_rows(V.data(), V.outerStride(), N, dv, v.data(), dvp);
+    v_data = v.data();
+    ldv = dvp;
   }
   MasaTileJob<T> job;
-  job.q = ops.q.data();
-  job.kt = ops.kt.data();
-  job.v = ops.v_data;
-  job.log_x = ops.log_x.data();
-  job.log_y = ops.log_y.data();
+  job.q = q.data();
+  job.kt = kt.data();
+  job.v = v_data;
+  job.log_x = log_x.data();
+  job.log_y = log_y.data();
   job.out = out.data();
+  job.lse = lse;
+  job.lse_step = lse_step;
   job.dk = dk;
   job.dv = dv;
-  job.ldk = ops.kt.cols();
-  job.ldv = ops.ldv;
-  job.ldx = ops.log_x.cols();
-  job.ldy = ops.log_y.cols();
+  job.ldk = kt.cols();
+  job.ldv = ldv;
+  job.ldx = log_x.cols();
+  job.ldy = log_y.cols();
   job.ldo = out.outerStride();
   job.N = N;
   job.height = H;
@@ -307,7 +317,7 @@ void masa_into_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRow
         const Index bqr = masa_round_up(bq, R);
         MasaWorkspace<T> ws;
         ws.logits.resize(bqr, masa_round_up(bk, P));
-        ws.acc.resize(bqr, ops.dvp);
+        ws.acc.resize(bqr, dvp);
         ws.row_max.resize(bqr);
         ws.row_sum.resize(bqr);
         ws.rescale.resize(bqr);

@@ -83,6 +83,20 @@ template <class Isa, class T>
   }
 }
 
+/// R rows x NP vectors of masa_attend_isa (scale: the block's rows, or nullptr).
+template <class Isa, class T, int R, int NP>
+[[gnu::always_inline]] inline void masa_attend_block(const T* pb, Index ldp, const T* v, Index ldv,
+                                                     Index cols, const T* scale, T* ab, Index lda) {
+  constexpr int N = simd::lanes<T, Isa>;
+  simd::Block<T, N, R, NP> b;
+  if (scale)
+    b.load_row_scaled(ab, lda, scale);
+  else
+    b.set_zero();
+  b.madd(pb, ldp, 1, v, ldv, cols);
+  b.store(ab, lda);
+}
+
 /// acc[i, :] = scale[i] acc[i, :] + sum_{j < cols} p[i, j] v[j, :] for i < rows, over dv columns
 /// rounded up to whole vectors of Isa (scale == nullptr: acc starts at 0). p [rows, cols] (row
 /// stride ldp), v [cols, ..] (row stride ldv), acc [rows, ..] (row stride lda); rows a multiple of
@@ -93,20 +107,17 @@ template <class Isa, class T>
                                                    Index cols, const T* scale, T* acc, Index lda,
                                                    Index rows, Index dv) {
   constexpr int N = simd::lanes<T, Isa>;
-  constexpr int R = simd::Blocking<T, Isa>::rows(1, simd::layout_rows);
+  // Blocks of two vectors of dv (a last one of one): each broadcast of p serves two vectors.
+  constexpr int R = simd::Blocking<T, Isa>::rows(2, simd::layout_rows);
   const Index dvn = masa_round_up(dv, N);
   for (Index i0 = 0; i0 < rows; i0 += R) {
     const T* pb = p + i0 * ldp;
-    for (Index d0 = 0; d0 < dvn; d0 += N) {
-      T* ab = acc + i0 * lda + d0;
-      simd::Block<T, N, R, 1> b;
-      if (scale)
-        b.load_row_scaled(ab, lda, scale + i0);
-      else
-        b.set_zero();
-      b.madd(pb, ldp, 1, v + d0, ldv, cols);
-      b.store(ab, lda);
-    }
+    const T* sc = scale ? scale + i0 : nullptr;
+    Index d0 = 0;
+    for (; d0 + 2 * N <= dvn; d0 += 2 * N)
+      masa_attend_block<Isa, T, R, 2>(pb, ldp, v + d0, ldv, cols, sc, acc + i0 * lda + d0, lda);
+    if (d0 < dvn)
+      masa_attend_block<Isa, T, R, 1>(pb, ldp, v + d0, ldv, cols, sc, acc + i0 * lda + d0, lda);
   }
 }
 
