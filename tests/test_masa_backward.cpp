@@ -96,6 +96,29 @@ Mat to_double(const Vector<T>& v) {
   return v.template cast<double>();
 }
 
+/// Q, K (scale 2), V and G of a case from four consecutive seeds after `seed` (advanced), and
+/// their double copies for the reference.
+template <class T>
+struct Inputs {
+  Matrix<T> Q, K, V, G;
+  Mat Qd, Kd, Vd, Gd;
+  Inputs(const Case& c, std::uint64_t& seed) {
+    const Index N = c.height * c.width;
+    Q = random_matrix<T>(N, c.dk, ++seed, 2.0);
+    K = random_matrix<T>(N, c.dk, ++seed, 2.0);
+    V = random_matrix<T>(N, c.dv, ++seed);
+    G = random_matrix<T>(N, c.dv, ++seed);
+    Qd = to_double(Q), Kd = to_double(K), Vd = to_double(V), Gd = to_double(G);
+  }
+};
+
+/// "<isa> <mask> HxW dk .. dv .." for a failure message.
+std::string describe(retention::Isa isa, MaskKind kind, const Case& c) {
+  return std::string(retention::to_string(isa)) + " " + name(kind) + " " +
+         std::to_string(c.height) + "x" + std::to_string(c.width) + " dk " + std::to_string(c.dk) +
+         " dv " + std::to_string(c.dv);
+}
+
 TYPED_TEST(MasaBackwardTest, ForwardTrainEqualsLibraryForward) {
   using T = TypeParam;
   Worst worst("forward_train vs masa()/masad()");
@@ -168,12 +191,9 @@ TYPED_TEST(MasaBackwardTest, BackwardMatchesReference) {
   std::uint64_t seed = 200;
   for (const Case& c : cases())
     for (MaskKind kind : kinds) {
-      const Index N = c.height * c.width;
-      const Matrix<T> Q = random_matrix<T>(N, c.dk, ++seed, 2.0);
-      const Matrix<T> K = random_matrix<T>(N, c.dk, ++seed, 2.0);
-      const Matrix<T> V = random_matrix<T>(N, c.dv, ++seed);
-      const Matrix<T> G = random_matrix<T>(N, c.dv, ++seed);
-      const Mat Qd = to_double(Q), Kd = to_double(K), Vd = to_double(V), Gd = to_double(G);
+      const Inputs<T> in(c, seed);
+      const Matrix<T>&Q = in.Q, &K = in.K, &V = in.V, &G = in.G;
+      const Mat &Qd = in.Qd, &Kd = in.Kd, &Vd = in.Vd, &Gd = in.Gd;
       const ref::Grads a = ref::masa_backward(Qd, Kd, Vd, kind, c.gamma, c.height, c.width, Gd);
       const ref::Grads d = ref::masad_backward(Qd, Kd, Vd, kind, c.gamma, c.height, c.width, Gd);
       with_mask(kind, c.gamma, c.height, c.width, [&](const auto& mask) {
@@ -212,19 +232,14 @@ TYPED_TEST(MasaBackwardTest, MasadTrainingEveryIsaMatchesReference) {
   std::uint64_t seed = 2600;
   for (const Case& c : lines)
     for (MaskKind kind : kinds) {
-      const Index N = c.height * c.width;
-      const Matrix<T> Q = random_matrix<T>(N, c.dk, ++seed, 2.0);
-      const Matrix<T> K = random_matrix<T>(N, c.dk, ++seed, 2.0);
-      const Matrix<T> V = random_matrix<T>(N, c.dv, ++seed);
-      const Matrix<T> G = random_matrix<T>(N, c.dv, ++seed);
-      const Mat Qd = to_double(Q), Kd = to_double(K), Vd = to_double(V), Gd = to_double(G);
+      const Inputs<T> in(c, seed);
+      const Matrix<T>&Q = in.Q, &K = in.K, &V = in.V, &G = in.G;
+      const Mat &Qd = in.Qd, &Kd = in.Kd, &Vd = in.Vd, &Gd = in.Gd;
       const ref::Masad f = ref::masad(Qd, Kd, Vd, kind, c.gamma, c.height, c.width);
       const ref::Grads d = ref::masad_backward(Qd, Kd, Vd, kind, c.gamma, c.height, c.width, Gd);
       for (retention::Isa isa : retention_test::isa_variants()) {
         retention::set_active_isa(isa);
-        const std::string what = std::string(retention::to_string(isa)) + " " + name(kind) + " " +
-                                 std::to_string(c.height) + "x" + std::to_string(c.width) + " dk " +
-                                 std::to_string(c.dk) + " dv " + std::to_string(c.dv);
+        const std::string what = describe(isa, kind, c);
         with_mask(kind, c.gamma, c.height, c.width, [&](const auto& mask) {
           const auto saved = retention::masad_forward_train(Q, K, V, mask);
           EXPECT_LE(relative_error(saved.out, f.O), spec_tolerance<T>()) << what;
@@ -238,6 +253,53 @@ TYPED_TEST(MasaBackwardTest, MasadTrainingEveryIsaMatchesReference) {
           EXPECT_LE(relative_error(g.dK, d.dK), spec_tolerance<T>()) << what;
           EXPECT_LE(relative_error(g.dV, d.dV), spec_tolerance<T>()) << what;
         });
+      }
+    }
+}
+
+// MaSA's training forward and backward above masa_line_tokens (64) run masa()'s dispatched query
+// tiles and the dispatched tile backward: every instruction-set variant against the reference, on
+// odd grids of 72 to 117 tokens, dims of 1, 17 and 33, tiles that do not divide the grid (and a
+// key tile wider than it), both masks (the quadrant-causal one skips tile pairs it removes whole).
+// The training forward's output is masa()'s with the same tiles, to the bit.
+TYPED_TEST(MasaBackwardTest, MasaTilesEveryIsaMatchesReference) {
+  using T = TypeParam;
+  const retention_test::IsaScope guard;
+  const Case grids[] = {
+      {9, 13, 17, 5, 0.9}, {13, 7, 1, 33, 1.0}, {8, 9, 16, 16, 0.75}, {5, 19, 33, 1, 0.96875}};
+  std::vector<retention::MasaTrainOptions> tiles(3);
+  tiles[1].query_tile = 5;
+  tiles[1].key_tile = 7;
+  tiles[2].query_tile = 24;
+  tiles[2].key_tile = 1000;
+  std::uint64_t seed = 2800;
+  for (const Case& c : grids)
+    for (MaskKind kind : kinds) {
+      const Inputs<T> in(c, seed);
+      const Matrix<T>&Q = in.Q, &K = in.K, &V = in.V, &G = in.G;
+      const Mat &Qd = in.Qd, &Kd = in.Kd, &Vd = in.Vd, &Gd = in.Gd;
+      const ref::Attention f = ref::masa(Qd, Kd, Vd, kind, c.gamma, c.height, c.width);
+      const ref::Grads d = ref::masa_backward(Qd, Kd, Vd, kind, c.gamma, c.height, c.width, Gd);
+      for (retention::Isa isa : retention_test::isa_variants()) {
+        retention::set_active_isa(isa);
+        for (const auto& opt : tiles) {
+          const std::string what = describe(isa, kind, c) + " tiles " +
+                                   std::to_string(opt.query_tile) + "/" +
+                                   std::to_string(opt.key_tile);
+          with_mask(kind, c.gamma, c.height, c.width, [&](const auto& mask) {
+            const auto saved = retention::masa_forward_train(Q, K, V, mask, opt);
+            EXPECT_LE(relative_error(saved.out, f.O), spec_tolerance<T>()) << what;
+            EXPECT_LE(relative_error(to_double(saved.lse), f.lse), spec_tolerance<T>()) << what;
+            retention::MasaOptions plain;
+            plain.query_tile = opt.query_tile;
+            plain.key_tile = opt.key_tile;
+            EXPECT_TRUE(saved.out == retention::masa(Q, K, V, mask, plain)) << what;
+            const auto g = retention::masa_backward(Q, K, V, mask, G, saved, opt);
+            EXPECT_LE(relative_error(g.dQ, d.dQ), spec_tolerance<T>()) << what;
+            EXPECT_LE(relative_error(g.dK, d.dK), spec_tolerance<T>()) << what;
+            EXPECT_LE(relative_error(g.dV, d.dV), spec_tolerance<T>()) << what;
+          });
+        }
       }
     }
 }

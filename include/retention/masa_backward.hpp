@@ -190,7 +190,9 @@ void masa_forward_head_checked(const GradConstMap<T>& Q, const GradConstMap<T>& 
                                const GradConstMap<T>& V, const Mask& mask, Index query_tile,
                                Index key_tile, GradMap<T> out, GradVec<T> lse) {
   const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
-  if (masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
+  // Above masa_line_tokens the tiled forward checks its inputs itself.
+  if (N > masa_line_tokens ||
+      masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
                          V.outerStride(), N, dk, dv)) {
     masa_forward_head<T>(Q, K, V, mask, query_tile, key_tile, out, lse);
     return;

@@ -1,6 +1,6 @@
 // retention::detail: the MaSA / MaSAD training kernels (forward saving what the backward needs,
 // and the backward) of one head on strided maps, and MaSAD's backward over the lines of a group
-// of heads. Eigen runs single-threaded inside; parallelism is over heads or head groups
+// of heads. Each runs on its caller's thread; parallelism is over heads or head groups
 // (masa_backward.hpp).
 #pragma once
 
@@ -9,7 +9,7 @@
 #include <retention/detail/manhattan/backward_log_tiles.hpp>
 #include <retention/detail/manhattan/line_backward.hpp>
 #include <retention/detail/manhattan/masad_driver.hpp>
-#include <retention/detail/scratch.hpp>
+#include <retention/detail/manhattan/tile_backward.hpp>
 #include <retention/detail/threading.hpp>
 
 #include <algorithm>
@@ -24,28 +24,19 @@ GradConstMap<T> grad_const(GradMap<T> m) {
   return GradConstMap<T>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.outerStride()));
 }
 
-/// A dense matrix buffer seen as a [rows, cols] map (rows <= its rows).
-template <class T>
-GradMap<T> grad_top(Matrix<T>& m, Index rows) {
-  return GradMap<T>(m.data(), rows, m.cols(), Eigen::OuterStride<>(m.cols()));
-}
-
-/// KeptMatrices' tags of the contiguous copies of inputs (packed_rows) and gradients.
-struct AttentionRowsScratch {};
-struct AttentionGradientScratch {};
-
 // ---------------------------------------------------------------------------------------------
 // MaSA
 // ---------------------------------------------------------------------------------------------
 
-/// MaSA forward of one head: out = softmax_row(Q K^T + ln D) V, lse [N]. Extra memory: the two axis
-/// tables and one workspace, O(H^2 + W^2 + query_tile (key_tile + dv)), and N (dk + dv) for
-/// contiguous copies of K and V when their rows are spread out and N is above two query tiles.
+/// MaSA forward of one head: out = softmax_row(Q K^T + ln D) V, lse [N], by masa()'s own kernels
+/// (out is masa()'s for the same tiles, to the bit): one line of the line kernels up to
+/// masa_line_tokens tokens, the dispatched query tiles above (which take the careful path
+/// themselves when an input is not finite). Extra memory: O(N (dk + dv)) for the padded operands
+/// and the axis tables, one workspace per tile.
 template <class T, class Mask>
 void masa_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K, const GradConstMap<T>& V,
                        const Mask& mask, Index query_tile, Index key_tile, GradMap<T> out,
                        GradVec<T> lse) {
-  SerialEigenScope serial;
   const Index N = Q.rows();
   if (N <= masa_line_tokens) {
     const Matrix<T> lw = masa_line_log_tile<T>(mask);
@@ -55,15 +46,11 @@ void masa_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K, const
                   lse.innerStride());
     return;
   }
-  const Index bq = std::min(query_tile, N), bk = std::min(key_tile, N);
-  const GridLogTile<T> log_tile(mask);
-  AttentionWorkspace<T> ws(bq, bk, V.cols());
-  // Every query tile packs the keys and values again.
-  KeptMatrices<T, AttentionRowsScratch, 4> kept;
-  const bool many = N > 2 * bq;
-  const GradConstMap<T> Kx = packed_rows(K, many, kept, 1);
-  const GradConstMap<T> Vx = packed_rows(V, many, kept, 2);
-  attention_forward<T>(Q, Kx, Vx, log_tile, bq, bk, out, lse, ws);
+  MasaOptions options;
+  options.query_tile = query_tile;
+  options.key_tile = key_tile;
+  options.threads = 1;  // a head runs on its caller's thread
+  masa_into_impl<T>(Q, K, V, mask, out, options, lse.data(), lse.innerStride());
 }
 
 /// MaSA backward of one head by the careful path (attention_backward_careful over the whole grid,
@@ -87,17 +74,14 @@ void masa_backward_careful(const GradConstMap<T>& Q, const GradConstMap<T>& K,
 /// MaSA backward of one head; overwrites dQ, dK, dV. When Q, K, V, G or the saved out hold an Inf
 /// or NaN, or lse a NaN or +inf (an O(N d) scan), the careful path runs instead: the tiles meet a
 /// masked pair as -inf + q.k and 0 * (g.v - delta), which a bad entry turns into NaN in rows that
-/// do not depend on it. Extra memory: shift and delta [N], the axis tables and two [query_tile,
-/// key_tile] tiles; for a head of a wider buffer (rows spread out) and N above two tiles,
-/// contiguous copies of Q, K, V, G and the gradients, N (3 dk + 3 dv) values (packed_rows).
+/// do not depend on it. Up to masa_line_tokens tokens one line of the line backward, above them
+/// the tile backward (masa_tile_backward, whose extra memory is O(N (dk + dv)), never N x N).
 template <class T, class Mask>
 void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                         const GradConstMap<T>& V, const Mask& mask, const GradConstMap<T>& out,
                         const GradConstVec<T>& lse, const GradConstMap<T>& G, Index query_tile,
                         Index key_tile, GradMap<T> dQ, GradMap<T> dK, GradMap<T> dV) {
-  SerialEigenScope serial;
   const Index N = Q.rows();
-  const Index bq = std::min(query_tile, N), bk = std::min(key_tile, N);
   if (has_nonfinite(Q) || has_nonfinite(K) || has_nonfinite(V) || has_nonfinite(G) ||
       has_nonfinite(out) || !grad_lse_usable(lse)) {
     dQ.setZero();
@@ -122,33 +106,7 @@ void masa_backward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K,
     masad_line_backward<T>(job, lse.data(), lse.innerStride(), out.data(), out.outerStride(), ws);
     return;
   }
-  Vector<T> shift(N), delta(N);
-  attention_row_terms<T>(out, G, lse, shift, delta);
-  const GridLogTile<T> log_tile(mask);
-  AttentionWorkspace<T> ws(bq, bk, 0);
-  // Every key tile packs the queries and dO again, and adds into every row of dQ; every query tile
-  // packs the keys and values again. Rows spread out in a wider buffer are copied to contiguous
-  // ones first (inputs) or gathered there and copied out once (gradients).
-  const bool many = N > 2 * std::max(bq, bk);
-  KeptMatrices<T, AttentionRowsScratch, 4> kept;
-  const GradConstMap<T> Qx = packed_rows(Q, many, kept, 0);
-  const GradConstMap<T> Kx = packed_rows(K, many, kept, 1);
-  const GradConstMap<T> Vx = packed_rows(V, many, kept, 2);
-  const GradConstMap<T> Gx = packed_rows(G, many, kept, 3);
-  // attention_backward adds into the gradients: each starts at zero, in its own rows or in a
-  // contiguous buffer.
-  KeptMatrices<T, AttentionGradientScratch, 3> kept_grad;
-  auto gradient = [&](int i, GradMap<T> d) {
-    GradMap<T> g =
-        many && d.outerStride() != d.cols() ? grad_top(kept_grad.matrix(i, N, d.cols()), N) : d;
-    g.setZero();
-    return g;
-  };
-  GradMap<T> dQx = gradient(0, dQ), dKx = gradient(1, dK), dVx = gradient(2, dV);
-  attention_backward<T>(Qx, Kx, Vx, Gx, shift, delta, log_tile, bq, bk, dQx, dKx, dVx, ws);
-  if (dQx.data() != dQ.data()) dQ = dQx;
-  if (dKx.data() != dK.data()) dK = dKx;
-  if (dVx.data() != dV.data()) dV = dVx;
+  masa_tile_backward<T>(Q, K, V, mask, out, lse, G, query_tile, key_tile, dQ, dK, dV);
 }
 
 // ---------------------------------------------------------------------------------------------

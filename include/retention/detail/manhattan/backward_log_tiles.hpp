@@ -1,10 +1,9 @@
-// retention::detail: the ln D tiles of the MaSA training kernels, read from the two 1-D
+// retention::detail: the ln D tiles of MaSA's line kernels, read from the two 1-D
 // axis log-tables of a separable 2-D mask (docs/math.md §1.2: D = row_axis (x) column_axis in
 // raster order), never from a distance formula of their own.
 #pragma once
 
 #include <retention/core.hpp>
-#include <retention/detail/manhattan/backward_attention.hpp>
 
 #include <algorithm>
 #include <limits>
