@@ -682,6 +682,40 @@ void BM_grid_train(benchmark::State& state) {
   }
 }
 
+/// Extra heap bytes of MaSA's training calls for one head of a side x side grid (d = kMasaDim),
+/// each on a fresh thread (so the buffers a thread keeps are counted): masa_forward_train beyond
+/// its out and lse, masa_backward beyond its three gradients; beside one [N, N] float matrix, which
+/// neither may form.
+void BM_masa_train_memory(benchmark::State& state) {
+  const Index side = state.range(0), N = side * side, d = kMasaDim;
+  const auto n = static_cast<std::size_t>(N * d);
+  const std::vector<float> q = random_buffer(n, 71), k = random_buffer(n, 72, 0.125f),
+                           v = random_buffer(n, 73), g = random_buffer(n, 74);
+  const Eigen::Map<const Mat> Q(q.data(), N, d), K(k.data(), N, d), V(v.data(), N, d),
+      G(g.data(), N, d);
+  const retention::ManhattanDecay mask(retention::rmt_gammas(kMasaHeads, 2.0, 4.0)[0], side, side);
+  const double own = static_cast<double>(N * d) * sizeof(float);
+  double forward = 0, backward = 0;
+  for (auto _ : state) {
+    retention::MasaForward<float> saved;
+    long long base = heap::live.load();
+    heap::peak.store(base);
+    std::thread([&] { saved = retention::masa_forward_train(Q, K, V, mask); }).join();
+    forward = static_cast<double>(heap::peak.load() - base) - own - static_cast<double>(N) * 4;
+    base = heap::live.load();
+    heap::peak.store(base);
+    std::thread([&] {
+      const auto grads = retention::masa_backward(Q, K, V, mask, G, saved);
+      benchmark::DoNotOptimize(grads.dQ.data());
+    }).join();
+    backward = static_cast<double>(heap::peak.load() - base) - 3 * own;
+  }
+  const double mib = 1024.0 * 1024.0;
+  state.counters["forward_extra_MiB"] = forward / mib;
+  state.counters["backward_extra_MiB"] = backward / mib;
+  state.counters["nn_MiB"] = static_cast<double>(N) * static_cast<double>(N) * sizeof(float) / mib;
+}
+
 /// The plain dense MaSA per head with Eigen GEMMs: S = Q K^T + L as an [N, N] matrix, row softmax,
 /// S V. The yardstick the streaming masa kernel is compared with.
 void BM_masa_dense_reference(benchmark::State& state) {
@@ -916,6 +950,12 @@ void register_all(int requested_threads) {
       ->Args({8192})
       ->Iterations(1)
       ->Unit(benchmark::kMillisecond);
+#if defined(RETENTION_BENCH_HAS_MASA)
+  benchmark::RegisterBenchmark("masa_train_memory", BM_masa_train_memory)
+      ->Args({56})
+      ->Iterations(1)
+      ->Unit(benchmark::kMillisecond);
+#endif
   // Every operator compared with PyTorch runs at 1 thread and at tmax.
   for (int t : thread_counts) {
 #if defined(RETENTION_BENCH_HAS_MASA)
