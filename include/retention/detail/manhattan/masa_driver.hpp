@@ -50,8 +50,8 @@ T axis_log_weight(const Matrix<T>& tile, Index s) {
 /// KeptMatrices' tag of MaSA's operands laid out for the tile kernels (slots: Q copied with zero
 /// rows past N (whole row blocks), K transposed with zero columns past N (key tiles in whole
 /// vectors), V with its columns padded to simd::max_lanes<T> when dv needs it, and the two ln D
-/// tables of masa_log_tables). Kept by the thread: fresh pages for them on every call cost a fifth
-/// of a 28 x 28 head's time in page faults.
+/// tables of masa_log_tables). Kept by the thread: allocated per call, they were large enough for
+/// the allocator to return them, and every call faulted their pages in again.
 struct MasaOperandsScratch {};
 
 /// What every query tile of one MaSA call reads, as plain pointers and sizes (the dispatched
