@@ -131,7 +131,7 @@ struct MasaTileBackwardScratch {};
 /// MaSA backward of one head with finite inputs (masa_backward_head checks them) by the tile
 /// kernel: shift and delta from lse, out and G (attention_row_terms), the padded copies, the
 /// kernel, then dQ, dK, dV overwritten from the padded gradients. query_tile and key_tile are
-/// rounded up to masa_backward_align<T>. Extra memory: N (5 dk + 4 dv) values of padded copies and
+/// rounded up to masa_backward_align<T>. Extra memory: N (5 dk + 3 dv) values of padded copies and
 /// gradients, the two axis tables, and two [query_tile, key_tile] tiles.
 template <class T, class Mask2D>
 void masa_tile_backward(const GradConstMap<T>& Q, const GradConstMap<T>& K,
