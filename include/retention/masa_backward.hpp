@@ -182,23 +182,19 @@ double masad_pair_count(const Mask& mask) {
   return n * static_cast<double>(mask.height() + mask.width());
 }
 
-/// masa_forward_head, or MaSA's careful path when Q, K or V holds an Inf or NaN (docs/math.md
-/// §2.6): the tiled forward meets masked keys as -inf + q.k and 0 * v, which a bad key or value
-/// turns into NaN in rows that do not weigh it.
+/// MaSA forward of one head for training: out = softmax_row(Q K^T + ln D) V and lse [N] by
+/// masa()'s own path (masa_head_impl: out is masa()'s for the same tiles, to the bit), on the
+/// caller's thread. Inputs holding an Inf or NaN take its careful path (docs/math.md §2.6), which
+/// writes lse as well.
 template <class T, class Mask>
 void masa_forward_head_checked(const GradConstMap<T>& Q, const GradConstMap<T>& K,
                                const GradConstMap<T>& V, const Mask& mask, Index query_tile,
                                Index key_tile, GradMap<T> out, GradVec<T> lse) {
-  const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
-  // Above masa_line_tokens the tiled forward checks its inputs itself.
-  if (N > masa_line_tokens ||
-      masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
-                         V.outerStride(), N, dk, dv)) {
-    masa_forward_head<T>(Q, K, V, mask, query_tile, key_tile, out, lse);
-    return;
-  }
-  masa_careful<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(), V.outerStride(),
-                  dk, dv, mask, out.data(), out.outerStride(), lse.data(), lse.innerStride());
+  MasaOptions options;
+  options.query_tile = query_tile;
+  options.key_tile = key_tile;
+  options.threads = 1;
+  masa_head_impl<T>(Q, K, V, mask, out, options, lse.data(), lse.innerStride());
 }
 
 /// masad_forward_head (whose lines take their careful path themselves); MaSAD's lines are never

@@ -28,31 +28,6 @@ GradConstMap<T> grad_const(GradMap<T> m) {
 // MaSA
 // ---------------------------------------------------------------------------------------------
 
-/// MaSA forward of one head: out = softmax_row(Q K^T + ln D) V, lse [N], by masa()'s own kernels
-/// (out is masa()'s for the same tiles, to the bit): one line of the line kernels up to
-/// masa_line_tokens tokens, the dispatched query tiles above (which take the careful path
-/// themselves when an input is not finite). Extra memory: O(N (dk + dv)) for the padded operands
-/// and the axis tables, one workspace per tile.
-template <class T, class Mask>
-void masa_forward_head(const GradConstMap<T>& Q, const GradConstMap<T>& K, const GradConstMap<T>& V,
-                       const Mask& mask, Index query_tile, Index key_tile, GradMap<T> out,
-                       GradVec<T> lse) {
-  const Index N = Q.rows();
-  if (N <= masa_line_tokens) {
-    const Matrix<T> lw = masa_line_log_tile<T>(mask);
-    MasadWorkspace<T> ws = masad_workspace<T>(N, Q.cols(), V.cols());
-    masad_line<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), Q.cols(), V.data(),
-                  V.outerStride(), V.cols(), N, lw, out.data(), out.outerStride(), ws, lse.data(),
-                  lse.innerStride());
-    return;
-  }
-  MasaOptions options;
-  options.query_tile = query_tile;
-  options.key_tile = key_tile;
-  options.threads = 1;  // a head runs on its caller's thread
-  masa_into_impl<T>(Q, K, V, mask, out, options, lse.data(), lse.innerStride());
-}
-
 /// MaSA backward of one head by the careful path (attention_backward_careful over the whole grid,
 /// ln D from the mask's axis tables in double); dQ, dK, dV zeroed by the caller. Dependencies
 /// (docs/math.md §2.6, §7.5): dQ_n reads only q_n, dO_n and the keys and values row n weighs;

@@ -451,21 +451,23 @@ Matrix<T> masa_line_log_tile(const Mask& mask) {
 }
 
 /// MaSA of one head (masa()'s work): a grid of at most masa_line_tokens tokens with finite inputs
-/// as one line of the line kernels, everything else by masa_into_impl's tiles.
+/// as one line of the line kernels, everything else by masa_into_impl's tiles. With lse !=
+/// nullptr also the rows' log-sum-exp, lse_step apart (the training forward).
 template <class T, class Mask2D>
 void masa_head_impl(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRows<T>& V,
-                    const Mask2D& mask, MasaMap<T> out, const MasaOptions& options) {
+                    const Mask2D& mask, MasaMap<T> out, const MasaOptions& options,
+                    T* lse = nullptr, Index lse_step = 0) {
   const Index N = Q.rows(), dk = Q.cols(), dv = V.cols();
   if (N > masa_line_tokens ||
       !masa_inputs_finite(Q.data(), Q.outerStride(), K.data(), K.outerStride(), V.data(),
                           V.outerStride(), N, dk, dv)) {
-    masa_into_impl<T>(Q, K, V, mask, out, options);
+    masa_into_impl<T>(Q, K, V, mask, out, options, lse, lse_step);
     return;
   }
   const Matrix<T> lw = masa_line_log_tile<T>(mask);
   MasadWorkspace<T> ws = masad_workspace<T>(N, dk, dv);
   masad_line<T>(Q.data(), Q.outerStride(), K.data(), K.outerStride(), dk, V.data(), V.outerStride(),
-                dv, N, lw, out.data(), out.outerStride(), ws);
+                dv, N, lw, out.data(), out.outerStride(), ws, lse, lse_step);
 }
 
 /// The MasadGrid of views q, k [B, H W, heads, dk] and v, out [B, H W, heads, dv] (any strides).

@@ -145,11 +145,13 @@ void masa_tile_backward(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   const Index bq = masa_round_up(std::min(query_tile, N), A);
   const Index bk = masa_round_up(std::min(key_tile, N), A);
   KeptMatrices<T, MasaTileBackwardScratch, 12, 3> kept;
-  Matrix<T>& q = kept.zero_matrix(0, Np, dkp);
-  Matrix<T>& k = kept.zero_matrix(1, Np, dkp);
-  Matrix<T>& g = kept.zero_matrix(2, Np, dvp);
-  Matrix<T>& kt = kept.zero_matrix(3, dk, Np);
-  Matrix<T>& vt = kept.zero_matrix(4, dv, Np);
+  // The copies write every entry (padding columns and K^T, V^T past column N as zeros) but the
+  // rows past N; only the gradients, which the kernel adds into, start zeroed whole.
+  Matrix<T>& q = kept.matrix(0, Np, dkp);
+  Matrix<T>& k = kept.matrix(1, Np, dkp);
+  Matrix<T>& g = kept.matrix(2, Np, dvp);
+  Matrix<T>& kt = kept.matrix(3, dk, Np);
+  Matrix<T>& vt = kept.matrix(4, dv, Np);
   Matrix<T>& gq = kept.zero_matrix(5, Np, dkp);
   Matrix<T>& gk = kept.zero_matrix(6, Np, dkp);
   Matrix<T>& gv = kept.zero_matrix(7, Np, dvp);
@@ -163,6 +165,9 @@ void masa_tile_backward(const GradConstMap<T>& Q, const GradConstMap<T>& K,
   masa_copy_rows(Q.data(), Q.outerStride(), N, dk, q.data(), dkp);
   masa_copy_rows(K.data(), K.outerStride(), N, dk, k.data(), dkp);
   masa_copy_rows(G.data(), G.outerStride(), N, dv, g.data(), dvp);
+  q.bottomRows(Np - N).setZero();
+  k.bottomRows(Np - N).setZero();
+  g.bottomRows(Np - N).setZero();
   transpose_rows(K.data(), K.outerStride(), N, dk, kt.data(), Np);
   transpose_rows(V.data(), V.outerStride(), N, dv, vt.data(), Np);
   attention_row_terms<T>(out, G, lse, shift, delta);
