@@ -86,7 +86,11 @@ struct Block {
     for (Index k = 0; k < n; ++k) {
       Pk bk[NP];
 #pragma GCC unroll 16
-      for (int p = 0; p < NP; ++p) bk[p] = simd::load<W>(b + k * ldb + p * W);
+      for (int p = 0; p < NP; ++p) {
+        Pk x = simd::load<W>(b + k * ldb + p * W);
+        if constexpr (R > 1) keep_in_register(x);
+        bk[p] = x;
+      }
       const T* ak = a + k * aks;
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {

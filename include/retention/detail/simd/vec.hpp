@@ -58,6 +58,22 @@ template <int N, class T>
   return v;
 }
 
+/// Makes GCC hold v in a register from here on: it may not fold the load that produced v into the
+/// instructions that use it. Under some tunings (-mtune=znver3, which -march=native picks on AMD
+/// processors) a vector loaded once and used by R FMAs became R FMAs with a memory operand, one
+/// load per use instead of one per step. clang checks an asm operand's size against the flags of
+/// the translation unit, not against the kernel's target attribute, so it gets no barrier; nor
+/// does GCC without optimisation, which rejects the constraint there.
+template <class V>
+[[gnu::always_inline]] inline void keep_in_register(V& v) {
+#if defined(__OPTIMIZE__) && !defined(__clang__) && \
+    (defined(__x86_64__) || (defined(__i386__) && defined(__SSE2__)))
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 /// Stores all lanes of v at p.
 template <class T, class V>
 [[gnu::always_inline]] inline void store(T* p, const V& v) {
