@@ -640,10 +640,13 @@ def bench(threads, which):
         layer = MSR(dm, vd, hm, *w)
         x = rnd(1, t, dm)
         res["projection_8192x1024x1024"] = {"seconds": median_seconds(lambda: x @ w[0].T)}
-        # Each retention form at the chunk that was its fastest as an operator (same head shapes).
-        c_b, c_l = best_chunk["batched"], best_chunk["loop"]
-        variants = [(f"batched C={c_b}", lambda: layer.forward(x, "chunkwise", c_b), False, {"chunk": c_b}),
-                    (f"loop C={c_l}", lambda: layer.forward(x, "loop", c_l), False, {"chunk": c_l})]
+        # The batched form at the chunk that was its fastest as an operator (same head shapes); the
+        # loop over chunks at several chunks: inside the layer its best chunk is not always the
+        # operator's (the peer at its best, not at our choice of chunk).
+        c_b = best_chunk["batched"]
+        variants = [(f"batched C={c_b}", lambda: layer.forward(x, "chunkwise", c_b), False, {"chunk": c_b})]
+        variants += [(f"loop C={c}", lambda c=c: layer.forward(x, "loop", c), False, {"chunk": c})
+                     for c in sorted({best_chunk["loop"], 64, 128, 256})]
         fastest(res, "msr_T8192", variants)["value_dim"] = vd
     return res
 
