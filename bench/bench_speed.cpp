@@ -81,6 +81,15 @@ inline void add(long long n) {
   while (now > p && !peak.compare_exchange_weak(p, now, std::memory_order_relaxed)) {
   }
 }
+/// Peak heap bytes above those live now while f runs on a fresh thread, so that the buffers a
+/// thread keeps between calls are counted, as on a thread's first call.
+template <class F>
+double peak_on_fresh_thread(F&& f) {
+  const long long base = live.load();
+  peak.store(base);
+  std::thread(std::forward<F>(f)).join();
+  return static_cast<double>(peak.load() - base);
+}
 }  // namespace heap
 
 extern "C" void* malloc(std::size_t n) {
@@ -475,12 +484,8 @@ void BM_chunkwise_backward_memory(benchmark::State& state) {
   const retention::CausalDecay decay(retention::retnet_gammas(kHeads).back());
   double extra = 0;
   for (auto _ : state) {
-    const long long base = heap::live.load();
-    heap::peak.store(base);
-    std::thread([&] {
-      retention::chunkwise_retention_backward_into(Q, K, V, decay, C, G, dq, dk, dv);
-    }).join();
-    extra = static_cast<double>(heap::peak.load() - base);
+    extra = heap::peak_on_fresh_thread(
+        [&] { retention::chunkwise_retention_backward_into(Q, K, V, decay, C, G, dq, dk, dv); });
     benchmark::DoNotOptimize(dq.data());
   }
   state.counters["extra_MiB"] = extra / (1024.0 * 1024.0);
@@ -527,10 +532,8 @@ void BM_parallel_memory(benchmark::State& state) {
   const retention::CausalDecay decay(retention::retnet_gammas(kHeads).back());
   double extra = 0;
   for (auto _ : state) {
-    const long long base = heap::live.load();
-    heap::peak.store(base);
-    std::thread([&] { retention::parallel_retention_into(Q, K, V, decay, out); }).join();
-    extra = static_cast<double>(heap::peak.load() - base);
+    extra = heap::peak_on_fresh_thread(
+        [&] { retention::parallel_retention_into(Q, K, V, decay, out); });
     benchmark::DoNotOptimize(out.data());
   }
   state.counters["extra_MiB"] = extra / (1024.0 * 1024.0);
@@ -698,17 +701,14 @@ void BM_masa_train_memory(benchmark::State& state) {
   double forward = 0, backward = 0;
   for (auto _ : state) {
     retention::MasaForward<float> saved;
-    long long base = heap::live.load();
-    heap::peak.store(base);
-    std::thread([&] { saved = retention::masa_forward_train(Q, K, V, mask); }).join();
-    forward = static_cast<double>(heap::peak.load() - base) - own - static_cast<double>(N) * 4;
-    base = heap::live.load();
-    heap::peak.store(base);
-    std::thread([&] {
-      const auto grads = retention::masa_backward(Q, K, V, mask, G, saved);
-      benchmark::DoNotOptimize(grads.dQ.data());
-    }).join();
-    backward = static_cast<double>(heap::peak.load() - base) - 3 * own;
+    forward =
+        heap::peak_on_fresh_thread([&] { saved = retention::masa_forward_train(Q, K, V, mask); }) -
+        own - static_cast<double>(N) * sizeof(float);
+    backward = heap::peak_on_fresh_thread([&] {
+                 const auto grads = retention::masa_backward(Q, K, V, mask, G, saved);
+                 benchmark::DoNotOptimize(grads.dQ.data());
+               }) -
+               3 * own;
   }
   const double mib = 1024.0 * 1024.0;
   state.counters["forward_extra_MiB"] = forward / mib;
