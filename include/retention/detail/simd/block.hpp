@@ -87,6 +87,7 @@ struct Block {
       Pk bk[NP];
 #pragma GCC unroll 16
       for (int p = 0; p < NP; ++p) {
+        // Pinned as a local: pinned as bk[p], GCC kept the whole array on the stack.
         Pk x = simd::load<W>(b + k * ldb + p * W);
         if constexpr (R > 1) keep_in_register(x);
         bk[p] = x;

@@ -141,16 +141,14 @@ template <int N, class T, int... I>
     lo = v[0];
     hi = v[1];
   } else {
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
     lo = __builtin_shufflevector(v, v, I...);
     hi = __builtin_shufflevector(v, v, (I + N / 2)...);
-    return;
-#endif
-#endif
+#else
     const Vec<T, N> copy = v;
     std::memcpy(&lo, &copy, sizeof lo);
     std::memcpy(&hi, reinterpret_cast<const char*>(&copy) + sizeof lo, sizeof hi);
+#endif
   }
 }
 template <int N, class T>
