@@ -50,6 +50,9 @@ struct RetentionState {
   }
 };
 
+/// Default query/key block size of the parallel form (RetentionOptions::tile = 0).
+constexpr Index default_parallel_tile = 128;
+
 /// Options of parallel_retention, recurrent_retention and chunkwise_retention.
 /// StateScalar is the state's scalar type: the inputs' type by default, or double for float inputs
 /// (a wider accumulator for heads with gamma within 2^-24 of 1).
@@ -60,7 +63,7 @@ struct RetentionOptions {
   const RetentionState<StateScalar>* initial_state = nullptr;
   /// If set, receives the state after the last token. May point to *initial_state.
   RetentionState<StateScalar>* final_state = nullptr;
-  /// Parallel form: query/key block size (extra memory O(T * tile)); 0 = default.
+  /// Parallel form: query/key block size (extra memory O(T * tile)); 0 = default_parallel_tile.
   Index tile = 0;
 };
 

@@ -20,10 +20,10 @@
 // reversed sweep gathers its chunks in reverse order, Gu is a lazy row scaling of G.
 #pragma once
 
-#include <retention/chunkwise.hpp>
 #include <retention/decay.hpp>
 #include <retention/detail/retention/backward_kernels.hpp>
 #include <retention/detail/retention/chunk_kernels.hpp>
+#include <retention/detail/retention/chunkwise_forward.hpp>
 #include <retention/detail/scratch.hpp>
 #include <retention/detail/simd/transpose.hpp>
 

@@ -73,7 +73,8 @@ void store_initial_state_gradient(const Mask& decay, Index T_len, const Retentio
 /// operands the blocks read (K^T, K, V^T, V for the query blocks, then Q^T, Q, Gu^T, Gu for the
 /// key blocks) are packed once, in four buffers of T d numbers, and each tile is formed panel by
 /// panel (a few rows at a time) directly as the left operand of the products that read it, as in
-/// the forward (parallel.hpp), instead of Eigen packing operands and tiles again for every block.
+/// the forward (parallel_forward.hpp), instead of Eigen packing operands and tiles again for every
+/// block.
 /// Same equations, order of rows and factors as parallel_backward below.
 template <class T, class OQ, class OK, class OV, class Mask, class Acc>
 void parallel_backward_panels(const ConstRows<T>& Q, const ConstRows<T>& K, const ConstRows<T>& V,
