@@ -6,6 +6,7 @@
 // the same outputs written through the caches.
 #include <retention/backward.hpp>
 #include <retention/chunkwise.hpp>
+#include <retention/detail/retention/recurrent_kernels.hpp>
 #include <retention/isa.hpp>
 #include <retention/multihead.hpp>
 #include <retention/recurrent.hpp>
@@ -270,6 +271,81 @@ TEST(Isa, VariantsAgreeOnMultiHeadChunkwise) {
   }
   for (std::size_t i = 1; i < outs.size(); ++i)
     EXPECT_LE(relative_error(outs[i], outs[0]), 2e-6) << retention::to_string(variants()[i]);
+}
+
+// --- The decode step's kernel at every alignment of the state. --------------------------------
+// A state allocated by a file built without -mavx (Eigen aligns to 16 bytes there) starts inside
+// a vector; the kernel then sweeps it in aligned vectors that straddle rows. Each state here is a
+// vector of exactly its own size starting `offset` elements into its allocation, so that a read or
+// write outside it shows under the sanitizers.
+template <class T>
+void check_step_alignments(Isa isa) {
+  IsaScope scope(isa);
+  namespace rd = retention::detail;
+  std::uint64_t seed = 70000;
+  for (Index dk : {1, 2, 5, 64})
+    for (Index dv : {1, 3, 4, 8, 16, 20, 48, 64, 128, 192})
+      for (double gamma : {0.97, 1.0}) {
+        const auto S0 = retention_test::random_matrix<double>(dk, dv, ++seed);
+        const auto q = retention_test::random_matrix<double>(3, dk, ++seed);
+        const auto k = retention_test::random_matrix<double>(3, dk, ++seed);
+        const auto v = retention_test::random_matrix<double>(3, dv, ++seed);
+        // Naive double reference: S = gamma S + k^T v, o = q S, three tokens.
+        Md S = S0, o_ref(1, dv);
+        for (Index t = 0; t < 3; ++t) {
+          o_ref.setZero();
+          for (Index i = 0; i < dk; ++i)
+            for (Index j = 0; j < dv; ++j) {
+              S(i, j) = gamma * S(i, j) + k(t, i) * v(t, j);
+              o_ref(0, j) += q(t, i) * S(i, j);
+            }
+        }
+        std::vector<T> S_first, o_first;
+        for (Index offset = 0; offset < 16; ++offset) {
+          std::vector<T> buffer(static_cast<std::size_t>(offset + dk * dv));
+          T* s = buffer.data() + offset;
+          for (Index i = 0; i < dk * dv; ++i) s[i] = static_cast<T>(S0(i / dv, i % dv));
+          std::vector<T> qt(static_cast<std::size_t>(dk)), kt(qt.size()),
+              vt(static_cast<std::size_t>(dv)), o(vt.size());
+          for (Index t = 0; t < 3; ++t) {
+            for (Index i = 0; i < dk; ++i) {
+              qt[static_cast<std::size_t>(i)] = static_cast<T>(q(t, i));
+              kt[static_cast<std::size_t>(i)] = static_cast<T>(k(t, i));
+            }
+            for (Index j = 0; j < dv; ++j)
+              vt[static_cast<std::size_t>(j)] = static_cast<T>(v(t, j));
+            rd::simd::dispatch<rd::RecurrentUpdateKernel>(
+                s, dk, dv, static_cast<T>(gamma), static_cast<const T*>(qt.data()),
+                static_cast<const T*>(kt.data()), static_cast<const T*>(vt.data()), o.data());
+          }
+          const std::string what = std::string(retention::to_string(isa)) +
+                                   " dk=" + std::to_string(dk) + " dv=" + std::to_string(dv) +
+                                   " gamma=" + std::to_string(gamma) +
+                                   " offset=" + std::to_string(offset);
+          Md S_got(dk, dv), o_got(1, dv);
+          for (Index i = 0; i < dk * dv; ++i) S_got(i / dv, i % dv) = static_cast<double>(s[i]);
+          for (Index j = 0; j < dv; ++j)
+            o_got(0, j) = static_cast<double>(o[static_cast<std::size_t>(j)]);
+          const double tol = retention_test::spec_tolerance<T>();
+          EXPECT_LE(relative_error(S_got, S), tol) << "S " << what;
+          EXPECT_LE(relative_error(o_got, o_ref), tol) << "o " << what;
+          if (offset == 0) {
+            S_first.assign(s, s + dk * dv);
+            o_first = o;
+          } else {
+            // The same operations on every element, in the same order, whatever the address.
+            ASSERT_TRUE(S_first == std::vector<T>(s, s + dk * dv)) << "S values " << what;
+            ASSERT_TRUE(o_first == o) << "o values " << what;
+          }
+        }
+      }
+}
+
+TEST(Isa, DecodeStepAtEveryStateAlignment) {
+  for (Isa isa : variants()) {
+    check_step_alignments<float>(isa);
+    check_step_alignments<double>(isa);
+  }
 }
 
 /// Outputs spanning more than detail::stream_output_min_bytes are written through non-temporal

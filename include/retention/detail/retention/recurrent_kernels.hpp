@@ -6,6 +6,7 @@
 #include <retention/detail/overlap.hpp>
 #include <retention/detail/simd/dispatch.hpp>
 
+#include <cstdint>
 #include <type_traits>
 
 #if defined(__GNUC__)
@@ -54,15 +55,116 @@ template <int W, int NB, class Acc>
   for (int b = 0; b < NB; ++b) simd::store(o + j0 + b * W, acc[b]);
 }
 
+/// recurrent_block for a state whose rows do not start on a vector boundary (an allocation aligned
+/// to less than a vector: Eigen aligns to 16 bytes in a file built without -mavx). S is read as
+/// the aligned vectors of its flat row-major array from s0 + p on, p < W: vectors [j0, j0 + NP W)
+/// of each row hold columns p + j0 + [0, NP W) of that row, and the row's last vector, which the
+/// block ends with, holds its last e = W - p columns and the next row's first p (their k and q
+/// blended lane by lane). Row 0's first p columns and the last row's last e go through a copy
+/// with the other lanes zero. Each element of S takes the same operations in the same order as in
+/// recurrent_block, so the results do not depend on the state's address.
+template <int W, int NP, class Acc>
+[[gnu::always_inline]] inline void recurrent_block_wrapped(Acc* s0, Index dk, Index dv, Index p,
+                                                           Index j0, Acc g, const Acc* q,
+                                                           const Acc* k, const Acc* v, Acc* o) {
+  using V = simd::Vec<Acc, W>;
+  using I = std::conditional_t<sizeof(Acc) == 4, std::int32_t, std::int64_t>;
+  using M = simd::Vec<I, W>;
+  const Index e = W - p;
+  Acc* const a = s0 + p;
+  Acc tmp[W];
+  I bits[W];
+  for (Index l = 0; l < W; ++l) {
+    tmp[l] = l < e ? v[dv - e + l] : v[l - e];  // the last vector's columns
+    bits[l] = l < e ? I(-1) : I(0);             // its lanes from the row's own tail
+  }
+  const V vw = simd::load<W>(tmp);
+  const M own = simd::load<W>(bits);
+  const V zero = simd::splat<W>(Acc(0));
+  V vb[NP > 0 ? NP : 1], acc[NP > 0 ? NP : 1];
+#pragma GCC unroll 16
+  for (int b = 0; b < NP; ++b) {
+    vb[b] = simd::load<W>(v + p + j0 + b * W);
+    acc[b] = zero;
+  }
+  V accw = zero;
+  {  // row 0's first p columns, in the last lanes of a vector that starts e elements before S
+    for (Index l = 0; l < W; ++l) tmp[l] = l < e ? Acc(0) : s0[l - e];
+    const V kb = simd::select(own, zero, simd::splat<W>(k[0]));
+    const V qb = simd::select(own, zero, simd::splat<W>(q[0]));
+    const V x = g * simd::load<W>(tmp) + kb * simd::select(own, zero, vw);
+    simd::store(tmp, x);
+    for (Index l = e; l < W; ++l) s0[l - e] = tmp[l];
+    accw += qb * x;
+  }
+  const auto plain = [&](Acc* row, Acc ki, Acc qi) {
+#pragma GCC unroll 16
+    for (int b = 0; b < NP; ++b) {
+      const V x = g * simd::load<W>(row + b * W) + ki * vb[b];
+      simd::store(row + b * W, x);
+      acc[b] += qi * x;
+    }
+  };
+  for (Index i = 0; i + 1 < dk; ++i) {
+    Acc* row = a + i * dv + j0;
+    const Acc ki = k[i], qi = q[i];
+    plain(row, ki, qi);
+    const V kb = simd::select(own, simd::splat<W>(ki), simd::splat<W>(k[i + 1]));
+    const V qb = simd::select(own, simd::splat<W>(qi), simd::splat<W>(q[i + 1]));
+    Acc* w = row + NP * W;
+    const V x = g * simd::load<W>(w) + kb * vw;
+    simd::store(w, x);
+    accw += qb * x;
+  }
+  {  // the last row: its vectors, then its last e columns in the first lanes of a copy
+    const Index i = dk - 1;
+    Acc* row = a + i * dv + j0;
+    plain(row, k[i], q[i]);
+    Acc* w = row + NP * W;
+    for (Index l = 0; l < W; ++l) tmp[l] = l < e ? w[l] : Acc(0);
+    const V kb = simd::select(own, simd::splat<W>(k[i]), zero);
+    const V qb = simd::select(own, simd::splat<W>(q[i]), zero);
+    const V x = g * simd::load<W>(tmp) + kb * simd::select(own, vw, zero);
+    simd::store(tmp, x);
+    for (Index l = 0; l < e; ++l) w[l] = tmp[l];
+    accw += qb * x;
+  }
+#pragma GCC unroll 16
+  for (int b = 0; b < NP; ++b) simd::store(o + p + j0 + b * W, acc[b]);
+  simd::store(tmp, accw);
+  for (Index l = 0; l < W; ++l) o[l < e ? dv - e + l : l - e] = tmp[l];
+}
+
 /// S = g S + k^T v and o = q S over all columns of S [dk, dv] (row-major): blocks of 8 vectors
 /// where the instruction set has 32 vector registers (8 for the block's v, 8 for its
-/// accumulators), 4 otherwise, then single vectors, then single columns.
+/// accumulators), 4 otherwise, then single vectors, then single columns. A state whose rows all
+/// start at the same distance from a vector boundary (dv a multiple of W) is swept in aligned
+/// vectors (recurrent_block_wrapped): a vector that straddles two cache lines costs two accesses,
+/// and the step only moves S.
 struct RecurrentUpdateKernel {
   template <class Isa, class Acc>
   static void run(Acc* s0, Index dk, Index dv, Acc g, const Acc* q, const Acc* k, const Acc* v,
                   Acc* o) {
     constexpr int W = simd::lanes<Acc, Isa>;
     constexpr int NB = Isa::registers >= 32 ? 8 : 4;
+    constexpr auto bytes = static_cast<std::uintptr_t>(W * sizeof(Acc));
+    const auto off = reinterpret_cast<std::uintptr_t>(s0) % bytes;
+    if (W > 1 && off != 0 && off % sizeof(Acc) == 0 && dv % W == 0 && dk >= 1) {
+      const Index p = static_cast<Index>((bytes - off) / sizeof(Acc)), vectors = dv / W;
+      Acc* const a = s0 + p;
+      Index j0 = 0;
+      if (vectors % NB == 0) {
+        for (; j0 + NB * W < dv; j0 += NB * W)
+          recurrent_block<W, NB>(a, dk, dv, j0, g, q, k, v + p, o + p);
+        recurrent_block_wrapped<W, NB - 1>(s0, dk, dv, p, j0, g, q, k, v, o);
+      } else {
+        for (; j0 + NB * W < dv; j0 += NB * W)
+          recurrent_block<W, NB>(a, dk, dv, j0, g, q, k, v + p, o + p);
+        for (; j0 + W < dv; j0 += W) recurrent_block<W, 1>(a, dk, dv, j0, g, q, k, v + p, o + p);
+        recurrent_block_wrapped<W, 0>(s0, dk, dv, p, j0, g, q, k, v, o);
+      }
+      return;
+    }
     Index j0 = 0;
     for (; j0 + NB * W <= dv; j0 += NB * W) recurrent_block<W, NB>(s0, dk, dv, j0, g, q, k, v, o);
     for (; j0 + W <= dv; j0 += W) recurrent_block<W, 1>(s0, dk, dv, j0, g, q, k, v, o);
