@@ -70,6 +70,43 @@ TEST(Architecture, MsrStepAllocatesNothingAfterTheFirst) {
   }
 }
 
+// MsrConfig::keep_buffers: MultiScaleRetention::forward keeps its fused projection and heads'
+// outputs for the thread's next call (blocks above 32 MiB that glibc frees go back to the system
+// and fault in again). A repeated call allocates little more than the returned output, also after
+// a smaller call, and gives the same bits as the first; with keep_buffers off, buffers above 16 MiB
+// are allocated on every call, with the same result.
+TEST(Architecture, MsrForwardKeepsItsWorkBuffers) {
+  const Index T_len = 12000, d = 64, dv = 128;  // projection buffer 12000 x 384 floats: 17.6 MiB
+  const long projection_bytes = static_cast<long>(T_len * (2 * d + 2 * dv) * sizeof(float));
+  const long output_bytes = static_cast<long>(T_len * d * sizeof(float));
+  const Matrix<float> x = retention_test::random_matrix<float>(T_len, d, 3);
+  const Matrix<float> small = retention_test::random_matrix<float>(50, d, 4);
+  Matrix<float> results[2];
+  for (const bool keep : {true, false}) {
+    retention::MsrConfig cfg;
+    cfg.embed_dim = d;
+    cfg.value_dim = dv;
+    cfg.heads = 2;
+    cfg.threads = 1;
+    cfg.keep_buffers = keep;
+    retention::MultiScaleRetention<float> layer(cfg);
+    layer.init_random(5);
+    const Matrix<float> first = layer.forward(x);
+    publish(layer.forward(small).data());  // a smaller call in between
+    Matrix<float> again;
+    const long bytes = bytes_during([&] { again = layer.forward(x); });
+    EXPECT_EQ(again, first) << "keep_buffers " << keep;
+    if (keep) {
+      EXPECT_LT(bytes, output_bytes + (1 << 20)) << "a repeated call allocated " << bytes;
+    } else {
+      EXPECT_GT(bytes, output_bytes + projection_bytes) << "keep_buffers off allocated " << bytes;
+    }
+    results[keep ? 0 : 1] = first;
+  }
+  EXPECT_EQ(results[0], results[1]);
+  EXPECT_TRUE(results[0].allFinite());
+}
+
 TEST(Architecture, MultiHeadStepAllocatesNothingAfterTheFirst) {
   const Index B = 3, H = 4, dk = 16, dv = 24;
   const auto masks = retention::causal_masks(retention::retnet_gammas(H));

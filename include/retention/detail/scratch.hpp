@@ -7,7 +7,6 @@
 #include <array>
 #include <cstddef>
 #include <memory>
-#include <vector>
 
 namespace retention {
 namespace detail {
@@ -54,21 +53,37 @@ class ThreadKept {
 
 /// n elements of T (contents unspecified, aligned as Eigen aligns its matrices) for the lifetime
 /// of this object, from a buffer the thread keeps (ThreadKept) and only ever grows; requests
-/// above scratch_keep_bytes get a buffer of their own.
+/// above keep_bytes (scratch_keep_bytes unless the caller says) get a buffer of their own.
 template <class T, class Tag>
 class ThreadScratch {
-  using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+  /// An aligned block whose elements are left uninitialised: its contents are unspecified anyway,
+  /// and filling a block of hundreds of MiB would cost a pass over memory.
+  struct Buffer {
+    T* data = nullptr;
+    std::size_t size = 0;
+    Buffer() = default;
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+    ~Buffer() { release(); }
+    void release() {
+      if (data) Eigen::aligned_allocator<T>().deallocate(data, size);
+      data = nullptr;
+      size = 0;
+    }
+    void reserve(std::size_t n) {
+      if (n <= size) return;
+      release();  // first, so that the old and the new block are never held together
+      data = Eigen::aligned_allocator<T>().allocate(n);
+      size = n;
+    }
+  };
 
  public:
-  explicit ThreadScratch(Index n) {
+  explicit ThreadScratch(Index n, std::size_t keep_bytes = scratch_keep_bytes) {
     const auto count = static_cast<std::size_t>(n);
-    Buffer& buffer = count * sizeof(T) <= scratch_keep_bytes ? *kept_ : large_;
-    if (buffer.size() < count) {
-      buffer.clear();
-      buffer.shrink_to_fit();
-      buffer.resize(count);
-    }
-    data_ = buffer.data();
+    Buffer& buffer = count <= keep_bytes / sizeof(T) ? *kept_ : large_;
+    buffer.reserve(count);
+    data_ = buffer.data;
   }
 
   T* data() const { return data_; }

@@ -5,6 +5,7 @@
 
 #include <retention/core.hpp>
 #include <retention/decay.hpp>
+#include <retention/detail/scratch.hpp>
 #include <retention/detail/threading.hpp>
 #include <retention/heads.hpp>
 #include <retention/multihead.hpp>
@@ -52,6 +53,12 @@ struct MsrConfig {
   /// (Linear::set_packed): prefill and forward skip packing the weights, at the cost of as much
   /// memory again as those weights. Decoding steps (one row) do not use it.
   bool packed_weights = false;
+  /// forward, forward_batch, prefill and prefill_packed keep their two work buffers (the fused
+  /// projection [rows, 2 embed_dim + 2 value_dim] and the heads' outputs [rows, value_dim]) for
+  /// the calling thread's next call, growing them to the largest call so far. Blocks of more than
+  /// 32 MiB that are freed go back to the system (glibc), and the next call faults their pages in
+  /// again (README, Performance). false: buffers above 16 MiB are freed after every call.
+  bool keep_buffers = true;
 };
 
 /// Decoding state of one sequence through one MSR layer: one RetentionState per head
@@ -328,6 +335,29 @@ class MultiScaleRetention {
                                         ((int(D::Flags) & Eigen::RowMajorBit) != 0 ||
                                          D::IsVectorAtCompileTime);
 
+  struct ProjectionScratch {};
+  struct OutputsScratch {};
+  /// The fused projection [rows, width] and the heads' outputs [rows, dv] of one call, from
+  /// buffers the calling thread keeps (MsrConfig::keep_buffers).
+  class WorkBuffers {
+   public:
+    using Rows = Eigen::Map<Matrix<T>, Eigen::AlignedMax>;
+    WorkBuffers(Index rows, Index width, Index dv, bool keep)
+        : rows_(rows),
+          width_(width),
+          dv_(dv),
+          p_(rows * width, keep ? kKeepAll : detail::scratch_keep_bytes),
+          o_(rows * dv, keep ? kKeepAll : detail::scratch_keep_bytes) {}
+    Rows projection() const { return Rows(p_.data(), rows_, width_); }
+    Rows outputs() const { return Rows(o_.data(), rows_, dv_); }
+
+   private:
+    static constexpr std::size_t kKeepAll = std::numeric_limits<std::size_t>::max();
+    Index rows_, width_, dv_;
+    detail::ThreadScratch<T, ProjectionScratch> p_;
+    detail::ThreadScratch<T, OutputsScratch> o_;
+  };
+
   Matrix<T> run(const char* fn, const InRows& x, Index batch, Form form, Index chunk,
                 State* state) const;
   Matrix<T> prefill_impl(const InRows& x, State& state, Form form, Index chunk) const;
@@ -599,7 +629,10 @@ Matrix<T> MultiScaleRetention<T>::prefill_packed_impl(const InRows& x,
   }
   if (total == 0) return Matrix<T>(0, d);
   const Index width = 2 * d + 2 * dvt;
-  Matrix<T> p(total, width), o(total, dvt), y(total, d);
+  detail::checked_product(fn, "rows * (2 embed_dim + 2 value_dim)", total, width);
+  const WorkBuffers work(total, width, dvt, config_.keep_buffers);
+  auto p = work.projection(), o = work.outputs();
+  Matrix<T> y(total, d);
   project(fused_, x, p);
   for (Index b = 0; b < B; ++b) {
     const auto& sg = segments[static_cast<std::size_t>(b)];
@@ -652,7 +685,10 @@ Matrix<T> MultiScaleRetention<T>::run(const char* fn, const InRows& x, Index bat
     detail::fail(fn, "state.position + T would overflow");
   // One projection into [q | k | v | g]; q and k rotated in place.
   const Index width = 2 * d + 2 * dvt;
-  Matrix<T> p(rows, width), o(rows, dvt), y(rows, d);
+  detail::checked_product(fn, "rows * (2 embed_dim + 2 value_dim)", rows, width);
+  const WorkBuffers work(rows, width, dvt, config_.keep_buffers);
+  auto p = work.projection(), o = work.outputs();
+  Matrix<T> y(rows, d);
   project(fused_, x, p);
   for (Index b = 0; b < batch; ++b)
     theta_.apply_pair(p.block(b * T_len, 0, T_len, d), p.block(b * T_len, d, T_len, d), p0,
