@@ -333,10 +333,10 @@ class MultiScaleRetention(_Layer):
 
     def __init__(self, embed_dim, heads, value_dim=0, gammas=(), normalization="decay_and_score",
                  head_norm="rms", eps=1e-6, biases=False, form="chunkwise", chunk=0, threads=0,
-                 dtype="float64", packed_weights=False):
+                 dtype="float64", packed_weights=False, keep_buffers=True):
         super().__init__("MultiScaleRetention", dtype, embed_dim, heads, value_dim,
                          _gammas(gammas, "MultiScaleRetention"), normalization, head_norm, eps,
-                         biases, form, chunk, threads, bool(packed_weights))
+                         biases, form, chunk, threads, bool(packed_weights), bool(keep_buffers))
         self._form, self._chunk = form, chunk
 
     def forward(self, x, form=None, chunk=None):

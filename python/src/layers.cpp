@@ -94,7 +94,8 @@ void bind_msr(py::module_& m, const std::string& suffix) {
       .def(py::init([](Index embed_dim, Index heads, Index value_dim,
                        const std::vector<double>& gammas, const std::string& normalization,
                        const std::string& head_norm, double eps, bool biases,
-                       const std::string& form, Index chunk, int threads, bool packed_weights) {
+                       const std::string& form, Index chunk, int threads, bool packed_weights,
+                       bool keep_buffers) {
              retention::MsrConfig c;
              c.embed_dim = embed_dim;
              c.heads = heads;
@@ -113,15 +114,17 @@ void bind_msr(py::module_& m, const std::string& suffix) {
              c.chunk = chunk;
              c.threads = threads;
              c.packed_weights = packed_weights;
+             c.keep_buffers = keep_buffers;
              return Layer(c);
            }),
            py::arg("embed_dim"), py::arg("heads"), py::arg("value_dim") = 0,
            py::arg("gammas") = std::vector<double>(), py::arg("normalization") = "decay_and_score",
            py::arg("head_norm") = "rms", py::arg("eps") = 1e-6, py::arg("biases") = false,
            py::arg("form") = "chunkwise", py::arg("chunk") = 0, py::arg("threads") = 0,
-           py::arg("packed_weights") = false)
+           py::arg("packed_weights") = false, py::arg("keep_buffers") = true)
       .def_property_readonly("packed_weights",
                              [](const Layer& l) { return l.config().packed_weights; })
+      .def_property_readonly("keep_buffers", [](const Layer& l) { return l.config().keep_buffers; })
       .def_property_readonly("embed_dim", &Layer::embed_dim)
       .def_property_readonly("value_dim", &Layer::value_dim)
       .def_property_readonly("heads", &Layer::heads)

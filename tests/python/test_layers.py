@@ -41,14 +41,15 @@ def msr_reference(sd, x, heads, gammas, eps=1e-6):
     return (F.silu(g) * o.reshape(T, -1)) @ sd["out_proj.weight"].T
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_msr_loads_a_state_dict_and_matches_the_reference(packed):
+@pytest.mark.parametrize("packed,keep", [(False, True), (True, True), (False, False)])
+def test_msr_loads_a_state_dict_and_matches_the_reference(packed, keep):
     d, heads, vd, T = 16, 2, 32, 13
     sd = {n: rand(*s) / 4 for n, s in (("q_proj.weight", (d, d)), ("k_proj.weight", (d, d)),
                                        ("v_proj.weight", (vd, d)), ("g_proj.weight", (vd, d)),
                                        ("out_proj.weight", (d, vd)))}
-    layer = retention.MultiScaleRetention(d, heads, value_dim=vd, packed_weights=packed)
-    assert layer.packed_weights is packed
+    layer = retention.MultiScaleRetention(d, heads, value_dim=vd, packed_weights=packed,
+                                          keep_buffers=keep)
+    assert layer.packed_weights is packed and layer.keep_buffers is keep
     layer.load({"retention." + n: t for n, t in sd.items()}, prefix="retention.")
     x = rand(T, d)
     want = msr_reference(sd, x, heads, retention.retnet_gammas(heads))
