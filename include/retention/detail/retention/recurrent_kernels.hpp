@@ -30,6 +30,20 @@ struct RecurrentBuffers {
 /// while the rows of S stream through, so each element of S costs one load, one store and two
 /// FMAs. (Accumulating o in memory instead would add a load and a store of o per element; see
 /// bench/results/design-measurements.md.)
+/// One row's NB vectors at `row`: x = g s + ki v is stored back and acc += qi x (kv and qv may be
+/// scalars, broadcast, or vectors whose lanes differ).
+template <int W, int NB, class Acc, class KV, class QV>
+[[gnu::always_inline]] inline void recurrent_row(Acc* row, Acc g, const KV& kv, const QV& qv,
+                                                 const simd::Vec<Acc, W>* vb,
+                                                 simd::Vec<Acc, W>* acc) {
+#pragma GCC unroll 16
+  for (int b = 0; b < NB; ++b) {
+    const simd::Vec<Acc, W> x = g * simd::load<W>(row + b * W) + kv * vb[b];
+    simd::store(row + b * W, x);
+    acc[b] += qv * x;
+  }
+}
+
 template <int W, int NB, class Acc>
 [[gnu::always_inline]] inline void recurrent_block(Acc* s0, Index dk, Index dv, Index j0, Acc g,
                                                    const Acc* q, const Acc* k, const Acc* v,
@@ -41,16 +55,7 @@ template <int W, int NB, class Acc>
     vb[b] = simd::load<W>(v + j0 + b * W);
     acc[b] = simd::splat<W>(Acc(0));
   }
-  for (Index i = 0; i < dk; ++i) {
-    Acc* row = s0 + i * dv + j0;
-    const Acc ki = k[i], qi = q[i];
-#pragma GCC unroll 16
-    for (int b = 0; b < NB; ++b) {
-      const V x = g * simd::load<W>(row + b * W) + ki * vb[b];
-      simd::store(row + b * W, x);
-      acc[b] += qi * x;
-    }
-  }
+  for (Index i = 0; i < dk; ++i) recurrent_row<W, NB>(s0 + i * dv + j0, g, k[i], q[i], vb, acc);
 #pragma GCC unroll 16
   for (int b = 0; b < NB; ++b) simd::store(o + j0 + b * W, acc[b]);
 }
@@ -88,47 +93,30 @@ template <int W, int NP, class Acc>
     acc[b] = zero;
   }
   V accw = zero;
-  {  // row 0's first p columns, in the last lanes of a vector that starts e elements before S
-    for (Index l = 0; l < W; ++l) tmp[l] = l < e ? Acc(0) : s0[l - e];
-    const V kb = simd::select(own, zero, simd::splat<W>(k[0]));
-    const V qb = simd::select(own, zero, simd::splat<W>(q[0]));
-    const V x = g * simd::load<W>(tmp) + kb * simd::select(own, zero, vw);
-    simd::store(tmp, x);
-    for (Index l = e; l < W; ++l) s0[l - e] = tmp[l];
-    accw += qb * x;
-  }
-  const auto plain = [&](Acc* row, Acc ki, Acc qi) {
-#pragma GCC unroll 16
-    for (int b = 0; b < NP; ++b) {
-      const V x = g * simd::load<W>(row + b * W) + ki * vb[b];
-      simd::store(row + b * W, x);
-      acc[b] += qi * x;
-    }
+  // A wrapped vector that lies partly in S: lanes [lo, hi) are w[0, hi - lo) (the lanes of own
+  // when `tail`, the others otherwise); the rest take zeros for s, k, q and v and are not written.
+  const auto edge = [&](Acc* w, Index lo, Index hi, Acc ki, Acc qi, bool tail) {
+    const M in = tail ? own : ~own;
+    for (Index l = 0; l < W; ++l) tmp[l] = l >= lo && l < hi ? w[l - lo] : Acc(0);
+    const V kb = simd::select(in, simd::splat<W>(ki), zero);
+    const V qb = simd::select(in, simd::splat<W>(qi), zero);
+    const V vv = simd::select(in, vw, zero);
+    recurrent_row<W, 1>(tmp, g, kb, qb, &vv, &accw);
+    for (Index l = lo; l < hi; ++l) w[l - lo] = tmp[l];
   };
+  // Row 0's first p columns: the last lanes of a vector that starts e elements before S.
+  edge(s0, e, W, k[0], q[0], false);
   for (Index i = 0; i + 1 < dk; ++i) {
     Acc* row = a + i * dv + j0;
-    const Acc ki = k[i], qi = q[i];
-    plain(row, ki, qi);
-    const V kb = simd::select(own, simd::splat<W>(ki), simd::splat<W>(k[i + 1]));
-    const V qb = simd::select(own, simd::splat<W>(qi), simd::splat<W>(q[i + 1]));
-    Acc* w = row + NP * W;
-    const V x = g * simd::load<W>(w) + kb * vw;
-    simd::store(w, x);
-    accw += qb * x;
+    recurrent_row<W, NP>(row, g, k[i], q[i], vb, acc);
+    const V kb = simd::select(own, simd::splat<W>(k[i]), simd::splat<W>(k[i + 1]));
+    const V qb = simd::select(own, simd::splat<W>(q[i]), simd::splat<W>(q[i + 1]));
+    recurrent_row<W, 1>(row + NP * W, g, kb, qb, &vw, &accw);
   }
-  {  // the last row: its vectors, then its last e columns in the first lanes of a copy
-    const Index i = dk - 1;
-    Acc* row = a + i * dv + j0;
-    plain(row, k[i], q[i]);
-    Acc* w = row + NP * W;
-    for (Index l = 0; l < W; ++l) tmp[l] = l < e ? w[l] : Acc(0);
-    const V kb = simd::select(own, simd::splat<W>(k[i]), zero);
-    const V qb = simd::select(own, simd::splat<W>(q[i]), zero);
-    const V x = g * simd::load<W>(tmp) + kb * simd::select(own, vw, zero);
-    simd::store(tmp, x);
-    for (Index l = 0; l < e; ++l) w[l] = tmp[l];
-    accw += qb * x;
-  }
+  // The last row: its vectors, then its last e columns in the first lanes of a copy.
+  Acc* const last = a + (dk - 1) * dv + j0;
+  recurrent_row<W, NP>(last, g, k[dk - 1], q[dk - 1], vb, acc);
+  edge(last + NP * W, 0, e, k[dk - 1], q[dk - 1], true);
 #pragma GCC unroll 16
   for (int b = 0; b < NP; ++b) simd::store(o + p + j0 + b * W, acc[b]);
   simd::store(tmp, accw);
@@ -152,14 +140,13 @@ struct RecurrentUpdateKernel {
     if (W > 1 && off != 0 && off % sizeof(Acc) == 0 && dv % W == 0 && dk >= 1) {
       const Index p = static_cast<Index>((bytes - off) / sizeof(Acc)), vectors = dv / W;
       Acc* const a = s0 + p;
+      // Whole blocks up to the one holding the wrapped last vector.
       Index j0 = 0;
+      for (; j0 + NB * W < dv; j0 += NB * W)
+        recurrent_block<W, NB>(a, dk, dv, j0, g, q, k, v + p, o + p);
       if (vectors % NB == 0) {
-        for (; j0 + NB * W < dv; j0 += NB * W)
-          recurrent_block<W, NB>(a, dk, dv, j0, g, q, k, v + p, o + p);
         recurrent_block_wrapped<W, NB - 1>(s0, dk, dv, p, j0, g, q, k, v, o);
       } else {
-        for (; j0 + NB * W < dv; j0 += NB * W)
-          recurrent_block<W, NB>(a, dk, dv, j0, g, q, k, v + p, o + p);
         for (; j0 + W < dv; j0 += W) recurrent_block<W, 1>(a, dk, dv, j0, g, q, k, v + p, o + p);
         recurrent_block_wrapped<W, 0>(s0, dk, dv, p, j0, g, q, k, v, o);
       }
