@@ -337,25 +337,22 @@ class MultiScaleRetention {
 
   struct ProjectionScratch {};
   struct OutputsScratch {};
-  /// The fused projection [rows, width] and the heads' outputs [rows, dv] of one call, from
-  /// buffers the calling thread keeps (MsrConfig::keep_buffers).
-  class WorkBuffers {
-   public:
+  /// The fused projection p [rows, width] and the heads' outputs o [rows, dv] of one call (fn's),
+  /// from buffers the calling thread keeps (MsrConfig::keep_buffers).
+  struct WorkBuffers {
     using Rows = Eigen::Map<Matrix<T>, Eigen::AlignedMax>;
-    WorkBuffers(Index rows, Index width, Index dv, bool keep)
-        : rows_(rows),
-          width_(width),
-          dv_(dv),
-          p_(rows * width, keep ? kKeepAll : detail::scratch_keep_bytes),
-          o_(rows * dv, keep ? kKeepAll : detail::scratch_keep_bytes) {}
-    Rows projection() const { return Rows(p_.data(), rows_, width_); }
-    Rows outputs() const { return Rows(o_.data(), rows_, dv_); }
-
-   private:
-    static constexpr std::size_t kKeepAll = std::numeric_limits<std::size_t>::max();
-    Index rows_, width_, dv_;
-    detail::ThreadScratch<T, ProjectionScratch> p_;
-    detail::ThreadScratch<T, OutputsScratch> o_;
+    WorkBuffers(const char* fn, Index rows, Index width, Index dv, bool keep)
+        : p_buf(detail::checked_product(fn, "rows * (2 embed_dim + 2 value_dim)", rows, width),
+                keep_bytes(keep)),
+          o_buf(rows * dv, keep_bytes(keep)),
+          p(p_buf.data(), rows, width),
+          o(o_buf.data(), rows, dv) {}
+    static std::size_t keep_bytes(bool keep) {
+      return keep ? std::numeric_limits<std::size_t>::max() : detail::scratch_keep_bytes;
+    }
+    detail::ThreadScratch<T, ProjectionScratch> p_buf;
+    detail::ThreadScratch<T, OutputsScratch> o_buf;
+    Rows p, o;
   };
 
   Matrix<T> run(const char* fn, const InRows& x, Index batch, Form form, Index chunk,
@@ -629,9 +626,8 @@ Matrix<T> MultiScaleRetention<T>::prefill_packed_impl(const InRows& x,
   }
   if (total == 0) return Matrix<T>(0, d);
   const Index width = 2 * d + 2 * dvt;
-  detail::checked_product(fn, "rows * (2 embed_dim + 2 value_dim)", total, width);
-  const WorkBuffers work(total, width, dvt, config_.keep_buffers);
-  auto p = work.projection(), o = work.outputs();
+  WorkBuffers work(fn, total, width, dvt, config_.keep_buffers);
+  auto &p = work.p, &o = work.o;
   Matrix<T> y(total, d);
   project(fused_, x, p);
   for (Index b = 0; b < B; ++b) {
@@ -685,9 +681,8 @@ Matrix<T> MultiScaleRetention<T>::run(const char* fn, const InRows& x, Index bat
     detail::fail(fn, "state.position + T would overflow");
   // One projection into [q | k | v | g]; q and k rotated in place.
   const Index width = 2 * d + 2 * dvt;
-  detail::checked_product(fn, "rows * (2 embed_dim + 2 value_dim)", rows, width);
-  const WorkBuffers work(rows, width, dvt, config_.keep_buffers);
-  auto p = work.projection(), o = work.outputs();
+  WorkBuffers work(fn, rows, width, dvt, config_.keep_buffers);
+  auto &p = work.p, &o = work.o;
   Matrix<T> y(rows, d);
   project(fused_, x, p);
   for (Index b = 0; b < batch; ++b)
