@@ -9,6 +9,7 @@
 #include <retention/detail/retention/recurrent_kernels.hpp>
 #include <retention/isa.hpp>
 #include <retention/multihead.hpp>
+#include <retention/nn/linear.hpp>
 #include <retention/recurrent.hpp>
 
 #include "reference/backward_reference.hpp"
@@ -440,3 +441,79 @@ TEST(Isa, StreamedOutputsEqualCachedOnes) {
 }
 
 }  // namespace
+
+// --- Linear's products (detail/linear_kernel.hpp) ------------------------------------------------
+// Every variant, float and double: y = x W^T + b against the sum written out in double, each
+// entry within (in + 1) eps of the sum of its terms' magnitudes; shapes across every block edge of
+// the kernel (row blocks, 4..1-row tails, the 128-row passes, ragged panels, the 256-input depth
+// blocks, the 512-output packed blocks), x and y blocks of larger matrices, plain and packed
+// weights; nothing outside the output block is written. Where the kernel runs on both (AVX2,
+// AVX-512; 4 rows or more), a packed weight and column splits that start inside a panel give the
+// same bits as the plain product.
+template <class T>
+void check_linear_variant(Isa isa) {
+  IsaScope scope(isa);
+  const bool kernel = retention::detail::linear_kernel_active<T>();
+  std::uint64_t seed = 500;
+  for (const Index rows : {Index(1), Index(3), Index(4), Index(7), Index(8), Index(13), Index(130)})
+    for (const Index in : {Index(1), Index(17), Index(256), Index(300), Index(513)})
+      for (const Index out : {Index(1), Index(9), Index(32), Index(33), Index(520)}) {
+        const bool bias = (rows + in + out) % 2 == 0;
+        retention::Linear<T> plain(in, out, bias);
+        plain.set_weight(retention_test::random_matrix<double>(out, in, ++seed));
+        if (bias) plain.set_bias(retention_test::random_matrix<double>(1, out, ++seed));
+        retention::Linear<T> packed = plain;
+        packed.set_packed(true);
+        // x and y as blocks of larger matrices: row strides other than their widths.
+        const retention::Matrix<T> xs = retention_test::random_matrix<T>(rows + 1, in + 5, ++seed);
+        const auto x = xs.block(1, 2, rows, in);
+        retention::Matrix<T> ys = retention::Matrix<T>::Constant(rows + 2, out + 3, T(7));
+        auto y = ys.block(1, 1, rows, out);
+        plain.forward_into(x, y);
+        retention::Matrix<T> y_packed(rows, out);
+        packed.forward_into(x, y_packed);
+        const std::string where = std::string(retention::to_string(isa)) + " " +
+                                  std::to_string(rows) + " x " + std::to_string(in) + " -> " +
+                                  std::to_string(out);
+        double worst = 0.0, worst_packed = 0.0;
+        for (Index r = 0; r < rows; ++r)
+          for (Index o = 0; o < out; ++o) {
+            double sum = bias ? static_cast<double>(plain.bias()(o)) : 0.0;
+            double magnitude = std::abs(sum);
+            for (Index i = 0; i < in; ++i) {
+              const double term =
+                  static_cast<double>(x(r, i)) * static_cast<double>(plain.weight()(o, i));
+              sum += term;
+              magnitude += std::abs(term);
+            }
+            magnitude = std::max(magnitude, std::numeric_limits<double>::min());
+            worst = std::max(worst, std::abs(static_cast<double>(y(r, o)) - sum) / magnitude);
+            worst_packed = std::max(
+                worst_packed, std::abs(static_cast<double>(y_packed(r, o)) - sum) / magnitude);
+          }
+        const double bound = static_cast<double>(in + 1) * std::numeric_limits<T>::epsilon();
+        EXPECT_LE(worst, bound) << where;
+        EXPECT_LE(worst_packed, bound) << where << ", packed";
+        retention::Matrix<T> outside = ys;
+        outside.block(1, 1, rows, out).setConstant(T(7));
+        EXPECT_TRUE((outside.array() == T(7)).all()) << where;
+        if (!kernel || rows < retention::detail::linear_kernel_min_rows) continue;
+        const retention::Matrix<T> want = y;
+        EXPECT_TRUE(y_packed == want) << where << ", packed";
+        for (const retention::Linear<T>* l : {&plain, &packed}) {
+          retention::Matrix<T> y3 = retention::Matrix<T>::Zero(rows, out);
+          const Index c0 = out / 3;  // inside a panel for 33 and 520 outputs
+          l->forward_columns_into(x, y3, 0, c0);
+          l->forward_columns_into(x, y3, c0, out - c0);
+          EXPECT_TRUE(y3 == want) << where << ", split at " << c0
+                                  << (l == &packed ? ", packed" : "");
+        }
+      }
+}
+
+TEST(Isa, LinearEveryVariant) {
+  for (Isa isa : variants()) {
+    check_linear_variant<float>(isa);
+    check_linear_variant<double>(isa);
+  }
+}

@@ -4,6 +4,7 @@
 
 #include <retention/core.hpp>
 #include <retention/detail/gemm.hpp>
+#include <retention/detail/linear_kernel.hpp>
 #include <retention/detail/threading.hpp>
 #include <retention/nn/parameters.hpp>
 
@@ -38,27 +39,33 @@ class Linear {
   void set_weight(const Eigen::MatrixBase<D>& w) {
     detail::check_shape("Linear::set_weight", "weight", w, out_features(), in_features());
     weight_ = w.template cast<T>();
-    if (packed_on_) packed_.pack(weight_);
+    if (packed_on_) pack();
   }
 
-  /// Whether this Linear keeps a packed copy of W (README, Performance): the layout Eigen's GEMM
-  /// packs W into for every product, made once, so that products of two or more rows skip that
-  /// step. It takes as much memory again as W; results agree with the unpacked products to
-  /// rounding (and are the same bits where Eigen's blocking is the same). Off by default;
-  /// set_weight and load pack again while it is on. A no-op with a BLAS or an Eigen other than 3.4.
+  /// Whether this Linear keeps a packed copy of W (README, Performance): W laid out the way the
+  /// products read it, made once, so that products of two or more rows skip that step. It takes
+  /// as much memory again as W. Off by default; set_weight and load pack again while it is on.
+  /// On processors with AVX2 or AVX-512 (the library's own products, detail/linear_kernel.hpp)
+  /// the packed and the unpacked products give the same bits for one row and for four or more,
+  /// and agree to rounding for two or three. Elsewhere the copy is in the layout of Eigen's GEMM,
+  /// and the products agree to rounding; with a BLAS there is none. The packing is for the
+  /// instruction set active when it is made (set_active_isa): under another, products do not use
+  /// it.
   void set_packed(bool on) {
     if (on)
-      packed_.pack(weight_);  // may throw std::bad_alloc: then nothing is packed and it stays off
+      pack();  // may throw std::bad_alloc: then nothing is packed and it stays off
     else
-      packed_.clear();
+      clear_packed();
     packed_on_ = on;
   }
   bool packed() const { return packed_on_; }
-  /// Column splits of the outputs (forward_columns_into) at multiples of this run on packed panels
-  /// only; other splits compute their ragged edges with Eigen's product.
+  /// Column splits of the outputs (forward_columns_into) at multiples of this read the packed
+  /// copy whole; other splits compute their ragged edges without it.
   Index column_align() const {
     const Index a = detail::column_block_align;
-    return packed_on_ ? std::lcm(a, detail::PackedWeight<T>::granule()) : a;
+    if (!packed_on_) return a;
+    if (!panels_.empty()) return std::lcm(a, detail::linear_panel_width<T>(panels_isa_));
+    return std::lcm(a, detail::PackedWeight<T>::granule());
   }
   /// Sets b from any vector expression of out entries (row or column).
   template <class D>
@@ -88,12 +95,13 @@ class Linear {
     }
     weight_.swap(w);
     if (has_bias_) bias_.swap(b);
-    if (packed_on_) packed_.pack(weight_);
+    if (packed_on_) pack();
   }
 
   /// y = x W^T + b into y [rows, out] (y must not overlap x).
   template <class DX, class DY>
   void forward_into(const Eigen::MatrixBase<DX>& x, DY&& y) const {
+    if (kernel_product(x.derived(), y, 0, out_features())) return;
     if (!(packed_on_ && product_columns(x.derived(), y, 0, out_features())))
       plain_product(x, y, 0, out_features());
     if (has_bias_) y.rowwise() += bias_;
@@ -101,6 +109,7 @@ class Linear {
   /// Outputs [c0, c0 + n) only: y.middleCols(c0, n) = x W[c0 : c0 + n]^T + b[c0 : c0 + n].
   template <class DX, class DY>
   void forward_columns_into(const Eigen::MatrixBase<DX>& x, DY&& y, Index c0, Index n) const {
+    if (kernel_product(x.derived(), y, c0, n)) return;
     auto block = y.middleCols(c0, n);
     if (!(packed_on_ && product_columns(x.derived(), y, c0, n))) plain_product(x, block, c0, n);
     if (has_bias_) block.rowwise() += bias_.segment(c0, n);
@@ -169,6 +178,66 @@ class Linear {
     return Matrix<T>::Zero(out, in);
   }
 
+  /// Packs W for the products of the active instruction set: panels for LinearProductKernel, or
+  /// Eigen's layout (PackedWeight) where Eigen's products run. Nothing changes if it throws.
+  void pack() {
+    if (detail::linear_kernel_active<T>() && !detail::blas_products<T>) {
+      const Isa isa = active_isa();
+      Panels p(static_cast<std::size_t>(detail::linear_packed_size(
+          out_features(), in_features(), detail::linear_panel_width<T>(isa))));
+      detail::linear_pack(weight_.data(), in_features(), out_features(), in_features(), p.data());
+      packed_.clear();
+      panels_.swap(p);
+      panels_isa_ = isa;
+    } else {
+      packed_.pack(weight_);
+      Panels().swap(panels_);
+    }
+  }
+  void clear_packed() {
+    packed_.clear();
+    Panels().swap(panels_);
+  }
+
+  /// y[:, c0 : c0 + n) = x W[c0 : c0 + n)^T + b[c0 : c0 + n) through LinearProductKernel, from the
+  /// packed panels when they are for the active instruction set and c0 starts a panel; false
+  /// (nothing written) where Eigen's products run instead (detail::linear_kernel_active; a BLAS;
+  /// operands that are not row-major with contiguous rows; fewer rows than linear_kernel_min_rows,
+  /// or linear_kernel_min_rows_packed from the panels).
+  template <class X, class Y>
+  bool kernel_product(const X& x, Y& y, Index c0, Index n) const {
+    using Out = std::decay_t<Y>;
+    if constexpr (detail::PackedWeight<T>::template accepts<X, Out>() &&
+                  !detail::blas_products<T>) {
+      if (!detail::linear_kernel_active<T>() || n == 0 || in_features() == 0) return false;
+      const Isa isa = active_isa();
+      const Index pw = detail::linear_panel_width<T>(isa), in = in_features();
+      const bool from_panels = !panels_.empty() && panels_isa_ == isa && c0 % pw == 0;
+      if (x.rows() <
+          (from_panels ? detail::linear_kernel_min_rows_packed : detail::linear_kernel_min_rows))
+        return false;
+      detail::LinearOperands<T> o{x.data(),
+                                  Index(x.outerStride()),
+                                  weight_.data() + c0 * in,
+                                  in,
+                                  from_panels ? panels_.data() : nullptr,
+                                  detail::linear_packed_size(out_features(), 1, pw),
+                                  c0,
+                                  has_bias_ ? bias_.data() + c0 : nullptr,
+                                  y.data() + c0,
+                                  Index(y.outerStride()),
+                                  x.rows(),
+                                  in,
+                                  n,
+                                  nullptr};
+      detail::linear_product(o);
+      return true;
+    } else {
+      (void)x, (void)y, (void)c0, (void)n;
+      return false;
+    }
+  }
+
   /// out = x W[c0 : c0 + n)^T (out has n columns) with Eigen's products. Two or three rows run one
   /// matrix-vector product each, as a single row does: Eigen's GEMM would pack the whole weight
   /// slice for them, which takes several times as long for a large weight (README, Performance).
@@ -209,6 +278,9 @@ class Linear {
   bool has_bias_ = false;
   bool packed_on_ = false;
   detail::PackedWeight<T> packed_;
+  using Panels = std::vector<T, Eigen::aligned_allocator<T>>;
+  Panels panels_;  // for LinearProductKernel on panels_isa_
+  Isa panels_isa_ = Isa::baseline;
 };
 
 }  // namespace retention
