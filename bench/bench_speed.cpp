@@ -24,6 +24,7 @@
 #include <retention/backward.hpp>
 #include <retention/chunkwise.hpp>
 #include <retention/multihead.hpp>
+#include <retention/nn/linear.hpp>
 #include <retention/parallel.hpp>
 #include <retention/recurrent.hpp>
 
@@ -177,19 +178,47 @@ void BM_machine_gemm(benchmark::State& state) {
       benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// The machine's GEMM rate through this library's Linear (detail/linear_kernel.hpp on AVX2 and
+/// AVX-512 processors, Eigen's GEMM otherwise): y = x W^T with W [n, k] in torch's layout, one
+/// single-threaded product per thread, as machine/gemm.
+void BM_machine_linear_gemm(benchmark::State& state) {
+  const Index m = state.range(0), k = state.range(1), n = state.range(2);
+  const int threads = static_cast<int>(state.range(3));
+  std::vector<Mat> x(static_cast<std::size_t>(threads)), y(x.size());
+  std::vector<retention::Linear<float>> w;
+  for (std::size_t t = 0; t < x.size(); ++t) {
+    x[t] = Mat::Random(m, k);
+    y[t] = Mat::Zero(m, n);
+    w.emplace_back(k, n, false);
+    w.back().set_weight(Mat::Random(n, k));
+  }
+  for (auto _ : state) {
+    on_threads(threads, [&](int t) {
+      const auto ti = static_cast<std::size_t>(t);
+      w[ti].forward_into(x[ti], y[ti]);
+    });
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOPS"] =
+      benchmark::Counter(2.0 * static_cast<double>(m * k * n) * threads * 1e-9,
+                         benchmark::Counter::kIsIterationInvariantRate);
+}
+
 /// One projection over all tokens as the MSR layer runs it: y = x W^T with x [m, k] and W [n, k]
-/// (torch layout), the rows of x split into one static block per thread, each block one
-/// single-threaded GEMM.
+/// (torch layout) through Linear, the rows of x split into one static block per thread, each
+/// block one single-threaded product.
 void BM_machine_projection(benchmark::State& state) {
   const Index m = state.range(0), k = state.range(1), n = state.range(2);
   const int threads = static_cast<int>(state.range(3));
   Eigen::setNbThreads(1);
-  const Mat x = Mat::Random(m, k), w = Mat::Random(n, k);
+  const Mat x = Mat::Random(m, k);
+  retention::Linear<float> w(k, n, false);
+  w.set_weight(Mat::Random(n, k));
   Mat y(m, n);
   for (auto _ : state) {
     on_threads(threads, [&](int t) {
       const Index r0 = m * t / threads, r1 = m * (t + 1) / threads;
-      y.middleRows(r0, r1 - r0).noalias() = x.middleRows(r0, r1 - r0) * w.transpose();
+      w.forward_into(x.middleRows(r0, r1 - r0), y.middleRows(r0, r1 - r0));
     });
     benchmark::DoNotOptimize(y.data());
   }
@@ -888,6 +917,10 @@ void register_all(int requested_threads) {
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("machine/gemm", BM_machine_gemm)
+        ->Args({1024, 1024, 1024, t})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("machine/linear_gemm", BM_machine_linear_gemm)
         ->Args({1024, 1024, 1024, t})
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
